@@ -1,0 +1,1 @@
+"""gradsae: gradient-based influence of SAE latents."""

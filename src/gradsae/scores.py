@@ -1,0 +1,291 @@
+"""Score every latent of an SAE spliced at layer ``l`` by its influence on an objective.
+
+Notation: latents ``H [batch, pos, d_sae]`` at the spliced positions, objective
+``Y [batch]`` (see :mod:`gradsae.objectives`), ``R`` the residual after the splice.
+
+Algorithm for ``gradsae`` (Shu et al., EMNLP 2025, eq. 3-4):
+
+1. Forward with the SAE spliced and ``R`` made a leaf (parameters frozen, so
+   nothing before layer ``l`` is recorded for autograd).
+2. One backward pass of ``sum(Y)``; it stops at ``R``: ``G = dY/dR [batch, pos, d_model]``.
+3. For each *active* entry ``(b, n, c)`` of ``H`` only (never a dense latent gradient):
+   ``dY/dH[b, n, c] = W_dec[c] . G[b, n]`` and the per-token influence is
+   ``g[b, n, c] = H[b, n, c] * dY/dH[b, n, c]``, the first-order estimate of
+   ``Y(H) - Y(H with H[b, n, c] = 0)``.
+4. Aggregate over the spliced positions ``n`` (``N_b`` of them in row ``b``):
+   ``paper``: ``mean_n relu(g)``; ``signed``: ``mean_n g``; ``abs``: ``mean_n |g|``;
+   ``sum``: ``sum_n g`` (the first-order estimate of zeroing ``c`` everywhere);
+   ``last``: ``g`` at the last position.
+
+Baselines: ``activation`` scores ``mean_n H[b, n, c]`` (the paper's input-side
+ranking); ``ablation`` is the exact ``Y(H) - Y(H with latent c zeroed at every
+position)``, one forward per active latent; ``random`` gives each active latent a
+seeded uniform score.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gradsae.errors import GradSAEError
+from gradsae.models import LoadedModel
+from gradsae.objectives import Objective
+from gradsae.sae import SAE
+from gradsae.splice import Edit, Mode, splice
+
+Method = Literal["gradsae", "activation", "ablation", "random"]
+METHODS: tuple[str, ...] = ("gradsae", "activation", "ablation", "random")
+Aggregation = Literal["paper", "signed", "abs", "sum", "last"]
+AGGREGATIONS: tuple[str, ...] = ("paper", "signed", "abs", "sum", "last")
+DOT_CHUNK = 16384
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Latent scores for one batch of inputs."""
+
+    method: str
+    """``gradsae``, ``activation``, ``ablation`` or ``random``."""
+    aggregation: str
+    """How per-token scores became per-latent ones."""
+    per_latent: torch.Tensor
+    """``[batch, d_sae]`` aggregated score (0 for latents never active)."""
+    token_index: torch.Tensor
+    """``[nnz, 3]`` (batch, pos, latent) of each active entry; pairs with ``token_score``."""
+    token_score: torch.Tensor
+    """``[nnz]`` per-token score of each active entry (the activation for ``activation``)."""
+    mean_act: torch.Tensor
+    """``[batch, d_sae]`` mean activation over spliced positions."""
+    active_last: torch.Tensor
+    """``[batch]`` number of latents active at the last position."""
+    objective: torch.Tensor
+    """``[batch]`` objective value ``Y`` with the SAE spliced and no edits."""
+
+    def ranking(self, row: int) -> torch.Tensor:
+        """Latents of ``row`` with a positive score, best first."""
+        scores = self.per_latent[row]
+        positive = torch.nonzero(scores > 0).squeeze(-1)
+        order = scores[positive].argsort(descending=True, stable=True)
+        return positive[order]
+
+    def per_token(self) -> torch.Tensor:
+        """Per-token scores as a sparse ``[batch, pos, d_sae]`` tensor."""
+        batch, d_sae = self.per_latent.shape
+        pos = int(self.token_index[:, 1].max()) + 1 if len(self.token_index) else 1
+        return torch.sparse_coo_tensor(self.token_index.T, self.token_score, (batch, pos, d_sae), check_invariants=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``<path>.safetensors`` + ``<path>.json``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
+        tmp = path.with_suffix(".safetensors.tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path.with_suffix(".safetensors"))
+        path.with_suffix(".json").write_text(json.dumps({"method": self.method, "aggregation": self.aggregation}))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Scores:
+        path = Path(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        tensors = load_file(str(path.with_suffix(".safetensors")))
+        return cls(**meta, **tensors)
+
+
+_TENSORS = ("per_latent", "token_index", "token_score", "mean_act", "active_last", "objective")
+
+
+def score_latents(
+    lm: LoadedModel,
+    sae: SAE,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    objective: Objective,
+    *,
+    method: Method = "gradsae",
+    layer: int | None = None,
+    mode: Mode = "error",
+    aggregation: Aggregation = "paper",
+    seed: int = 0,
+    ablation_batch: int = 32,
+) -> Scores:
+    """Score every latent for a batch of (left-padded) inputs; see the module docstring."""
+    if method not in METHODS:
+        raise GradSAEError(f"unknown scoring method {method!r}: use one of {', '.join(METHODS)}")
+    if aggregation not in AGGREGATIONS:
+        raise GradSAEError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+    run = forward_backward(lm, sae, input_ids, attention_mask, objective, layer=layer, mode=mode,
+                           grad=method == "gradsae")
+    if method == "gradsae":
+        token_score = latent_gradients(sae, run.index, run.grad) * run.values
+    elif method == "activation":
+        token_score = run.values
+    else:
+        token_score = torch.zeros_like(run.values)
+    per_latent = aggregate(run.index, token_score, run.valid, sae.cfg.d_sae, aggregation)
+    if method == "activation":
+        per_latent = run.mean_act
+    elif method == "ablation":
+        per_latent = ablation_effects(lm, sae, input_ids, attention_mask, objective, run,
+                                      layer=layer, mode=mode, batch_size=ablation_batch)
+    elif method == "random":
+        per_latent = random_scores(run.mean_act, seed=seed)
+    return Scores(
+        method=method,
+        aggregation=aggregation if method == "gradsae" else "mean" if method == "activation" else "all",
+        per_latent=per_latent,
+        token_index=run.index,
+        token_score=token_score,
+        mean_act=run.mean_act,
+        active_last=run.active_last,
+        objective=run.objective,
+    )
+
+
+@dataclass(frozen=True)
+class SplicedRun:
+    """One forward (and optional backward) pass with the SAE spliced in."""
+
+    objective: torch.Tensor
+    """``[batch]``"""
+    index: torch.Tensor
+    """``[nnz, 3]`` active (batch, pos, latent) entries."""
+    values: torch.Tensor
+    """``[nnz]`` their activations."""
+    valid: torch.Tensor
+    """``[batch, pos]`` spliced positions."""
+    mean_act: torch.Tensor
+    """``[batch, d_sae]``"""
+    active_last: torch.Tensor
+    """``[batch]``"""
+    grad: torch.Tensor | None
+    """``[batch, pos, d_model]`` ``dY/dR``, when asked for."""
+
+
+def forward_backward(
+    lm: LoadedModel,
+    sae: SAE,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    objective: Objective,
+    *,
+    layer: int | None,
+    mode: Mode,
+    grad: bool,
+) -> SplicedRun:
+    """Steps 1-2: forward with the splice, then (if ``grad``) one backward to the splice."""
+    with splice(lm, sae, layer, mode=mode, grad=grad) as sp, torch.set_grad_enabled(grad):
+        out = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=objective.keep or 0)
+        y = objective(out.logits, input_ids)
+        if grad:
+            y.sum().backward()
+    acts, valid = sp.acts[0], sp.valid[0]
+    index = torch.nonzero(acts)
+    values = acts[index[:, 0], index[:, 1], index[:, 2]]
+    n_valid = valid.sum(dim=1).clamp(min=1)
+    return SplicedRun(
+        objective=y.detach(),
+        index=index,
+        values=values,
+        valid=valid,
+        mean_act=acts.sum(dim=1) / n_valid[:, None],
+        active_last=(acts[:, -1] > 0).sum(dim=-1),
+        grad=sp.leaves[0].grad if grad else None,
+    )
+
+
+def latent_gradients(sae: SAE, index: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """Step 3: ``dY/dH[b, n, c] = W_dec[c] . G[b, n]`` for each active entry, in chunks."""
+    if grad is None:
+        raise GradSAEError("no gradient was recorded: the objective may not depend on the spliced layer")
+    out = torch.empty(len(index), dtype=grad.dtype, device=grad.device)
+    w_dec = sae.W_dec.detach()
+    for start in range(0, len(index), DOT_CHUNK):
+        b, n, c = index[start : start + DOT_CHUNK].unbind(dim=1)
+        out[start : start + DOT_CHUNK] = (w_dec[c].to(grad.dtype) * grad[b, n]).sum(dim=-1)
+    return out
+
+
+def aggregate(index: torch.Tensor, token_score: torch.Tensor, valid: torch.Tensor, d_sae: int,
+              aggregation: str) -> torch.Tensor:
+    """Step 4: per-token scores ``[nnz]`` to per-latent ``[batch, d_sae]``."""
+    batch, pos = valid.shape
+    score = token_score
+    if aggregation == "paper":
+        score = score.clamp(min=0)
+    elif aggregation == "abs":
+        score = score.abs()
+    elif aggregation == "last":
+        score = torch.where(index[:, 1] == pos - 1, score, torch.zeros_like(score))
+    flat = index[:, 0] * d_sae + index[:, 2]
+    total = torch.zeros(batch * d_sae, dtype=score.dtype, device=score.device).index_add_(0, flat, score)
+    total = total.view(batch, d_sae)
+    if aggregation in ("paper", "signed", "abs"):
+        total = total / valid.sum(dim=1).clamp(min=1)[:, None]
+    return total
+
+
+def ablation_effects(
+    lm: LoadedModel,
+    sae: SAE,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    objective: Objective,
+    run: SplicedRun,
+    *,
+    layer: int | None,
+    mode: Mode,
+    batch_size: int,
+) -> torch.Tensor:
+    """Exact ``Y - Y(latent c zeroed at every position)`` for every active latent, ``[batch, d_sae]``."""
+    effects = torch.zeros_like(run.mean_act)
+    for row in range(input_ids.shape[0]):
+        latents = torch.nonzero(run.mean_act[row] > 0).squeeze(-1)
+        for start in range(0, len(latents), batch_size):
+            chunk = latents[start : start + batch_size]
+            y = _objective_with_edit(lm, sae, input_ids[row : row + 1], _row(attention_mask, row), objective,
+                                     Edit(latents=chunk[:, None]), layer=layer, mode=mode)
+            effects[row, chunk] = run.objective[row] - y
+    return effects
+
+
+def _row(mask: torch.Tensor | None, row: int) -> torch.Tensor | None:
+    return None if mask is None else mask[row : row + 1]
+
+
+def _objective_with_edit(lm: LoadedModel, sae: SAE, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         objective: Objective, edit: Edit, *, layer: int | None, mode: Mode) -> torch.Tensor:
+    """Objective of one input repeated once per row of ``edit.latents`` ``[m, n]``, each row edited."""
+    m = torch.as_tensor(edit.latents).shape[0]
+    ids = input_ids.expand(m, -1)
+    mask = None if attention_mask is None else attention_mask.expand(m, -1)
+    with splice(lm, sae, layer, mode=mode, edits=[edit], record=False), torch.inference_mode():
+        out = lm.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=objective.keep or 0)
+        return objective(out.logits, ids)
+
+
+def random_scores(mean_act: torch.Tensor, *, seed: int) -> torch.Tensor:
+    """A seeded uniform score in (0, 1] for each latent active in the row, else 0."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = 1.0 - torch.rand(mean_act.shape, generator=gen, dtype=torch.float64).to(mean_act.dtype)
+    return torch.where(mean_act > 0, noise.to(mean_act.device), torch.zeros_like(mean_act))
+
+
+def top_bottom(scores: Scores, row: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's TopK and BottomK: the ``k`` largest / smallest of the positive scores."""
+    ranked = scores.ranking(row)
+    k = min(k, len(ranked))
+    return ranked[:k], ranked.flip(0)[:k]
+
+
+def half_active(scores: Scores, row: int) -> int:
+    """The paper's ``K = 50%``: half the number of latents active at the last token (at least 1)."""
+    return max(1, int(scores.active_last[row]) // 2)

@@ -1,0 +1,245 @@
+"""Splice an SAE into the residual stream after decoder block ``l``.
+
+At every forward pass through block ``l`` (the prompt pass and each cached
+generation step) the block's output ``Z`` (``[batch, pos, d_model]``) becomes::
+
+    H      = encode(Z)                          [batch, pos, d_sae]
+    H'     = edits(H)                           zero / set / add chosen latents
+    replace:  Z' = decode(H')                   the paper's splice
+    error:    Z' = decode(H') + sg(Z - decode(H))
+
+``sg`` is stop-gradient. Positions that are padding, and the first real token
+of each row (the attention sink: its residual norm is 10-100x the others' and
+SAEs are trained without it), pass through unchanged with all latents zero
+(``skip_first=False`` splices the first token too). With no edits, ``error`` mode leaves the model's output
+exactly as it was while exposing the latents; ``replace`` runs the model on the
+reconstruction. Hooks are removed on exit, also when the body raises.
+
+For gradients, the splice can hand the rest of the network a leaf tensor
+``R = Z'.detach().requires_grad_()``: a backward pass from any objective then
+stops at layer ``l`` and ``R.grad = d objective / d Z'``, from which every
+latent's gradient is one dot product, ``d objective / d H[n, c] = W_dec[c] . R.grad[n]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from gradsae.errors import GradSAEError
+from gradsae.models import LoadedModel, block_output
+from gradsae.sae import SAE, check_compatible
+
+Mode = Literal["replace", "error"]
+MODES = ("replace", "error")
+Op = Literal["zero", "set", "add"]
+Positions = Literal["all", "last"] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Change chosen latents at chosen positions on every forward pass.
+
+    ``latents`` is ``[n]`` (the same for every batch row) or ``[batch, n]``
+    (entries ``< 0`` are padding and ignored). ``values`` is a scalar, ``[n]`` or
+    ``[batch, n]``, used by ``set`` and ``add``. ``positions`` is ``"all"``,
+    ``"last"`` (the last position of each forward pass: the final prompt token,
+    then each new token while generating) or a boolean ``[batch, pos]`` mask over
+    absolute positions; positions past the mask's end follow ``extend``.
+    """
+
+    latents: torch.Tensor | Sequence[int]
+    op: Op = "zero"
+    values: float | torch.Tensor = 0.0
+    positions: Positions = "all"
+    extend: bool = True
+
+    def __post_init__(self) -> None:
+        if self.op not in ("zero", "set", "add"):
+            raise GradSAEError(f"unknown edit {self.op!r}: use zero, set or add")
+        if isinstance(self.positions, str) and self.positions not in ("all", "last"):
+            raise GradSAEError(f"unknown positions {self.positions!r}: use 'all', 'last' or a bool mask")
+
+
+@dataclass
+class Splice:
+    """Live state of a splice; returned by :func:`splice`."""
+
+    sae: SAE
+    layer: int
+    mode: Mode
+    edits: list[Edit] = field(default_factory=list)
+    grad: bool = False
+    """Hand the rest of the model a leaf so ``backward`` stops here."""
+    record: bool = True
+    """Keep the latents of every forward pass in ``acts``."""
+    acts: list[torch.Tensor] = field(default_factory=list)
+    """Latents ``H'`` (after edits) of each forward pass, ``[batch, pos, d_sae]``."""
+    leaves: list[torch.Tensor] = field(default_factory=list)
+    """The leaf ``R`` of each forward pass when ``grad`` is on."""
+    skip_first: bool = True
+    """Leave each row's first real token (the attention sink) unspliced."""
+    valid: list[torch.Tensor] = field(default_factory=list)
+    """``[batch, pos]`` spliced positions of each forward pass (not padding, not skipped)."""
+    offset: int = 0
+    """Absolute position of the next forward pass's first token (without an attention mask)."""
+    attention_mask: torch.Tensor | None = None
+    """The attention mask of the forward pass in flight (set by a model pre-hook)."""
+
+    def reset(self) -> None:
+        """Forget recorded passes; the next pass starts at position 0."""
+        self.acts.clear()
+        self.leaves.clear()
+        self.valid.clear()
+        self.offset = 0
+
+    def transform(self, z: torch.Tensor) -> torch.Tensor:
+        """``Z -> Z'`` for one block output ``[batch, pos, d_model]``."""
+        start, valid = self._positions(z)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.grad):
+            h = self.sae.encode(z) * valid[:, :, None]
+            edited = apply_edits(h, self.edits, offset=start) * valid[:, :, None]
+            out = self.sae.decode(edited)
+            if self.mode == "error":
+                out = out + (z - self.sae.decode(h)).detach()
+            out = torch.where(valid[:, :, None], out.to(z.dtype), z)
+        if self.record:
+            self.acts.append(edited.detach())
+            self.valid.append(valid)
+        if self.grad:
+            out = out.detach().requires_grad_(True)
+            self.leaves.append(out)
+        return out
+
+    def _positions(self, z: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Absolute start of this pass and its ``[batch, pos]`` spliced positions."""
+        batch, pos = z.shape[:2]
+        mask = self.attention_mask
+        if mask is None or mask.ndim != 2 or mask.shape[1] < pos:
+            start = self.offset
+            self.offset += pos
+            valid = torch.ones(batch, pos, dtype=torch.bool, device=z.device)
+            if self.skip_first and start == 0:
+                valid[:, 0] = False
+            return start, valid
+        mask = mask.to(z.device).bool()
+        start = mask.shape[1] - pos
+        valid = mask[:, start:].clone()
+        if self.skip_first:
+            first = mask.int().argmax(dim=1)
+            columns = torch.arange(start, mask.shape[1], device=z.device)
+            valid &= columns[None, :] != first[:, None]
+        return start, valid
+
+
+@contextmanager
+def splice(
+    lm: LoadedModel,
+    sae: SAE,
+    layer: int | None = None,
+    *,
+    mode: Mode = "error",
+    edits: Sequence[Edit] = (),
+    grad: bool = False,
+    record: bool = True,
+    skip_first: bool = True,
+) -> Iterator[Splice]:
+    """Insert ``sae`` after block ``layer`` (default: the SAE's own) for the ``with`` body."""
+    layer = resolve_layer(sae, layer)
+    check_compatible(sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=layer)
+    if mode not in MODES:
+        raise GradSAEError(f"unknown splice mode {mode!r}: use 'replace' or 'error'")
+    state = Splice(sae=sae, layer=layer, mode=mode, edits=list(edits), grad=grad, record=record, skip_first=skip_first)
+    handles = [
+        lm.model.register_forward_pre_hook(_mask_hook(state), with_kwargs=True),
+        lm.layers[layer].register_forward_hook(_hook(state)),
+    ]
+    try:
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def resolve_layer(sae: SAE, layer: int | None) -> int:
+    """The layer to splice at: the one given, else the SAE's ``hook_layer``."""
+    if layer is None:
+        layer = sae.cfg.hook_layer
+    if layer is None:
+        raise GradSAEError("this SAE does not say its layer: pass --layer / layer=")
+    return int(layer)
+
+
+def _mask_hook(state: Splice) -> Any:
+    def hook(_module: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
+        state.attention_mask = kwargs.get("attention_mask")
+
+    return hook
+
+
+def _hook(state: Splice) -> Any:
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        new = state.transform(block_output(output))
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return hook
+
+
+# -- edits --------------------------------------------------------------------
+def apply_edits(h: torch.Tensor, edits: Sequence[Edit], *, offset: int = 0) -> torch.Tensor:
+    """Apply ``edits`` to latents ``h`` (``[batch, pos, d_sae]``) of a pass starting at ``offset``."""
+    for edit in edits:
+        h = _apply_edit(h, edit, offset)
+    return h
+
+
+def _apply_edit(h: torch.Tensor, edit: Edit, offset: int) -> torch.Tensor:
+    batch, pos, d_sae = h.shape
+    chosen, values = _latent_table(edit, batch, d_sae, h)
+    where = _position_mask(edit, batch, pos, offset, h.device)[:, :, None] & chosen[:, None, :]
+    if edit.op == "zero":
+        return h.masked_fill(where, 0.0)
+    if edit.op == "set":
+        return torch.where(where, values[:, None, :], h)
+    return h + where * values[:, None, :]
+
+
+def _latent_table(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``[batch, d_sae]`` choice mask and values for one edit."""
+    latents = torch.as_tensor(edit.latents, dtype=torch.long, device=like.device)
+    if latents.ndim == 1:
+        latents = latents.expand(batch, -1)
+    if latents.ndim != 2 or latents.shape[0] != batch:
+        raise GradSAEError(f"edit latents must be [n] or [batch={batch}, n], got {tuple(latents.shape)}")
+    if latents.numel() and int(latents.max()) >= d_sae:
+        raise GradSAEError(f"latent {int(latents.max())} is out of range: the SAE has {d_sae} latents")
+    values = torch.as_tensor(edit.values, dtype=like.dtype, device=like.device)
+    values = values.expand(latents.shape) if values.ndim < 2 else values
+    valid = latents >= 0
+    index = latents.clamp(min=0)
+    chosen = torch.zeros(batch, d_sae, dtype=torch.bool, device=like.device).scatter(1, index, valid)
+    dense = torch.zeros(batch, d_sae, dtype=like.dtype, device=like.device)
+    dense = dense.scatter(1, index, torch.where(valid, values, torch.zeros_like(values)))
+    return chosen, dense
+
+
+def _position_mask(edit: Edit, batch: int, pos: int, offset: int, device: torch.device) -> torch.Tensor:
+    """``[batch, pos]`` positions of this pass that the edit touches."""
+    if isinstance(edit.positions, str):
+        mask = torch.ones(batch, pos, dtype=torch.bool, device=device)
+        if edit.positions == "last":
+            mask[:, :-1] = False
+        return mask
+    given = edit.positions.to(device=device, dtype=torch.bool)
+    if given.ndim != 2 or given.shape[0] != batch:
+        raise GradSAEError(f"a position mask must be [batch={batch}, pos], got {tuple(given.shape)}")
+    mask = torch.full((batch, pos), edit.extend, dtype=torch.bool, device=device)
+    inside = max(0, min(pos, given.shape[1] - offset))
+    if inside:
+        mask[:, :inside] = given[:, offset : offset + inside]
+    return mask

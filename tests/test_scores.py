@@ -1,0 +1,162 @@
+"""GradSAE scores against independent computations: dense autograd, finite differences, exact ablation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradsae.objectives import CustomObjective, LabelLogProb, NextTokenProb, TargetLogProb
+from gradsae.scores import half_active, score_latents, top_bottom
+from tests.conftest import tiny_sae
+
+
+def dense_reference(lm, sae, ids, mask, objective, *, mode="error"):
+    """Per-token H * dY/dH by autograd on a dense latent tensor (no shortcut)."""
+    store = {}
+
+    def hook(_m, _i, out):
+        valid = torch.ones(out.shape[:2], dtype=torch.bool) if mask is None else mask.bool().clone()
+        first = valid.int().argmax(dim=1)
+        valid[torch.arange(len(first)), first] = False
+        h = (sae.encode(out) * valid[..., None]).detach().requires_grad_(True)
+        rec = sae.decode(h)
+        if mode == "error":
+            rec = rec + (out - sae.decode(sae.encode(out) * valid[..., None])).detach()
+        store["h"], store["valid"] = h, valid
+        return torch.where(valid[..., None], rec, out)
+
+    handle = lm.layers[0].register_forward_hook(hook)
+    try:
+        logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        objective(logits, ids).sum().backward()
+    finally:
+        handle.remove()
+    return store["h"].detach() * store["h"].grad, store["h"].detach(), store["valid"]
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
+@pytest.mark.parametrize("mode", ["error", "replace"])
+def test_gradsae_matches_dense_autograd(lm, batch, activation, mode):
+    ids, mask = batch
+    sae = tiny_sae(activation)
+    objective = NextTokenProb()
+    ref, h, valid = dense_reference(lm, sae, ids, mask, objective, mode=mode)
+    scores = score_latents(lm, sae, ids, mask, objective, mode=mode, aggregation="signed")
+    got = scores.per_token().to_dense()
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert torch.equal(h != 0, got.abs() > 0) or (got.abs() > 0).sum() <= (h != 0).sum()
+    n = valid.sum(1, keepdim=True)
+    assert torch.allclose(scores.per_latent, ref.sum(1) / n, atol=1e-5)
+    paper = score_latents(lm, sae, ids, mask, objective, mode=mode)
+    assert torch.allclose(paper.per_latent, ref.clamp(min=0).sum(1) / n, atol=1e-5)
+
+
+def test_aggregations(lm, batch):
+    ids, mask = batch
+    sae = tiny_sae("relu")
+    ref, _, valid = dense_reference(lm, sae, ids, mask, NextTokenProb())
+    n = valid.sum(1, keepdim=True)
+    expect = {"abs": ref.abs().sum(1) / n, "sum": ref.sum(1), "last": ref[:, -1]}
+    for name, value in expect.items():
+        got = score_latents(lm, sae, ids, mask, NextTokenProb(), aggregation=name).per_latent
+        assert torch.allclose(got, value, atol=1e-5), name
+
+
+def test_first_order_estimate_matches_finite_differences(lm64):
+    """Scaling one latent at one token by (1 +- t): central difference = 2 t g[n, c]."""
+    from gradsae.splice import Edit, splice
+
+    sae = tiny_sae("relu", dtype=torch.float64)
+    ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(7))
+    objective = NextTokenProb()
+    scores = score_latents(lm64, sae, ids, None, objective, aggregation="signed")
+    with splice(lm64, sae, 0) as sp, torch.no_grad():
+        lm64.model(input_ids=ids, use_cache=False)
+    acts = sp.acts[0]
+    t = 1e-4
+    for i in scores.token_score.abs().argsort(descending=True)[:12].tolist():
+        b, n, c = scores.token_index[i].tolist()
+        where = torch.zeros(1, 8, dtype=torch.bool)
+        where[b, n] = True
+        ys = []
+        for sign in (1, -1):
+            value = float(acts[b, n, c] * (1 + sign * t))
+            edit = Edit(latents=[c], op="set", values=value, positions=where, extend=False)
+            with splice(lm64, sae, 0, edits=[edit], record=False), torch.no_grad():
+                ys.append(objective(lm64.model(input_ids=ids, use_cache=False).logits, ids).item())
+        g = scores.token_score[i].item()
+        assert abs((ys[0] - ys[1]) / (2 * t) - g) <= 1e-6 * abs(g)
+
+
+def test_small_activations_gradient_equals_exact_ablation(lm64):
+    """With tiny activations (error mode, so the output is unchanged), zeroing a latent is a first-order change."""
+    sae = tiny_sae("relu", dtype=torch.float64)
+    with torch.no_grad():
+        sae.W_enc.mul_(1e-4)
+        sae.b_enc.mul_(1e-4)
+    ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(8))
+    estimate = score_latents(lm64, sae, ids, None, NextTokenProb(), aggregation="sum").per_latent
+    exact = score_latents(lm64, sae, ids, None, NextTokenProb(), method="ablation").per_latent
+    active = exact != 0
+    assert active.sum() > 10
+    scale = exact.abs().max().item()
+    assert torch.allclose(estimate[active], exact[active], rtol=1e-3, atol=1e-3 * scale)
+
+
+def test_ablation_is_exact_zeroing(lm, batch):
+    from gradsae.splice import Edit, splice
+
+    ids, mask = batch
+    sae = tiny_sae("topk")
+    scores = score_latents(lm, sae, ids, mask, NextTokenProb(), method="ablation")
+    row, c = 1, int(scores.per_latent[1].abs().argmax())
+    with splice(lm, sae, 0, edits=[Edit(latents=[c])], record=False), torch.no_grad():
+        y = NextTokenProb()(lm.model(input_ids=ids, attention_mask=mask).logits, ids)
+    assert torch.allclose(scores.objective[row] - y[row], scores.per_latent[row, c], atol=1e-6)
+
+
+def test_activation_and_random_baselines(lm, batch):
+    ids, mask = batch
+    sae = tiny_sae("relu")
+    _, h, valid = dense_reference(lm, sae, ids, mask, NextTokenProb())
+    act = score_latents(lm, sae, ids, mask, NextTokenProb(), method="activation")
+    assert torch.allclose(act.per_latent, h.sum(1) / valid.sum(1, keepdim=True), atol=1e-6)
+    r1 = score_latents(lm, sae, ids, mask, NextTokenProb(), method="random", seed=3)
+    r2 = score_latents(lm, sae, ids, mask, NextTokenProb(), method="random", seed=3)
+    r3 = score_latents(lm, sae, ids, mask, NextTokenProb(), method="random", seed=4)
+    assert torch.equal(r1.per_latent, r2.per_latent) and not torch.equal(r1.per_latent, r3.per_latent)
+    assert torch.equal(r1.per_latent > 0, act.per_latent > 0)
+
+
+def test_top_bottom_selection(lm, batch):
+    ids, mask = batch
+    scores = score_latents(lm, tiny_sae("relu"), ids, mask, NextTokenProb(), method="activation")
+    ranked = scores.ranking(0)
+    top, bottom = top_bottom(scores, 0, 3)
+    assert top.tolist() == ranked[:3].tolist() and bottom.tolist() == ranked[-3:].flip(0).tolist()
+    assert (scores.per_latent[0, top].min() >= scores.per_latent[0, bottom].max())
+    assert half_active(scores, 0) == max(1, int((scores.mean_act.new_tensor(0) + scores.active_last[0]) // 2))
+
+
+def test_scores_save_load(tmp_path, lm, batch):
+    ids, mask = batch
+    scores = score_latents(lm, tiny_sae(), ids, mask, NextTokenProb())
+    loaded = type(scores).load(scores.save(tmp_path / "s"))
+    assert loaded.method == "gradsae" and torch.equal(loaded.per_latent, scores.per_latent)
+
+
+def test_target_and_label_objectives_by_hand(lm, batch):
+    ids, mask = batch
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits
+    logp = logits.log_softmax(-1)
+    by_hand = logp[0, -4, ids[0, -3]] + logp[0, -3, ids[0, -2]] + logp[0, -2, ids[0, -1]]
+    assert torch.allclose(TargetLogProb(3)(logits, ids)[0], by_hand, atol=1e-5)
+    kept = logits[:, -4:]
+    assert torch.allclose(TargetLogProb(3)(kept, ids), TargetLogProb(3)(logits, ids), atol=1e-5)
+    sub = logits[:, -1, [5, 9]].log_softmax(-1)
+    assert torch.allclose(LabelLogProb((5, 9), target=(1, 0))(logits, ids), torch.stack([sub[0, 1], sub[1, 0]]))
+    assert torch.allclose(CustomObjective(lambda x: x[:, -1, 3])(logits, ids), logits[:, -1, 3])
+    scores = score_latents(lm, tiny_sae(), ids, mask, TargetLogProb(3))
+    assert scores.per_latent.abs().sum() > 0
