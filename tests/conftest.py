@@ -59,8 +59,9 @@ def _rmsnorm_in_float64(model: torch.nn.Module) -> None:
             module.forward = forward.__get__(module)
 
 
-def tiny_sae(activation: str = "relu", *, d_sae: int = 48, seed: int = 0, dtype: torch.dtype = torch.float32,
-             layer: int = 0) -> SAE:
+def tiny_sae(
+    activation: str = "relu", *, d_sae: int = 48, seed: int = 0, dtype: torch.dtype = torch.float32, layer: int = 0
+) -> SAE:
     """A random SAE on the tiny model's residual; about half the latents fire per token."""
     k = 6 if activation == "topk" else None
     sae = SAE.random(SAEConfig(d_in=D_MODEL, d_sae=d_sae, activation=activation, k=k, hook_layer=layer), seed=seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gradsae.models import position_ids
 from gradsae.objectives import CustomObjective, LabelLogProb, NextTokenProb, TargetLogProb
 from gradsae.scores import half_active, score_latents, top_bottom
 from tests.conftest import tiny_sae
@@ -27,7 +28,7 @@ def dense_reference(lm, sae, ids, mask, objective, *, mode="error"):
 
     handle = lm.layers[0].register_forward_hook(hook)
     try:
-        logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
         objective(logits, ids).sum().backward()
     finally:
         handle.remove()
@@ -112,7 +113,7 @@ def test_ablation_is_exact_zeroing(lm, batch):
     scores = score_latents(lm, sae, ids, mask, NextTokenProb(), method="ablation")
     row, c = 1, int(scores.per_latent[1].abs().argmax())
     with splice(lm, sae, 0, edits=[Edit(latents=[c])], record=False), torch.no_grad():
-        y = NextTokenProb()(lm.model(input_ids=ids, attention_mask=mask).logits, ids)
+        y = NextTokenProb()(lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits, ids)
     assert torch.allclose(scores.objective[row] - y[row], scores.per_latent[row, c], atol=1e-6)
 
 
@@ -135,7 +136,7 @@ def test_top_bottom_selection(lm, batch):
     ranked = scores.ranking(0)
     top, bottom = top_bottom(scores, 0, 3)
     assert top.tolist() == ranked[:3].tolist() and bottom.tolist() == ranked[-3:].flip(0).tolist()
-    assert (scores.per_latent[0, top].min() >= scores.per_latent[0, bottom].max())
+    assert scores.per_latent[0, top].min() >= scores.per_latent[0, bottom].max()
     assert half_active(scores, 0) == max(1, int((scores.mean_act.new_tensor(0) + scores.active_last[0]) // 2))
 
 
@@ -160,3 +161,12 @@ def test_target_and_label_objectives_by_hand(lm, batch):
     assert torch.allclose(CustomObjective(lambda x: x[:, -1, 3])(logits, ids), logits[:, -1, 3])
     scores = score_latents(lm, tiny_sae(), ids, mask, TargetLogProb(3))
     assert scores.per_latent.abs().sum() > 0
+
+
+def test_left_padding_gives_the_same_scores_as_one_row(lm, batch):
+    ids, mask = batch
+    sae = tiny_sae("topk")
+    both = score_latents(lm, sae, ids, mask, NextTokenProb())
+    alone = score_latents(lm, sae, ids[1:, 3:], None, NextTokenProb())
+    assert torch.allclose(both.per_latent[1], alone.per_latent[0], atol=1e-6)
+    assert torch.allclose(both.objective[1], alone.objective[0], atol=1e-6)

@@ -90,8 +90,9 @@ def test_zero_edit_at_all_positions(lm):
 
 def test_set_and_add_at_last_position(lm):
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(3))
-    before, after = _acts_with(lm, ids, Edit(latents=[3, 4], op="set", values=torch.tensor([2.0, 9.0]),
-                                              positions="last"))
+    before, after = _acts_with(
+        lm, ids, Edit(latents=[3, 4], op="set", values=torch.tensor([2.0, 9.0]), positions="last")
+    )
     assert after[:, -1, 3].eq(2.0).all() and after[:, -1, 4].eq(9.0).all()
     assert torch.equal(after[:, :-1], before[:, :-1])
     before, after = _acts_with(lm, ids, Edit(latents=[3], op="add", values=1.5, positions="last"))
@@ -103,8 +104,9 @@ def test_per_row_latents_and_mask(lm):
     where = torch.zeros(2, 6, dtype=torch.bool)
     where[0, 2] = True
     where[1, 4] = True
-    edit = Edit(latents=torch.tensor([[1, -1], [2, 3]]), op="set", values=torch.tensor([[5.0, 0], [6.0, 7.0]]),
-                positions=where)
+    edit = Edit(
+        latents=torch.tensor([[1, -1], [2, 3]]), op="set", values=torch.tensor([[5.0, 0], [6.0, 7.0]]), positions=where
+    )
     before, after = _acts_with(lm, ids, edit)
     assert after[0, 2, 1] == 5.0 and after[1, 4, 2] == 6.0 and after[1, 4, 3] == 7.0
     changed = (after != before).nonzero().tolist()
@@ -115,8 +117,14 @@ def test_edits_apply_at_every_cached_generation_step(lm):
     ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(5))
     sae = tiny_sae("relu")
     with splice(lm, sae, 0, edits=[Edit(latents=[0, 1, 2, 3], op="set", values=3.0, positions="last")]) as sp:
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                                min_new_tokens=4, pad_token_id=0)
+        out = lm.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=4,
+            do_sample=False,
+            min_new_tokens=4,
+            pad_token_id=0,
+        )
     assert out.shape[1] == 9
     assert len(sp.acts) == 4  # prompt pass + 3 cached steps that feed a new token
     assert [a.shape[1] for a in sp.acts] == [5, 1, 1, 1]

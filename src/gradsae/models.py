@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,7 +188,13 @@ def _prepare_tokenizer(tokenizer: Any) -> None:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of a ``transformers`` causal LM."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers"):
+    for path in (
+        "model.layers",
+        "model.decoder.layers",
+        "transformer.h",
+        "gpt_neox.layers",
+        "model.language_model.layers",
+    ):
         module: Any = model
         for part in path.split("."):
             module = getattr(module, part, None)
@@ -199,7 +205,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise GradSAEError(f"cannot find the decoder layers of {type(model).__name__}: this architecture is not supported")
 
 
-class _StopForward(Exception):
+def position_ids(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``[batch, pos]`` positions that skip left padding (0 on padded slots)."""
+    if attention_mask is None:
+        return None
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+class _StopForwardError(Exception):
     """Raised by a hook to end a forward pass early."""
 
 
@@ -209,7 +223,9 @@ def block_output(output: Any) -> torch.Tensor:
 
 
 @contextmanager
-def capture_residuals(lm: LoadedModel, layers: Sequence[int], *, stop: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+def capture_residuals(
+    lm: LoadedModel, layers: Sequence[int], *, stop: bool = True
+) -> Iterator[dict[int, torch.Tensor]]:
     """Record the residual after each of ``layers``; optionally stop after the deepest.
 
     Run the model inside the block (wrapped in :func:`run_until_stopped` when
@@ -226,7 +242,7 @@ def capture_residuals(lm: LoadedModel, layers: Sequence[int], *, stop: bool = Tr
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             found[layer] = block_output(output)
             if stop and layer == deepest:
-                raise _StopForward
+                raise _StopForwardError
 
         return hook
 
@@ -243,9 +259,11 @@ def residuals(
     lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layers: Sequence[int]
 ) -> dict[int, torch.Tensor]:
     """``{layer: [batch, pos, d_model]}``, running the model only up to the deepest layer."""
-    with capture_residuals(lm, layers) as found, torch.inference_mode():
-        try:
-            lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
+    with capture_residuals(lm, layers) as found, torch.inference_mode(), suppress(_StopForwardError):
+        lm.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+        )
     return dict(found)

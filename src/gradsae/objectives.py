@@ -3,8 +3,9 @@
 Every objective maps ``logits [batch, L, vocab]`` for the last ``L`` positions and
 ``input_ids [batch, pos]`` (left-padded: the last column is each row's last real
 token) to one value per row, ``[batch]``. ``keep`` says how many trailing
-positions of logits it needs (``None``: all), so the LM head runs only there. Rows are independent, so one backward pass of ``sum(Y)`` gives
-every row's gradient.
+positions of logits it needs (``None``: all), so the LM head runs only there.
+Rows are independent, so one backward pass of ``sum(Y)`` gives every row's
+gradient.
 
 * :class:`NextTokenProb` (the paper's): ``p(y* | x)`` at a position, where ``y*``
   is the greedy (argmax) token there: at the last prompt token this is the step
@@ -125,8 +126,14 @@ def label_tokens(tokenizer: object, labels: Sequence[str]) -> tuple[int, ...]:
     return ids
 
 
-def objective_from_name(name: str, *, tokenizer: object = None, target: str | None = None,
-                        labels: Sequence[str] = (), label: str | None = None) -> Objective:
+def objective_from_name(
+    name: str,
+    *,
+    tokenizer: object = None,
+    target: str | None = None,
+    labels: Sequence[str] = (),
+    label: str | None = None,
+) -> Objective:
     """Build an objective from CLI words: ``next-token``, ``target``, ``label``."""
     if name in ("next-token", "paper"):
         return NextTokenProb()
@@ -136,7 +143,7 @@ def objective_from_name(name: str, *, tokenizer: object = None, target: str | No
         n = len(getattr(tokenizer, "encode")(target, add_special_tokens=False))  # noqa: B009
         return TargetLogProb(n_target=n)
     if name == "label":
-        if len(labels) < 2 or label not in labels:
+        if len(labels) < 2 or label is None or label not in labels:
             raise GradSAEError("objective 'label' needs --labels A,B,... and --label one of them")
         return LabelLogProb(label_tokens=label_tokens(tokenizer, labels), target=list(labels).index(label))
     raise GradSAEError(f"unknown objective {name!r}: use next-token, target or label")

@@ -67,9 +67,7 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
-            raise GradSAEError(
-                f"unknown SAE activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}"
-            )
+            raise GradSAEError(f"unknown SAE activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
         if self.activation == "topk" and (self.k is None or not 0 < self.k <= self.d_sae):
             raise GradSAEError(f"a topk SAE needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
         if self.d_in <= 0 or self.d_sae <= 0:
@@ -255,7 +253,9 @@ def _saelens_activation(raw: dict[str, Any]) -> tuple[Activation, int | None]:
         return "jumprelu", None
     if arch == "standard" and fn == "relu":
         return "relu", None
-    raise GradSAEError(f"SAE architecture {arch!r} / activation {fn!r} is not supported: use standard, jumprelu or topk")
+    raise GradSAEError(
+        f"SAE architecture {arch!r} / activation {fn!r} is not supported: use standard, jumprelu or topk"
+    )
 
 
 def _hook_layer(raw: dict[str, Any]) -> int | None:
@@ -388,7 +388,8 @@ def save_gemmascope(sae: SAE, folder: str | Path) -> Path:
         raise GradSAEError("Gemma Scope's params.npz holds jumprelu SAEs only")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / GEMMASCOPE_WEIGHTS, **{k: v.cpu().numpy() for k, v in sae.state().items()})
+    arrays = {key: value.cpu().numpy() for key, value in sae.state().items()}
+    np.savez(str(folder / GEMMASCOPE_WEIGHTS), **arrays)  # type: ignore[arg-type]
     return folder
 
 

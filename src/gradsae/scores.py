@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gradsae.errors import GradSAEError
-from gradsae.models import LoadedModel
+from gradsae.models import LoadedModel, position_ids
 from gradsae.objectives import Objective
 from gradsae.sae import SAE
 from gradsae.splice import Edit, Mode, splice
@@ -78,7 +78,9 @@ class Scores:
         """Per-token scores as a sparse ``[batch, pos, d_sae]`` tensor."""
         batch, d_sae = self.per_latent.shape
         pos = int(self.token_index[:, 1].max()) + 1 if len(self.token_index) else 1
-        return torch.sparse_coo_tensor(self.token_index.T, self.token_score, (batch, pos, d_sae), check_invariants=False)
+        return torch.sparse_coo_tensor(
+            self.token_index.T, self.token_score, (batch, pos, d_sae), check_invariants=False
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` + ``<path>.json``."""
@@ -96,7 +98,7 @@ class Scores:
         path = Path(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         tensors = load_file(str(path.with_suffix(".safetensors")))
-        return cls(**meta, **tensors)
+        return cls(method=meta["method"], aggregation=meta["aggregation"], **{k: tensors[k] for k in _TENSORS})
 
 
 _TENSORS = ("per_latent", "token_index", "token_score", "mean_act", "active_last", "objective")
@@ -121,8 +123,9 @@ def score_latents(
         raise GradSAEError(f"unknown scoring method {method!r}: use one of {', '.join(METHODS)}")
     if aggregation not in AGGREGATIONS:
         raise GradSAEError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
-    run = forward_backward(lm, sae, input_ids, attention_mask, objective, layer=layer, mode=mode,
-                           grad=method == "gradsae")
+    run = forward_backward(
+        lm, sae, input_ids, attention_mask, objective, layer=layer, mode=mode, grad=method == "gradsae"
+    )
     if method == "gradsae":
         token_score = latent_gradients(sae, run.index, run.grad) * run.values
     elif method == "activation":
@@ -133,8 +136,9 @@ def score_latents(
     if method == "activation":
         per_latent = run.mean_act
     elif method == "ablation":
-        per_latent = ablation_effects(lm, sae, input_ids, attention_mask, objective, run,
-                                      layer=layer, mode=mode, batch_size=ablation_batch)
+        per_latent = ablation_effects(
+            lm, sae, input_ids, attention_mask, objective, run, layer=layer, mode=mode, batch_size=ablation_batch
+        )
     elif method == "random":
         per_latent = random_scores(run.mean_act, seed=seed)
     return Scores(
@@ -182,8 +186,13 @@ def forward_backward(
 ) -> SplicedRun:
     """Steps 1-2: forward with the splice, then (if ``grad``) one backward to the splice."""
     with splice(lm, sae, layer, mode=mode, grad=grad) as sp, torch.set_grad_enabled(grad):
-        out = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                       logits_to_keep=objective.keep or 0)
+        out = lm.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+            logits_to_keep=objective.keep or 0,
+        )
         y = objective(out.logits, input_ids)
         if grad:
             y.sum().backward()
@@ -214,8 +223,9 @@ def latent_gradients(sae: SAE, index: torch.Tensor, grad: torch.Tensor | None) -
     return out
 
 
-def aggregate(index: torch.Tensor, token_score: torch.Tensor, valid: torch.Tensor, d_sae: int,
-              aggregation: str) -> torch.Tensor:
+def aggregate(
+    index: torch.Tensor, token_score: torch.Tensor, valid: torch.Tensor, d_sae: int, aggregation: str
+) -> torch.Tensor:
     """Step 4: per-token scores ``[nnz]`` to per-latent ``[batch, d_sae]``."""
     batch, pos = valid.shape
     score = token_score
@@ -251,8 +261,16 @@ def ablation_effects(
         latents = torch.nonzero(run.mean_act[row] > 0).squeeze(-1)
         for start in range(0, len(latents), batch_size):
             chunk = latents[start : start + batch_size]
-            y = _objective_with_edit(lm, sae, input_ids[row : row + 1], _row(attention_mask, row), objective,
-                                     Edit(latents=chunk[:, None]), layer=layer, mode=mode)
+            y = _objective_with_edit(
+                lm,
+                sae,
+                input_ids[row : row + 1],
+                _row(attention_mask, row),
+                objective,
+                Edit(latents=chunk[:, None]),
+                layer=layer,
+                mode=mode,
+            )
             effects[row, chunk] = run.objective[row] - y
     return effects
 
@@ -261,14 +279,29 @@ def _row(mask: torch.Tensor | None, row: int) -> torch.Tensor | None:
     return None if mask is None else mask[row : row + 1]
 
 
-def _objective_with_edit(lm: LoadedModel, sae: SAE, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                         objective: Objective, edit: Edit, *, layer: int | None, mode: Mode) -> torch.Tensor:
+def _objective_with_edit(
+    lm: LoadedModel,
+    sae: SAE,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    objective: Objective,
+    edit: Edit,
+    *,
+    layer: int | None,
+    mode: Mode,
+) -> torch.Tensor:
     """Objective of one input repeated once per row of ``edit.latents`` ``[m, n]``, each row edited."""
     m = torch.as_tensor(edit.latents).shape[0]
     ids = input_ids.expand(m, -1)
     mask = None if attention_mask is None else attention_mask.expand(m, -1)
     with splice(lm, sae, layer, mode=mode, edits=[edit], record=False), torch.inference_mode():
-        out = lm.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=objective.keep or 0)
+        out = lm.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids(mask),
+            use_cache=False,
+            logits_to_keep=objective.keep or 0,
+        )
         return objective(out.logits, ids)
 
 

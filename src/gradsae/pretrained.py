@@ -1,0 +1,61 @@
+"""SAEs shipped inside the package for the embedded default model.
+
+``src/gradsae/saes/smollm2-135m-instruct/layer_{6,15,24}/`` hold TopK SAEs
+(width 4608) in SAELens's layout, trained by ``gradsae train-sae`` on the
+NewsArticles corpus; each folder's ``README.md`` is its model card. Until they
+exist, callers get a clearly labelled random SAE instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from gradsae.errors import GradSAEError
+from gradsae.models import LoadedModel
+from gradsae.sae import SAE, SAEConfig, load_sae
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LAYER = 6
+SHIPPED_LAYERS = (6, 15, 24)
+SHIPPED_WIDTH = 4608
+SHIPPED_K = 32
+SHIPPED_FOLDER = "smollm2-135m-instruct"
+UNTRAINED = "UNTRAINED random SAE (no trained SAE ships for this model/layer yet)"
+
+
+def shipped_sae_path(layer: int) -> Path | None:
+    """Folder of the shipped SAE for ``layer`` of the default model, if it exists."""
+    folder = Path(str(resources.files("gradsae"))) / "saes" / SHIPPED_FOLDER / f"layer_{layer}"
+    return folder if (folder / "sae_weights.safetensors").exists() else None
+
+
+def resolve_sae(lm: LoadedModel, sae: str | None, layer: int | None, *, default_model: bool) -> tuple[SAE, int, str]:
+    """The SAE to use, its layer, and a label saying what it is.
+
+    ``sae`` is a folder (any supported layout); ``None`` means the shipped SAE of
+    the default model at ``layer`` (default 6), else an untrained random SAE.
+    """
+    if sae is not None:
+        loaded = load_sae(sae).to(dtype=_dtype(lm))
+        use = layer if layer is not None else loaded.cfg.hook_layer
+        if use is None:
+            raise GradSAEError(f"SAE {sae} does not say its layer: pass --layer")
+        return loaded, int(use), str(sae)
+    use = DEFAULT_LAYER if layer is None else layer
+    if not 0 <= use < lm.n_layers:
+        raise GradSAEError(f"layer {use} is out of range: this model has layers 0..{lm.n_layers - 1}")
+    path = shipped_sae_path(use) if default_model else None
+    if path is not None:
+        return load_sae(path).to(dtype=_dtype(lm)), use, f"shipped SAE {SHIPPED_FOLDER}/layer_{use}"
+    log.warning("using an %s at layer %d", UNTRAINED, use)
+    cfg = SAEConfig(d_in=lm.d_model, d_sae=8 * lm.d_model, activation="topk", k=SHIPPED_K, hook_layer=use)
+    return SAE.random(cfg, seed=0).to(dtype=_dtype(lm)), use, UNTRAINED
+
+
+def _dtype(lm: LoadedModel) -> torch.dtype:
+    return next(lm.model.parameters()).dtype

@@ -1,0 +1,145 @@
+"""``gradsae score``: one prompt, its top latents by GradSAE beside its top latents by activation.
+
+Columns: latent id, mean activation over the prompt's positions, GradSAE
+influence (the chosen aggregation of ``H * dY/dH``), the latent's rank under the
+other method, and (with ``--ablation``) the exact effect of zeroing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gradsae.errors import GradSAEError
+from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model
+from gradsae.objectives import objective_from_name
+from gradsae.pretrained import resolve_sae
+from gradsae.scores import Scores, score_latents
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """One latent in the table."""
+
+    latent: int
+    activation: float
+    influence: float
+    rank_gradsae: int | None
+    rank_activation: int | None
+    ablation: float | None
+
+
+def run_score(args: argparse.Namespace) -> str:
+    """Load, score, and return the printable report."""
+    start = time.perf_counter()
+    lm = load_model(args.model, device=args.device)
+    sae, layer, label = resolve_sae(lm, args.sae, args.layer, default_model=args.model in DEFAULT_NAMES)
+    sae = sae.to(args.device)
+    ids, mask, text = encode_one(lm, args.prompt, chat=not args.no_chat)
+    labels = [word.strip() for word in args.labels.split(",") if word.strip()]
+    objective = objective_from_name(
+        args.objective, tokenizer=lm.tokenizer, target=args.target, labels=labels, label=args.label
+    )
+    if args.objective == "target":
+        ids, mask = append_target(lm, ids, args.target)
+    common = {"layer": layer, "mode": args.mode}
+    grad = score_latents(lm, sae, ids, mask, objective, aggregation=args.aggregation, **common)
+    act = score_latents(lm, sae, ids, mask, objective, method="activation", **common)
+    abl = score_latents(lm, sae, ids, mask, objective, method="ablation", **common) if args.ablation else None
+    rows = table_rows(grad, act, abl, args.top)
+    header = _header(lm, label, layer, args, text, grad, time.perf_counter() - start)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "rows": [r.__dict__ for r in rows]}, indent=2))
+    return header + "\n\n" + format_table(rows, args.top)
+
+
+def encode_one(lm: LoadedModel, prompt: str, *, chat: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Token ids of one prompt, through the chat template when the tokenizer has one."""
+    if not prompt.strip():
+        raise GradSAEError("the prompt is empty: pass --prompt TEXT")
+    tok = lm.tokenizer
+    if chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        text = prompt
+        enc = tok(text, return_tensors="pt")
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if limit and enc["input_ids"].shape[1] > limit:
+        raise GradSAEError(f"the prompt has {enc['input_ids'].shape[1]} tokens, over the model's {limit}: shorten it")
+    return enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device), text
+
+
+def append_target(lm: LoadedModel, ids: torch.Tensor, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = torch.as_tensor([lm.tokenizer.encode(target, add_special_tokens=False)], device=ids.device)
+    full = torch.cat([ids, extra], dim=1)
+    return full, torch.ones_like(full)
+
+
+def table_rows(grad: Scores, act: Scores, abl: Scores | None, top: int) -> list[ScoreRow]:
+    """The union of both methods' top latents, in GradSAE order then activation order."""
+    g_rank = {int(c): i + 1 for i, c in enumerate(grad.ranking(0))}
+    a_rank = {int(c): i + 1 for i, c in enumerate(act.ranking(0))}
+    chosen = list(grad.ranking(0)[:top].tolist())
+    chosen += [c for c in act.ranking(0)[:top].tolist() if c not in chosen]
+    return [
+        ScoreRow(
+            latent=c,
+            activation=float(act.per_latent[0, c]),
+            influence=float(grad.per_latent[0, c]),
+            rank_gradsae=g_rank.get(c),
+            rank_activation=a_rank.get(c),
+            ablation=None if abl is None else float(abl.per_latent[0, c]),
+        )
+        for c in chosen
+    ]
+
+
+def format_table(rows: list[ScoreRow], top: int) -> str:
+    """Two side-by-side markdown tables: top by GradSAE, top by activation."""
+    by_grad = sorted([r for r in rows if r.rank_gradsae and r.rank_gradsae <= top], key=lambda r: r.rank_gradsae or 0)
+    by_act = sorted(
+        [r for r in rows if r.rank_activation and r.rank_activation <= top], key=lambda r: r.rank_activation or 0
+    )
+    ablate = any(r.ablation is not None for r in rows)
+    head = "| rank | latent | mean act | GradSAE influence | rank by {other} |" + (
+        " exact ablation |" if ablate else ""
+    )
+    rule = "|---:|---:|---:|---:|---:|" + ("---:|" if ablate else "")
+    out = []
+    for title, part, other in (
+        ("Top latents by GradSAE", by_grad, "activation"),
+        ("Top latents by activation (input side)", by_act, "GradSAE"),
+    ):
+        out += [f"## {title}", "", head.format(other=other), rule]
+        for i, r in enumerate(part, 1):
+            other_rank = r.rank_activation if other == "activation" else r.rank_gradsae
+            line = f"| {i} | {r.latent} | {r.activation:.4g} | {r.influence:.4g} | {other_rank or '-'} |"
+            out.append(line + (f" {r.ablation:.4g} |" if ablate and r.ablation is not None else ""))
+        out.append("")
+    overlap = len({r.latent for r in by_grad} & {r.latent for r in by_act})
+    out.append(f"Overlap of the two top-{top} sets: {overlap}/{top}.")
+    return "\n".join(out) + "\n"
+
+
+def _header(
+    lm: LoadedModel, label: str, layer: int, args: argparse.Namespace, text: str, grad: Scores, seconds: float
+) -> str:
+    n_tokens = int(grad.token_index[:, 1].max()) + 1 if len(grad.token_index) else 0
+    return "\n".join(
+        [
+            f"# gradsae score: {lm.name}, layer {layer}",
+            f"- SAE: {label}",
+            f"- objective: {args.objective} (Y = {float(grad.objective[0]):.4g}); splice mode: {args.mode}; "
+            f"aggregation: {args.aggregation}",
+            f"- prompt: {args.prompt!r} ({n_tokens} tokens{' with chat template' if text != args.prompt else ''})",
+            f"- latents active at the last token: {int(grad.active_last[0])}; wall time {seconds:.1f} s",
+        ]
+    )

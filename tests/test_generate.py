@@ -1,0 +1,189 @@
+"""Batched cached greedy decoding equals unbatched decoding and ``model.generate``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gradsae.generate import (
+    Generation,
+    answer_inputs,
+    answer_step,
+    encode_prompts,
+    generate,
+    generate_batch,
+    next_token,
+    pad_left,
+    position_ids,
+    stop_ids,
+)
+from gradsae.models import LoadedModel, block_output
+
+PAD, BOS, EOS = 0, 1, 2
+PROMPTS = ["hello there", "a", "the quick brown fox", "zz top [x]"]
+
+
+class CharTokenizer:
+    """One token per printable ASCII character; ids 0-2 are pad, BOS and EOS."""
+
+    pad_token, bos_token, eos_token, unk_token = "<pad>", "<s>", "</s>", None
+    pad_token_id, bos_token_id, eos_token_id, unk_token_id = PAD, BOS, EOS, None
+    chat_template = None
+    padding_side = "left"
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = [ord(c) for c in text if 32 <= ord(c) < 127]
+        return {"input_ids": ([BOS] if add_special_tokens else []) + ids}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        special = {PAD: "<pad>", BOS: "<s>", EOS: "</s>"}
+        parts = [chr(i) if i >= 32 else ("" if skip_special_tokens else special.get(i, "?")) for i in ids]
+        return "".join(parts)
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"<pad>": PAD, "<s>": BOS, "</s>": EOS} | {chr(i): i for i in range(32, 127)}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Iterator[LoadedModel]:
+    """A 2-layer random Llama; one intra-op thread (tiny tensors, and the CPU is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.3,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    yield LoadedModel(model=model, tokenizer=CharTokenizer(), name="tiny")
+    torch.set_num_threads(threads)
+
+
+def reference(lm: LoadedModel, text: str, max_new_tokens: int) -> list[int]:
+    """``model.generate`` on one unpadded prompt, cut after the first stop token."""
+    input_ids, mask = encode_prompts(lm.tokenizer, [text])
+    out = lm.model.generate(
+        input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=PAD
+    )
+    tokens = out[0, input_ids.shape[1] :].tolist()
+    return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
+
+
+def replace_output(out: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+
+def test_pad_left_and_positions() -> None:
+    ids, mask = pad_left([[5, 6, 7], [8]], pad=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert position_ids(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_batched_equals_unbatched_and_generate(tiny: LoadedModel) -> None:
+    batched = generate(tiny, PROMPTS, max_new_tokens=12, batch_size=4)
+    for text, gen in zip(PROMPTS, batched, strict=True):
+        alone = generate(tiny, [text], max_new_tokens=12)[0]
+        assert gen.token_ids == alone.token_ids
+        assert list(gen.token_ids) == reference(tiny, text, 12)
+        assert gen.prompt_ids == tuple(tiny.tokenizer(text)["input_ids"])
+    assert len({g.token_ids for g in batched}) > 1  # the rows really differ
+
+
+def test_stops_at_eos(tiny: LoadedModel) -> None:
+    tokens = [g.token_ids for g in generate(tiny, PROMPTS, max_new_tokens=12)]
+    some = next(t for t in tokens if len(t) > 1)
+    forced = frozenset({some[0], EOS})  # also stop at the first generated token
+    ids, mask = encode_prompts(tiny.tokenizer, PROMPTS)
+    gens = generate_batch(tiny, ids, mask, max_new_tokens=12, stop=forced)
+    for gen, full in zip(gens, tokens, strict=True):
+        cut = next((i for i, t in enumerate(full) if t in forced), None)
+        assert list(gen.token_ids) == list(full[: cut + 1] if cut is not None else full)
+        assert gen.stopped == (cut is not None)
+    assert stop_ids(tiny) == frozenset({EOS})
+
+
+def test_hooks_see_every_step(tiny: LoadedModel) -> None:
+    lengths: list[int] = []
+    handle = tiny.layers[0].register_forward_hook(lambda _m, _i, out: lengths.append(block_output(out).shape[1]))
+    try:
+        ids, mask = encode_prompts(tiny.tokenizer, PROMPTS[:2])
+        gens = generate_batch(tiny, ids, mask, max_new_tokens=5, stop=frozenset())
+    finally:
+        handle.remove()
+    assert all(len(g.token_ids) == 5 for g in gens)
+    assert lengths == [ids.shape[1], 1, 1, 1, 1]  # the last token needs no forward pass
+
+
+def test_hook_edit_acts_on_cached_steps(tiny: LoadedModel) -> None:
+    """An edit applied on every pass gives the same tokens as the uncached reference loop."""
+
+    def hook(_m: Any, _i: Any, out: Any) -> Any:
+        return replace_output(out, block_output(out) * 0.5)
+
+    handle = tiny.layers[0].register_forward_hook(hook)
+    try:
+        gens = generate(tiny, PROMPTS, max_new_tokens=8)
+        for text, gen in zip(PROMPTS, gens, strict=True):
+            ids, mask = encode_prompts(tiny.tokenizer, [text])
+            expected: list[int] = []
+            for _ in range(len(gen.token_ids)):  # no cache: the hook sees whole sequences
+                expected.append(int(next_token(tiny.model, ids, mask).token[0]))
+                ids = torch.cat([ids, torch.tensor([[expected[-1]]])], dim=1)
+                mask = torch.ones_like(ids)
+            assert list(gen.token_ids) == expected
+    finally:
+        handle.remove()
+
+
+def test_next_token_matches_generation(tiny: LoadedModel) -> None:
+    gens = generate(tiny, PROMPTS, max_new_tokens=6)
+    steps = [min(2, len(g.token_ids) - 1) for g in gens]
+    ids, mask = answer_inputs(tiny.tokenizer, gens, steps)
+    result = next_token(tiny.model, ids, mask)
+    assert result.token.tolist() == [g.token_ids[s] for g, s in zip(gens, steps, strict=True)]
+    probs = torch.softmax(result.logits, -1)
+    assert torch.allclose(result.prob, probs.max(-1).values)
+    assert result.logits.shape == (len(PROMPTS), 128)
+
+
+def test_next_token_is_differentiable(tiny: LoadedModel) -> None:
+    ids, mask = encode_prompts(tiny.tokenizer, PROMPTS[:2])
+    leaves: list[torch.Tensor] = []
+
+    def hook(_m: Any, _i: Any, out: Any) -> Any:
+        leaves.append(block_output(out).detach().requires_grad_(True))
+        return replace_output(out, leaves[-1])
+
+    handle = tiny.layers[0].register_forward_hook(hook)
+    try:
+        next_token(tiny.model, ids, mask).prob.sum().backward()
+    finally:
+        handle.remove()
+    grad = leaves[0].grad
+    assert grad is not None
+    assert grad[mask.bool()].abs().sum() > 0
+    assert grad[~mask.bool()].abs().sum() == 0  # padding does not influence the output
+
+
+def test_answer_step() -> None:
+    gen = Generation(prompt_ids=(1, 65), token_ids=(66, ord("["), 67, EOS), text="B[C", stopped=True)
+    tok = CharTokenizer()
+    assert answer_step(tok, gen, "[") == 1
+    assert answer_step(tok, gen, None) == 0
+    assert answer_step(tok, gen, "#") == 0
+    assert gen.prefix(1) == (1, 65, 66)
