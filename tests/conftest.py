@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -11,6 +13,28 @@ from gradsae.sae import SAE, SAEConfig
 
 D_MODEL = 16
 VOCAB = 64
+PAD, BOS, EOS = 0, 1, 2
+
+
+class CharTokenizer:
+    """One token per printable ASCII character; ids 0-2 are pad, BOS and EOS."""
+
+    pad_token, bos_token, eos_token, unk_token = "<pad>", "<s>", "</s>", None
+    pad_token_id, bos_token_id, eos_token_id, unk_token_id = PAD, BOS, EOS, None
+    chat_template = None
+    padding_side = "left"
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = [ord(c) for c in text if 32 <= ord(c) < 127]
+        return {"input_ids": ([BOS] if add_special_tokens else []) + ids}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        special = {PAD: "<pad>", BOS: "<s>", EOS: "</s>"}
+        parts = [chr(i) if i >= 32 else ("" if skip_special_tokens else special.get(i, "?")) for i in ids]
+        return "".join(parts)
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"<pad>": PAD, "<s>": BOS, "</s>": EOS} | {chr(i): i for i in range(32, 127)}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -26,11 +50,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def tiny_lm(dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+def tiny_lm(
+    dtype: torch.dtype = torch.float32, seed: int = 0, *, vocab: int = VOCAB, tokenizer: Any = None
+) -> LoadedModel:
     """A 2-layer Llama with random weights, frozen."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=D_MODEL,
         intermediate_size=32,
         num_hidden_layers=2,
@@ -45,7 +71,7 @@ def tiny_lm(dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
     model.requires_grad_(False)
     if dtype == torch.float64:
         _rmsnorm_in_float64(model)
-    return LoadedModel(model=model, tokenizer=None, name="tiny-llama")
+    return LoadedModel(model=model, tokenizer=tokenizer, name="tiny-llama")
 
 
 def _rmsnorm_in_float64(model: torch.nn.Module) -> None:

@@ -22,30 +22,9 @@ from gradsae.generate import (
     stop_ids,
 )
 from gradsae.models import LoadedModel, block_output
+from tests.conftest import BOS, EOS, PAD, CharTokenizer
 
-PAD, BOS, EOS = 0, 1, 2
 PROMPTS = ["hello there", "a", "the quick brown fox", "zz top [x]"]
-
-
-class CharTokenizer:
-    """One token per printable ASCII character; ids 0-2 are pad, BOS and EOS."""
-
-    pad_token, bos_token, eos_token, unk_token = "<pad>", "<s>", "</s>", None
-    pad_token_id, bos_token_id, eos_token_id, unk_token_id = PAD, BOS, EOS, None
-    chat_template = None
-    padding_side = "left"
-
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-        ids = [ord(c) for c in text if 32 <= ord(c) < 127]
-        return {"input_ids": ([BOS] if add_special_tokens else []) + ids}
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        special = {PAD: "<pad>", BOS: "<s>", EOS: "</s>"}
-        parts = [chr(i) if i >= 32 else ("" if skip_special_tokens else special.get(i, "?")) for i in ids]
-        return "".join(parts)
-
-    def get_vocab(self) -> dict[str, int]:
-        return {"<pad>": PAD, "<s>": BOS, "</s>": EOS} | {chr(i): i for i in range(32, 127)}
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from gradsae.models import LoadedModel
+from gradsae.models import LoadedModel, position_ids
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,6 @@ def pad_left(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
             input_ids[i, width - len(row) :] = torch.as_tensor(list(row), dtype=torch.long)
             mask[i, width - len(row) :] = 1
     return input_ids, mask
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[batch, pos]`` positions that skip left padding (0 on padded slots)."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
 
 
 def pad_id(tokenizer: Any) -> int:

@@ -213,7 +213,7 @@ def position_ids(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
-class _StopForwardError(Exception):
+class StopForwardError(Exception):
     """Raised by a hook to end a forward pass early."""
 
 
@@ -242,7 +242,7 @@ def capture_residuals(
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             found[layer] = block_output(output)
             if stop and layer == deepest:
-                raise _StopForwardError
+                raise StopForwardError
 
         return hook
 
@@ -259,7 +259,7 @@ def residuals(
     lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layers: Sequence[int]
 ) -> dict[int, torch.Tensor]:
     """``{layer: [batch, pos, d_model]}``, running the model only up to the deepest layer."""
-    with capture_residuals(lm, layers) as found, torch.inference_mode(), suppress(_StopForwardError):
+    with capture_residuals(lm, layers) as found, torch.inference_mode(), suppress(StopForwardError):
         lm.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -26,6 +26,7 @@ seeded uniform score.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -62,6 +63,8 @@ class Scores:
     """``[nnz]`` per-token score of each active entry (the activation for ``activation``)."""
     mean_act: torch.Tensor
     """``[batch, d_sae]`` mean activation over spliced positions."""
+    last_act: torch.Tensor
+    """``[batch, d_sae]`` activation at the last position."""
     active_last: torch.Tensor
     """``[batch]`` number of latents active at the last position."""
     objective: torch.Tensor
@@ -101,7 +104,7 @@ class Scores:
         return cls(method=meta["method"], aggregation=meta["aggregation"], **{k: tensors[k] for k in _TENSORS})
 
 
-_TENSORS = ("per_latent", "token_index", "token_score", "mean_act", "active_last", "objective")
+_TENSORS = ("per_latent", "token_index", "token_score", "mean_act", "last_act", "active_last", "objective")
 
 
 def score_latents(
@@ -119,28 +122,65 @@ def score_latents(
     ablation_batch: int = 32,
 ) -> Scores:
     """Score every latent for a batch of (left-padded) inputs; see the module docstring."""
-    if method not in METHODS:
-        raise GradSAEError(f"unknown scoring method {method!r}: use one of {', '.join(METHODS)}")
+    return score_methods(
+        lm,
+        sae,
+        input_ids,
+        attention_mask,
+        objective,
+        methods=(method,),
+        layer=layer,
+        mode=mode,
+        aggregation=aggregation,
+        seed=seed,
+        ablation_batch=ablation_batch,
+    )[method]
+
+
+def score_methods(
+    lm: LoadedModel,
+    sae: SAE,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    objective: Objective,
+    *,
+    methods: Sequence[str],
+    layer: int | None = None,
+    mode: Mode = "error",
+    aggregation: Aggregation = "paper",
+    seed: int = 0,
+    ablation_batch: int = 32,
+) -> dict[str, Scores]:
+    """Several methods from one spliced forward (and one backward if ``gradsae`` is among them)."""
+    for method in methods:
+        if method not in METHODS:
+            raise GradSAEError(f"unknown scoring method {method!r}: use one of {', '.join(METHODS)}")
     if aggregation not in AGGREGATIONS:
         raise GradSAEError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
     run = forward_backward(
-        lm, sae, input_ids, attention_mask, objective, layer=layer, mode=mode, grad=method == "gradsae"
+        lm, sae, input_ids, attention_mask, objective, layer=layer, mode=mode, grad="gradsae" in methods
     )
-    if method == "gradsae":
-        token_score = latent_gradients(sae, run.index, run.grad) * run.values
-    elif method == "activation":
-        token_score = run.values
-    else:
-        token_score = torch.zeros_like(run.values)
-    per_latent = aggregate(run.index, token_score, run.valid, sae.cfg.d_sae, aggregation)
-    if method == "activation":
-        per_latent = run.mean_act
-    elif method == "ablation":
-        per_latent = ablation_effects(
-            lm, sae, input_ids, attention_mask, objective, run, layer=layer, mode=mode, batch_size=ablation_batch
-        )
-    elif method == "random":
-        per_latent = random_scores(run.mean_act, seed=seed)
+    out = {}
+    for method in methods:
+        if method == "gradsae":
+            token_score = latent_gradients(sae, run.index, run.grad) * run.values
+            per_latent = aggregate(run.index, token_score, run.valid, sae.cfg.d_sae, aggregation)
+        elif method == "activation":
+            token_score, per_latent = run.values, run.mean_act
+        elif method == "ablation":
+            token_score = torch.zeros_like(run.values)
+            per_latent = ablation_effects(
+                lm, sae, input_ids, attention_mask, objective, run, layer=layer, mode=mode, batch_size=ablation_batch
+            )
+        else:
+            token_score, per_latent = torch.zeros_like(run.values), random_scores(run.mean_act, seed=seed)
+        out[method] = _scores(method, aggregation, per_latent, token_score, run)
+    return out
+
+
+def _scores(
+    method: str, aggregation: str, per_latent: torch.Tensor, token_score: torch.Tensor, run: SplicedRun
+) -> Scores:
     return Scores(
         method=method,
         aggregation=aggregation if method == "gradsae" else "mean" if method == "activation" else "all",
@@ -148,6 +188,7 @@ def score_latents(
         token_index=run.index,
         token_score=token_score,
         mean_act=run.mean_act,
+        last_act=run.last_act,
         active_last=run.active_last,
         objective=run.objective,
     )
@@ -166,6 +207,8 @@ class SplicedRun:
     valid: torch.Tensor
     """``[batch, pos]`` spliced positions."""
     mean_act: torch.Tensor
+    """``[batch, d_sae]``"""
+    last_act: torch.Tensor
     """``[batch, d_sae]``"""
     active_last: torch.Tensor
     """``[batch]``"""
@@ -206,6 +249,7 @@ def forward_backward(
         values=values,
         valid=valid,
         mean_act=acts.sum(dim=1) / n_valid[:, None],
+        last_act=acts[:, -1],
         active_last=(acts[:, -1] > 0).sum(dim=-1),
         grad=sp.leaves[0].grad if grad else None,
     )

@@ -149,9 +149,13 @@ def chat_text(message: str, tokenizer: Any = None) -> str:
 
 
 def classification_template(question: str, kind: str, labels: Sequence[str]) -> str:
-    """A short prompt asking for one word among ``labels``."""
+    """The input first, then a question asking for one word among ``labels``.
+
+    (On 60 SST-2 examples SmolLM2-135M-Instruct scored 60% with this order and
+    52% with the question first, where it answered "negative" 57 times.)
+    """
     choices = ", ".join(labels[:-1]) + f" or {labels[-1]}" if len(labels) > 1 else labels[0]
-    return f"{question}\n\n{kind}: {{prompt}}\n\nAnswer with one word: {choices}."
+    return f"{kind}: {{prompt}}\n{question.rstrip('?')}: {choices}? Answer with one word."
 
 
 # -- parsing ------------------------------------------------------------------
@@ -311,7 +315,7 @@ def sst2_task() -> Task:
     labels = ("negative", "positive")
     rows = _probe_rows("92_glue_sst2.csv.zst")
     examples = tuple(_labelled(f"sst2-{i}", row["prompt"], labels[int(row["target"])]) for i, row in enumerate(rows))
-    template = classification_template("Is the sentiment of this movie review positive or negative?", "Review", labels)
+    template = classification_template("Is the sentiment of this review", "Review", labels)
     return Task("sst2", template, examples, max_new_tokens=8, metric="accuracy", labels=labels)
 
 
@@ -320,7 +324,7 @@ def news_task() -> Task:
     rows = _probe_rows("97_news_class.csv.zst")
     labels = tuple(sorted({row["target"] for row in rows}))
     examples = tuple(_labelled(f"news-{i}", row["prompt"], row["target"]) for i, row in enumerate(rows))
-    template = classification_template("What is the topic of this news article?", "Article", labels)
+    template = classification_template("Is the topic of this article", "Article", labels)
     return Task("news", template, examples, max_new_tokens=8, metric="accuracy", labels=labels)
 
 

@@ -1,0 +1,179 @@
+"""Turn experiment results into what a person reads: ``table.md`` and PNG plots.
+
+Table layout follows the paper: rows are ranking x {TopK, BottomK}, columns are K;
+each cell is the mean task score over kept examples (100 = unperturbed) with its
+95% bootstrap interval. Steering cells are the share of examples whose answer
+matches the donor's gold answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gradsae.experiments import Condition, LayerResult, Stat
+
+NAMES = {"gradsae": "GradSAE", "activation": "activation", "random": "random", "ablation": "exact ablation"}
+
+
+def fmt(stat: Stat) -> str:
+    """``mean [low, high]`` with one decimal."""
+    if stat.n == 0 or math.isnan(stat.mean):
+        return "n/a"
+    return f"{stat.mean:.1f} [{stat.low:.1f}, {stat.high:.1f}]"
+
+
+def cell(c: Condition, squad: bool) -> str:
+    return f"{fmt(c.exact)} / {fmt(c.f1)}" if squad else fmt(c.exact)
+
+
+def condition_table(conditions: Sequence[Condition], ks: Sequence[str], squad: bool) -> list[str]:
+    """Markdown rows: ranking x set by K."""
+    lines = ["| ranking / masked set | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    methods = list(dict.fromkeys(c.method for c in conditions))
+    for method in methods:
+        for which in ("top", "bottom"):
+            row = {c.k: c for c in conditions if c.method == method and c.set == which}
+            cells = [cell(row[k], squad) if k in row else "-" for k in ks]
+            lines.append(
+                f"| {NAMES.get(method, method)} {'TopK' if which == 'top' else 'BottomK'} | " + " | ".join(cells) + " |"
+            )
+    return lines
+
+
+def layer_section(result: LayerResult, meta: dict[str, Any]) -> list[str]:
+    squad = meta["metric"] == "squad"
+    unit = "EM / F1" if squad else "accuracy"
+    ks = [str(k) for k in meta["ks"]]
+    out = [
+        f"## Layer {result.layer}",
+        "",
+        f"- SAE: {meta['sae_labels'][str(result.layer)]}",
+        f"- task score on all {result.n_examples} examples: without the SAE {fmt(result.clean_baseline)}, "
+        f"with the SAE spliced ({meta['mode']} mode) {fmt(result.baseline)}",
+        f"- kept (answered correctly with the SAE): {result.n_kept}; donor pairs for steering: {result.n_donor_pairs}",
+        "",
+        f"### Experiment 1: mask the selected latents ({unit}, unperturbed = 100)",
+        "",
+        *condition_table(result.perturbation, ks, squad),
+        "",
+    ]
+    for where in meta["steer_positions"]:
+        part = [c for c in result.steering if c.positions == where]
+        title = {
+            "last": "last position of each pass (authors' final code)",
+            "all": "every position (authors' earlier code)",
+        }.get(where, where)
+        out += [
+            f"### Experiment 2: steer toward the donor, edits at the {title} ({unit} vs the donor's answer; "
+            "0 without steering)",
+            "",
+        ]
+        out += condition_table(part, ks, squad) if part else ["No donor pairs: nothing to steer."]
+        out.append("")
+    if result.overlap:
+        out += ["### Overlap of Top-10 sets (% of K)", "", "| pair | overlap |", "|---|---|"]
+        out += [f"| {name} | {value:.1f} |" for name, value in result.overlap.items()]
+        out.append("")
+    rho = result.diagnostics.get("spearman_gradsae_sum_vs_ablation")
+    if rho:
+        out += [
+            f"First-order estimate vs exact ablation: Spearman {rho['mean']:.3f} (mean over {rho['n']} examples, "
+            f"min {rho['min']:.3f}).",
+            "",
+        ]
+    return out
+
+
+def sweep_table(results: Sequence[LayerResult], k: str = "50%") -> list[str]:
+    """The paper's Table 4: TopK at one K, activation vs GradSAE, one row per layer."""
+    lines = [
+        f"## Layer sweep: TopK masked at K={k}",
+        "",
+        "| layer | activation TopK | GradSAE TopK | random TopK |",
+        "|---|---|---|---|",
+    ]
+    for result in results:
+        row = {c.method: c for c in result.perturbation if c.set == "top" and c.k == k}
+        cells = [fmt(row[m].exact) if m in row else "-" for m in ("activation", "gradsae", "random")]
+        lines.append(f"| {result.layer} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def table_markdown(results: Sequence[LayerResult], meta: dict[str, Any]) -> str:
+    """The whole ``table.md``."""
+    out = [
+        f"# GradSAE reproduction: task `{meta['task']}`, model `{meta['model']}`",
+        "",
+        f"Examples: {meta['n']} (seed {meta['seed']}); splice mode: {meta['mode']}; rankings: "
+        f"{', '.join(NAMES.get(m, m) for m in meta['methods'])}. Cells: mean over kept examples "
+        "[95% bootstrap interval].",
+        "",
+    ]
+    for result in results:
+        out += layer_section(result, meta)
+    if len(results) > 1:
+        out += sweep_table(results)
+    return "\n".join(out) + "\n"
+
+
+def plot_layer(result: LayerResult, meta: dict[str, Any], folder: Path) -> list[Path]:
+    """``exp1_layer{l}.png`` and ``exp2_layer{l}.png``: score vs K, one line per ranking and set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [str(k) for k in meta["ks"]]
+    paths = []
+    panels: list[tuple[str, list[tuple[str, Sequence[Condition]]]]] = [
+        ("exp1", [("masking", result.perturbation)]),
+        (
+            "exp2",
+            [
+                (f"steering at {w} positions", [c for c in result.steering if c.positions == w])
+                for w in meta["steer_positions"]
+            ],
+        ),
+    ]
+    for name, groups in panels:
+        fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+        for ax, (title, conditions) in zip(axes[0], groups, strict=True):
+            _draw(ax, conditions, ks)
+            ax.set_title(f"layer {result.layer}: {title}")
+            ax.set_xlabel("K (latents edited)")
+            ax.set_ylabel("task score (%)" if name == "exp1" else "success: matches donor (%)")
+        fig.tight_layout()
+        path = folder / f"{name}_layer{result.layer}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _draw(ax: Any, conditions: Sequence[Condition], ks: Sequence[str]) -> None:
+    colors = {"gradsae": "tab:red", "activation": "tab:blue", "random": "tab:gray", "ablation": "tab:green"}
+    x = list(range(len(ks)))
+    for method in dict.fromkeys(c.method for c in conditions):
+        for which, style in (("top", "-o"), ("bottom", "--s")):
+            row = {c.k: c for c in conditions if c.method == method and c.set == which}
+            if not row:
+                continue
+            ys = [row[k].exact.mean if k in row else math.nan for k in ks]
+            lo = [y - row[k].exact.low if k in row else 0 for y, k in zip(ys, ks, strict=True)]
+            hi = [row[k].exact.high - y if k in row else 0 for y, k in zip(ys, ks, strict=True)]
+            ax.errorbar(
+                x,
+                ys,
+                yerr=[lo, hi],
+                fmt=style,
+                capsize=3,
+                color=colors.get(method),
+                label=f"{NAMES.get(method, method)} {'TopK' if which == 'top' else 'BottomK'}",
+            )
+    ax.set_xticks(x, ks)
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)

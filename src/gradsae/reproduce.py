@@ -1,0 +1,198 @@
+"""``gradsae reproduce``: both experiments of the paper, at one or more layers, to a folder.
+
+Writes to ``--out``: ``results.json`` (every number, the config, the seed, the
+versions; identical for a rerun with the same seed), ``table.md`` (the
+paper-style tables), ``exp1_layer{l}.png`` and ``exp2_layer{l}.png``, and
+``timing.json`` (wall times, kept apart so ``results.json`` is reproducible).
+Every file is written to a temporary name and renamed, ``results.json`` last, so
+an interrupted run never leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradsae.errors import GradSAEError
+from gradsae.experiments import DEFAULT_KS, ExperimentConfig, KSpec, LayerResult, run_layer
+from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model
+from gradsae.pretrained import resolve_sae
+from gradsae.report import plot_layer, table_markdown
+from gradsae.tasks import Task, load_task
+
+log = logging.getLogger(__name__)
+
+
+def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task",
+        default="sst2",
+        help="sst2, news, squad (with --squad FILE), or a .jsonl/.csv file with prompt/answer columns",
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--n", type=int, default=48, help="examples to draw before keeping the correct ones")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling, donors, random ranking, bootstrap")
+    parser.add_argument(
+        "--layers", default=None, help="comma-separated layers for a sweep, e.g. 6,15,24 (default: --layer, else 6)"
+    )
+    parser.add_argument(
+        "--mode",
+        default="replace",
+        choices=["replace", "error"],
+        help="splice mode: replace (the paper's) or error (exact model plus latents)",
+    )
+    parser.add_argument(
+        "--ablation", action="store_true", help="add the exact-ablation ranking (one forward per active latent: slow)"
+    )
+    parser.add_argument(
+        "--ks", default="1,10,20,30,50%", help="values of K; 50%% = half the latents active at the last token"
+    )
+    parser.add_argument("--steer-positions", default="last,all", help="steering edit positions: last and/or all")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward batch")
+    parser.add_argument("--squad", default=None, help="SQuAD v1.1 JSON file for --task squad")
+    parser.add_argument("--prompt-column", default="prompt", help="prompt column of a user task file")
+    parser.add_argument("--answer-column", default="answer", help="answer column of a user task file")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default: the task's)")
+
+
+def reproduce_command(args: argparse.Namespace) -> int:
+    """Run, then write the folder; print where it went."""
+    start = time.perf_counter()
+    ks = parse_ks(args.ks)
+    lm = load_model(args.model, device=args.device)
+    task = load_task(
+        args.task,
+        n=args.n,
+        seed=args.seed,
+        squad_path=args.squad,
+        prompt_column=args.prompt_column,
+        answer_column=args.answer_column,
+        max_new_tokens=args.max_new_tokens,
+    )
+    check_prompt_lengths(lm, task)
+    layers = parse_layers(args.layers, args.layer)
+    methods = ("gradsae", "activation", "random") + (("ablation",) if args.ablation else ())
+    positions = tuple(p.strip() for p in args.steer_positions.split(",") if p.strip())
+    if not positions or any(p not in ("last", "all") for p in positions):
+        raise GradSAEError(f"--steer-positions {args.steer_positions!r}: use last, all or last,all")
+    results: list[LayerResult] = []
+    labels: dict[str, str] = {}
+    timing: dict[str, float] = {}
+    for layer in layers:
+        sae, used, label = resolve_sae(lm, args.sae, layer, default_model=args.model in DEFAULT_NAMES)
+        cfg = ExperimentConfig(
+            layer=used,
+            mode=args.mode,
+            methods=methods,
+            ks=ks,
+            steer_positions=positions,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        began = time.perf_counter()
+        results.append(run_layer(lm, sae.to(lm.device), task, cfg))
+        labels[str(used)] = label
+        timing[f"layer_{used}_s"] = round(time.perf_counter() - began, 1)
+    meta = run_meta(args, lm, task, ks, methods, positions, labels)
+    timing["total_s"] = round(time.perf_counter() - start, 1)
+    write_outputs(Path(args.out), results, meta, timing)
+    print(f"wrote {args.out}/results.json, table.md and plots in {timing['total_s']:.0f} s")  # noqa: T201
+    return 0
+
+
+def parse_ks(text: str) -> tuple[KSpec, ...]:
+    out: list[KSpec] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part.endswith("%") and part[:-1].replace(".", "", 1).isdigit():
+            out.append(part)
+        elif part.isdigit() and int(part) > 0:
+            out.append(int(part))
+        else:
+            raise GradSAEError(f"--ks: {part!r} is neither a positive integer nor a percentage like 50%")
+    return tuple(out) or DEFAULT_KS
+
+
+def parse_layers(text: str | None, layer: int | None) -> list[int | None]:
+    if not text:
+        return [layer]
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise GradSAEError(f"--layers {text!r}: give comma-separated integers, e.g. 6,15,24") from None
+
+
+def check_prompt_lengths(lm: LoadedModel, task: Task) -> None:
+    """Refuse prompts that do not fit the model's context with the answer budget."""
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    for example in task.examples:
+        n = len(lm.tokenizer(task.render(example, lm.tokenizer), add_special_tokens=False)["input_ids"])
+        if n + task.max_new_tokens > limit:
+            raise GradSAEError(
+                f"example {example.id} has a {n}-token prompt; with {task.max_new_tokens} new tokens "
+                f"it exceeds the model's context of {limit}: shorten or drop it"
+            )
+
+
+def run_meta(
+    args: argparse.Namespace,
+    lm: LoadedModel,
+    task: Task,
+    ks: tuple[KSpec, ...],
+    methods: tuple[str, ...],
+    positions: tuple[str, ...],
+    labels: dict[str, str],
+) -> dict[str, Any]:
+    import transformers
+
+    from gradsae import __version__
+
+    return {
+        "task": task.name,
+        "metric": task.metric,
+        "model": lm.name,
+        "n": len(task.examples),
+        "seed": args.seed,
+        "mode": args.mode,
+        "methods": list(methods),
+        "ks": [str(k) for k in ks],
+        "steer_positions": list(positions),
+        "sae_labels": labels,
+        "batch_size": args.batch_size,
+        "max_new_tokens": task.max_new_tokens,
+        "objective": "p(greedy token) at the answer step",
+        "aggregation": "paper (mean over positions of relu)",
+        "versions": {
+            "gradsae": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def write_outputs(folder: Path, results: list[LayerResult], meta: dict[str, Any], timing: dict[str, float]) -> None:
+    """Plots and table first, ``results.json`` last; each via a temporary file and a rename."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for result in results:
+        plot_layer(result, meta, folder)
+    _atomic_write(folder / "table.md", table_markdown(results, meta))
+    _atomic_write(folder / "timing.json", json.dumps(timing, indent=2))
+    payload = {"config": meta, "layers": [dataclasses.asdict(r) for r in results]}
+    _atomic_write(folder / "results.json", json.dumps(payload, indent=2, sort_keys=True))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)

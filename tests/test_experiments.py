@@ -1,0 +1,237 @@
+"""The experiments on a tiny random model: filter, selection, masking, steering, reproducibility."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from gradsae.errors import GradSAEError
+from gradsae.experiments import (
+    ExperimentConfig,
+    KeptExample,
+    chosen,
+    decode,
+    k_value,
+    pick_donors,
+    prompt_batches,
+    run_layer,
+    steering_edits,
+)
+from gradsae.generate import Generation, encode_prompts, generate_batch
+from gradsae.reproduce import parse_ks, write_outputs
+from gradsae.splice import apply_edits
+from gradsae.tasks import Example, Task
+from tests.conftest import CharTokenizer, tiny_lm, tiny_sae
+
+PROMPTS = ["hello there", "abc", "the quick fox", "zebra", "mnop qr", "why not", "ok go", "lorem"]
+
+
+@pytest.fixture(scope="module")
+def char_lm():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_lm(vocab=128, seed=3, tokenizer=CharTokenizer())
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sae():
+    return tiny_sae("topk", d_sae=48, seed=2)
+
+
+def _task(examples, max_new_tokens=6):
+    return Task("tiny", "{prompt}", tuple(examples), max_new_tokens=max_new_tokens, metric="squad")
+
+
+def _answers(lm, sae, cfg, task):
+    texts = [task.render(e, lm.tokenizer) for e in task.examples]
+    batches = prompt_batches(lm, texts, cfg, reuse=False)
+    return [task.parse(g.text) for g in decode(lm, batches, task, cfg, sae=sae, edits_for=None)]
+
+
+def _half_right_task(lm, sae, cfg):
+    probe = _task([Example(id=str(i), prompt=p, answers=("?",)) for i, p in enumerate(PROMPTS)])
+    said = _answers(lm, sae, cfg, probe)
+    examples, right = [], 0
+    for i, (prompt, answer) in enumerate(zip(PROMPTS, said, strict=True)):
+        good = i % 2 == 0 and answer.strip() != ""
+        right += good
+        gold = answer if good else "never said this"
+        examples.append(Example(id=str(i), prompt=prompt, answers=(gold,), label="a" if i % 4 < 2 else "b"))
+    return _task(examples), right
+
+
+def _cfg(**kw):
+    base = {"layer": 0, "mode": "replace", "ks": (1, 3, "50%"), "batch_size": 3, "bootstrap": 50}
+    return ExperimentConfig(**(base | kw))
+
+
+def test_correct_example_filter_and_full_run(char_lm, sae):
+    cfg = _cfg()
+    task, right = _half_right_task(char_lm, sae, cfg)
+    assert right >= 2
+    result = run_layer(char_lm, sae, task, cfg)
+    assert result.n_kept == right
+    assert result.baseline.mean == pytest.approx(100 * right / len(PROMPTS))
+    assert len(result.perturbation) == 3 * 2 * 3
+    assert len(result.steering) == 2 * 3 * 2 * 3
+    assert all(c.exact.n == right for c in result.perturbation)
+
+
+def test_rerun_with_same_seed_gives_same_results_json(char_lm, sae, tmp_path):
+    cfg = _cfg()
+    task, _ = _half_right_task(char_lm, sae, cfg)
+    meta = {
+        "task": "tiny",
+        "metric": "squad",
+        "model": "tiny",
+        "n": 8,
+        "seed": 0,
+        "mode": "replace",
+        "methods": list(cfg.methods),
+        "ks": ["1", "3", "50%"],
+        "steer_positions": ["last", "all"],
+        "sae_labels": {"0": "random"},
+    }
+    for name in ("a", "b"):
+        write_outputs(tmp_path / name, [run_layer(char_lm, sae, task, cfg)], meta, {"total_s": 0.0})
+    first = (tmp_path / "a" / "results.json").read_text()
+    assert first == (tmp_path / "b" / "results.json").read_text()
+    assert json.loads(first)["layers"][0]["n_kept"] >= 2
+    table = (tmp_path / "a" / "table.md").read_text()
+    for row in ("GradSAE TopK", "GradSAE BottomK", "activation TopK", "activation BottomK", "random TopK"):
+        assert row in table
+    assert (tmp_path / "a" / "exp1_layer0.png").stat().st_size > 1000
+
+
+def test_interrupted_write_leaves_no_results_json(tmp_path, monkeypatch):
+    import gradsae.reproduce as reproduce
+
+    def boom(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reproduce, "table_markdown", boom)
+    monkeypatch.setattr(reproduce, "plot_layer", lambda *a, **k: [])
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(tmp_path, [], {}, {})
+    assert not (tmp_path / "results.json").exists()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def _kept(rankings, active_last, label="a", group=None, values=None):
+    ex = Example(id=str(id(rankings)), prompt="p", answers=("x",), label=label, group=group)
+    gen = Generation(prompt_ids=(1,), token_ids=(5,), text="x", stopped=False)
+    return KeptExample(
+        example=ex,
+        generation=gen,
+        step=0,
+        rankings={"gradsae": rankings},
+        active_last=active_last,
+        donor_values=values or {},
+    )
+
+
+def test_topk_bottomk_and_half_rule():
+    ex = _kept([9, 4, 7, 1, 3], active_last=7)
+    assert k_value("50%", ex) == 3
+    assert chosen(ex, "gradsae", "top", 2) == [9, 4]
+    assert chosen(ex, "gradsae", "bottom", 2) == [3, 1]
+    assert chosen(ex, "gradsae", "top", "50%") == [9, 4, 7]
+    assert chosen(ex, "gradsae", "top", 30) == [9, 4, 7, 1, 3]
+    assert k_value("50%", _kept([1], active_last=1)) == 1
+
+
+def test_donors_differ_in_label_or_share_context():
+    kept = [_kept([1], 2, label="a"), _kept([1], 2, label="a"), _kept([1], 2, label="b")]
+    donors = pick_donors(kept, seed=0)
+    assert donors[0] == 2 and donors[1] == 2 and donors[2] in (0, 1)
+    squad = [_kept([1], 2, group="c1"), _kept([1], 2, group="c2"), _kept([1], 2, group="c1")]
+    assert pick_donors(squad, seed=0) == [2, None, 0]
+
+
+@pytest.mark.parametrize("where", ["last", "all"])
+def test_steering_edits_swap_latents(where):
+    h = torch.rand(2, 4, 10) + 0.1
+    edits = steering_edits([[1, 2], [3]], [[5], [6, 7]], [[9.0], [8.0, 7.5]], where)
+    out = apply_edits(h, edits)
+    rows = slice(None) if where == "all" else slice(-1, None)
+    assert (out[0, rows, [1, 2]] == 0).all() and (out[1, rows, 3] == 0).all()
+    assert (out[0, rows, 5] == 9.0).all() and (out[1, rows, 6] == 8.0).all() and (out[1, rows, 7] == 7.5).all()
+    if where == "last":
+        assert torch.equal(out[:, :-1], h[:, :-1])
+
+
+def test_masking_applies_at_every_generation_step(char_lm, sae):
+    """Zeroing every latent in replace mode makes each spliced residual b_dec, on every pass."""
+    cfg = _cfg()
+    task = _task([Example(id=str(i), prompt=p, answers=("x",)) for i, p in enumerate(PROMPTS[:4])], max_new_tokens=5)
+    texts = [task.render(e, char_lm.tokenizer) for e in task.examples]
+    everything = list(range(sae.cfg.d_sae))
+    batches = prompt_batches(char_lm, texts, cfg, reuse=True)
+    masked = decode(
+        char_lm,
+        batches,
+        task,
+        cfg,
+        sae=sae,
+        edits_for=lambda rows: steering_edits([everything] * len(rows), [[]] * len(rows), [[]] * len(rows), "all")[:1],
+    )
+
+    ids, mask = encode_prompts(char_lm.tokenizer, texts)
+    first = mask.int().argmax(1)
+    handle = char_lm.layers[0].register_forward_hook(
+        lambda m, i, out: torch.where(_not_first(out, first), sae.b_dec.expand_as(out), out)
+    )
+    try:
+        by_hand = generate_batch(char_lm, ids, mask, max_new_tokens=5)
+    finally:
+        handle.remove()
+    assert [g.token_ids for g in masked] == [g.token_ids for g in by_hand]
+    unmasked = decode(char_lm, batches, task, cfg, sae=sae, edits_for=None)
+    assert [g.token_ids for g in unmasked] != [g.token_ids for g in masked]
+
+
+def _not_first(out, first):
+    pos = out.shape[1]
+    if pos == 1:
+        return torch.ones(out.shape[0], 1, 1, dtype=torch.bool)
+    cols = torch.arange(pos)[None, :]
+    keep = cols != first[:, None]
+    return keep[:, :, None]
+
+
+def test_bad_k_is_refused():
+    with pytest.raises(GradSAEError, match="percentage"):
+        parse_ks("1,ten")
+    assert parse_ks("1,50%") == (1, "50%")
+
+
+def test_prefix_reuse_changes_no_result(char_lm, sae):
+    cfg = _cfg(ks=(1, "50%"), steer_positions=("last",))
+    task, _ = _half_right_task(char_lm, sae, cfg)
+    reused = run_layer(char_lm, sae, task, cfg)
+    plain = run_layer(char_lm, sae, task, dataclasses.replace(cfg, reuse_prefix=False))
+    assert json.dumps(dataclasses.asdict(reused)) == json.dumps(dataclasses.asdict(plain))
+
+
+def test_prefix_reuse_gives_the_same_tokens(char_lm, sae):
+    from gradsae.prefix import compute_prefix, replay_prefix
+    from gradsae.splice import Edit, splice
+
+    texts = [p + "?" for p in PROMPTS[:5]]
+    ids, mask = encode_prompts(char_lm.tokenizer, texts)
+    edit = Edit(latents=torch.tensor([[1, 2, 3]] * 5), op="set", values=2.0, positions="last")
+    for layer in (0, 1):
+        prefix = compute_prefix(char_lm, ids, mask, layer)
+        for edits in ([], [edit]):
+            with splice(char_lm, sae, layer, edits=edits, mode="replace", record=False):
+                plain = generate_batch(char_lm, ids, mask, max_new_tokens=6)
+                with replay_prefix(char_lm, prefix):
+                    reused = generate_batch(char_lm, ids, mask, max_new_tokens=6)
+                    again = generate_batch(char_lm, ids, mask, max_new_tokens=6)
+            assert [g.token_ids for g in reused] == [g.token_ids for g in plain]
+            assert [g.token_ids for g in again] == [g.token_ids for g in plain]
+    assert all("forward" not in vars(block) for block in char_lm.layers)
