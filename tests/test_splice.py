@@ -140,3 +140,19 @@ def test_bad_edits_are_refused(lm):
         _logits(lm, ids)
     with pytest.raises(GradSAEError, match="layer 5 is out of range"), splice(lm, tiny_sae(), 5):
         pass
+
+
+@pytest.mark.parametrize("mode", ["error", "replace"])
+def test_chunked_encoding_equals_one_chunk(lm, batch, mode):
+    ids, mask = batch
+    sae = tiny_sae("jumprelu")
+    edit = Edit(latents=torch.tensor([[1, 2], [3, -1]]), op="set", values=4.0, positions="last")
+    runs = []
+    for chunk in (1 << 23, 3 * sae.cfg.d_sae, 1):
+        with splice(lm, sae, 0, mode=mode, edits=[edit], chunk_elements=chunk) as sp:
+            logits = _logits(lm, ids, mask)
+        runs.append((logits, sp.acts[0], sp.latents[0].index))
+    for logits, acts, index in runs[1:]:
+        assert torch.allclose(logits, runs[0][0], atol=1e-6)
+        assert torch.allclose(acts, runs[0][1], atol=1e-6)  # matmul blocking differs by rounding only
+        assert len(index) == len(runs[0][2])

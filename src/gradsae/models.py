@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -205,6 +205,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise GradSAEError(f"cannot find the decoder layers of {type(model).__name__}: this architecture is not supported")
 
 
+@overload
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor: ...
+@overload
+def position_ids(attention_mask: None) -> None: ...
 def position_ids(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """``[batch, pos]`` positions that skip left padding (0 on padded slots)."""
     if attention_mask is None:

@@ -51,7 +51,7 @@ def compute_prefix(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: tor
             use_cache=True,
             **{_cache_kwarg(lm.model): cache},
         )
-    layers = cache.layers[: layer + 1]
+    layers: list[Any] = list(cache.layers[: layer + 1])
     return Prefix(
         layer=layer,
         input_ids=input_ids,

@@ -239,18 +239,23 @@ def forward_backward(
         y = objective(out.logits, input_ids)
         if grad:
             y.sum().backward()
-    acts, valid = sp.acts[0], sp.valid[0]
-    index = torch.nonzero(acts)
-    values = acts[index[:, 0], index[:, 1], index[:, 2]]
+    latents, valid = sp.latents[0], sp.valid[0]
+    index, values = latents.index, latents.values
+    batch, pos, d_sae = latents.shape
+    flat = index[:, 0] * d_sae + index[:, 2]
+    total = torch.zeros(batch * d_sae, dtype=values.dtype, device=values.device).index_add_(0, flat, values)
+    is_last = index[:, 1] == pos - 1
+    last = torch.zeros(batch * d_sae, dtype=values.dtype, device=values.device)
+    last = last.index_add_(0, flat[is_last], values[is_last]).view(batch, d_sae)
     n_valid = valid.sum(dim=1).clamp(min=1)
     return SplicedRun(
         objective=y.detach(),
         index=index,
         values=values,
         valid=valid,
-        mean_act=acts.sum(dim=1) / n_valid[:, None],
-        last_act=acts[:, -1],
-        active_last=(acts[:, -1] > 0).sum(dim=-1),
+        mean_act=total.view(batch, d_sae) / n_valid[:, None],
+        last_act=last,
+        active_last=(last > 0).sum(dim=-1),
         grad=sp.leaves[0].grad if grad else None,
     )
 

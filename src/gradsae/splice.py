@@ -66,6 +66,24 @@ class Edit:
             raise GradSAEError(f"unknown positions {self.positions!r}: use 'all', 'last' or a bool mask")
 
 
+@dataclass(frozen=True)
+class SparseActs:
+    """Latents of one forward pass, kept sparse: only the non-zero entries."""
+
+    index: torch.Tensor
+    """``[nnz, 3]`` (batch, pos, latent) of each non-zero entry, row-major order."""
+    values: torch.Tensor
+    """``[nnz]`` their values."""
+    shape: tuple[int, int, int]
+    """``(batch, pos, d_sae)``."""
+
+    def to_dense(self) -> torch.Tensor:
+        """``[batch, pos, d_sae]``."""
+        dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
+        dense[self.index[:, 0], self.index[:, 1], self.index[:, 2]] = self.values
+        return dense
+
+
 @dataclass
 class Splice:
     """Live state of a splice; returned by :func:`splice`."""
@@ -77,9 +95,9 @@ class Splice:
     grad: bool = False
     """Hand the rest of the model a leaf so ``backward`` stops here."""
     record: bool = True
-    """Keep the latents of every forward pass in ``acts``."""
-    acts: list[torch.Tensor] = field(default_factory=list)
-    """Latents ``H'`` (after edits) of each forward pass, ``[batch, pos, d_sae]``."""
+    """Keep the latents of every forward pass in ``latents``."""
+    latents: list[SparseActs] = field(default_factory=list)
+    """Latents ``H'`` (after edits) of each forward pass, sparse."""
     leaves: list[torch.Tensor] = field(default_factory=list)
     """The leaf ``R`` of each forward pass when ``grad`` is on."""
     skip_first: bool = True
@@ -90,31 +108,62 @@ class Splice:
     """Absolute position of the next forward pass's first token (without an attention mask)."""
     attention_mask: torch.Tensor | None = None
     """The attention mask of the forward pass in flight (set by a model pre-hook)."""
+    chunk_elements: int = 1 << 23
+    """Encode at most this many ``token x latent`` entries at once (bounds memory for wide SAEs)."""
+
+    @property
+    def acts(self) -> list[torch.Tensor]:
+        """Dense ``[batch, pos, d_sae]`` latents of each pass (built on demand)."""
+        return [latents.to_dense() for latents in self.latents]
 
     def reset(self) -> None:
         """Forget recorded passes; the next pass starts at position 0."""
-        self.acts.clear()
+        self.latents.clear()
         self.leaves.clear()
         self.valid.clear()
         self.offset = 0
 
     def transform(self, z: torch.Tensor) -> torch.Tensor:
-        """``Z -> Z'`` for one block output ``[batch, pos, d_model]``."""
+        """``Z -> Z'`` for one block output ``[batch, pos, d_model]``, in token chunks."""
         start, valid = self._positions(z)
+        batch, pos, d_model = z.shape
+        plans = [_EditPlan.build(edit, batch, pos, start, self.sae.cfg.d_sae, z) for edit in self.edits]
+        flat_z, flat_valid = z.reshape(-1, d_model), valid.reshape(-1)
+        rows = max(1, self.chunk_elements // self.sae.cfg.d_sae)
+        outs, found = [], []
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.grad):
-            h = self.sae.encode(z) * valid[:, :, None]
-            edited = apply_edits(h, self.edits, offset=start) * valid[:, :, None]
-            out = self.sae.decode(edited)
-            if self.mode == "error":
-                out = out + (z - self.sae.decode(h)).detach()
-            out = torch.where(valid[:, :, None], out.to(z.dtype), z)
+            for first in range(0, flat_z.shape[0], rows):
+                part = slice(first, first + rows)
+                out, edited = self._chunk(flat_z[part], flat_valid[part], plans, first, pos)
+                outs.append(out)
+                if self.record:
+                    nz = torch.nonzero(edited.detach())
+                    found.append((nz[:, 0] + first, nz[:, 1], edited.detach()[nz[:, 0], nz[:, 1]]))
+            out = torch.cat(outs).reshape(z.shape)
         if self.record:
-            self.acts.append(edited.detach())
+            self.latents.append(_sparse(found, batch, pos, self.sae.cfg.d_sae, z))
             self.valid.append(valid)
         if self.grad:
             out = out.detach().requires_grad_(True)
             self.leaves.append(out)
         return out
+
+    def _chunk(
+        self, z: torch.Tensor, valid: torch.Tensor, plans: Sequence[_EditPlan], first: int, pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``first..`` of the flattened ``[batch * pos, d_model]`` block output."""
+        keep = valid[:, None]
+        h = self.sae.encode(z) * keep
+        edited = h
+        if plans:
+            index = torch.arange(first, first + z.shape[0], device=z.device)
+            for plan in plans:
+                edited = plan.apply(edited, index // pos, index)
+            edited = edited * keep
+        out = self.sae.decode(edited)
+        if self.mode == "error":
+            out = out + (z - self.sae.decode(h)).detach()
+        return torch.where(keep, out.to(z.dtype), z), edited
 
     def _positions(self, z: torch.Tensor) -> tuple[int, torch.Tensor]:
         """Absolute start of this pass and its ``[batch, pos]`` spliced positions."""
@@ -148,13 +197,23 @@ def splice(
     grad: bool = False,
     record: bool = True,
     skip_first: bool = True,
+    chunk_elements: int = 1 << 23,
 ) -> Iterator[Splice]:
     """Insert ``sae`` after block ``layer`` (default: the SAE's own) for the ``with`` body."""
     layer = resolve_layer(sae, layer)
     check_compatible(sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=layer)
     if mode not in MODES:
         raise GradSAEError(f"unknown splice mode {mode!r}: use 'replace' or 'error'")
-    state = Splice(sae=sae, layer=layer, mode=mode, edits=list(edits), grad=grad, record=record, skip_first=skip_first)
+    state = Splice(
+        sae=sae,
+        layer=layer,
+        mode=mode,
+        edits=list(edits),
+        grad=grad,
+        record=record,
+        skip_first=skip_first,
+        chunk_elements=chunk_elements,
+    )
     handles = [
         lm.model.register_forward_pre_hook(_mask_hook(state), with_kwargs=True),
         lm.layers[layer].register_forward_hook(_hook(state)),
@@ -191,22 +250,52 @@ def _hook(state: Splice) -> Any:
 
 
 # -- edits --------------------------------------------------------------------
+@dataclass(frozen=True)
+class _EditPlan:
+    """One edit resolved for a pass: which latents per row, their values, and where."""
+
+    op: str
+    chosen: torch.Tensor
+    """``[batch, d_sae]`` bool."""
+    values: torch.Tensor
+    """``[batch, d_sae]``."""
+    where: torch.Tensor
+    """``[batch * pos]`` bool: flattened positions the edit touches."""
+
+    @classmethod
+    def build(cls, edit: Edit, batch: int, pos: int, offset: int, d_sae: int, like: torch.Tensor) -> _EditPlan:
+        chosen, values = _latent_table(edit, batch, d_sae, like)
+        where = _position_mask(edit, batch, pos, offset, like.device).reshape(-1)
+        return cls(op=edit.op, chosen=chosen, values=values, where=where)
+
+    def apply(self, h: torch.Tensor, rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Edit ``h`` (``[n, d_sae]``) whose rows are batch rows ``rows``, flat positions ``flat``."""
+        sel = self.chosen[rows] & self.where[flat][:, None]
+        if self.op == "zero":
+            return h.masked_fill(sel, 0.0)
+        if self.op == "set":
+            return torch.where(sel, self.values[rows].to(h.dtype), h)
+        return h + sel * self.values[rows].to(h.dtype)
+
+
 def apply_edits(h: torch.Tensor, edits: Sequence[Edit], *, offset: int = 0) -> torch.Tensor:
-    """Apply ``edits`` to latents ``h`` (``[batch, pos, d_sae]``) of a pass starting at ``offset``."""
-    for edit in edits:
-        h = _apply_edit(h, edit, offset)
-    return h
-
-
-def _apply_edit(h: torch.Tensor, edit: Edit, offset: int) -> torch.Tensor:
+    """Apply ``edits`` to dense latents ``h`` (``[batch, pos, d_sae]``) of a pass starting at ``offset``."""
     batch, pos, d_sae = h.shape
-    chosen, values = _latent_table(edit, batch, d_sae, h)
-    where = _position_mask(edit, batch, pos, offset, h.device)[:, :, None] & chosen[:, None, :]
-    if edit.op == "zero":
-        return h.masked_fill(where, 0.0)
-    if edit.op == "set":
-        return torch.where(where, values[:, None, :], h)
-    return h + where * values[:, None, :]
+    flat = h.reshape(batch * pos, d_sae)
+    index = torch.arange(batch * pos, device=h.device)
+    for edit in edits:
+        flat = _EditPlan.build(edit, batch, pos, offset, d_sae, h).apply(flat, index // pos, index)
+    return flat.reshape(batch, pos, d_sae)
+
+
+def _sparse(
+    found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], batch: int, pos: int, d_sae: int, like: torch.Tensor
+) -> SparseActs:
+    rows = torch.cat([f[0] for f in found]) if found else torch.zeros(0, dtype=torch.long, device=like.device)
+    latents = torch.cat([f[1] for f in found]) if found else rows
+    values = torch.cat([f[2] for f in found]) if found else torch.zeros(0, dtype=like.dtype, device=like.device)
+    index = torch.stack([rows // pos, rows % pos, latents], dim=1)
+    return SparseActs(index=index, values=values, shape=(batch, pos, d_sae))
 
 
 def _latent_table(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
