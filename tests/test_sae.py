@@ -118,3 +118,13 @@ def test_bad_config_is_refused():
         SAEConfig(d_in=4, d_sae=8, activation="topk")
     with pytest.raises(GradSAEError, match="activation"):
         SAEConfig(d_in=4, d_sae=8, activation="gelu")  # type: ignore[arg-type]
+
+
+def test_saelens_release_without_the_package_says_how(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sae_lens", None)
+    with pytest.raises(GradSAEError, match="pip install sae-lens"):
+        load_sae("saelens:gpt2-small-res-jb:blocks.8.hook_resid_pre")
+    with pytest.raises(GradSAEError, match="RELEASE:SAE_ID"):
+        load_sae("saelens:only-release")

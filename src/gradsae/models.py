@@ -171,7 +171,7 @@ def _load_pretrained(source: str, *, dtype: torch.dtype) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except OSError as exc:
+    except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GradSAEError(
             f"cannot load model {source!r} ({first}): pass a local model folder or a .gguf file, "

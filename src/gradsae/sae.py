@@ -203,7 +203,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 # -- loading -----------------------------------------------------------------
 def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE folder in SAELens, sparsify or Gemma Scope layout (detected)."""
+    """Load an SAE folder in SAELens, sparsify or Gemma Scope layout (detected).
+
+    ``saelens:RELEASE:SAE_ID`` delegates to the optional ``sae-lens`` package
+    (which needs the Hugging Face hub) and converts through SAELens's own files.
+    """
+    if isinstance(path, str) and path.startswith("saelens:"):
+        return _load_via_saelens(path.removeprefix("saelens:")).to(device)
     path = Path(path)
     if path.is_file() and path.name == GEMMASCOPE_WEIGHTS:
         path = path.parent
@@ -221,6 +227,33 @@ def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
             f"{SPARSIFY_WEIGHTS} (sparsify) or {GEMMASCOPE_WEIGHTS} (Gemma Scope)"
         )
     return sae.to(device)
+
+
+def _load_via_saelens(spec: str) -> SAE:
+    import tempfile
+
+    release, _, sae_id = spec.partition(":")
+    if not release or not sae_id:
+        raise GradSAEError(
+            f"saelens:{spec}: write saelens:RELEASE:SAE_ID, e.g. saelens:gpt2-small-res-jb:blocks.8.hook_resid_pre"
+        )
+    try:
+        from sae_lens import SAE as LensSAE  # noqa: N811
+    except ImportError:
+        raise GradSAEError(
+            "loading by SAELens release needs `pip install sae-lens`; or pass a local SAE folder"
+        ) from None
+    try:
+        loaded = LensSAE.from_pretrained(release, sae_id)
+    except Exception as exc:  # any hub or registry failure becomes one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise GradSAEError(
+            f"SAELens could not load {release}:{sae_id} ({first}): check hub access or pass a local folder"
+        ) from None
+    lens = loaded[0] if isinstance(loaded, tuple) else loaded
+    with tempfile.TemporaryDirectory() as folder:
+        lens.save_model(folder)
+        return _load_saelens(Path(folder))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
