@@ -37,6 +37,18 @@ class Prefix:
     residual: torch.Tensor
     """``[batch, pos, d_model]`` output of block ``layer`` (before any splice)."""
 
+    def expand(self, copies: int) -> Prefix:
+        """The prefix of a one-row batch repeated ``copies`` times (no copy of the data)."""
+        if self.input_ids.shape[0] != 1:
+            raise ValueError("only a one-row prefix can be expanded")
+        return Prefix(
+            layer=self.layer,
+            input_ids=self.input_ids.expand(copies, -1),
+            keys=tuple(k.expand(copies, *k.shape[1:]) for k in self.keys),
+            values=tuple(v.expand(copies, *v.shape[1:]) for v in self.values),
+            residual=self.residual.expand(copies, -1, -1),
+        )
+
 
 def compute_prefix(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> Prefix:
     """Run the prompt through blocks ``0..layer`` only and keep their cache and output."""

@@ -37,8 +37,9 @@ from safetensors.torch import load_file, save_file
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel, position_ids
 from gradsae.objectives import Objective
+from gradsae.prefix import Prefix, compute_prefix, replay_prefix
 from gradsae.sae import SAE
-from gradsae.splice import Edit, Mode, splice
+from gradsae.splice import Edit, Mode, resolve_layer, splice
 
 Method = Literal["gradsae", "activation", "ablation", "random"]
 METHODS: tuple[str, ...] = ("gradsae", "activation", "ablation", "random")
@@ -306,44 +307,42 @@ def ablation_effects(
 ) -> torch.Tensor:
     """Exact ``Y - Y(latent c zeroed at every position)`` for every active latent, ``[batch, d_sae]``."""
     effects = torch.zeros_like(run.mean_act)
+    layer = resolve_layer(sae, layer)
     for row in range(input_ids.shape[0]):
+        ids = input_ids[row : row + 1]
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask[row : row + 1]
+        prefix = compute_prefix(lm, ids, mask, layer)
         latents = torch.nonzero(run.mean_act[row] > 0).squeeze(-1)
         for start in range(0, len(latents), batch_size):
             chunk = latents[start : start + batch_size]
-            y = _objective_with_edit(
-                lm,
-                sae,
-                input_ids[row : row + 1],
-                _row(attention_mask, row),
-                objective,
-                Edit(latents=chunk[:, None]),
-                layer=layer,
-                mode=mode,
-            )
+            edit = Edit(latents=chunk[:, None])
+            y = _objective_with_edit(lm, sae, prefix, mask, objective, edit, mode=mode)
             effects[row, chunk] = run.objective[row] - y
     return effects
-
-
-def _row(mask: torch.Tensor | None, row: int) -> torch.Tensor | None:
-    return None if mask is None else mask[row : row + 1]
 
 
 def _objective_with_edit(
     lm: LoadedModel,
     sae: SAE,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    prefix: Prefix,
+    attention_mask: torch.Tensor,
     objective: Objective,
     edit: Edit,
     *,
-    layer: int | None,
     mode: Mode,
 ) -> torch.Tensor:
-    """Objective of one input repeated once per row of ``edit.latents`` ``[m, n]``, each row edited."""
+    """Objective of one input repeated once per row of ``edit.latents`` ``[m, n]``, each row edited.
+
+    Blocks ``0..l`` are not rerun: the prefix replays them (editing at ``l`` cannot change them).
+    """
     m = torch.as_tensor(edit.latents).shape[0]
-    ids = input_ids.expand(m, -1)
-    mask = None if attention_mask is None else attention_mask.expand(m, -1)
-    with splice(lm, sae, layer, mode=mode, edits=[edit], record=False), torch.inference_mode():
+    copies = prefix.expand(m)
+    ids, mask = copies.input_ids, attention_mask.expand(m, -1)
+    with (
+        splice(lm, sae, prefix.layer, mode=mode, edits=[edit], record=False),
+        replay_prefix(lm, copies),
+        torch.no_grad(),
+    ):
         out = lm.model(
             input_ids=ids,
             attention_mask=mask,
