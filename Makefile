@@ -1,4 +1,5 @@
-# `make demo` sets up .venv and runs the main job; `make test` sets up and runs lint, types and tests.
+# `make demo` sets up .venv and runs the main job; `make test` sets up and runs lint, types, the fast
+# suite (tiny random models) and the slow tests (the real embedded model).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/gradsae reproduce --task sst2 --out $(DEMO_OUT)
 
-test: setup lint tests
+test: setup lint tests slow
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
