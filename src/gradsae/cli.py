@@ -50,7 +50,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default=None, help="HF model folder or id, or a .gguf file (default: embedded SmolLM2-135M-Instruct)"
     )
     parser.add_argument(
-        "--sae", default=None, help="SAE folder: SAELens, sparsify or Gemma Scope layout (default: the shipped SAE)"
+        "--sae",
+        default=None,
+        help="SAE folder: SAELens, sparsify or Gemma Scope layout; {layer} in it becomes the layer (default: shipped)",
     )
     parser.add_argument(
         "--layer",

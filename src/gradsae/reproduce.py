@@ -88,7 +88,8 @@ def reproduce_command(args: argparse.Namespace) -> int:
     labels: dict[str, str] = {}
     timing: dict[str, float] = {}
     for layer in layers:
-        sae, used, label = resolve_sae(lm, args.sae, layer, default_model=args.model in DEFAULT_NAMES)
+        folder = args.sae.replace("{layer}", str(layer)) if args.sae else None
+        sae, used, label = resolve_sae(lm, folder, layer, default_model=args.model in DEFAULT_NAMES)
         cfg = ExperimentConfig(
             layer=used,
             mode=args.mode,
