@@ -61,8 +61,8 @@ class ExperimentConfig:
 
     layer: int
     """Decoder block the SAE is spliced after."""
-    mode: Mode = "replace"
-    """Splice mode: ``replace`` (the paper's) or ``error``."""
+    mode: Mode = "error"
+    """Splice mode: ``error`` (exact model) or ``replace`` (the paper's)."""
     methods: tuple[str, ...] = ("gradsae", "activation", "random")
     """Ranking methods (add ``ablation`` for the exact effect; slow)."""
     ks: tuple[KSpec, ...] = DEFAULT_KS

@@ -46,9 +46,11 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mode",
-        default="replace",
+        default="error",
         choices=["replace", "error"],
-        help="splice mode: replace (the paper's) or error (exact model plus latents)",
+        help="splice mode: error (default: the model stays exact, masked latents lose their decoder share) or "
+        "replace (the paper's: the residual becomes the reconstruction; on SmolLM2 it drops SST-2 accuracy to ~25%% "
+        "and the kept examples may all share one label, leaving experiment 2 without donors)",
     )
     parser.add_argument(
         "--ablation", action="store_true", help="add the exact-ablation ranking (one forward per active latent: slow)"
