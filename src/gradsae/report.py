@@ -63,11 +63,11 @@ def layer_section(result: LayerResult, meta: dict[str, Any]) -> list[str]:
     for where in meta["steer_positions"]:
         part = [c for c in result.steering if c.positions == where]
         title = {
-            "last": "last position of each pass (authors' final code)",
+            "last": "the last position of each pass (authors' final code)",
             "all": "every position (authors' earlier code)",
         }.get(where, where)
         out += [
-            f"### Experiment 2: steer toward the donor, edits at the {title} ({unit} vs the donor's answer; "
+            f"### Experiment 2: steer toward the donor, edits at {title} ({unit} vs the donor's answer; "
             "0 without steering)",
             "",
         ]
