@@ -35,6 +35,7 @@ slow: setup
 	$(PY) -m pytest --slow -m slow
 
 bench: setup
+	$(PY) -m pip install -q -c constraints.txt nnsight==0.8.1 || echo "nnsight not installable: speedup_vs_nnsight will say unavailable"
 	$(PY) benchmarks/run.py
 
 clean:

@@ -1,0 +1,255 @@
+"""The timed workloads and the figures built from them (one function per figure).
+
+* ``score_overhead``: GradSAE scoring (``score_latents``, default ``error`` mode)
+  over the plain model's forward + backward to the SAE layer on the same batch:
+  parameters frozen, the residual after block ``l`` made a leaf by a forward
+  hook, the same ``logits_to_keep`` and the same objective back-propagated.
+* ``speedup_vs_reference``: the authors' uncached, dense-gradient pipeline over
+  ours (see :mod:`benchmarks.reference`), with a check that both give the same
+  tokens and scores.
+* ``speedup_vs_ablation``: exact ablation of every active latent over GradSAE on
+  the same prompts, with the Spearman correlation of the first-order estimate
+  (``aggregation="sum"``) and the exact effects.
+* ``perturb_condition_cost``: one masked condition of experiment 1 (decode with a
+  zero edit of 10 latents per row, blocks ``0..l`` of the prompt reused) over one
+  plain forward of the same prompts (no cache, no SAE); also without reuse.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import Figure, compare, ratio_figure
+from benchmarks.reference import agreement, our_pipeline, reference_pipeline
+from gradsae.experiments import ExperimentConfig, decode, padded, prompt_batches, spearman
+from gradsae.models import LoadedModel, block_output, position_ids
+from gradsae.objectives import NextTokenProb
+from gradsae.sae import SAE
+from gradsae.scores import Scores, score_latents
+from gradsae.splice import Edit
+from gradsae.tasks import Task
+
+SCORE_TARGET = 1.15
+REFERENCE_TARGET = 10.0
+ABLATION_TARGET = 50.0
+N_EDIT = 10
+
+
+# -- workloads --------------------------------------------------------------------
+def plain_forward_backward(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """The plain model, forward then backward of ``p(greedy token)`` to the residual after ``layer``."""
+    objective = NextTokenProb()
+    leaves: list[torch.Tensor] = []
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
+        leaf = block_output(output).detach().requires_grad_(True)
+        leaves.append(leaf)
+        return (leaf, *output[1:]) if isinstance(output, tuple) else leaf
+
+    handle = lm.layers[layer].register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            out = lm.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids(mask),
+                use_cache=False,
+                logits_to_keep=objective.keep or 0,
+            )
+            objective(out.logits, ids).sum().backward()
+    finally:
+        handle.remove()
+    grad = leaves[0].grad
+    assert grad is not None
+    return grad
+
+
+def gradsae_scores(
+    lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int, aggregation: str = "paper"
+) -> Scores:
+    """``score_latents(..., NextTokenProb(), method="gradsae")`` in the library's default mode."""
+    return score_latents(lm, sae, ids, mask, NextTokenProb(), layer=layer, aggregation=aggregation)  # type: ignore[arg-type]
+
+
+def plain_forward(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """One forward of the plain model (no cache, no SAE); ``keep=0``: logits at every position."""
+    with torch.no_grad():
+        return lm.model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, logits_to_keep=keep
+        ).logits
+
+
+# -- figures ----------------------------------------------------------------------
+def score_overhead(
+    lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int, repeats: int
+) -> Figure:
+    """GradSAE scoring / plain forward + backward to layer ``l``, same batch."""
+    times = compare(
+        {
+            "gradsae": lambda: gradsae_scores(lm, sae, ids, mask, layer),
+            "plain": lambda: plain_forward_backward(lm, ids, mask, layer),
+        },
+        repeats,
+    )
+    detail = (
+        f"gradsae {times['gradsae'].median:.3f} s / plain fwd+bwd {times['plain'].median:.3f} s, "
+        f"batch {tuple(ids.shape)}, median of {repeats}"
+    )
+    return ratio_figure("score_overhead", times["gradsae"], times["plain"], SCORE_TARGET, "<=", detail)
+
+
+def speedup_vs_reference(
+    lm: LoadedModel,
+    sae: SAE,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    layer: int,
+    *,
+    n_new: int,
+    repeats: int,
+    slow_repeats: int,
+) -> list[Figure]:
+    """Reference (uncached, dense gradient) time / ours, plus the agreement check."""
+    results: dict[str, Any] = {}
+
+    def run(name: str, fn: Any) -> None:
+        results[name] = fn(lm, sae, ids, mask, layer, n_new)
+
+    times = compare(
+        {"reference": lambda: run("reference", reference_pipeline), "ours": lambda: run("ours", our_pipeline)},
+        {"reference": slow_repeats, "ours": repeats},
+        warmup={"reference": 0, "ours": 1},
+    )
+    check = agreement(results["ours"], results["reference"])
+    detail = (
+        f"reference {times['reference'].median:.2f} s / ours {times['ours'].median:.2f} s; "
+        f"{n_new} new tokens, batch {tuple(ids.shape)}, replace mode"
+    )
+    figure = ratio_figure("speedup_vs_reference", times["reference"], times["ours"], REFERENCE_TARGET, ">=", detail)
+    figure.extra["check"] = check
+    same = Figure(
+        name="reference_check",
+        value=check["max_rel_score_diff"],
+        target=1e-3,
+        detail=f"same tokens: {check['same_tokens']}, same top latent: {check['same_top_latent']}, "
+        f"max |score diff| {check['max_abs_score_diff']:.2e} (relative to the largest score)",
+        extra=check,
+    )
+    return [figure, same]
+
+
+def speedup_vs_ablation(
+    lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int, *, repeats: int, slow_repeats: int
+) -> list[Figure]:
+    """Exact ablation time / GradSAE time, and Spearman(first-order estimate, exact effect)."""
+    results: dict[str, Scores] = {}
+
+    def run(method: str) -> None:
+        results[method] = score_latents(lm, sae, ids, mask, NextTokenProb(), layer=layer, method=method)  # type: ignore[arg-type]
+
+    times = compare(
+        {"ablation": lambda: run("ablation"), "gradsae": lambda: run("gradsae")},
+        {"ablation": slow_repeats, "gradsae": repeats},
+        warmup={"ablation": 0, "gradsae": 1},
+    )
+    estimate = gradsae_scores(lm, sae, ids, mask, layer, aggregation="sum")
+    exact = results["ablation"]
+    rhos, actives = [], []
+    for row in range(ids.shape[0]):
+        active = exact.mean_act[row] > 0
+        actives.append(int(active.sum()))
+        rhos.append(spearman(estimate.per_latent[row, active], exact.per_latent[row, active]))
+    detail = (
+        f"ablation {times['ablation'].median:.2f} s / gradsae {times['gradsae'].median:.3f} s, "
+        f"{ids.shape[0]} prompts of {ids.shape[1]} tokens, {actives} active latents"
+    )
+    speed = ratio_figure("speedup_vs_ablation", times["ablation"], times["gradsae"], ABLATION_TARGET, ">=", detail)
+    rho = Figure(
+        name="spearman_vs_ablation",
+        value=float(np.mean(rhos)),
+        detail=f"per prompt {[round(r, 3) for r in rhos]}; gradsae aggregation=sum vs exact ablation",
+        extra={"per_prompt": rhos, "active_latents": actives},
+    )
+    return [speed, rho]
+
+
+def top_activation_edits(lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """``[batch, N_EDIT]``: each row's most active latents (the latents a condition would zero)."""
+    scores = score_latents(lm, sae, ids, mask, NextTokenProb(), method="activation", layer=layer)
+    return padded([scores.ranking(row)[:N_EDIT].tolist() for row in range(ids.shape[0])])
+
+
+def perturb_condition_cost(lm: LoadedModel, sae: SAE, task: Task, layer: int, *, repeats: int) -> list[Figure]:
+    """One experiment-1 condition (reused prefix, and not) / one plain forward of the prompts."""
+    texts = [task.render(example, lm.tokenizer) for example in task.examples]
+    cfg = ExperimentConfig(layer=layer, batch_size=len(texts))
+    reused = prompt_batches(lm, texts, cfg, reuse=True)
+    fresh = prompt_batches(lm, texts, cfg, reuse=False)
+    ids, mask = fresh[0].input_ids, fresh[0].attention_mask
+    latents = top_activation_edits(lm, sae, ids, mask, layer)
+    gens: dict[str, list[Any]] = {}
+
+    def condition(name: str, batches: Any) -> None:
+        gens[name] = decode(
+            lm, batches, task, cfg, sae=sae, edits_for=lambda rows: [Edit(latents=latents[rows.start : rows.stop])]
+        )
+
+    times = compare(
+        {
+            "reuse": lambda: condition("reuse", reused),
+            "no_reuse": lambda: condition("no_reuse", fresh),
+            "forward": lambda: plain_forward(lm, ids, mask),
+            "forward_last": lambda: plain_forward(lm, ids, mask, keep=1),
+        },
+        repeats,
+    )
+    target = (lm.n_layers - layer) / lm.n_layers + 0.1
+    same = [g.token_ids for g in gens["reuse"]] == [g.token_ids for g in gens["no_reuse"]]
+    new_tokens = max(len(g.token_ids) for g in gens["reuse"])
+    shape = (
+        f"{len(texts)} {task.name} prompts of {ids.shape[1]} tokens, {new_tokens} new tokens, {N_EDIT} latents zeroed"
+    )
+    figures = []
+    for name, key in (("perturb_condition_cost", "reuse"), ("perturb_condition_cost_no_reuse", "no_reuse")):
+        detail = f"condition {times[key].median:.3f} s / plain forward {times['forward'].median:.3f} s; {shape}"
+        figure = ratio_figure(name, times[key], times["forward"], target, "<=", detail)
+        figure.extra["vs_forward_last_logit_only"] = times[key].median / times["forward_last"].median
+        figure.extra["same_tokens_reuse_vs_no_reuse"] = same
+        figures.append(figure)
+    figures[0].detail += f"; same tokens with and without reuse: {same}"
+    figures.append(
+        Figure(
+            name="perturb_condition_cost_vs_last_logit_forward",
+            value=times["reuse"].median / times["forward_last"].median,
+            target=target,
+            detail=f"stricter denominator: plain forward computing the last position's logits only "
+            f"({times['forward_last'].median:.3f} s)",
+        )
+    )
+    return figures
+
+
+# -- the demo ------------------------------------------------------------------------
+def demo_wall(run_it: bool, root: Path) -> Figure:
+    """Wall time of ``gradsae reproduce --task sst2`` (run now, or read from ``runs/demo/timing.json``)."""
+    if run_it:
+        exe = Path(sys.executable).with_name("gradsae")
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            subprocess.run([str(exe), "reproduce", "--task", "sst2", "--out", out], check=True, cwd=root)
+            wall = time.perf_counter() - start
+        return Figure("demo_wall_s", wall, detail=f"measured now: {exe} reproduce --task sst2 --out <tmp>")
+    timing = root / "runs" / "demo" / "timing.json"
+    if timing.exists():
+        total = json.loads(timing.read_text()).get("total_s")
+        return Figure("demo_wall_s", total, detail=f"read from {timing.relative_to(root)} (total_s); not measured now")
+    return Figure("demo_wall_s", None, detail=f"not measured: pass --demo, or run `make demo` to write {timing}")

@@ -1,0 +1,163 @@
+"""Benchmark of ``gradsae`` (issue 5): every figure measured side by side, in one run, on the same inputs.
+
+Figures (``name: value``, with the target and whether it is met):
+
+* ``score_overhead``: GradSAE scoring / the plain model's forward + backward to
+  the SAE layer (activation gradients only), same batch. Target <= 1.15.
+* ``speedup_vs_reference``: the authors' pipeline (uncached greedy decoding with
+  the SAE spliced, dense latent gradient at the last step) / ours (cached
+  decoding + sparse scoring), 32 new tokens; ``reference_check`` says whether
+  both gave the same tokens and scores. Target >= 10.
+* ``speedup_vs_ablation``: exact ablation of every active latent / GradSAE, with
+  ``spearman_vs_ablation`` (first-order estimate vs exact effect). Target >= 50.
+* ``peak_memory_overhead_shipped`` / ``_131k``: peak working memory of scoring /
+  of the plain forward + backward, each in a fresh process. Target <= 1.2.
+* ``perturb_condition_cost``: one masked condition of experiment 1 / one plain
+  forward of the same prompts. Target <= (L - l) / L + 0.1.
+* ``demo_wall_s``: wall time of ``gradsae reproduce --task sst2`` (``--demo``
+  runs it; otherwise it is read from ``runs/demo/timing.json``).
+* ``speedup_vs_nnsight`` / ``_131k``: the same scoring written with nnsight
+  (dense latent gradient) / ours, with the benchmark's SAE and a 131k-latent one.
+
+Times are medians of ``--repeats`` runs after a warm-up (the slow baselines:
+``--slow-repeats`` runs, no warm-up). Everything goes to ``--out`` as JSON, with
+the machine's CPU, cores, threads and library versions.
+
+    python benchmarks/run.py [--model M] [--sae DIR] [--layer 6] [--batch 8] [--seq 64]
+                             [--repeats 5] [--out benchmarks/results.json] [--quick] [--demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import core  # noqa: E402
+from benchmarks.common import SHORT_PROMPTS, Figure, machine_info, set_threads, text_batch  # noqa: E402
+from benchmarks.memory import peak_memory_overhead  # noqa: E402
+from benchmarks.with_nnsight import speedup_vs_nnsight  # noqa: E402
+from gradsae.generate import encode_prompts  # noqa: E402
+from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model  # noqa: E402
+from gradsae.pretrained import resolve_sae  # noqa: E402
+from gradsae.sae import SAE  # noqa: E402
+
+QUICK = {"batch": 2, "seq": 32, "repeats": 2, "slow_repeats": 1, "new_tokens": 8, "gen_batch": 2, "short_prompts": 1}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark gradsae (issue 5).")
+    parser.add_argument("--model", default=None, help="model folder, hub id or .gguf (default: the embedded one)")
+    parser.add_argument("--sae", default=None, help="SAE folder (default: the shipped SAE for --layer)")
+    parser.add_argument("--layer", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=8, help="rows of the timing batch")
+    parser.add_argument("--seq", type=int, default=64, help="tokens per row of the timing batch")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--slow-repeats", type=int, default=2, help="timed runs of the slow baselines")
+    parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens in speedup_vs_reference")
+    parser.add_argument(
+        "--gen-batch", type=int, default=None, help="prompts in speedup_vs_reference (default: --batch)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the available cores)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
+    parser.add_argument("--quick", action="store_true", help=f"small sizes for a smoke run: {QUICK}")
+    parser.add_argument("--demo", action="store_true", help="also time `gradsae reproduce --task sst2` (minutes)")
+    parser.add_argument(
+        "--skip", default="", help="groups to leave out: score,reference,ablation,perturb,memory,demo,nnsight"
+    )
+    parser.set_defaults(short_prompts=len(SHORT_PROMPTS))
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    return args
+
+
+def load_sae(lm: LoadedModel, sae: str | None, layer: int, model: str | None) -> tuple[SAE, str]:
+    """The SAE given, else the shipped one for ``layer`` (or a labelled random SAE); frozen."""
+    loaded, _layer, label = resolve_sae(lm, sae, layer, default_model=model in DEFAULT_NAMES)
+    loaded.requires_grad_(False)
+    return loaded, label
+
+
+def perturb_figures(args: argparse.Namespace, lm: LoadedModel, sae: SAE) -> list[Figure]:
+    """Experiment 1's condition cost on ``--batch`` SST-2 prompts (its default task)."""
+    from gradsae.errors import GradSAEError
+    from gradsae.tasks import load_task
+
+    try:
+        task = load_task("sst2", n=args.batch, seed=0)
+    except GradSAEError as exc:
+        return [Figure("perturb_condition_cost", None, detail=f"no SST-2 prompts: {exc}")]
+    return core.perturb_condition_cost(lm, sae, task, args.layer, repeats=args.repeats)
+
+
+def jobs(args: argparse.Namespace, lm: LoadedModel, sae: SAE, label: str) -> dict[str, Callable[[], Any]]:
+    """Each figure group (a name for ``--skip``) and how to measure it."""
+    ids, mask = text_batch(lm.tokenizer, args.batch, args.seq)
+    rows = args.gen_batch or args.batch
+    short_ids, short_mask = encode_prompts(lm.tokenizer, list(SHORT_PROMPTS[: args.short_prompts]))
+    timing = {"repeats": args.repeats, "slow_repeats": args.slow_repeats}
+    child = {"model": args.model, "sae": args.sae, "layer": args.layer, "batch": args.batch, "seq": args.seq}
+    child["threads"] = args.threads
+    return {
+        "score": lambda: core.score_overhead(lm, sae, ids, mask, args.layer, args.repeats),
+        "reference": lambda: core.speedup_vs_reference(
+            lm, sae, ids[:rows], mask[:rows], args.layer, n_new=args.new_tokens, **timing
+        ),
+        "ablation": lambda: core.speedup_vs_ablation(lm, sae, short_ids, short_mask, args.layer, **timing),
+        "perturb": lambda: perturb_figures(args, lm, sae),
+        "memory": lambda: [peak_memory_overhead(ROOT, wide=wide, label=label, **child) for wide in (False, True)],
+        "demo": lambda: core.demo_wall(args.demo, ROOT),
+        "nnsight": lambda: [speedup_vs_nnsight(ROOT, wide=w, repeats=args.repeats, **child) for w in (False, True)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    args.threads = set_threads(args.threads)
+    began, load = time.perf_counter(), os.getloadavg()
+    lm = load_model(args.model)
+    sae, label = load_sae(lm, args.sae, args.layer, args.model)
+    print(f"model: {lm.name} ({lm.n_layers} layers); SAE: {label} (d_sae={sae.cfg.d_sae}, {sae.cfg.activation})")
+    print(f"layer {args.layer}, batch {args.batch} x {args.seq} tokens, {args.threads} torch threads")
+    figures: dict[str, Figure] = {}
+
+    def emit(figure: Figure) -> None:
+        figures[figure.name] = figure
+        print(figure.line(), flush=True)
+
+    skip = {name.strip() for name in args.skip.split(",") if name.strip()}
+    for name, job in jobs(args, lm, sae, label).items():
+        if name not in skip:
+            result = job()
+            for figure in result if isinstance(result, list) else [result]:
+                emit(figure)
+    report = {
+        "machine": machine_info(),
+        "config": {**vars(args), "sae_label": label, "d_sae": sae.cfg.d_sae, "n_layers": lm.n_layers},
+        "load_average_at_start": list(load),
+        "figures": {name: figure.as_dict() for name, figure in figures.items()},
+        "total_s": round(time.perf_counter() - began, 1),
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"wrote {out} in {report['total_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

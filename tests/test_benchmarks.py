@@ -1,0 +1,132 @@
+"""The benchmark's workloads on the tiny model: the fast paths equal the straightforward ones, and every timing runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from benchmarks import core
+from benchmarks.common import compare
+from benchmarks.memory import peak_above_baseline
+from benchmarks.reference import agreement, our_pipeline, reference_pipeline
+
+from gradsae.models import LoadedModel
+from gradsae.objectives import NextTokenProb
+from gradsae.scores import forward_backward
+from gradsae.tasks import Example, Task
+from tests.conftest import CharTokenizer, tiny_lm, tiny_sae
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sharp_lm(dtype: torch.dtype = torch.float64, vocab: int = 64) -> LoadedModel:
+    """The tiny Llama with its matrices scaled up, so that greedy tokens vary from step to step."""
+    lm = tiny_lm(dtype, vocab=vocab, tokenizer=CharTokenizer())
+    with torch.no_grad():
+        for param in lm.model.parameters():
+            if param.ndim == 2:
+                param.mul_(20)
+    return lm
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 64, (2, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_reference_pipeline_equals_ours(activation: str) -> None:
+    lm = sharp_lm()
+    sae = tiny_sae(activation, dtype=torch.float64)
+    ids, mask = padded_batch()
+    ref = reference_pipeline(lm, sae, ids, mask, 0, 8)
+    ours = our_pipeline(lm, sae, ids, mask, 0, 8)
+    assert ref.tokens.shape == (2, 8)
+    assert len(set(ref.tokens[0].tolist())) > 2, "the tokens should vary, else the check is weak"
+    check = agreement(ours, ref)
+    assert check["same_tokens"] and check["same_top_latent"]
+    assert check["max_rel_score_diff"] < 1e-10
+    assert torch.allclose(ours.scores, ref.scores, rtol=1e-9, atol=1e-14)
+
+
+def test_plain_backward_is_the_gradient_at_the_splice() -> None:
+    """With no edits, error mode leaves the model unchanged, so both baselines take the same gradient."""
+    lm = sharp_lm()
+    sae = tiny_sae("relu", dtype=torch.float64)
+    ids, mask = padded_batch()
+    plain = core.plain_forward_backward(lm, ids, mask, 0)
+    run = forward_backward(lm, sae, ids, mask, NextTokenProb(), layer=0, mode="error", grad=True)
+    assert run.grad is not None
+    assert torch.allclose(plain, run.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_every_timing_runs_on_the_tiny_model() -> None:
+    lm = sharp_lm(torch.float32, vocab=128)
+    sae = tiny_sae("topk")
+    ids, mask = padded_batch()
+    figures = [core.score_overhead(lm, sae, ids, mask, 0, repeats=1)]
+    figures += core.speedup_vs_reference(lm, sae, ids, mask, 0, n_new=4, repeats=1, slow_repeats=1)
+    figures += core.speedup_vs_ablation(lm, sae, ids, mask, 0, repeats=1, slow_repeats=1)
+    examples = tuple(Example(id=str(i), prompt=p, answers=("x",)) for i, p in enumerate(["abc def", "hello", "zz"]))
+    task = Task("tiny", "{prompt}", examples, max_new_tokens=3, metric="squad")
+    figures += core.perturb_condition_cost(lm, sae, task, 0, repeats=1)
+    by_name = {figure.name: figure for figure in figures}
+    assert all(f.value is not None and f.value == f.value for f in figures), [f.line() for f in figures]
+    assert by_name["reference_check"].extra["same_tokens"]
+    assert by_name["perturb_condition_cost"].extra["same_tokens_reuse_vs_no_reuse"]
+    assert -1.0 <= by_name["spearman_vs_ablation"].value <= 1.0  # type: ignore[operator]
+    assert all(f.line().startswith(f"{f.name}: ") for f in figures)
+
+
+def test_compare_interleaves_and_counts() -> None:
+    calls: list[str] = []
+    times = compare(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, {"a": 3, "b": 1}, warmup={"a": 1, "b": 0}
+    )
+    assert calls == ["a", "a", "b", "a", "a"]
+    assert len(times["a"].runs) == 3 and len(times["b"].runs) == 1
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+def test_peak_above_baseline_sees_a_temporary() -> None:
+    def allocate() -> None:
+        block = torch.ones(16 * 2**20 // 4 * 4)  # 64 MiB, touched
+        del block
+
+    _baseline, peak = peak_above_baseline(allocate)
+    assert 48 * 1024 <= peak < 512 * 1024
+
+
+def test_demo_figure_without_a_run(tmp_path: Path) -> None:
+    assert core.demo_wall(False, tmp_path).value is None
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "timing.json").write_text('{"total_s": 61.5}')
+    assert core.demo_wall(False, tmp_path).value == 61.5
+
+
+def test_nnsight_version_equals_ours() -> None:
+    backward = torch.Tensor.backward
+    try:
+        nnsight = pytest.importorskip("nnsight")  # importing it replaces torch.Tensor.backward
+        from benchmarks.with_nnsight import nnsight_scores
+
+        lm = sharp_lm()
+        sae = tiny_sae("jumprelu", dtype=torch.float64)
+        ids, mask = padded_batch()
+        theirs = nnsight_scores(nnsight.NNsight(lm.model), sae, ids, mask, 0)
+    finally:
+        torch.Tensor.backward = backward  # type: ignore[method-assign]
+    ours = core.gradsae_scores(lm, sae, ids, mask, 0).per_latent
+    assert torch.allclose(theirs, ours, rtol=1e-9, atol=1e-14)
