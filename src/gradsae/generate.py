@@ -164,7 +164,14 @@ def greedy_tokens(
     rows: list[list[int]] = [[] for _ in range(ids.shape[0])]
     cache = None
     for _ in range(max_new_tokens):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_kwarg: cache})
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,  # only the last position's logits are read
+            **{cache_kwarg: cache},
+        )
         cache = _output_cache(out)
         token = out.logits[:, -1].argmax(-1).masked_fill(done, pad)
         for i in (~done).nonzero().flatten().tolist():
