@@ -125,12 +125,10 @@ def parse_ks(text: str) -> tuple[KSpec, ...]:
 
 
 def parse_layers(text: str | None, layer: int | None) -> list[int | None]:
-    if not text:
-        return [layer]
-    try:
-        return [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise GradSAEError(f"--layers {text!r}: give comma-separated integers, e.g. 6,15,24") from None
+    """``--layers`` (a sweep) if given, else the single ``--layer`` (``None``: the SAE's own)."""
+    from gradsae.train import parse_layers as comma_layers
+
+    return list(comma_layers(text)) if text else [layer]
 
 
 def check_prompt_lengths(lm: LoadedModel, task: Task) -> None:
