@@ -11,8 +11,12 @@
   the same prompts, with the Spearman correlation of the first-order estimate
   (``aggregation="sum"``) and the exact effects.
 * ``perturb_condition_cost``: one masked condition of experiment 1 (decode with a
-  zero edit of 10 latents per row, blocks ``0..l`` of the prompt reused) over one
-  plain forward of the same prompts (no cache, no SAE); also without reuse.
+  zero edit of each row's 10 most active latents, blocks ``0..l`` of the prompt
+  computed once beforehand and reused, as across experiment 1's conditions) over
+  one plain forward of the same prompts (no cache, no SAE, logits at every
+  position as ``model(ids)`` computes them); also without reuse, and against a
+  forward that computes the last position's logits only.
+* ``demo_wall_s``: wall time of ``gradsae reproduce --task sst2``.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def plain_forward(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, keep: 
 
 # -- figures ----------------------------------------------------------------------
 def score_overhead(
-    lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int, repeats: int
+    lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int, repeats: int, name: str = ""
 ) -> Figure:
     """GradSAE scoring / plain forward + backward to layer ``l``, same batch."""
     times = compare(
@@ -104,7 +108,8 @@ def score_overhead(
         f"gradsae {times['gradsae'].median:.3f} s / plain fwd+bwd {times['plain'].median:.3f} s, "
         f"batch {tuple(ids.shape)}, median of {repeats}"
     )
-    return ratio_figure("score_overhead", times["gradsae"], times["plain"], SCORE_TARGET, "<=", detail)
+    name = name or "score_overhead"
+    return ratio_figure(name, times["gradsae"], times["plain"], SCORE_TARGET, "<=", detail + f", d_sae={sae.cfg.d_sae}")
 
 
 def speedup_vs_reference(

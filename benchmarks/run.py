@@ -4,6 +4,7 @@ Figures (``name: value``, with the target and whether it is met):
 
 * ``score_overhead``: GradSAE scoring / the plain model's forward + backward to
   the SAE layer (activation gradients only), same batch. Target <= 1.15.
+  ``score_overhead_131k``: the same with a random 131,072-latent TopK SAE.
 * ``speedup_vs_reference``: the authors' pipeline (uncached greedy decoding with
   the SAE spliced, dense latent gradient at the last step) / ours (cached
   decoding + sparse scoring), 32 new tokens; ``reference_check`` says whether
@@ -44,7 +45,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import core  # noqa: E402
-from benchmarks.common import SHORT_PROMPTS, Figure, machine_info, set_threads, text_batch  # noqa: E402
+from benchmarks.common import SHORT_PROMPTS, Figure, machine_info, set_threads, text_batch, wide_sae  # noqa: E402
 from benchmarks.memory import peak_memory_overhead  # noqa: E402
 from benchmarks.with_nnsight import speedup_vs_nnsight  # noqa: E402
 from gradsae.generate import encode_prompts  # noqa: E402
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"small sizes for a smoke run: {QUICK}")
     parser.add_argument("--demo", action="store_true", help="also time `gradsae reproduce --task sst2` (minutes)")
     parser.add_argument(
-        "--skip", default="", help="groups to leave out: score,reference,ablation,perturb,memory,demo,nnsight"
+        "--skip", default="", help="groups to leave out: score,score131k,reference,ablation,perturb,memory,demo,nnsight"
     )
     parser.set_defaults(short_prompts=len(SHORT_PROMPTS))
     args = parser.parse_args(argv)
@@ -112,6 +113,9 @@ def jobs(args: argparse.Namespace, lm: LoadedModel, sae: SAE, label: str) -> dic
     child["threads"] = args.threads
     return {
         "score": lambda: core.score_overhead(lm, sae, ids, mask, args.layer, args.repeats),
+        "score131k": lambda: core.score_overhead(
+            lm, wide_sae(lm.d_model, args.layer), ids, mask, args.layer, args.repeats, name="score_overhead_131k"
+        ),
         "reference": lambda: core.speedup_vs_reference(
             lm, sae, ids[:rows], mask[:rows], args.layer, n_new=args.new_tokens, **timing
         ),
