@@ -230,14 +230,7 @@ def forward_backward(
 ) -> SplicedRun:
     """Steps 1-2: forward with the splice, then (if ``grad``) one backward to the splice."""
     with splice(lm, sae, layer, mode=mode, grad=grad) as sp, torch.set_grad_enabled(grad):
-        out = lm.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            use_cache=False,
-            logits_to_keep=objective.keep or 0,
-        )
-        y = objective(out.logits, input_ids)
+        y = objective_value(lm, input_ids, attention_mask, objective)
         if grad:
             y.sum().backward()
     latents, valid = sp.latents[0], sp.valid[0]
@@ -259,6 +252,20 @@ def forward_backward(
         active_last=(last > 0).sum(dim=-1),
         grad=sp.leaves[0].grad if grad else None,
     )
+
+
+def objective_value(
+    lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, objective: Objective
+) -> torch.Tensor:
+    """``Y [batch]``: one uncached forward, with the LM head only where the objective reads."""
+    out = lm.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+        logits_to_keep=objective.keep or 0,
+    )
+    return objective(out.logits, input_ids)
 
 
 def latent_gradients(sae: SAE, index: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
@@ -343,14 +350,7 @@ def _objective_with_edit(
         replay_prefix(lm, copies),
         torch.no_grad(),
     ):
-        out = lm.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids(mask),
-            use_cache=False,
-            logits_to_keep=objective.keep or 0,
-        )
-        return objective(out.logits, ids)
+        return objective_value(lm, ids, mask, objective)
 
 
 def random_scores(mean_act: torch.Tensor, *, seed: int) -> torch.Tensor:
