@@ -38,7 +38,7 @@ from gradsae.experiments import ExperimentConfig, decode, padded, prompt_batches
 from gradsae.models import LoadedModel, block_output, position_ids
 from gradsae.objectives import NextTokenProb
 from gradsae.sae import SAE
-from gradsae.scores import Scores, score_latents
+from gradsae.scores import Scores, objective_value, score_latents
 from gradsae.splice import Edit
 from gradsae.tasks import Task
 
@@ -62,14 +62,7 @@ def plain_forward_backward(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tenso
     handle = lm.layers[layer].register_forward_hook(hook)
     try:
         with torch.enable_grad():
-            out = lm.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids(mask),
-                use_cache=False,
-                logits_to_keep=objective.keep or 0,
-            )
-            objective(out.logits, ids).sum().backward()
+            objective_value(lm, ids, mask, objective).sum().backward()
     finally:
         handle.remove()
     grad = leaves[0].grad
