@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,7 @@ from gradsae.models import LoadedModel
 from gradsae.objectives import NextTokenProb
 from gradsae.scores import forward_backward
 from gradsae.tasks import Example, Task
-from tests.conftest import CharTokenizer, tiny_lm, tiny_sae
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers import CharTokenizer, padded_batch, tiny_lm, tiny_sae
 
 
 def sharp_lm(dtype: torch.dtype = torch.float64, vocab: int = 64) -> LoadedModel:
@@ -36,14 +27,6 @@ def sharp_lm(dtype: torch.dtype = torch.float64, vocab: int = 64) -> LoadedModel
             if param.ndim == 2:
                 param.mul_(20)
     return lm
-
-
-def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 64, (2, 10), generator=gen)
-    mask = torch.ones_like(ids)
-    ids[1, :3], mask[1, :3] = 0, 0
-    return ids, mask
 
 
 @pytest.mark.parametrize("activation", ["relu", "topk"])

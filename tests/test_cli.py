@@ -11,7 +11,7 @@ from gradsae.errors import GradSAEError
 from gradsae.models import default_gguf, load_model
 from gradsae.reproduce import check_prompt_lengths
 from gradsae.tasks import Example, Task
-from tests.conftest import CharTokenizer, tiny_lm
+from tests.helpers import CharTokenizer, tiny_lm
 
 
 def _one_line_error(capsys, argv) -> str:

@@ -24,17 +24,15 @@ from gradsae.generate import Generation, encode_prompts, generate_batch
 from gradsae.reproduce import parse_ks, write_outputs
 from gradsae.splice import apply_edits
 from gradsae.tasks import Example, Task
-from tests.conftest import CharTokenizer, tiny_lm, tiny_sae
+from tests import helpers
+from tests.helpers import CharTokenizer, tiny_lm, tiny_sae
 
 PROMPTS = ["hello there", "abc", "the quick fox", "zebra", "mnop qr", "why not", "ok go", "lorem"]
 
 
 @pytest.fixture(scope="module")
 def char_lm():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_lm(vocab=128, seed=3, tokenizer=CharTokenizer())
-    torch.set_num_threads(threads)
+    return helpers.char_lm(seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gradsae.generate import (
     Generation,
@@ -22,34 +20,24 @@ from gradsae.generate import (
     stop_ids,
 )
 from gradsae.models import LoadedModel, block_output
-from tests.conftest import BOS, EOS, PAD, CharTokenizer
+from tests.helpers import EOS, PAD, CharTokenizer, tiny_lm
 
 PROMPTS = ["hello there", "a", "the quick brown fox", "zz top [x]"]
 
 
 @pytest.fixture(scope="module")
-def tiny() -> Iterator[LoadedModel]:
-    """A 2-layer random Llama; one intra-op thread (tiny tensors, and the CPU is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.3,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
+def tiny() -> LoadedModel:
+    """A 2-layer random Llama, d_model 32, with large weights so greedy tokens vary."""
+    return tiny_lm(
+        vocab=128,
+        tokenizer=CharTokenizer(),
+        hidden=32,
+        intermediate=64,
+        heads=4,
+        kv_heads=2,
+        max_positions=128,
+        init_range=0.3,
     )
-    model = LlamaForCausalLM(config).eval()
-    model.requires_grad_(False)
-    yield LoadedModel(model=model, tokenizer=CharTokenizer(), name="tiny")
-    torch.set_num_threads(threads)
 
 
 def reference(lm: LoadedModel, text: str, max_new_tokens: int) -> list[int]:

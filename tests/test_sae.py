@@ -9,7 +9,7 @@ import torch
 
 from gradsae.errors import GradSAEError
 from gradsae.sae import SAE, SAEConfig, check_compatible, load_sae, save_gemmascope, save_sparsify
-from tests.conftest import D_MODEL, tiny_sae
+from tests.helpers import D_MODEL, tiny_sae
 
 
 def _same(a: SAE, b: SAE) -> None:

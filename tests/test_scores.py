@@ -8,7 +8,7 @@ import torch
 from gradsae.models import position_ids
 from gradsae.objectives import CustomObjective, LabelLogProb, NextTokenProb, TargetLogProb
 from gradsae.scores import half_active, score_latents, top_bottom
-from tests.conftest import tiny_sae
+from tests.helpers import tiny_sae
 
 
 def dense_reference(lm, sae, ids, mask, objective, *, mode="error"):

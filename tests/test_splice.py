@@ -7,7 +7,7 @@ import torch
 
 from gradsae.errors import GradSAEError
 from gradsae.splice import Edit, splice
-from tests.conftest import tiny_sae
+from tests.helpers import tiny_sae
 
 
 def _logits(lm, ids, mask=None):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import gradsae
 from gradsae.activations import StreamConfig, activation_blocks, load_texts, sequences, split_heldout
@@ -19,42 +18,14 @@ from gradsae.models import LoadedModel
 from gradsae.sae import SAE, SAEConfig, load_sae
 from gradsae.train import LayerTrainer, TrainConfig, _count, add_train_sae_arguments, sae_loss, train_saes
 
+from tests.helpers import CharTokenizer, char_lm
+
 D_MODEL = 32
-
-
-class CharTokenizer:
-    """Characters -> ids 3..99; BOS 1, EOS 2."""
-
-    bos_token_id = 1
-    eos_token_id = 2
-
-    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
-        return {"input_ids": [[3 + ord(c) % 97 for c in text] for text in texts]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors run fastest on one thread (and leave the shared CPU alone)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def lm() -> LoadedModel:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=D_MODEL,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=CharTokenizer(), name="tiny")
+    return char_lm(hidden=D_MODEL, intermediate=64, heads=4, kv_heads=2)
 
 
 @pytest.fixture(scope="module")
