@@ -17,9 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from gradsae.models import LoadedModel
+    from gradsae.sae import SAE
 
 PASSAGE = (
     "The river town woke slowly. Fishermen pushed their boats into the grey water while the baker "
@@ -190,3 +194,13 @@ def _version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def load_sae(lm: LoadedModel, sae: str | None, layer: int, model: str | None) -> tuple[SAE, str]:
+    """The SAE given, else the shipped one for ``layer`` (or a labelled random SAE); frozen."""
+    from gradsae.models import DEFAULT_NAMES
+    from gradsae.pretrained import resolve_sae
+
+    loaded, _layer, label = resolve_sae(lm, sae, layer, default_model=model in DEFAULT_NAMES)
+    loaded.requires_grad_(False)
+    return loaded, label

@@ -32,7 +32,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import WIDE, WIDE_K, Figure, set_threads, text_batch, wide_sae
+from benchmarks.common import WIDE, WIDE_K, Figure, load_sae, set_threads, text_batch, wide_sae
 
 TARGET = 1.2
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -64,7 +64,6 @@ def peak_above_baseline(fn: Any) -> tuple[int, int]:
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement: ``plain`` or ``gradsae`` with the shipped or a wide random SAE."""
     from benchmarks.core import gradsae_scores, plain_forward_backward
-    from benchmarks.run import load_sae
     from gradsae.models import load_model
 
     set_threads(args.threads)

@@ -45,12 +45,19 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import core  # noqa: E402
-from benchmarks.common import SHORT_PROMPTS, Figure, machine_info, set_threads, text_batch, wide_sae  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    SHORT_PROMPTS,
+    Figure,
+    load_sae,
+    machine_info,
+    set_threads,
+    text_batch,
+    wide_sae,
+)
 from benchmarks.memory import peak_memory_overhead  # noqa: E402
 from benchmarks.with_nnsight import speedup_vs_nnsight  # noqa: E402
 from gradsae.generate import encode_prompts  # noqa: E402
-from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model  # noqa: E402
-from gradsae.pretrained import resolve_sae  # noqa: E402
+from gradsae.models import LoadedModel, load_model  # noqa: E402
 from gradsae.sae import SAE  # noqa: E402
 
 QUICK = {"batch": 2, "seq": 32, "repeats": 2, "slow_repeats": 1, "new_tokens": 8, "gen_batch": 2, "short_prompts": 1}
@@ -84,17 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_sae(lm: LoadedModel, sae: str | None, layer: int, model: str | None) -> tuple[SAE, str]:
-    """The SAE given, else the shipped one for ``layer`` (or a labelled random SAE); frozen."""
-    loaded, _layer, label = resolve_sae(lm, sae, layer, default_model=model in DEFAULT_NAMES)
-    loaded.requires_grad_(False)
-    return loaded, label
-
-
 def perturb_figures(args: argparse.Namespace, lm: LoadedModel, sae: SAE) -> list[Figure]:
     """Experiment 1's condition cost on ``--batch`` SST-2 prompts (its default task)."""
     from gradsae.errors import GradSAEError
-    from gradsae.tasks import load_task
+    from gradsae.experiments.tasks import load_task
 
     try:
         task = load_task("sst2", n=args.batch, seed=0)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import WIDE, WIDE_K, Figure, Timing, compare, set_threads, text_batch, wide_sae
+from benchmarks.common import WIDE, WIDE_K, Figure, Timing, compare, load_sae, set_threads, text_batch, wide_sae
 from benchmarks.reference import spliced_positions
 from gradsae.models import LoadedModel, position_ids
 from gradsae.objectives import NextTokenProb
@@ -70,7 +70,6 @@ def plain_backward(original: Any) -> Iterator[None]:
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """Time ``score_latents`` (nnsight's patch undone) and the nnsight version, interleaved."""
     from benchmarks.core import gradsae_scores
-    from benchmarks.run import load_sae
     from gradsae.models import load_model
 
     set_threads(args.threads)

@@ -7,7 +7,7 @@ import torch
 
 from gradsae.models import position_ids
 from gradsae.objectives import CustomObjective, LabelLogProb, NextTokenProb, TargetLogProb
-from gradsae.scores import half_active, score_latents, top_bottom
+from gradsae.scores import score_latents
 from tests.helpers import tiny_sae
 
 
@@ -128,16 +128,6 @@ def test_activation_and_random_baselines(lm, batch):
     r3 = score_latents(lm, sae, ids, mask, NextTokenProb(), method="random", seed=4)
     assert torch.equal(r1.per_latent, r2.per_latent) and not torch.equal(r1.per_latent, r3.per_latent)
     assert torch.equal(r1.per_latent > 0, act.per_latent > 0)
-
-
-def test_top_bottom_selection(lm, batch):
-    ids, mask = batch
-    scores = score_latents(lm, tiny_sae("relu"), ids, mask, NextTokenProb(), method="activation")
-    ranked = scores.ranking(0)
-    top, bottom = top_bottom(scores, 0, 3)
-    assert top.tolist() == ranked[:3].tolist() and bottom.tolist() == ranked[-3:].flip(0).tolist()
-    assert scores.per_latent[0, top].min() >= scores.per_latent[0, bottom].max()
-    assert half_active(scores, 0) == max(1, int((scores.mean_act.new_tensor(0) + scores.active_last[0]) // 2))
 
 
 def test_scores_save_load(tmp_path, lm, batch):

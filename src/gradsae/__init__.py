@@ -1,3 +1,78 @@
-"""gradsae: gradient-based influence of SAE latents."""
+"""gradsae: find the SAE latents that drive a language model's output (GradSAE), prove it, steer with them.
 
-__version__ = "0.1.0"
+The public API (imported lazily, so ``import gradsae`` stays light)::
+
+    from gradsae import load_model, resolve_sae, score_latents, NextTokenProb, splice, Edit
+
+    lm = load_model()                                   # embedded SmolLM2-135M-Instruct
+    sae, layer, label = resolve_sae(lm, layer=6)        # the shipped SAE for layer 6
+    enc = lm.tokenizer(["The capital of France is"], return_tensors="pt")
+    scores = score_latents(lm, sae, enc, NextTokenProb(), layer=layer)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "load_model": "gradsae.models",
+    "LoadedModel": "gradsae.models",
+    "SAE": "gradsae.sae",
+    "SAEConfig": "gradsae.sae",
+    "load_sae": "gradsae.sae",
+    "resolve_sae": "gradsae.pretrained",
+    "ResolvedSAE": "gradsae.pretrained",
+    "splice": "gradsae.splice",
+    "Edit": "gradsae.splice",
+    "NextTokenProb": "gradsae.objectives",
+    "TargetLogProb": "gradsae.objectives",
+    "LabelLogProb": "gradsae.objectives",
+    "CustomObjective": "gradsae.objectives",
+    "score_latents": "gradsae.scores",
+    "Scores": "gradsae.scores",
+    "GradSAEError": "gradsae.errors",
+}
+
+__all__ = [
+    "SAE",
+    "CustomObjective",
+    "Edit",
+    "GradSAEError",
+    "LabelLogProb",
+    "LoadedModel",
+    "NextTokenProb",
+    "ResolvedSAE",
+    "SAEConfig",
+    "Scores",
+    "TargetLogProb",
+    "__version__",
+    "load_model",
+    "load_sae",
+    "resolve_sae",
+    "score_latents",
+    "splice",
+]
+
+if TYPE_CHECKING:
+    from gradsae.errors import GradSAEError
+    from gradsae.models import LoadedModel, load_model
+    from gradsae.objectives import CustomObjective, LabelLogProb, NextTokenProb, TargetLogProb
+    from gradsae.pretrained import ResolvedSAE, resolve_sae
+    from gradsae.sae import SAE, SAEConfig, load_sae
+    from gradsae.scores import Scores, score_latents
+    from gradsae.splice import Edit, splice
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gradsae' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -15,13 +15,12 @@ Finished rows are fed the pad token until every row has stopped, as in
 ``model.generate(do_sample=False)`` and of decoding each row alone.
 
 The paper's objective is the softmax probability of the greedy token at the
-step that opens the answer: :func:`next_token` computes it (differentiably) for
-the prompt followed by the first ``step`` generated tokens.
+step that opens the answer: :func:`answer_step` finds that step and
+:func:`answer_inputs` builds the prompt followed by the tokens generated before it.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from gradsae.models import LoadedModel, position_ids
+from gradsae.models import LoadedModel, cache_kwarg, position_ids
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +52,6 @@ class Generation:
     def prefix(self, step: int) -> tuple[int, ...]:
         """The prompt followed by the first ``step`` generated tokens."""
         return self.prompt_ids + self.token_ids[:step]
-
-
-@dataclass(frozen=True)
-class NextToken:
-    """The greedy next token after each row of a batch."""
-
-    logits: torch.Tensor
-    """``[batch, vocab]`` logits at the last position."""
-    token: torch.Tensor
-    """``[batch]`` the greedy (argmax) token."""
-    prob: torch.Tensor
-    """``[batch]`` its softmax probability (differentiable): the paper's objective."""
 
 
 # -- inputs -------------------------------------------------------------------
@@ -158,7 +145,6 @@ def greedy_tokens(
     device = next(model.parameters()).device
     ids, mask = input_ids.to(device), attention_mask.to(device)
     positions = position_ids(mask)
-    cache_kwarg = _cache_kwarg(model)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     rows: list[list[int]] = [[] for _ in range(ids.shape[0])]
@@ -170,7 +156,7 @@ def greedy_tokens(
             position_ids=positions,
             use_cache=True,
             logits_to_keep=1,  # only the last position's logits are read
-            **{cache_kwarg: cache},
+            **{cache_kwarg(model): cache},
         )
         cache = _output_cache(out)
         token = out.logits[:, -1].argmax(-1).masked_fill(done, pad)
@@ -193,34 +179,12 @@ def _generation(
     return Generation(prompt_ids=prompt, token_ids=tuple(tokens), text=text, stopped=stopped)
 
 
-def _cache_kwarg(model: Any) -> str:
-    """``cache`` in transformers >= 5.x, ``past_key_values`` before."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _output_cache(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 
 
-# -- the objective --------------------------------------------------------------
-def next_token(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> NextToken:
-    """Greedy next token and its probability after each row of a left-padded batch (no cache).
-
-    Runs with gradients enabled unless the caller disables them: with a splice
-    that hands out leaves, ``result.prob.sum().backward()`` gives each row's
-    ``d p / d Z'``.
-    """
-    device = next(model.parameters()).device
-    ids, mask = input_ids.to(device), attention_mask.to(device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-    logits = out.logits[:, -1]
-    token = logits.detach().argmax(-1)
-    prob = torch.softmax(logits.float(), dim=-1).gather(1, token[:, None])[:, 0]
-    return NextToken(logits=logits, token=token, prob=prob)
-
-
+# -- the answer step ----------------------------------------------------------------
 def answer_step(tokenizer: Any, generation: Generation, marker: str | None) -> int:
     """Index of the generated token that opens the answer: the first containing ``marker``, else 0."""
     if marker is None:

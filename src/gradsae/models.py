@@ -226,6 +226,25 @@ def block_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def with_block_output(output: Any, hidden: torch.Tensor) -> Any:
+    """A decoder block's output (a tensor or a tuple) with its hidden state replaced by ``hidden``."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def check_layers(lm: LoadedModel, layers: Sequence[int]) -> None:
+    """Refuse a layer outside ``0..n_layers-1``."""
+    for layer in layers:
+        if not 0 <= layer < lm.n_layers:
+            raise GradSAEError(f"layer {layer} is out of range: this model has layers 0..{lm.n_layers - 1}")
+
+
+def cache_kwarg(model: Any) -> str:
+    """The KV-cache keyword of ``model.forward``: ``cache`` in transformers >= 5.x, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @contextmanager
 def capture_residuals(
     lm: LoadedModel, layers: Sequence[int], *, stop: bool = True
@@ -235,9 +254,7 @@ def capture_residuals(
     Run the model inside the block (wrapped in :func:`run_until_stopped` when
     ``stop``); the returned dict fills with ``[batch, pos, d_model]`` tensors.
     """
-    for layer in layers:
-        if not 0 <= layer < lm.n_layers:
-            raise GradSAEError(f"layer {layer} is out of range: this model has layers 0..{lm.n_layers - 1}")
+    check_layers(lm, layers)
     found: dict[int, torch.Tensor] = {}
     deepest = max(layers)
     handles = []

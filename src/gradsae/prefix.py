@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from gradsae.models import LoadedModel, StopForwardError, capture_residuals, position_ids
+from gradsae.models import LoadedModel, StopForwardError, cache_kwarg, capture_residuals, position_ids
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ def compute_prefix(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: tor
             attention_mask=attention_mask,
             position_ids=position_ids(attention_mask),
             use_cache=True,
-            **{_cache_kwarg(lm.model): cache},
+            **{cache_kwarg(lm.model): cache},
         )
     layers: list[Any] = list(cache.layers[: layer + 1])
     return Prefix(
@@ -100,9 +99,3 @@ def _replaying(original: Any, index: int, prefix: Prefix) -> Any:
         return prefix.residual if index == prefix.layer else hidden_states
 
     return forward
-
-
-def _cache_kwarg(model: nn.Module) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

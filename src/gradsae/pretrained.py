@@ -11,18 +11,18 @@ from __future__ import annotations
 import logging
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from gradsae.errors import GradSAEError
-from gradsae.models import LoadedModel
+from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers
 from gradsae.sae import SAE, SAEConfig, load_sae
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LAYER = 6
 SHIPPED_LAYERS = (6, 15, 24)
-SHIPPED_WIDTH = 4608
 SHIPPED_K = 32
 SHIPPED_FOLDER = "smollm2-135m-instruct"
 UNTRAINED = "UNTRAINED random SAE (no trained SAE ships for this model/layer yet)"
@@ -34,27 +34,53 @@ def shipped_sae_path(layer: int) -> Path | None:
     return folder if (folder / "sae_weights.safetensors").exists() else None
 
 
-def resolve_sae(lm: LoadedModel, sae: str | None, layer: int | None, *, default_model: bool) -> tuple[SAE, int, str]:
+class ResolvedSAE(NamedTuple):
+    """What :func:`resolve_sae` found."""
+
+    sae: SAE
+    """The SAE (parameters frozen)."""
+    layer: int
+    """The decoder block it is spliced at."""
+    label: str
+    """What it is, for reports (a folder, ``shipped SAE ...`` or the UNTRAINED warning)."""
+
+
+def resolve_sae(
+    lm: LoadedModel,
+    sae: str | Path | None = None,
+    layer: int | None = None,
+    *,
+    default_model: bool | None = None,
+) -> ResolvedSAE:
     """The SAE to use, its layer, and a label saying what it is.
 
     ``sae`` is a folder (any supported layout); ``None`` means the shipped SAE of
     the default model at ``layer`` (default 6), else an untrained random SAE.
+    ``default_model`` says whether ``lm`` is the embedded default (default: judged
+    from ``lm.name``).
     """
+    if default_model is None:
+        default_model = lm.name in DEFAULT_NAMES
+    found = _resolve(lm, None if sae is None else str(sae), layer, default_model=default_model)
+    found.sae.requires_grad_(False)
+    return found
+
+
+def _resolve(lm: LoadedModel, sae: str | None, layer: int | None, *, default_model: bool) -> ResolvedSAE:
     if sae is not None:
         loaded = load_sae(sae).to(dtype=_dtype(lm))
         use = layer if layer is not None else loaded.cfg.hook_layer
         if use is None:
             raise GradSAEError(f"SAE {sae} does not say its layer: pass --layer")
-        return loaded, int(use), str(sae)
+        return ResolvedSAE(loaded, int(use), str(sae))
     use = DEFAULT_LAYER if layer is None else layer
-    if not 0 <= use < lm.n_layers:
-        raise GradSAEError(f"layer {use} is out of range: this model has layers 0..{lm.n_layers - 1}")
+    check_layers(lm, [use])
     path = shipped_sae_path(use) if default_model else None
     if path is not None:
-        return load_sae(path).to(dtype=_dtype(lm)), use, f"shipped SAE {SHIPPED_FOLDER}/layer_{use}"
+        return ResolvedSAE(load_sae(path).to(dtype=_dtype(lm)), use, f"shipped SAE {SHIPPED_FOLDER}/layer_{use}")
     log.warning("using an %s at layer %d", UNTRAINED, use)
     cfg = SAEConfig(d_in=lm.d_model, d_sae=8 * lm.d_model, activation="topk", k=SHIPPED_K, hook_layer=use)
-    return SAE.random(cfg, seed=0).to(dtype=_dtype(lm)), use, UNTRAINED
+    return ResolvedSAE(SAE.random(cfg, seed=0).to(dtype=_dtype(lm)), use, UNTRAINED)
 
 
 def _dtype(lm: LoadedModel) -> torch.dtype:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -435,8 +435,3 @@ def check_compatible(sae: SAE, *, d_model: int, n_layers: int, layer: int) -> No
         )
     if not 0 <= layer < n_layers:
         raise GradSAEError(f"layer {layer} is out of range: this model has layers 0..{n_layers - 1}")
-
-
-def asdict_cfg(cfg: SAEConfig) -> dict[str, Any]:
-    """The config as plain JSON-able data."""
-    return asdict(cfg)

@@ -358,15 +358,3 @@ def random_scores(mean_act: torch.Tensor, *, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     noise = 1.0 - torch.rand(mean_act.shape, generator=gen, dtype=torch.float64).to(mean_act.dtype)
     return torch.where(mean_act > 0, noise.to(mean_act.device), torch.zeros_like(mean_act))
-
-
-def top_bottom(scores: Scores, row: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's TopK and BottomK: the ``k`` largest / smallest of the positive scores."""
-    ranked = scores.ranking(row)
-    k = min(k, len(ranked))
-    return ranked[:k], ranked.flip(0)[:k]
-
-
-def half_active(scores: Scores, row: int) -> int:
-    """The paper's ``K = 50%``: half the number of latents active at the last token (at least 1)."""
-    return max(1, int(scores.active_last[row]) // 2)

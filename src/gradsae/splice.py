@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from gradsae.errors import GradSAEError
-from gradsae.models import LoadedModel, block_output
+from gradsae.models import LoadedModel, block_output, with_block_output
 from gradsae.sae import SAE, check_compatible
 
 Mode = Literal["replace", "error"]
@@ -243,8 +243,7 @@ def _mask_hook(state: Splice) -> Any:
 
 def _hook(state: Splice) -> Any:
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        new = state.transform(block_output(output))
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return with_block_output(output, state.transform(block_output(output)))
 
     return hook
 

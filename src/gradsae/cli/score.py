@@ -8,13 +8,14 @@ other method, and (with ``--ablation``) the exact effect of zeroing it.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from gradsae import _files
+from gradsae.cli.common import add_model_arguments
 from gradsae.errors import GradSAEError
 from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model
 from gradsae.objectives import objective_from_name
@@ -32,6 +33,48 @@ class ScoreRow:
     rank_gradsae: int | None
     rank_activation: int | None
     ablation: float | None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``gradsae score``."""
+    add_model_arguments(parser)
+    add_score_arguments(parser)
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", default="What is the capital of France?", help="the input text")
+    parser.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    parser.add_argument(
+        "--objective",
+        default="next-token",
+        choices=["next-token", "target", "label"],
+        help="next-token: p(greedy next token) (the paper's); target: log p(--target | prompt); "
+        "label: log p(--label | --labels) at the next token",
+    )
+    parser.add_argument("--target", default=None, help="continuation for --objective target")
+    parser.add_argument("--labels", default="", help="comma-separated label words for --objective label")
+    parser.add_argument("--label", default=None, help="the label to score for --objective label")
+    parser.add_argument(
+        "--mode",
+        default="error",
+        choices=["error", "replace"],
+        help="error: exact model + latents (default); replace: the paper's reconstruction splice",
+    )
+    parser.add_argument(
+        "--aggregation",
+        default="paper",
+        choices=["paper", "signed", "abs", "sum", "last"],
+        help="how per-token influence becomes per-latent (paper: mean of positive parts)",
+    )
+    parser.add_argument("--top", type=int, default=10, help="rows in the table")
+    parser.add_argument("--ablation", action="store_true", help="also compute the exact ablation effect")
+    parser.add_argument("--json", default=None, help="also write the table as JSON to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report."""
+    sys.stdout.write(run_score(args))
+    return 0
 
 
 def run_score(args: argparse.Namespace) -> str:
@@ -54,7 +97,7 @@ def run_score(args: argparse.Namespace) -> str:
     rows = table_rows(grad, act, abl, args.top)
     header = _header(lm, label, layer, args, text, grad, time.perf_counter() - start)
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": [r.__dict__ for r in rows]}, indent=2))
+        _files.write_json(args.json, {"header": header, "rows": [r.__dict__ for r in rows]}, sort_keys=False)
     return header + "\n\n" + format_table(rows, args.top)
 
 

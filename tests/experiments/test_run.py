@@ -8,24 +8,17 @@ import json
 import pytest
 import torch
 
+from gradsae.cli.reproduce import parse_ks, write_outputs
 from gradsae.errors import GradSAEError
-from gradsae.experiments import (
-    ExperimentConfig,
-    KeptExample,
-    chosen,
-    decode,
-    k_value,
-    pick_donors,
-    prompt_batches,
-    run_layer,
-    steering_edits,
-)
+from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.perturb import decode, pick_donors, prompt_batches, steering_edits
+from gradsae.experiments.rank import KeptExample, chosen, k_value
+from gradsae.experiments.run import RunMeta, RunResults, run_layer
+from gradsae.experiments.tasks import Example, Task
 from gradsae.generate import Generation, encode_prompts, generate_batch
-from gradsae.reproduce import parse_ks, write_outputs
 from gradsae.splice import apply_edits
-from gradsae.tasks import Example, Task
 from tests import helpers
-from tests.helpers import CharTokenizer, tiny_lm, tiny_sae
+from tests.helpers import tiny_sae
 
 PROMPTS = ["hello there", "abc", "the quick fox", "zebra", "mnop qr", "why not", "ok go", "lorem"]
 
@@ -82,22 +75,13 @@ def test_correct_example_filter_and_full_run(char_lm, sae):
 def test_rerun_with_same_seed_gives_same_results_json(char_lm, sae, tmp_path):
     cfg = _cfg()
     task, _ = _half_right_task(char_lm, sae, cfg)
-    meta = {
-        "task": "tiny",
-        "metric": "squad",
-        "model": "tiny",
-        "n": 8,
-        "seed": 0,
-        "mode": "replace",
-        "methods": list(cfg.methods),
-        "ks": ["1", "3", "50%"],
-        "steer_positions": ["last", "all"],
-        "sae_labels": {"0": "random"},
-    }
+    meta = _meta(cfg)
     for name in ("a", "b"):
-        write_outputs(tmp_path / name, [run_layer(char_lm, sae, task, cfg)], meta, {"total_s": 0.0})
+        results = RunResults(config=meta, layers=(run_layer(char_lm, sae, task, cfg),))
+        write_outputs(tmp_path / name, results, {"total_s": 0.0})
     first = (tmp_path / "a" / "results.json").read_text()
     assert first == (tmp_path / "b" / "results.json").read_text()
+    assert RunResults.load(tmp_path / "a") == results  # the file reads back into the same objects
     assert json.loads(first)["layers"][0]["n_kept"] >= 2
     table = (tmp_path / "a" / "table.md").read_text()
     for row in ("GradSAE TopK", "GradSAE BottomK", "activation TopK", "activation BottomK", "random TopK"):
@@ -105,16 +89,36 @@ def test_rerun_with_same_seed_gives_same_results_json(char_lm, sae, tmp_path):
     assert (tmp_path / "a" / "exp1_layer0.png").stat().st_size > 1000
 
 
+def _meta(cfg):
+    return RunMeta(
+        task="tiny",
+        metric="squad",
+        model="tiny",
+        n=8,
+        seed=0,
+        mode="replace",
+        methods=tuple(cfg.methods),
+        ks=("1", "3", "50%"),
+        steer_positions=("last", "all"),
+        sae_labels={"0": "random"},
+        batch_size=cfg.batch_size,
+        max_new_tokens=6,
+        objective="p(greedy token) at the answer step",
+        aggregation="paper",
+        versions={},
+    )
+
+
 def test_interrupted_write_leaves_no_results_json(tmp_path, monkeypatch):
-    import gradsae.reproduce as reproduce
+    import gradsae.experiments.report as report
 
     def boom(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(reproduce, "table_markdown", boom)
-    monkeypatch.setattr(reproduce, "plot_layer", lambda *a, **k: [])
+    monkeypatch.setattr(report, "table_markdown", boom)
+    monkeypatch.setattr(report, "plot_layer", lambda *a, **k: [])
     with pytest.raises(KeyboardInterrupt):
-        write_outputs(tmp_path, [], {}, {})
+        write_outputs(tmp_path, RunResults(config=_meta(_cfg()), layers=()), {})
     assert not (tmp_path / "results.json").exists()
     assert not list(tmp_path.glob(".*tmp*"))
 

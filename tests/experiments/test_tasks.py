@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gradsae.errors import GradSAEError
-from gradsae.tasks import (
+from gradsae.experiments.tasks import (
     Example,
     Task,
     exact_match,
@@ -21,7 +21,7 @@ from gradsae.tasks import (
     parse_result,
 )
 
-SQUAD_TINY = Path(__file__).parent / "data" / "squad_tiny.json"
+SQUAD_TINY = Path(__file__).parents[1] / "data" / "squad_tiny.json"
 NEWS = ("Entertainment", "Politics", "Sport", "Technology")
 
 

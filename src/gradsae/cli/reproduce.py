@@ -11,28 +11,29 @@ an interrupted run never leaves a half-written result.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
-import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from gradsae import _files
+from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
-from gradsae.experiments import DEFAULT_KS, ExperimentConfig, KSpec, LayerResult, run_layer
+from gradsae.experiments.config import DEFAULT_KS, ExperimentConfig, KSpec
+from gradsae.experiments.report import render
+from gradsae.experiments.run import LayerResult, RunMeta, RunResults, run_layer
+from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task
 from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model
 from gradsae.pretrained import resolve_sae
-from gradsae.report import plot_layer, table_markdown
-from gradsae.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
 
 
-def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``gradsae reproduce``."""
+    add_model_arguments(parser)
     parser.add_argument(
         "--task",
         default="sst2",
@@ -66,7 +67,7 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default: the task's)")
 
 
-def reproduce_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run, then write the folder; print where it went."""
     start = time.perf_counter()
     ks = parse_ks(args.ks)
@@ -81,7 +82,7 @@ def reproduce_command(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
     )
     check_prompt_lengths(lm, task)
-    layers = parse_layers(args.layers, args.layer)
+    layers = layers_to_run(args.layers, args.layer)
     methods = ("gradsae", "activation", "random") + (("ablation",) if args.ablation else ())
     positions = tuple(p.strip() for p in args.steer_positions.split(",") if p.strip())
     if not positions or any(p not in ("last", "all") for p in positions):
@@ -107,7 +108,7 @@ def reproduce_command(args: argparse.Namespace) -> int:
         timing[f"layer_{used}_s"] = round(time.perf_counter() - began, 1)
     meta = run_meta(args, lm, task, ks, methods, positions, labels)
     timing["total_s"] = round(time.perf_counter() - start, 1)
-    write_outputs(Path(args.out), results, meta, timing)
+    write_outputs(Path(args.out), RunResults(config=meta, layers=tuple(results)), timing)
     print(f"wrote {args.out}/results.json, table.md and plots in {timing['total_s']:.0f} s")  # noqa: T201
     return 0
 
@@ -124,25 +125,9 @@ def parse_ks(text: str) -> tuple[KSpec, ...]:
     return tuple(out) or DEFAULT_KS
 
 
-def parse_layers(text: str | None, layer: int | None) -> list[int | None]:
+def layers_to_run(text: str | None, layer: int | None) -> list[int | None]:
     """``--layers`` (a sweep) if given, else the single ``--layer`` (``None``: the SAE's own)."""
-    from gradsae.train import parse_layers as comma_layers
-
-    return list(comma_layers(text)) if text else [layer]
-
-
-def check_prompt_lengths(lm: LoadedModel, task: Task) -> None:
-    """Refuse prompts that do not fit the model's context with the answer budget."""
-    limit = getattr(lm.model.config, "max_position_embeddings", None)
-    if not limit:
-        return
-    for example in task.examples:
-        n = len(lm.tokenizer(task.render(example, lm.tokenizer), add_special_tokens=False)["input_ids"])
-        if n + task.max_new_tokens > limit:
-            raise GradSAEError(
-                f"example {example.id} has a {n}-token prompt; with {task.max_new_tokens} new tokens "
-                f"it exceeds the model's context of {limit}: shorten or drop it"
-            )
+    return list(parse_layers(text)) if text else [layer]
 
 
 def run_meta(
@@ -153,47 +138,37 @@ def run_meta(
     methods: tuple[str, ...],
     positions: tuple[str, ...],
     labels: dict[str, str],
-) -> dict[str, Any]:
+) -> RunMeta:
     import transformers
 
     from gradsae import __version__
 
-    return {
-        "task": task.name,
-        "metric": task.metric,
-        "model": lm.name,
-        "n": len(task.examples),
-        "seed": args.seed,
-        "mode": args.mode,
-        "methods": list(methods),
-        "ks": [str(k) for k in ks],
-        "steer_positions": list(positions),
-        "sae_labels": labels,
-        "batch_size": args.batch_size,
-        "max_new_tokens": task.max_new_tokens,
-        "objective": "p(greedy token) at the answer step",
-        "aggregation": "paper (mean over positions of relu)",
-        "versions": {
+    return RunMeta(
+        task=task.name,
+        metric=task.metric,
+        model=lm.name,
+        n=len(task.examples),
+        seed=args.seed,
+        mode=args.mode,
+        methods=methods,
+        ks=tuple(str(k) for k in ks),
+        steer_positions=positions,
+        sae_labels=labels,
+        batch_size=args.batch_size,
+        max_new_tokens=task.max_new_tokens,
+        objective="p(greedy token) at the answer step",
+        aggregation="paper (mean over positions of relu)",
+        versions={
             "gradsae": __version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
         },
-    }
+    )
 
 
-def write_outputs(folder: Path, results: list[LayerResult], meta: dict[str, Any], timing: dict[str, float]) -> None:
+def write_outputs(folder: Path, results: RunResults, timing: dict[str, float]) -> None:
     """Plots and table first, ``results.json`` last; each via a temporary file and a rename."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for result in results:
-        plot_layer(result, meta, folder)
-    _atomic_write(folder / "table.md", table_markdown(results, meta))
-    _atomic_write(folder / "timing.json", json.dumps(timing, indent=2))
-    payload = {"config": meta, "layers": [dataclasses.asdict(r) for r in results]}
-    _atomic_write(folder / "results.json", json.dumps(payload, indent=2, sort_keys=True))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    render(folder, results)
+    _files.write_json(folder / "timing.json", timing, sort_keys=False)
+    results.save(folder)

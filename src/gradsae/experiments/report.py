@@ -13,7 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gradsae.experiments import Condition, LayerResult, Stat
+from gradsae import _files
+from gradsae.experiments.perturb import Condition
+from gradsae.experiments.run import LayerResult, RunMeta, RunResults
+from gradsae.experiments.stats import Stat
 
 NAMES = {"gradsae": "GradSAE", "activation": "activation", "random": "random", "ablation": "exact ablation"}
 
@@ -43,16 +46,16 @@ def condition_table(conditions: Sequence[Condition], ks: Sequence[str], squad: b
     return lines
 
 
-def layer_section(result: LayerResult, meta: dict[str, Any]) -> list[str]:
-    squad = meta["metric"] == "squad"
+def layer_section(result: LayerResult, meta: RunMeta) -> list[str]:
+    squad = meta.metric == "squad"
     unit = "EM / F1" if squad else "accuracy"
-    ks = [str(k) for k in meta["ks"]]
+    ks = [str(k) for k in meta.ks]
     out = [
         f"## Layer {result.layer}",
         "",
-        f"- SAE: {meta['sae_labels'][str(result.layer)]}",
+        f"- SAE: {meta.sae_labels[str(result.layer)]}",
         f"- task score on all {result.n_examples} examples: without the SAE {fmt(result.clean_baseline)}, "
-        f"with the SAE spliced ({meta['mode']} mode) {fmt(result.baseline)}",
+        f"with the SAE spliced ({meta.mode} mode) {fmt(result.baseline)}",
         f"- kept (answered correctly with the SAE): {result.n_kept}; donor pairs for steering: {result.n_donor_pairs}",
         "",
         f"### Experiment 1: mask the selected latents ({unit}, unperturbed = 100)",
@@ -60,7 +63,7 @@ def layer_section(result: LayerResult, meta: dict[str, Any]) -> list[str]:
         *condition_table(result.perturbation, ks, squad),
         "",
     ]
-    for where in meta["steer_positions"]:
+    for where in meta.steer_positions:
         part = [c for c in result.steering if c.positions == where]
         title = {
             "last": "the last position of each pass (authors' final code)",
@@ -102,13 +105,13 @@ def sweep_table(results: Sequence[LayerResult], k: str = "50%") -> list[str]:
     return [*lines, ""]
 
 
-def table_markdown(results: Sequence[LayerResult], meta: dict[str, Any]) -> str:
+def table_markdown(results: Sequence[LayerResult], meta: RunMeta) -> str:
     """The whole ``table.md``."""
     out = [
-        f"# GradSAE reproduction: task `{meta['task']}`, model `{meta['model']}`",
+        f"# GradSAE reproduction: task `{meta.task}`, model `{meta.model}`",
         "",
-        f"Examples: {meta['n']} (seed {meta['seed']}); splice mode: {meta['mode']}; rankings: "
-        f"{', '.join(NAMES.get(m, m) for m in meta['methods'])}. Cells: mean over kept examples "
+        f"Examples: {meta.n} (seed {meta.seed}); splice mode: {meta.mode}; rankings: "
+        f"{', '.join(NAMES.get(m, m) for m in meta.methods)}. Cells: mean over kept examples "
         "[95% bootstrap interval].",
         "",
     ]
@@ -119,14 +122,23 @@ def table_markdown(results: Sequence[LayerResult], meta: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_layer(result: LayerResult, meta: dict[str, Any], folder: Path) -> list[Path]:
+def render(folder: str | Path, results: RunResults) -> list[Path]:
+    """Write ``table.md`` and the plots of every layer into ``folder`` from a run's results."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [p for layer in results.layers for p in plot_layer(layer, results.config, folder)]
+    paths.append(_files.write_text(folder / "table.md", table_markdown(results.layers, results.config)))
+    return paths
+
+
+def plot_layer(result: LayerResult, meta: RunMeta, folder: Path) -> list[Path]:
     """``exp1_layer{l}.png`` and ``exp2_layer{l}.png``: score vs K, one line per ranking and set."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ks = [str(k) for k in meta["ks"]]
+    ks = [str(k) for k in meta.ks]
     paths = []
     panels: list[tuple[str, list[tuple[str, Sequence[Condition]]]]] = [
         ("exp1", [("masking", result.perturbation)]),
@@ -134,7 +146,7 @@ def plot_layer(result: LayerResult, meta: dict[str, Any], folder: Path) -> list[
             "exp2",
             [
                 (f"steering at {w} positions", [c for c in result.steering if c.positions == w])
-                for w in meta["steer_positions"]
+                for w in meta.steer_positions
             ],
         ),
     ]
@@ -147,7 +159,8 @@ def plot_layer(result: LayerResult, meta: dict[str, Any], folder: Path) -> list[
             ax.set_ylabel("task score (%)" if name == "exp1" else "success: matches donor (%)")
         fig.tight_layout()
         path = folder / f"{name}_layer{result.layer}.png"
-        fig.savefig(path, dpi=110)
+        with _files.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         paths.append(path)
     return paths

@@ -10,33 +10,24 @@ is never encoded, replaced nor ablated) with residual ``x`` after layer ``l``:
   predictions the replaced positions can change) with the residual after layer
   ``l`` left alone (``CE_clean``), replaced by ``x^`` (``CE_sae``), or set to 0
   (``CE_zero``); ``CE recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)``.
-
-:func:`finish_run` saves each trained SAE (SAELens layout), its ``eval.json``
-and a model card ``README.md`` to ``<out>/layer_<l>/``; the figures also go
-into ``cfg.json``'s metadata. When the SAE is saved in a lower precision, the
-evaluated SAE is the saved one (weights rounded first).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from gradsae.activations import heldout_tokens
-from gradsae.models import LoadedModel, block_output, residuals
+from gradsae import _files
+from gradsae.models import LoadedModel, block_output, residuals, with_block_output
 from gradsae.sae import SAE
-
-if TYPE_CHECKING:
-    from gradsae.train import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +57,12 @@ class EvalResult:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        _files.write_json(path, asdict(self), sort_keys=False)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> EvalResult:
-        return cls(**json.loads(Path(path).read_text()))
+        return cls(**_files.read_json(path))
 
 
 @dataclass
@@ -169,8 +160,7 @@ def patch_residual(lm: LoadedModel, layer: int, fn: Callable[[torch.Tensor], tor
 
     def hook(_module: Any, _inputs: Any, output: Any) -> Any:
         z = block_output(output)
-        new = torch.cat([z[:, :1], fn(z[:, 1:])], dim=1)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return with_block_output(output, torch.cat([z[:, :1], fn(z[:, 1:])], dim=1))
 
     handle = lm.layers[layer].register_forward_hook(hook)
     try:
@@ -186,83 +176,3 @@ def rounded(sae: SAE, dtype: torch.dtype) -> SAE:
         for param in copy_.parameters():
             param.copy_(param.to(dtype).float())
     return copy_
-
-
-# -- writing a finished run --------------------------------------------------------
-def finish_run(
-    lm: LoadedModel,
-    result: TrainResult,
-    cfg: TrainConfig,
-    heldout: Sequence[str],
-    *,
-    out: str | Path,
-    save_dtype: torch.dtype = torch.float32,
-    eval_tokens: int = 32_768,
-    eval_batch: int = 16,
-) -> dict[int, EvalResult]:
-    """Evaluate the trained SAEs on ``heldout`` and write ``<out>/layer_<l>/``."""
-    from gradsae.train import with_metadata
-
-    saes = {layer: rounded(sae, save_dtype) for layer, sae in result.saes.items()}
-    evals: dict[int, EvalResult] = {}
-    if eval_tokens > 0:
-        n_seq = max(1, -(-eval_tokens // (cfg.context - 1)))
-        ids = heldout_tokens(lm.tokenizer, heldout, context=cfg.context, n_sequences=n_seq).to(lm.device)
-        evals = evaluate_saes(lm, saes, ids, batch=eval_batch)
-    recipe = training_metadata(result, cfg)
-    for layer, sae in result.saes.items():
-        folder = Path(out) / f"layer_{layer}"
-        meta: dict[str, Any] = {"training": recipe, "context_size": cfg.context, "dataset_path": cfg.corpus}
-        if layer in evals:
-            meta["eval"] = asdict(evals[layer])
-        with_metadata(sae, **meta).save(folder, dtype=save_dtype)
-        if layer in evals:
-            evals[layer].save(folder / "eval.json")
-        (folder / "README.md").write_text(model_card(sae, recipe, evals.get(layer)))
-        log.info("wrote %s", folder)
-    return evals
-
-
-def training_metadata(result: TrainResult, cfg: TrainConfig) -> dict[str, Any]:
-    """How the SAEs were trained, as JSON-able data."""
-    return {
-        **{key: value for key, value in asdict(cfg).items() if key != "checkpoint_seconds"},
-        "layers": list(cfg.layers),
-        "lr": cfg.learning_rate,
-        "tokens_seen": result.tokens,
-        "train_seconds": round(result.seconds, 1),
-        "schedule": f"Adam, linear warm-up {cfg.warmup_tokens} tokens, linear decay over the last "
-        f"{cfg.decay_fraction:.0%}",
-    }
-
-
-def model_card(sae: SAE, recipe: dict[str, Any], result: EvalResult | None) -> str:
-    """A short ``README.md`` for one SAE folder."""
-    c = sae.cfg
-    lines = [
-        f"# TopK SAE: {c.model_name}, residual stream after layer {c.hook_layer}",
-        "",
-        f"- Hook: `{c.hook_name}` (output of decoder block {c.hook_layer}); d_in {c.d_in}, "
-        f"{c.d_sae} latents, TopK with k = {c.k}, `b_dec` subtracted from the input.",
-        f"- Training: {recipe['tokens_seen']:,} tokens of `{recipe['corpus']}` (held-out documents excluded), "
-        f"context {recipe['context']} (BOS skipped), {recipe['sae_batch']} tokens per step, "
-        f"lr {recipe['lr']:.2e} ({recipe['schedule']}), AuxK (k_aux = d_in/2, coefficient "
-        f"{recipe['aux_coef']:.4g}, dead after {recipe['dead_tokens']:,} silent tokens), seed {recipe['seed']}, "
-        f"{recipe['train_seconds'] / 60:.0f} min on CPU.",
-        "- Trained with `gradsae train-sae` (layers "
-        + ", ".join(str(layer) for layer in recipe["layers"])
-        + " from one pass).",
-        "",
-    ]
-    if result is not None:
-        lines += [
-            f"## Evaluation ({result.tokens:,} held-out tokens, weights as saved)",
-            "",
-            "| FVU | L0 | dead latents | CE clean | CE with SAE | CE zero-ablated | CE loss recovered |",
-            "|---|---|---|---|---|---|---|",
-            f"| {result.fvu:.3f} | {result.l0:.1f} | {100 * result.dead_fraction:.1f}% | {result.ce_clean:.3f} | "
-            f"{result.ce_sae:.3f} | {result.ce_zero:.3f} | {100 * result.ce_recovered:.1f}% |",
-            "",
-        ]
-    lines += ["Load with `gradsae.sae.load_sae(folder)` or SAELens (`cfg.json` + `sae_weights.safetensors`).", ""]
-    return "\n".join(lines)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gradsae.errors import GradSAEError
+from gradsae.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -464,3 +465,17 @@ def _user_example(path: Path, index: int, row: dict[str, Any], prompt: str, answ
         label=answers[0] if metric == "accuracy" else None,
         group=None if group is None else str(group),
     )
+
+
+def check_prompt_lengths(lm: LoadedModel, task: Task) -> None:
+    """Refuse prompts that do not fit the model's context with the answer budget."""
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    for example in task.examples:
+        n = len(lm.tokenizer(task.render(example, lm.tokenizer), add_special_tokens=False)["input_ids"])
+        if n + task.max_new_tokens > limit:
+            raise GradSAEError(
+                f"example {example.id} has a {n}-token prompt; with {task.max_new_tokens} new tokens "
+                f"it exceeds the model's context of {limit}: shorten or drop it"
+            )

@@ -11,13 +11,16 @@ import pytest
 import torch
 
 import gradsae
-from gradsae.activations import StreamConfig, activation_blocks, load_texts, sequences, split_heldout
+from gradsae.cli.common import parse_count
+from gradsae.cli.train_sae import add_arguments as add_train_sae_arguments
 from gradsae.errors import GradSAEError
-from gradsae.evaluate_sae import evaluate_saes, finish_run
 from gradsae.models import LoadedModel
 from gradsae.sae import SAE, SAEConfig, load_sae
-from gradsae.train import LayerTrainer, TrainConfig, _count, add_train_sae_arguments, sae_loss, train_saes
-
+from gradsae.training.activations import StreamConfig, activation_blocks, load_texts, sequences, split_heldout
+from gradsae.training.evaluate import evaluate_saes
+from gradsae.training.export import finish_run
+from gradsae.training.loop import train_saes
+from gradsae.training.trainer import LayerTrainer, TrainConfig, sae_loss
 from tests.helpers import CharTokenizer, char_lm
 
 D_MODEL = 32
@@ -180,7 +183,7 @@ def test_cli_arguments() -> None:
     parser = argparse.ArgumentParser()
     add_train_sae_arguments(parser)
     args = parser.parse_args(["--layers", "6,15,24", "--tokens", "2.5M", "--width", "4608"])
-    assert args.tokens == 2_500_000 and args.layers == "6,15,24" and _count("500k") == 500_000
+    assert args.tokens == 2_500_000 and args.layers == "6,15,24" and parse_count("500k") == 500_000
 
 
 def test_sparse_backward_matches_dense_autograd() -> None:

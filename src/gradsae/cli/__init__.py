@@ -1,0 +1,55 @@
+"""Command line: ``gradsae score | train-sae | reproduce | report``.
+
+Every user error ends as one line, ``error: <what and the fix>``, exit status 2.
+Each subcommand is a module here with ``add_arguments(parser)`` and ``run(args)``;
+nothing below ``gradsae.cli`` imports ``argparse``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from gradsae.cli.common import quiet_libraries
+from gradsae.errors import GradSAEError
+
+COMMANDS = {
+    "score": ("score", "rank a prompt's SAE latents by GradSAE and by activation"),
+    "train-sae": ("train_sae", "train TopK SAEs on a model's residual stream"),
+    "reproduce": ("reproduce", "run the paper's two experiments and write tables and plots"),
+    "report": ("report", "re-render a run's table and plots from its results.json"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradsae`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_libraries(args.verbose)
+    try:
+        return int(args.module.run(args))
+    except GradSAEError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: finished work is saved; run the same command again to continue\n")
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gradsae`` parser with one subparser per command module."""
+    parser = argparse.ArgumentParser(prog="gradsae", description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and progress bars")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(f"gradsae.cli.{module_name}")
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(module=module)
+    return parser
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""``gradsae report RUN_DIR``: re-render ``table.md`` and the plots from ``results.json`` alone."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gradsae.errors import GradSAEError
+from gradsae.experiments.report import render
+from gradsae.experiments.run import RESULTS, RunResults
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``gradsae report``."""
+    parser.add_argument("run_dir", help="a folder written by `gradsae reproduce` (it holds results.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Read ``results.json``, write ``table.md`` and the PNG plots next to it."""
+    folder = Path(args.run_dir)
+    if not (folder / RESULTS).is_file():
+        raise GradSAEError(f"{folder / RESULTS} does not exist: pass a folder written by `gradsae reproduce`")
+    try:
+        results = RunResults.load(folder)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise GradSAEError(
+            f"{folder / RESULTS} is not a gradsae results file ({exc}): rerun `gradsae reproduce`"
+        ) from None
+    paths = render(folder, results)
+    sys.stdout.write(f"wrote {', '.join(p.name for p in paths)} in {folder}\n")
+    return 0

@@ -1,0 +1,94 @@
+"""``gradsae train-sae``: train (or resume) TopK SAEs, then evaluate and save each one.
+
+The training options come from :class:`gradsae.training.trainer.TrainConfig`
+itself (one ``--option`` per field, its docstring as the help); the rest say
+where the text and the outputs are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from gradsae.cli.common import dataclass_arguments, parse_count, parse_layers
+from gradsae.models import DEFAULT_NAMES, check_layers, load_model
+from gradsae.training.activations import load_texts, split_heldout
+from gradsae.training.export import finish_run
+from gradsae.training.loop import CHECKPOINT, stop_on_sigint, train_saes
+from gradsae.training.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+COUNTS = {"tokens": parse_count, "warmup_tokens": parse_count, "dead_tokens": parse_count}
+NOT_OPTIONS = ("layers", "model_name", "corpus")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``gradsae train-sae``."""
+    add = parser.add_argument
+    add("--model", default=None, help="model name, folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    add("--layers", default="6", help="comma-separated layers, e.g. 6,15,24 (one SAE each, trained together)")
+    add(
+        "--corpus",
+        default="news",
+        help="news (embedded NewsArticles), a .txt/.jsonl/.csv/.parquet file, or a HF dataset",
+    )
+    add("--column", default="text", help="text column of a .jsonl/.csv/.parquet/HF corpus")
+    add("--split", default="train", help="split of a Hugging Face dataset")
+    add("--out", default="runs/sae", help="output folder: layer_<l>/ per SAE, plus checkpoint.pt")
+    dataclass_arguments(parser, TrainConfig, skip=NOT_OPTIONS, types=COUNTS)
+    add("--model-dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the model while training")
+    add("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="dtype of the saved SAEs")
+    add("--eval-tokens", type=parse_count, default=32_768, help="held-out tokens for evaluation (0: skip)")
+    add("--eval-batch", type=int, default=16, help="sequences per forward pass in evaluation")
+    add("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small machine)")
+    add("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def config_from_args(args: argparse.Namespace, model_name: str) -> TrainConfig:
+    """The :class:`TrainConfig` an argparse namespace describes."""
+    import dataclasses
+
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in NOT_OPTIONS}
+    return TrainConfig(layers=parse_layers(args.layers), model_name=model_name, corpus=str(args.corpus), **options)
+
+
+def sae_model_name(name: str | None) -> str:
+    """The name recorded in the SAEs' config."""
+    return "SmolLM2-135M-Instruct" if name in DEFAULT_NAMES else str(name)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (or resume), then evaluate and save each SAE."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args, sae_model_name(args.model))
+    lm = load_model(args.model)
+    check_layers(lm, cfg.layers)
+    train_texts, heldout = split_heldout(load_texts(args.corpus, column=args.column, split=args.split))
+    out = Path(args.out)
+    if args.model_dtype != "float32":
+        lm.model.to(getattr(torch, args.model_dtype))
+    with stop_on_sigint() as should_stop:
+        result = train_saes(
+            lm, train_texts, cfg, checkpoint=out / CHECKPOINT, should_stop=should_stop, progress=not args.no_progress
+        )
+    if not result.finished:
+        log.warning("stopped at %d of %d tokens; rerun the same command to resume", result.tokens, cfg.tokens)
+        return 130
+    if args.model_dtype != "float32":
+        lm = load_model(args.model)  # evaluate the model as users run it, not the rounded copy
+    finish_run(
+        lm,
+        result,
+        cfg,
+        heldout,
+        out=out,
+        save_dtype=getattr(torch, args.save_dtype),
+        eval_tokens=args.eval_tokens,
+        eval_batch=args.eval_batch,
+    )
+    return 0

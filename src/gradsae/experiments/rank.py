@@ -1,0 +1,173 @@
+"""Rank each kept example's latents by every method, and pick Top / Bottom K.
+
+For kept example ``i`` the objective is ``Y_i = p(greedy token)`` at the step
+that opens the answer, with the prompt plus the tokens generated before that step
+as input. Each ranking method ``m`` (gradsae, activation, random, optionally
+ablation) scores the latents; among latents with a positive score, ``Top_m(i, K)``
+are the ``K`` best and ``Bottom_m(i, K)`` the ``K`` worst; ``K = 50%`` is half
+the latents active at the last input token (at least 1).
+
+Overlap (the paper's appendix), at ``K = 10``, in % of K:
+``cross/a-b = mean_i |Top_a(i) & Top_b(i)| / K`` and ``within/m`` = the mean over
+pairs of examples sharing a label (classification) or a context (SQuAD) of
+``|Top_m(i) & Top_m(j)| / K``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gradsae.experiments.config import ExperimentConfig, KSpec
+from gradsae.experiments.stats import spearman
+from gradsae.experiments.tasks import Example, Task
+from gradsae.generate import Generation, answer_inputs, answer_step
+from gradsae.models import LoadedModel
+from gradsae.objectives import NextTokenProb
+from gradsae.sae import SAE
+from gradsae.scores import Scores, score_latents, score_methods
+
+
+@dataclass(frozen=True)
+class KeptExample:
+    """A correctly answered example and its rankings."""
+
+    example: Example
+    generation: Generation
+    step: int
+    """Generation step whose token opens the answer."""
+    rankings: dict[str, list[int]]
+    """Method -> latents with a positive score, best first."""
+    active_last: int
+    donor_values: dict[int, float] = field(default_factory=dict)
+    """Latent -> value used when this example is a donor."""
+
+
+def rank_examples(
+    lm: LoadedModel,
+    sae: SAE,
+    task: Task,
+    examples: Sequence[Example],
+    gens: Sequence[Generation],
+    cfg: ExperimentConfig,
+) -> tuple[list[KeptExample], dict[str, Any]]:
+    """Score every kept example with every method at its answer step."""
+    steps = [answer_step(lm.tokenizer, gen, task.answer_marker) for gen in gens]
+    rankings: list[dict[str, list[int]]] = [{} for _ in examples]
+    donor_values: list[dict[int, float]] = [{} for _ in examples]
+    active_last = [0] * len(examples)
+    spearman: list[float] = []
+    for start in tqdm(
+        range(0, len(examples), cfg.batch_size), desc=f"scoring latents (layer {cfg.layer})", disable=None
+    ):
+        rows = range(start, min(start + cfg.batch_size, len(examples)))
+        ids, mask = answer_inputs(lm.tokenizer, [gens[i] for i in rows], [steps[i] for i in rows])
+        by_method = score_methods(
+            lm,
+            sae,
+            ids,
+            mask,
+            NextTokenProb(),
+            methods=cfg.methods,
+            layer=cfg.layer,
+            mode=cfg.mode,
+            seed=cfg.seed + start,
+        )
+        for offset, i in enumerate(rows):
+            rankings[i] = {m: s.ranking(offset).tolist() for m, s in by_method.items()}
+            active_last[i] = int(next(iter(by_method.values())).active_last[offset])
+            donor_values[i] = _donor_values(next(iter(by_method.values())), offset, cfg.clamp)
+        if "ablation" in by_method:
+            spearman += _estimate_vs_exact(lm, sae, ids, mask, by_method["ablation"], cfg)
+    kept = [
+        KeptExample(example=ex, generation=gen, step=step, rankings=r, active_last=a, donor_values=d)
+        for ex, gen, step, r, a, d in zip(examples, gens, steps, rankings, active_last, donor_values, strict=True)
+    ]
+    diagnostics: dict[str, Any] = {"answer_steps": steps}
+    if spearman:
+        diagnostics["spearman_gradsae_sum_vs_ablation"] = {
+            "mean": float(np.mean(spearman)),
+            "min": float(np.min(spearman)),
+            "n": len(spearman),
+        }
+    return kept, diagnostics
+
+
+def _donor_values(scores: Scores, row: int, clamp: tuple[float, float]) -> dict[int, float]:
+    """Value each active latent is injected with: last-token activation, else mean activation."""
+    last, mean = scores.last_act[row], scores.mean_act[row]
+    value = torch.where(last > 0, last, mean).clamp(*clamp)
+    active = torch.nonzero(mean > 0).squeeze(-1)
+    return {int(c): float(value[c]) for c in active}
+
+
+def _estimate_vs_exact(
+    lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, exact: Scores, cfg: ExperimentConfig
+) -> list[float]:
+    """Spearman correlation, per example, of the first-order estimate (sum over positions) and exact ablation."""
+    estimate = score_latents(lm, sae, ids, mask, NextTokenProb(), layer=cfg.layer, mode=cfg.mode, aggregation="sum")
+    out = []
+    for row in range(ids.shape[0]):
+        active = exact.mean_act[row] > 0
+        if int(active.sum()) > 2:
+            out.append(spearman(estimate.per_latent[row, active], exact.per_latent[row, active]))
+    return out
+
+
+def k_value(k: KSpec, example: KeptExample) -> int:
+    """K as a count for this example (``"50%"``: half the latents active at the last token)."""
+    if isinstance(k, str):
+        fraction = float(k.rstrip("%")) / 100
+        return max(1, int(example.active_last * fraction))
+    return int(k)
+
+
+def chosen(example: KeptExample, method: str, which: str, k: KSpec) -> list[int]:
+    """``Top`` or ``Bottom`` K latents of ``example`` under ``method`` (among positive scores)."""
+    ranked = example.rankings[method]
+    count = min(k_value(k, example), len(ranked))
+    return ranked[:count] if which == "top" else ranked[::-1][:count]
+
+
+def padded(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``[batch, max_len]`` latent ids, ``-1`` padding (ignored by edits)."""
+    width = max(1, max((len(r) for r in rows), default=1))
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+def overlap_stats(kept: Sequence[KeptExample], cfg: ExperimentConfig, *, by: str, k: int = 10) -> dict[str, float]:
+    """The appendix's overlap figures at K = ``k`` (fractions of K, in %).
+
+    ``cross/gradsae-activation``: mean over examples of ``|Top_g & Top_a| / K``.
+    ``within/<method>``: mean over pairs of examples sharing a label (classification)
+    or a context (SQuAD) of ``|Top_m(i) & Top_m(j)| / K``.
+    """
+    out: dict[str, float] = {}
+    methods = [m for m in cfg.methods if m != "random"] + (["random"] if "random" in cfg.methods else [])
+    for a, b in combinations(methods, 2):
+        values = [_overlap(chosen(ex, a, "top", k), chosen(ex, b, "top", k), k) for ex in kept]
+        if values:
+            out[f"cross/{a}-{b}"] = 100 * float(np.mean(values))
+    key = (lambda ex: ex.example.group) if by == "squad" else (lambda ex: ex.example.label)
+    for method in methods:
+        values = [
+            _overlap(chosen(x, method, "top", k), chosen(y, method, "top", k), k)
+            for x, y in combinations(kept, 2)
+            if key(x) is not None and key(x) == key(y)
+        ]
+        if values:
+            out[f"within/{method}"] = 100 * float(np.mean(values))
+    return out
+
+
+def _overlap(a: Sequence[int], b: Sequence[int], k: int) -> float:
+    return len(set(a) & set(b)) / k

@@ -1,0 +1,150 @@
+"""The paper's two experiments on one task, layer by layer, and the file that holds them.
+
+Setup (Shu et al. 2025, sec. 4): with the SAE spliced at layer ``l``, greedy-decode
+every example and keep those answered correctly (EM = 1 / right label), so the
+unperturbed score is 100 by construction. Then rank (:mod:`.rank`), perturb and
+steer (:mod:`.perturb`), and summarise (:mod:`.stats`). Each figure carries a 95%
+percentile-bootstrap interval over examples.
+
+``results.json`` = ``{"config": RunMeta, "layers": [LayerResult, ...]}``;
+:class:`RunResults` writes and reads it, so the report (and a notebook) starts
+from the file, not from live objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradsae import _files
+from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.perturb import Condition, decode, pick_donors, prompt_batches, run_perturbation, run_steering
+from gradsae.experiments.rank import overlap_stats, rank_examples
+from gradsae.experiments.stats import Stat
+from gradsae.experiments.tasks import Task
+from gradsae.models import LoadedModel
+from gradsae.sae import SAE
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """Everything measured at one layer (``results.json`` holds one per layer)."""
+
+    layer: int
+    n_examples: int
+    n_kept: int
+    baseline: Stat
+    """Task score of the spliced model on all examples (before keeping the correct ones)."""
+    clean_baseline: Stat
+    """Task score of the model without the SAE, on the same examples."""
+    perturbation: tuple[Condition, ...]
+    steering: tuple[Condition, ...]
+    overlap: dict[str, float]
+    n_donor_pairs: int
+    diagnostics: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerResult:
+        return cls(
+            **{
+                **data,
+                "baseline": Stat.from_dict(data["baseline"]),
+                "clean_baseline": Stat.from_dict(data["clean_baseline"]),
+                "perturbation": tuple(Condition.from_dict(c) for c in data["perturbation"]),
+                "steering": tuple(Condition.from_dict(c) for c in data["steering"]),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """How a run was made: ``results.json``'s ``config``."""
+
+    task: str
+    metric: str
+    model: str
+    n: int
+    """Examples drawn before keeping the correct ones."""
+    seed: int
+    mode: str
+    """Splice mode."""
+    methods: tuple[str, ...]
+    ks: tuple[str, ...]
+    steer_positions: tuple[str, ...]
+    sae_labels: dict[str, str]
+    """Layer (as a string) -> what SAE was used there."""
+    batch_size: int
+    max_new_tokens: int
+    objective: str
+    aggregation: str
+    versions: dict[str, str]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunMeta:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kept = {key: value for key, value in data.items() if key in names}
+        for key in ("methods", "ks", "steer_positions"):
+            kept[key] = tuple(kept[key])
+        return cls(**kept)
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """A whole run: its metadata and one result per layer."""
+
+    config: RunMeta
+    layers: tuple[LayerResult, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": dataclasses.asdict(self.config), "layers": [dataclasses.asdict(r) for r in self.layers]}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``<folder>/results.json`` atomically."""
+        return _files.write_text(Path(folder) / RESULTS, json.dumps(self.to_json(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> RunResults:
+        """Read ``<folder>/results.json`` (or the file itself)."""
+        path = Path(folder)
+        data = _files.read_json(path / RESULTS if path.is_dir() else path)
+        return cls(
+            config=RunMeta.from_dict(data["config"]),
+            layers=tuple(LayerResult.from_dict(layer) for layer in data["layers"]),
+        )
+
+
+def run_layer(lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig) -> LayerResult:
+    """Both experiments at ``cfg.layer``."""
+    texts = [task.render(example, lm.tokenizer) for example in task.examples]
+    batches = prompt_batches(lm, texts, cfg, reuse=False)
+    clean = decode(lm, batches, task, cfg, sae=None, edits_for=None)
+    spliced = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
+    correct = [task.score(ex, gen.text).exact == 1.0 for ex, gen in zip(task.examples, spliced, strict=True)]
+    kept_examples = [ex for ex, ok in zip(task.examples, correct, strict=True) if ok]
+    kept_gens = [gen for gen, ok in zip(spliced, correct, strict=True) if ok]
+    log.info("layer %d: %d of %d examples answered correctly with the SAE", cfg.layer, len(kept_examples), len(texts))
+    kept, diagnostics = rank_examples(lm, sae, task, kept_examples, kept_gens, cfg)
+    kept_texts = [texts[task.examples.index(k.example)] for k in kept]
+    perturbation = run_perturbation(lm, sae, task, kept, kept_texts, cfg)
+    donors = pick_donors(kept, seed=cfg.seed)
+    steering = run_steering(lm, sae, task, kept, kept_texts, donors, cfg)
+    return LayerResult(
+        layer=cfg.layer,
+        n_examples=len(texts),
+        n_kept=len(kept),
+        baseline=cfg.stat([float(c) for c in correct]),
+        clean_baseline=cfg.stat([task.score(ex, g.text).exact for ex, g in zip(task.examples, clean, strict=True)]),
+        perturbation=tuple(perturbation),
+        steering=tuple(steering),
+        overlap=overlap_stats(kept, cfg, by=task.metric),
+        n_donor_pairs=sum(d is not None for d in donors),
+        diagnostics=diagnostics,
+    )

@@ -1,0 +1,46 @@
+"""Statistics over kept examples: bootstrap intervals and rank correlation.
+
+* :func:`stat`: ``100 * mean_i x_i`` with a 95% percentile bootstrap interval
+  (``resamples`` draws of the examples with replacement, seeded).
+* :func:`spearman`: Spearman's rank correlation (average ranks for ties).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A task score (0-100) over examples, with its 95% bootstrap interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float]) -> Stat:
+        return cls(mean=float(data["mean"]), low=float(data["low"]), high=float(data["high"]), n=int(data["n"]))
+
+
+def stat(values: Sequence[float], *, seed: int, resamples: int) -> Stat:
+    """Mean x 100 with a 95% percentile bootstrap interval over examples (seeded)."""
+    if not values:
+        return Stat(mean=float("nan"), low=float("nan"), high=float("nan"), n=0)
+    data = 100 * np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return Stat(mean=float(data.mean()), low=float(low), high=float(high), n=len(data))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.double().numpy(), b.double().numpy()).statistic)
