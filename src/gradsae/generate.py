@@ -14,6 +14,31 @@ Finished rows are fed the pad token until every row has stopped, as in
 ``model.generate``; their outputs are discarded. The tokens equal those of
 ``model.generate(do_sample=False)`` and of decoding each row alone.
 
+Steering at the newest position (``newest_only=splice``, the authors' final
+experiment 2). Their code re-runs the whole sequence ``x[0..n]`` uncached for
+every token and edits only the last position ``n``: the logits of ``y`` come
+from a pass in which position ``n`` is edited and positions ``0..n-1`` are
+spliced unedited. With the plain loop above an edit at ``positions="last"``
+is instead written into the cache with its token, so the pass of step ``t``
+(prompt width ``P``) sees it at positions ``P-1 .. P+t-1`` (the *cumulative*
+variant). ``newest_only`` keeps
+the cache unedited; every pass of the loop above becomes::
+
+    edited:   logits = model(x_new, cache[0..n-1])   edits at the pass's last position n
+              (the cache now also holds the edited keys/values of n)
+    crop:     cache <- cache[0..n-1]                 DynamicCache.crop(-1)
+    unedited: model(x_new[:, -1:], cache[0..n-1])    splice on, edits off -> cache[0..n]
+
+so the logits of every step equal the uncached authors' pass and the cache
+holds, for every position, the keys/values of the spliced but unedited model
+(causal attention: an edit at ``n`` changes nothing before ``n``, so cropping
+one position removes all of it). The unedited refill is skipped after the last
+step. Cost: one extra one-token pass per step (and one after the prompt pass),
+about twice the cumulative loop's per-step cost; blocks ``0..l`` give the same
+result in both passes and could be shared, but are not. Sliding-window cache
+layers record their past so that cropping works past the window. Prefix replay
+(:func:`gradsae.prefix.replay_prefix`) still applies to the prompt pass.
+
 The paper's objective is the softmax probability of the greedy token at the
 step that opens the answer: :func:`answer_step` finds that step and
 :func:`answer_inputs` builds the prompt followed by the tokens generated before it.
@@ -28,7 +53,9 @@ from typing import Any
 
 import torch
 
+from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel, cache_kwarg, position_ids
+from gradsae.splice import Splice
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +134,13 @@ def generate(
     *,
     max_new_tokens: int,
     batch_size: int = 8,
+    newest_only: Splice | None = None,
 ) -> list[Generation]:
     """Greedy continuations of ``texts``, decoded ``batch_size`` at a time."""
     out: list[Generation] = []
     for start in range(0, len(texts), batch_size):
         input_ids, mask = encode_prompts(lm.tokenizer, texts[start : start + batch_size])
-        out.extend(generate_batch(lm, input_ids, mask, max_new_tokens=max_new_tokens))
+        out.extend(generate_batch(lm, input_ids, mask, max_new_tokens=max_new_tokens, newest_only=newest_only))
     return out
 
 
@@ -124,11 +152,20 @@ def generate_batch(
     *,
     max_new_tokens: int,
     stop: frozenset[int] | None = None,
+    newest_only: Splice | None = None,
 ) -> list[Generation]:
-    """Greedy continuations of one left-padded batch (``[batch, pos]``); see the module docstring."""
+    """Greedy continuations of one left-padded batch (``[batch, pos]``); see the module docstring.
+
+    ``newest_only``: the active splice (from :func:`gradsae.splice.splice`) whose
+    edits, all at ``positions="last"``, apply to the newest position only while
+    the KV cache stays unedited (the authors' steering); ``None``: plain decoding.
+    A recording splice then also records the unedited refill passes.
+    """
     stop = stop_ids(lm) if stop is None else stop
     pad = pad_id(lm.tokenizer)
-    tokens = greedy_tokens(lm.model, input_ids, attention_mask, max_new_tokens=max_new_tokens, stop=stop, pad=pad)
+    tokens = greedy_tokens(
+        lm.model, input_ids, attention_mask, max_new_tokens=max_new_tokens, stop=stop, pad=pad, newest_only=newest_only
+    )
     return [_generation(lm.tokenizer, input_ids[i], attention_mask[i], row, stop) for i, row in enumerate(tokens)]
 
 
@@ -140,34 +177,79 @@ def greedy_tokens(
     max_new_tokens: int,
     stop: frozenset[int],
     pad: int,
+    newest_only: Splice | None = None,
 ) -> list[list[int]]:
-    """Generated ids per row (stop token included); one forward pass per step, cached."""
+    """Generated ids per row (stop token included); one forward pass per step, cached.
+
+    With ``newest_only`` each step is an edited pass, a crop and an unedited
+    refill of the newest position (see the module docstring).
+    """
     device = next(model.parameters()).device
     ids, mask = input_ids.to(device), attention_mask.to(device)
     positions = position_ids(mask)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     rows: list[list[int]] = [[] for _ in range(ids.shape[0])]
-    cache = None
-    for _ in range(max_new_tokens):
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,  # only the last position's logits are read
-            **{cache_kwarg(model): cache},
-        )
-        cache = _output_cache(out)
-        token = out.logits[:, -1].argmax(-1).masked_fill(done, pad)
+    cache = None if newest_only is None else _croppable_cache(model, newest_only)
+    for step in range(max_new_tokens):
+        logits, cache = _cached_pass(model, ids, mask, positions, cache)
+        token = logits.argmax(-1).masked_fill(done, pad)
         for i in (~done).nonzero().flatten().tolist():
             rows[i].append(int(token[i]))
         done = done | torch.isin(token, stop_t)
-        if bool(done.all()):
+        if bool(done.all()) or step + 1 == max_new_tokens:
             break
+        if newest_only is not None:
+            _unedit_newest(model, newest_only, ids[:, -1:], mask, positions[:, -1:], cache)
         ids, positions = token[:, None], positions[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     return rows
+
+
+def _cached_pass(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+) -> tuple[torch.Tensor, Any]:
+    """``[batch, vocab]`` logits at the last position, and the cache extended by ``ids``."""
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,  # only the last position's logits are read
+        **{cache_kwarg(model): cache},
+    )
+    return out.logits[:, -1], _output_cache(out)
+
+
+def _croppable_cache(model: Any, state: Splice) -> Any:
+    """An empty ``DynamicCache`` that can drop its newest position, also past a sliding window."""
+    from transformers import DynamicCache
+
+    _check_newest(state)
+    cache = DynamicCache(config=model.config)
+    if hasattr(cache, "activate_past_recording"):  # transformers >= 5: sliding layers keep what crop needs
+        cache.activate_past_recording()
+    return cache
+
+
+def _check_newest(state: Splice) -> None:
+    """Newest-only decoding edits the last position of each pass: refuse any other edit."""
+    wrong = [e.positions for e in state.edits if not (isinstance(e.positions, str) and e.positions == "last")]
+    if wrong:
+        shown = ", ".join("a mask" if isinstance(p, torch.Tensor) else repr(p) for p in wrong)
+        raise GradSAEError(f"newest-only steering needs every edit at positions='last', got {shown}")
+
+
+def _unedit_newest(
+    model: Any, state: Splice, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+) -> None:
+    """Replace the cache's newest position (written by an edited pass) with that of an unedited pass."""
+    cache.crop(-1)
+    edits_on, state.edits_on = state.edits_on, False
+    try:
+        _cached_pass(model, ids, mask, positions, cache)
+    finally:
+        state.edits_on = edits_on
 
 
 def _generation(
@@ -198,6 +280,6 @@ def answer_step(tokenizer: Any, generation: Generation, marker: str | None) -> i
 def answer_inputs(
     tokenizer: Any, generations: Sequence[Generation], steps: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt + first ``steps[i]`` generated tokens, the input of :func:`next_token`."""
+    """Left-padded prompt + first ``steps[i]`` generated tokens, the input of the answer-step objective."""
     rows = [g.prefix(step) for g, step in zip(generations, steps, strict=True)]
     return pad_left(rows, pad_id(tokenizer))

@@ -14,6 +14,9 @@ SAEs are trained without it), pass through unchanged with all latents zero
 (``skip_first=False`` splices the first token too). With no edits, ``error`` mode leaves the model's output
 exactly as it was while exposing the latents; ``replace`` runs the model on the
 reconstruction. Hooks are removed on exit, also when the body raises.
+``Splice.edits_on = False`` splices without edits until it is set again (the
+newest-only decoding loop of :mod:`gradsae.generate` does so for the passes
+that only fill its KV cache).
 
 For gradients, the splice can hand the rest of the network a leaf tensor
 ``R = Z'.detach().requires_grad_()``: a backward pass from any objective then
@@ -38,7 +41,8 @@ from gradsae.sae import SAE, check_compatible
 Mode = Literal["replace", "error"]
 MODES = ("replace", "error")
 Op = Literal["zero", "set", "add"]
-Positions = Literal["all", "last"] | torch.Tensor
+Positions = Literal["all", "last", "cumulative"] | torch.Tensor
+POSITIONS = ("all", "last", "cumulative")
 
 
 @dataclass(frozen=True)
@@ -47,10 +51,20 @@ class Edit:
 
     ``latents`` is ``[n]`` (the same for every batch row) or ``[batch, n]``
     (entries ``< 0`` are padding and ignored). ``values`` is a scalar, ``[n]`` or
-    ``[batch, n]``, used by ``set`` and ``add``. ``positions`` is ``"all"``,
-    ``"last"`` (the last position of each forward pass: the final prompt token,
-    then each new token while generating) or a boolean ``[batch, pos]`` mask over
-    absolute positions; positions past the mask's end follow ``extend``.
+    ``[batch, n]``, used by ``set`` and ``add``. ``positions`` is
+
+    * ``"all"``: every position of every forward pass;
+    * ``"last"``: the last position of each forward pass. Under plain cached
+      decoding that is the cumulative variant below; under
+      ``generate_batch(..., newest_only=splice)`` it is the authors' variant:
+      only the newest position is edited, the cache keeps unedited keys/values;
+    * ``"cumulative"``: the same per pass as ``"last"``, named for what it gives
+      under plain cached decoding: each token is edited when it is the newest
+      (the last prompt token, then each generated one) and the edit is kept in
+      the cache, so at step ``t`` every position from the last prompt token on
+      carries it. ``newest_only`` decoding refuses it;
+    * a boolean ``[batch, pos]`` mask over absolute positions; positions past the
+      mask's end follow ``extend``.
     """
 
     latents: torch.Tensor | Sequence[int]
@@ -62,8 +76,8 @@ class Edit:
     def __post_init__(self) -> None:
         if self.op not in ("zero", "set", "add"):
             raise GradSAEError(f"unknown edit {self.op!r}: use zero, set or add")
-        if isinstance(self.positions, str) and self.positions not in ("all", "last"):
-            raise GradSAEError(f"unknown positions {self.positions!r}: use 'all', 'last' or a bool mask")
+        if isinstance(self.positions, str) and self.positions not in POSITIONS:
+            raise GradSAEError(f"unknown positions {self.positions!r}: use 'all', 'last', 'cumulative' or a bool mask")
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,8 @@ class Splice:
     """The attention mask of the forward pass in flight (set by a model pre-hook)."""
     chunk_elements: int = 1 << 23
     """Encode at most this many ``token x latent`` entries at once (bounds memory for wide SAEs)."""
+    edits_on: bool = True
+    """Apply ``edits``; when off, passes are spliced unedited (the newest-only decoder's cache fills)."""
 
     @property
     def acts(self) -> list[torch.Tensor]:
@@ -127,7 +143,8 @@ class Splice:
         """``Z -> Z'`` for one block output ``[batch, pos, d_model]``, in token chunks."""
         start, valid = self._positions(z)
         batch, pos, d_model = z.shape
-        plans = [_EditPlan.build(edit, batch, pos, start, self.sae.cfg.d_sae, z) for edit in self.edits]
+        edits = self.edits if self.edits_on else []
+        plans = [_EditPlan.build(edit, batch, pos, start, self.sae.cfg.d_sae, z) for edit in edits]
         flat_z, flat_valid = z.reshape(-1, d_model), valid.reshape(-1)
         rows = max(1, self.chunk_elements // self.sae.cfg.d_sae)
         outs, found = [], []
@@ -320,7 +337,7 @@ def _position_mask(edit: Edit, batch: int, pos: int, offset: int, device: torch.
     """``[batch, pos]`` positions of this pass that the edit touches."""
     if isinstance(edit.positions, str):
         mask = torch.ones(batch, pos, dtype=torch.bool, device=device)
-        if edit.positions == "last":
+        if edit.positions in ("last", "cumulative"):
             mask[:, :-1] = False
         return mask
     given = edit.positions.to(device=device, dtype=torch.bool)
