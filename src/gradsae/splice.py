@@ -299,7 +299,11 @@ def _sparse(
 
 
 def _latent_table(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense ``[batch, d_sae]`` choice mask and values for one edit."""
+    """Dense ``[batch, d_sae]`` choice mask and values for one edit.
+
+    Padding entries (``< 0``) are scattered into a spare column ``d_sae`` that is
+    then dropped, so they never collide with a real latent (latent 0 included).
+    """
     latents = torch.as_tensor(edit.latents, dtype=torch.long, device=like.device)
     if latents.ndim == 1:
         latents = latents.expand(batch, -1)
@@ -309,12 +313,11 @@ def _latent_table(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tup
         raise GradSAEError(f"latent {int(latents.max())} is out of range: the SAE has {d_sae} latents")
     values = torch.as_tensor(edit.values, dtype=like.dtype, device=like.device)
     values = values.expand(latents.shape) if values.ndim < 2 else values
-    valid = latents >= 0
-    index = latents.clamp(min=0)
-    chosen = torch.zeros(batch, d_sae, dtype=torch.bool, device=like.device).scatter(1, index, valid)
-    dense = torch.zeros(batch, d_sae, dtype=like.dtype, device=like.device)
-    dense = dense.scatter(1, index, torch.where(valid, values, torch.zeros_like(values)))
-    return chosen, dense
+    index = torch.where(latents >= 0, latents, d_sae)  # padding writes to a spare column, dropped below
+    chosen = torch.zeros(batch, d_sae + 1, dtype=torch.bool, device=like.device)
+    chosen = chosen.scatter(1, index, torch.ones_like(index, dtype=torch.bool))
+    dense = torch.zeros(batch, d_sae + 1, dtype=like.dtype, device=like.device).scatter(1, index, values)
+    return chosen[:, :d_sae], dense[:, :d_sae]
 
 
 def _position_mask(edit: Edit, batch: int, pos: int, offset: int, device: torch.device) -> torch.Tensor:
