@@ -5,9 +5,46 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradsae.models import position_ids
+from gradsae.models import block_output, position_ids
+from gradsae.objectives import NextTokenProb
+from gradsae.pretrained import resolve_sae
+from gradsae.scores import score_latents
 from gradsae.splice import Edit, apply_edits, splice
-from tests.helpers import tiny_sae
+from tests.helpers import tiny_lm, tiny_sae
+
+
+def _first_real(mask: torch.Tensor) -> torch.Tensor:
+    return mask.int().argmax(dim=1)
+
+
+def _valid(out: torch.Tensor, mask: torch.Tensor | None, skip_first: bool) -> torch.Tensor:
+    valid = torch.ones(out.shape[:2], dtype=torch.bool) if mask is None else mask.bool().clone()
+    if skip_first:
+        valid[torch.arange(len(valid)), _first_real(valid)] = False
+    return valid
+
+
+def dense_reference(lm, sae, ids, mask, objective, *, skip_first=True, mode="error"):
+    """Per-token ``H * dY/dH`` by autograd on a dense float32 latent tensor; also ``H`` and the spliced positions."""
+    store = {}
+
+    def hook(_m, _i, out):
+        valid = _valid(out, mask, skip_first)
+        h0 = sae.encode(out.float()) * valid[..., None]
+        h = h0.detach().requires_grad_(True)
+        rec = sae.decode(h)
+        if mode == "error":
+            rec = rec + (out.float() - sae.decode(h0)).detach()
+        store["h"], store["valid"] = h, valid
+        return torch.where(valid[..., None], rec.to(out.dtype), out)
+
+    handle = lm.layers[0].register_forward_hook(hook)
+    try:
+        logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
+        objective(logits, ids).sum().backward()
+    finally:
+        handle.remove()
+    return store["h"].detach() * store["h"].grad, store["h"].detach(), store["valid"]
 
 
 def _last_logits(lm, ids, mask, hook=None):
@@ -42,3 +79,85 @@ def test_padded_edit_rows_zero_latent_zero_in_the_splice(lm, batch):
         _last_logits(lm, ids, mask)
     acts = sp.acts[0]
     assert (acts[..., 0] == 0).all() and (acts[..., 1:] != 0).any()
+
+
+# -- 3. float32 SAE maths on a half-precision model -------------------------------------------
+@pytest.fixture
+def lm16():
+    return tiny_lm(torch.bfloat16)
+
+
+def _resolved(lm, sae, tmp_path):
+    """``sae`` saved and loaded back through the CLI's path (:func:`resolve_sae`)."""
+    resolved, layer, _ = resolve_sae(lm, str(sae.save(tmp_path / "sae")), 0, default_model=False)
+    assert layer == 0
+    return resolved
+
+
+def test_resolve_sae_keeps_float32(lm16, tmp_path):
+    stored = _resolved(lm16, tiny_sae().to(torch.bfloat16), tmp_path)
+    assert stored.W_enc.dtype == torch.float32
+    random, _, _ = resolve_sae(lm16, None, 1, default_model=False)
+    assert random.W_dec.dtype == torch.float32
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_error_mode_without_edits_is_bit_exact(batch, tmp_path, activation, dtype):
+    ids, mask = batch
+    lm = tiny_lm(dtype)
+    sae = _resolved(lm, tiny_sae(activation), tmp_path)
+    with torch.no_grad():
+        clean = lm.model(input_ids=ids, attention_mask=mask).logits
+        with splice(lm, sae, 0, skip_first=False) as sp:
+            spliced = lm.model(input_ids=ids, attention_mask=mask).logits
+        with splice(lm, sae, 0, edits=[Edit(latents=torch.tensor([[-1], [-1]]))]):
+            padded_only = lm.model(input_ids=ids, attention_mask=mask).logits
+    assert spliced.dtype == dtype and torch.equal(spliced, clean) and torch.equal(padded_only, clean)
+    assert (sp.acts[0] > 0).any()
+
+
+def test_topk_selects_in_float32_on_a_bf16_model(lm16, batch, tmp_path):
+    ids, mask = batch
+    sae32 = tiny_sae("topk", d_sae=512)
+    sae = _resolved(lm16, sae32, tmp_path)
+    residual = {}
+
+    def keep(_m, _i, out):
+        residual["z"] = block_output(out)
+
+    handle = lm16.layers[0].register_forward_hook(keep)
+    try:
+        with splice(lm16, sae, 0, skip_first=False) as sp, torch.no_grad():
+            lm16.model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    assert residual["z"].dtype == torch.bfloat16
+    with torch.no_grad():
+        expect = sae32.encode(residual["z"].float()) * mask.bool()[..., None]
+    got = sp.acts[0]
+    assert torch.equal(got != 0, expect != 0)
+    assert torch.allclose(got.float(), expect, rtol=1e-6, atol=1e-6)
+    assert got.dtype == torch.float32
+
+
+def test_gradsae_on_a_bf16_model_is_float32(lm16, batch, tmp_path):
+    ids, mask = batch
+    sae32 = tiny_sae("jumprelu")
+    sae = _resolved(lm16, sae32, tmp_path)
+    ref, h, valid = dense_reference(lm16, sae32, ids, mask, NextTokenProb())
+    scores = score_latents(lm16, sae, ids, mask, NextTokenProb(), aggregation="signed")
+    got = scores.per_token().to_dense().float()
+    scale = ref.abs().max()
+    assert scale > 0 and torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * scale)  # bf16 dot products: ~1e-2
+    assert torch.allclose(scores.mean_act.float(), h.sum(1) / valid.sum(1, keepdim=True), rtol=1e-6, atol=1e-6)
+    assert scores.per_latent.dtype == torch.float32 and scores.token_score.dtype == torch.float32
+    assert scores.mean_act.dtype == torch.float32 and scores.objective.dtype == torch.float32
+
+
+def test_set_values_stay_float32_on_a_bf16_model(lm16, batch):
+    ids, mask = batch
+    sae = tiny_sae("relu")
+    with splice(lm16, sae, 0, edits=[Edit(latents=[3], op="set", values=1.001, positions="last")]) as sp:
+        _last_logits(lm16, ids, mask)
+    assert (sp.acts[0][:, -1, 3] == torch.tensor(1.001)).all()

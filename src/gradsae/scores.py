@@ -21,6 +21,9 @@ Baselines: ``activation`` scores ``mean_n H[b, n, c]`` (the paper's input-side
 ranking); ``ablation`` is the exact ``Y(H) - Y(H with latent c zeroed at every
 position)``, one forward per active latent; ``random`` gives each active latent a
 seeded uniform score.
+
+Dtypes: latents, latent gradients and scores are in the SAE's dtype (float32
+for a half-precision model), ``Y`` in at least float32.
 """
 
 from __future__ import annotations
@@ -269,14 +272,18 @@ def objective_value(
 
 
 def latent_gradients(sae: SAE, index: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
-    """Step 3: ``dY/dH[b, n, c] = W_dec[c] . G[b, n]`` for each active entry, in chunks."""
+    """Step 3: ``dY/dH[b, n, c] = W_dec[c] . G[b, n]`` for each active entry, in chunks.
+
+    The dot products run in at least float32 (``G`` of a half-precision model is upcast).
+    """
     if grad is None:
         raise GradSAEError("no gradient was recorded: the objective may not depend on the spliced layer")
-    out = torch.empty(len(index), dtype=grad.dtype, device=grad.device)
     w_dec = sae.W_dec.detach()
+    dtype = torch.promote_types(torch.promote_types(grad.dtype, w_dec.dtype), torch.float32)
+    out = torch.empty(len(index), dtype=dtype, device=grad.device)
     for start in range(0, len(index), DOT_CHUNK):
         b, n, c = index[start : start + DOT_CHUNK].unbind(dim=1)
-        out[start : start + DOT_CHUNK] = (w_dec[c].to(grad.dtype) * grad[b, n]).sum(dim=-1)
+        out[start : start + DOT_CHUNK] = (w_dec[c].to(dtype) * grad[b, n].to(dtype)).sum(dim=-1)
     return out
 
 

@@ -7,8 +7,13 @@ generation step) the block's output ``Z`` (``[batch, pos, d_model]``) becomes::
     H'     = edits(H)                           zero / set / add chosen latents
     replace:  Z' = decode(H')                   the paper's splice
     error:    Z' = decode(H') + sg(Z - decode(H))
+                 = sg(Z) + (decode(H') - sg(decode(H)))   (as computed)
 
-``sg`` is stop-gradient. Positions that are padding, and the first real token
+``sg`` is stop-gradient. The SAE maths (encode, edits, decode, the error term)
+runs in the SAE's dtype (float32 for a half-precision model; see
+:func:`gradsae.pretrained.resolve_sae`) and ``Z'`` is cast back to the model's
+dtype only at the end; the second form of the error splice makes ``Z' = Z`` bit
+for bit wherever ``H' = H``. Positions that are padding, and the first real token
 of each row (the attention sink: its residual norm is 10-100x the others' and
 SAEs are trained without it), pass through unchanged with all latents zero
 (``skip_first=False`` splices the first token too). With no edits, ``error`` mode leaves the model's output
@@ -127,7 +132,8 @@ class Splice:
         """``Z -> Z'`` for one block output ``[batch, pos, d_model]``, in token chunks."""
         start, valid = self._positions(z)
         batch, pos, d_model = z.shape
-        plans = [_EditPlan.build(edit, batch, pos, start, self.sae.cfg.d_sae, z) for edit in self.edits]
+        like = torch.empty(0, dtype=self.sae.W_dec.dtype, device=z.device)
+        plans = [_EditPlan.build(edit, batch, pos, start, self.sae.cfg.d_sae, like) for edit in self.edits]
         flat_z, flat_valid = z.reshape(-1, d_model), valid.reshape(-1)
         rows = max(1, self.chunk_elements // self.sae.cfg.d_sae)
         outs, found = [], []
@@ -141,7 +147,7 @@ class Splice:
                     found.append((nz[:, 0] + first, nz[:, 1], edited.detach()[nz[:, 0], nz[:, 1]]))
             out = torch.cat(outs).reshape(z.shape)
         if self.record:
-            self.latents.append(_sparse(found, batch, pos, self.sae.cfg.d_sae, z))
+            self.latents.append(_sparse(found, batch, pos, self.sae.cfg.d_sae, like))
             self.valid.append(valid)
         if self.grad:
             out = out.detach().requires_grad_(True)
@@ -162,7 +168,8 @@ class Splice:
             edited = edited * keep
         out = self.sae.decode(edited)
         if self.mode == "error":
-            out = out + (z - self.sae.decode(h)).detach()
+            wide = torch.promote_types(z.dtype, out.dtype)
+            out = z.detach().to(wide) + (out - self.sae.decode(h).detach())
         return torch.where(keep, out.to(z.dtype), z), edited
 
     def _positions(self, z: torch.Tensor) -> tuple[int, torch.Tensor]:
