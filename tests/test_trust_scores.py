@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gradsae.errors import GradSAEError
 from gradsae.models import block_output, position_ids
-from gradsae.objectives import NextTokenProb
+from gradsae.objectives import NextTokenProb, TargetLogProb
 from gradsae.pretrained import resolve_sae
-from gradsae.scores import score_latents
+from gradsae.scores import Scores, score_latents, score_methods
 from gradsae.splice import Edit, apply_edits, splice
 from tests.helpers import tiny_lm, tiny_sae
 
@@ -55,6 +56,37 @@ def _last_logits(lm, ids, mask, hook=None):
     finally:
         if handle:
             handle.remove()
+
+
+# -- 1. the objective reads the clean run's greedy token ----------------------------------
+def test_pinned_next_token_prob_reads_the_given_token(lm, batch):
+    ids, mask = batch
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits
+    probs = logits[:, -2].softmax(-1)
+    plain = NextTokenProb(position=-2)
+    assert torch.equal(plain.token(logits), probs.argmax(-1))
+    pinned = plain.pinned(torch.tensor([5, 9]))
+    assert pinned.tokens == (5, 9) and pinned.position == -2
+    assert torch.allclose(pinned(logits, ids), probs[[0, 1], [5, 9]])
+    shared = NextTokenProb(log=True).pinned(7)
+    assert torch.allclose(shared(logits, ids), logits[:, -1].log_softmax(-1)[:, 7])
+    with pytest.raises(GradSAEError, match="one per row"):
+        NextTokenProb(tokens=(1, 2, 3))(logits, ids)
+
+
+def test_scores_record_the_greedy_token(tmp_path, lm, batch):
+    ids, mask = batch
+    sae = tiny_sae("relu")
+    with splice(lm, sae, 0):
+        greedy = _last_logits(lm, ids, mask).argmax(-1)
+    by_method = score_methods(lm, sae, ids, mask, NextTokenProb(), methods=("gradsae", "ablation"))
+    for scores in by_method.values():
+        assert torch.equal(scores.token, greedy)
+    loaded = Scores.load(by_method["gradsae"].save(tmp_path / "s"))
+    assert torch.equal(loaded.token, greedy)
+    target = score_latents(lm, sae, ids, mask, TargetLogProb(2))
+    assert target.token is None and Scores.load(target.save(tmp_path / "t")).token is None
 
 
 # -- 2. padding never hides latent 0 --------------------------------------------------------

@@ -17,10 +17,15 @@ Algorithm for ``gradsae`` (Shu et al., EMNLP 2025, eq. 3-4):
    ``sum``: ``sum_n g`` (the first-order estimate of zeroing ``c`` everywhere);
    ``last``: ``g`` at the last position.
 
+With :class:`~gradsae.objectives.NextTokenProb`, ``Y = p(y*)`` where ``y*`` is the
+greedy token of this spliced, unedited run (a constant for the gradient).
+
 Baselines: ``activation`` scores ``mean_n H[b, n, c]`` (the paper's input-side
 ranking); ``ablation`` is the exact ``Y(H) - Y(H with latent c zeroed at every
-position)``, one forward per active latent; ``random`` gives each active latent a
-seeded uniform score.
+position)`` with ``y*`` held at the clean run's greedy token (``p_clean(y*) -
+p_edit(y*)``), one forward per active latent, the clean ``Y`` taken in the same
+batched, prefix-replayed forward with an empty edit; ``random`` gives each
+active latent a seeded uniform score.
 
 Dtypes: latents, latent gradients and scores are in the SAE's dtype (float32
 for a half-precision model), ``Y`` in at least float32.
@@ -39,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel, position_ids
-from gradsae.objectives import Objective
+from gradsae.objectives import NextTokenProb, Objective
 from gradsae.prefix import Prefix, compute_prefix, replay_prefix
 from gradsae.sae import SAE
 from gradsae.splice import Edit, Mode, resolve_layer, splice
@@ -73,6 +78,8 @@ class Scores:
     """``[batch]`` number of latents active at the last position."""
     objective: torch.Tensor
     """``[batch]`` objective value ``Y`` with the SAE spliced and no edits."""
+    token: torch.Tensor | None = None
+    """``[batch]`` greedy token ``y*`` the objective read (``NextTokenProb``), else ``None``."""
 
     def ranking(self, row: int) -> torch.Tensor:
         """Latents of ``row`` with a positive score, best first."""
@@ -94,6 +101,8 @@ class Scores:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
+        if self.token is not None:
+            tensors["token"] = self.token.contiguous()
         tmp = path.with_suffix(".safetensors.tmp")
         save_file(tensors, str(tmp))
         tmp.replace(path.with_suffix(".safetensors"))
@@ -105,7 +114,12 @@ class Scores:
         path = Path(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         tensors = load_file(str(path.with_suffix(".safetensors")))
-        return cls(method=meta["method"], aggregation=meta["aggregation"], **{k: tensors[k] for k in _TENSORS})
+        return cls(
+            method=meta["method"],
+            aggregation=meta["aggregation"],
+            **{k: tensors[k] for k in _TENSORS},
+            token=tensors.get("token"),
+        )
 
 
 _TENSORS = ("per_latent", "token_index", "token_score", "mean_act", "last_act", "active_last", "objective")
@@ -195,6 +209,7 @@ def _scores(
         last_act=run.last_act,
         active_last=run.active_last,
         objective=run.objective,
+        token=run.token,
     )
 
 
@@ -218,6 +233,8 @@ class SplicedRun:
     """``[batch]``"""
     grad: torch.Tensor | None
     """``[batch, pos, d_model]`` ``dY/dR``, when asked for."""
+    token: torch.Tensor | None = None
+    """``[batch]`` greedy token ``y*`` a :class:`NextTokenProb` read in this run."""
 
 
 def forward_backward(
@@ -233,7 +250,9 @@ def forward_backward(
 ) -> SplicedRun:
     """Steps 1-2: forward with the splice, then (if ``grad``) one backward to the splice."""
     with splice(lm, sae, layer, mode=mode, grad=grad) as sp, torch.set_grad_enabled(grad):
-        y = objective_value(lm, input_ids, attention_mask, objective)
+        logits = _logits(lm, input_ids, attention_mask, objective)
+        y = objective(logits, input_ids)
+        token = objective.token(logits) if isinstance(objective, NextTokenProb) else None
         if grad:
             y.sum().backward()
     latents, valid = sp.latents[0], sp.valid[0]
@@ -254,6 +273,7 @@ def forward_backward(
         last_act=last,
         active_last=(last > 0).sum(dim=-1),
         grad=sp.leaves[0].grad if grad else None,
+        token=token,
     )
 
 
@@ -261,6 +281,13 @@ def objective_value(
     lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, objective: Objective
 ) -> torch.Tensor:
     """``Y [batch]``: one uncached forward, with the LM head only where the objective reads."""
+    return objective(_logits(lm, input_ids, attention_mask, objective), input_ids)
+
+
+def _logits(
+    lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, objective: Objective
+) -> torch.Tensor:
+    """Logits of the last ``objective.keep`` positions from one uncached forward."""
     out = lm.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -268,7 +295,8 @@ def objective_value(
         use_cache=False,
         logits_to_keep=objective.keep or 0,
     )
-    return objective(out.logits, input_ids)
+    logits: torch.Tensor = out.logits
+    return logits
 
 
 def latent_gradients(sae: SAE, index: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
@@ -319,20 +347,36 @@ def ablation_effects(
     mode: Mode,
     batch_size: int,
 ) -> torch.Tensor:
-    """Exact ``Y - Y(latent c zeroed at every position)`` for every active latent, ``[batch, d_sae]``."""
+    """Exact ``Y - Y(latent c zeroed at every spliced position)`` per active latent, ``[batch, d_sae]``.
+
+    A :class:`NextTokenProb` is pinned to ``run.token``, the clean greedy token, so
+    this is ``p_clean(y*) - p_edit(y*)``. Each batch of edited copies carries one
+    more copy with an empty edit (all padding) whose ``Y`` is the clean value:
+    baseline and edits go through the same prefix replay, splice and batch.
+    """
     effects = torch.zeros_like(run.mean_act)
     layer = resolve_layer(sae, layer)
     for row in range(input_ids.shape[0]):
+        latents = torch.nonzero(run.mean_act[row] > 0).squeeze(-1)
+        if not len(latents):
+            continue
         ids = input_ids[row : row + 1]
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask[row : row + 1]
         prefix = compute_prefix(lm, ids, mask, layer)
-        latents = torch.nonzero(run.mean_act[row] > 0).squeeze(-1)
+        fixed = _pinned(objective, run.token, row)
         for start in range(0, len(latents), batch_size):
             chunk = latents[start : start + batch_size]
-            edit = Edit(latents=chunk[:, None])
-            y = _objective_with_edit(lm, sae, prefix, mask, objective, edit, mode=mode)
-            effects[row, chunk] = run.objective[row] - y
+            edit = Edit(latents=torch.cat([chunk.new_full((1,), -1), chunk])[:, None])
+            y = _objective_with_edit(lm, sae, prefix, mask, fixed, edit, mode=mode)
+            effects[row, chunk] = (y[0] - y[1:]).to(effects.dtype)
     return effects
+
+
+def _pinned(objective: Objective, token: torch.Tensor | None, row: int) -> Objective:
+    """The objective with its greedy token held at ``token[row]`` (objectives with a fixed target as they are)."""
+    if isinstance(objective, NextTokenProb) and token is not None:
+        return objective.pinned(int(token[row]))
+    return objective
 
 
 def _objective_with_edit(
