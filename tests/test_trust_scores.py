@@ -193,3 +193,50 @@ def test_set_values_stay_float32_on_a_bf16_model(lm16, batch):
     with splice(lm16, sae, 0, edits=[Edit(latents=[3], op="set", values=1.001, positions="last")]) as sp:
         _last_logits(lm16, ids, mask)
     assert (sp.acts[0][:, -1, 3] == torch.tensor(1.001)).all()
+
+
+# -- 4. position 0 can be spliced and scored ------------------------------------------------------
+@pytest.mark.parametrize("skip_first", [True, False])
+@pytest.mark.parametrize("mode", ["error", "replace"])
+def test_skip_first_switches_position_zero(lm, batch, skip_first, mode):
+    ids, mask = batch
+    sae = tiny_sae("relu")
+    ref, h, valid = dense_reference(lm, sae, ids, mask, NextTokenProb(), skip_first=skip_first, mode=mode)
+    signed = score_latents(lm, sae, ids, mask, NextTokenProb(), mode=mode, aggregation="signed", skip_first=skip_first)
+    assert torch.allclose(signed.per_token().to_dense(), ref, atol=1e-5)
+    n = valid.sum(1, keepdim=True)
+    assert n.squeeze(1).tolist() == ([9, 6] if skip_first else [10, 7])
+    assert torch.allclose(signed.per_latent, ref.sum(1) / n, atol=1e-5)
+    activation = score_latents(lm, sae, ids, mask, NextTokenProb(), method="activation", skip_first=skip_first)
+    assert torch.allclose(activation.mean_act, h.sum(1) / n, atol=1e-6)
+    first = _first_real(mask)
+    at_first = (signed.token_index[:, 1] == first[signed.token_index[:, 0]]).any()
+    assert bool(at_first) is not skip_first
+
+
+@pytest.mark.parametrize("skip_first", [True, False])
+def test_ablation_with_skip_first(lm, batch, skip_first):
+    ids, mask = batch
+    sae = tiny_sae("topk")
+    scores = score_latents(lm, sae, ids, mask, NextTokenProb(), method="ablation", skip_first=skip_first)
+
+    def zeroing(c):
+        def hook(_m, _i, out):
+            valid = _valid(out, mask, skip_first)
+            h = sae.encode(out) * valid[..., None]
+            edited = h.clone()
+            if c is not None:
+                edited[..., c] = 0
+            return torch.where(valid[..., None], sae.decode(edited) + (out - sae.decode(h)), out)
+
+        return hook
+
+    clean = _last_logits(lm, ids, mask, zeroing(None)).softmax(-1)
+    y_star = clean.argmax(-1)
+    for row in range(2):
+        active = torch.nonzero(scores.mean_act[row] > 0).squeeze(-1).tolist()
+        assert active
+        for c in active[:4]:
+            edited = _last_logits(lm, ids, mask, zeroing(c)).softmax(-1)
+            expect = clean[row, y_star[row]] - edited[row, y_star[row]]
+            assert torch.allclose(scores.per_latent[row, c], expect, atol=1e-6), (row, c)

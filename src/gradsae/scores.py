@@ -20,6 +20,11 @@ Algorithm for ``gradsae`` (Shu et al., EMNLP 2025, eq. 3-4):
 With :class:`~gradsae.objectives.NextTokenProb`, ``Y = p(y*)`` where ``y*`` is the
 greedy token of this spliced, unedited run (a constant for the gradient).
 
+Spliced positions: every real (non-padding) token except, by default, each row's
+first (``skip_first=True``): SAEs trained without position 0 reconstruct the
+attention sink badly. The paper's code splices and averages over every position,
+BOS included: pass ``skip_first=False`` for that.
+
 Baselines: ``activation`` scores ``mean_n H[b, n, c]`` (the paper's input-side
 ranking); ``ablation`` is the exact ``Y(H) - Y(H with latent c zeroed at every
 position)`` with ``y*`` held at the clean run's greedy token (``p_clean(y*) -
@@ -138,8 +143,13 @@ def score_latents(
     aggregation: Aggregation = "paper",
     seed: int = 0,
     ablation_batch: int = 32,
+    skip_first: bool = True,
 ) -> Scores:
-    """Score every latent for a batch of (left-padded) inputs; see the module docstring."""
+    """Score every latent for a batch of (left-padded) inputs; see the module docstring.
+
+    ``skip_first`` leaves each row's first real token unspliced (no latents, not
+    counted in means); ``False`` splices it too, as the paper's code does.
+    """
     return score_methods(
         lm,
         sae,
@@ -152,6 +162,7 @@ def score_latents(
         aggregation=aggregation,
         seed=seed,
         ablation_batch=ablation_batch,
+        skip_first=skip_first,
     )[method]
 
 
@@ -168,15 +179,27 @@ def score_methods(
     aggregation: Aggregation = "paper",
     seed: int = 0,
     ablation_batch: int = 32,
+    skip_first: bool = True,
 ) -> dict[str, Scores]:
-    """Several methods from one spliced forward (and one backward if ``gradsae`` is among them)."""
+    """Several methods from one spliced forward (and one backward if ``gradsae`` is among them).
+
+    ``skip_first``: as in :func:`score_latents` (default: the first real token is not spliced).
+    """
     for method in methods:
         if method not in METHODS:
             raise GradSAEError(f"unknown scoring method {method!r}: use one of {', '.join(METHODS)}")
     if aggregation not in AGGREGATIONS:
         raise GradSAEError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
     run = forward_backward(
-        lm, sae, input_ids, attention_mask, objective, layer=layer, mode=mode, grad="gradsae" in methods
+        lm,
+        sae,
+        input_ids,
+        attention_mask,
+        objective,
+        layer=layer,
+        mode=mode,
+        grad="gradsae" in methods,
+        skip_first=skip_first,
     )
     out = {}
     for method in methods:
@@ -188,7 +211,16 @@ def score_methods(
         elif method == "ablation":
             token_score = torch.zeros_like(run.values)
             per_latent = ablation_effects(
-                lm, sae, input_ids, attention_mask, objective, run, layer=layer, mode=mode, batch_size=ablation_batch
+                lm,
+                sae,
+                input_ids,
+                attention_mask,
+                objective,
+                run,
+                layer=layer,
+                mode=mode,
+                batch_size=ablation_batch,
+                skip_first=skip_first,
             )
         else:
             token_score, per_latent = torch.zeros_like(run.values), random_scores(run.mean_act, seed=seed)
@@ -247,9 +279,13 @@ def forward_backward(
     layer: int | None,
     mode: Mode,
     grad: bool,
+    skip_first: bool = True,
 ) -> SplicedRun:
-    """Steps 1-2: forward with the splice, then (if ``grad``) one backward to the splice."""
-    with splice(lm, sae, layer, mode=mode, grad=grad) as sp, torch.set_grad_enabled(grad):
+    """Steps 1-2: forward with the splice, then (if ``grad``) one backward to the splice.
+
+    ``skip_first``: leave each row's first real token unspliced (see :func:`score_latents`).
+    """
+    with splice(lm, sae, layer, mode=mode, grad=grad, skip_first=skip_first) as sp, torch.set_grad_enabled(grad):
         logits = _logits(lm, input_ids, attention_mask, objective)
         y = objective(logits, input_ids)
         token = objective.token(logits) if isinstance(objective, NextTokenProb) else None
@@ -346,6 +382,7 @@ def ablation_effects(
     layer: int | None,
     mode: Mode,
     batch_size: int,
+    skip_first: bool = True,
 ) -> torch.Tensor:
     """Exact ``Y - Y(latent c zeroed at every spliced position)`` per active latent, ``[batch, d_sae]``.
 
@@ -353,6 +390,7 @@ def ablation_effects(
     this is ``p_clean(y*) - p_edit(y*)``. Each batch of edited copies carries one
     more copy with an empty edit (all padding) whose ``Y`` is the clean value:
     baseline and edits go through the same prefix replay, splice and batch.
+    ``skip_first`` must match the run's (see :func:`score_latents`).
     """
     effects = torch.zeros_like(run.mean_act)
     layer = resolve_layer(sae, layer)
@@ -367,7 +405,7 @@ def ablation_effects(
         for start in range(0, len(latents), batch_size):
             chunk = latents[start : start + batch_size]
             edit = Edit(latents=torch.cat([chunk.new_full((1,), -1), chunk])[:, None])
-            y = _objective_with_edit(lm, sae, prefix, mask, fixed, edit, mode=mode)
+            y = _objective_with_edit(lm, sae, prefix, mask, fixed, edit, mode=mode, skip_first=skip_first)
             effects[row, chunk] = (y[0] - y[1:]).to(effects.dtype)
     return effects
 
@@ -388,6 +426,7 @@ def _objective_with_edit(
     edit: Edit,
     *,
     mode: Mode,
+    skip_first: bool = True,
 ) -> torch.Tensor:
     """Objective of one input repeated once per row of ``edit.latents`` ``[m, n]``, each row edited.
 
@@ -397,7 +436,7 @@ def _objective_with_edit(
     copies = prefix.expand(m)
     ids, mask = copies.input_ids, attention_mask.expand(m, -1)
     with (
-        splice(lm, sae, prefix.layer, mode=mode, edits=[edit], record=False),
+        splice(lm, sae, prefix.layer, mode=mode, edits=[edit], record=False, skip_first=skip_first),
         replay_prefix(lm, copies),
         torch.no_grad(),
     ):
