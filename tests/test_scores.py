@@ -105,16 +105,46 @@ def test_small_activations_gradient_equals_exact_ablation(lm64):
     assert torch.allclose(estimate[active], exact[active], rtol=1e-3, atol=1e-3 * scale)
 
 
-def test_ablation_is_exact_zeroing(lm, batch):
-    from gradsae.splice import Edit, splice
+def _spliced_logits(lm, sae, ids, mask, mode, zero=None):
+    """Last-position logits with ``sae`` spliced at layer 0 by a plain hook, latent ``zero`` zeroed."""
 
+    def hook(_m, _i, out):
+        valid = mask.bool().clone()
+        valid[torch.arange(len(valid)), valid.int().argmax(dim=1)] = False
+        h = sae.encode(out) * valid[..., None]
+        edited = h.clone()
+        if zero is not None:
+            edited[..., zero] = 0
+        new = sae.decode(edited) + (out - sae.decode(h) if mode == "error" else 0)
+        return torch.where(valid[..., None], new, out)
+
+    handle = lm.layers[0].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -1]
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["error", "replace"])
+def test_ablation_holds_the_clean_greedy_token(lm, batch, mode):
+    """``p_clean(y*) - p_edit(y*)`` with ``y*`` the clean argmax, also where zeroing flips the argmax."""
     ids, mask = batch
-    sae = tiny_sae("topk")
-    scores = score_latents(lm, sae, ids, mask, NextTokenProb(), method="ablation")
-    row, c = 1, int(scores.per_latent[1].abs().argmax())
-    with splice(lm, sae, 0, edits=[Edit(latents=[c])], record=False), torch.no_grad():
-        y = NextTokenProb()(lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits, ids)
-    assert torch.allclose(scores.objective[row] - y[row], scores.per_latent[row, c], atol=1e-6)
+    sae = tiny_sae("relu")
+    scores = score_latents(lm, sae, ids, mask, NextTokenProb(), method="ablation", mode=mode)
+    clean = _spliced_logits(lm, sae, ids, mask, mode)
+    y_star = clean.argmax(-1)
+    p_clean = clean.softmax(-1).gather(-1, y_star[:, None]).squeeze(-1)
+    flipped = 0
+    for row in range(2):
+        for c in torch.nonzero(scores.mean_act[row] > 0).squeeze(-1).tolist():
+            edited = _spliced_logits(lm, sae, ids, mask, mode, zero=c)
+            expect = p_clean[row] - edited[row].softmax(-1)[y_star[row]]
+            assert torch.allclose(scores.per_latent[row, c], expect, atol=1e-6), (row, c)
+            flipped += int(edited[row].argmax() != y_star[row])
+    if mode == "error":
+        assert flipped > 0  # zeroing flips the argmax for some latents: the old code read the new argmax there
+    assert torch.equal(scores.token, y_star)
 
 
 def test_activation_and_random_baselines(lm, batch):

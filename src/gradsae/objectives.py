@@ -9,7 +9,10 @@ gradient.
 
 * :class:`NextTokenProb` (the paper's): ``p(y* | x)`` at a position, where ``y*``
   is the greedy (argmax) token there: at the last prompt token this is the step
-  whose token opens the answer.
+  whose token opens the answer. ``y*`` is taken from the logits it is given
+  (detached, so ``dY/dlogits`` treats it as a constant) unless pinned: an exact
+  ablation compares ``p_clean(y*) - p_edit(y*)`` with ``y*`` the *clean* run's
+  greedy token, so it reads the edited run with :meth:`NextTokenProb.pinned`.
 * :class:`TargetLogProb`: ``sum_t log p(x_t | x_<t)`` over the last ``n`` tokens of
   each row (a teacher-forced target continuation appended to the prompt).
 * :class:`LabelLogProb`: ``log softmax`` over a set of label tokens at the last
@@ -20,7 +23,7 @@ gradient.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,15 +43,34 @@ class NextTokenProb:
     """Column of the logits to read; ``-1`` is the last prompt token."""
     log: bool = False
     """Use the log-probability instead of the probability."""
+    tokens: int | tuple[int, ...] | None = None
+    """Token to read, shared or one per row; ``None``: the greedy token of the logits given."""
 
     @property
     def keep(self) -> int | None:
         return -self.position if self.position < 0 else None
 
+    def token(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[batch]`` token read in each row: the pinned one, else the argmax at ``position``."""
+        batch = logits.shape[0]
+        if self.tokens is None:
+            return _wide(logits[:, self.position]).detach().argmax(dim=-1)
+        tokens = torch.as_tensor(self.tokens, dtype=torch.long, device=logits.device).reshape(-1)
+        if len(tokens) not in (1, batch):
+            raise GradSAEError(f"pinned tokens must be one or one per row ({batch}), got {len(tokens)}")
+        return tokens.expand(batch)
+
+    def pinned(self, tokens: int | Sequence[int] | torch.Tensor) -> NextTokenProb:
+        """This objective reading ``tokens`` (one, or one per row) whatever the logits say."""
+        flat = [int(t) for t in torch.as_tensor(tokens).reshape(-1).tolist()]
+        if not flat:
+            raise GradSAEError("pinned() needs at least one token: pass one, or one per row")
+        return replace(self, tokens=flat[0] if len(flat) == 1 else tuple(flat))
+
     def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         step = _wide(logits[:, self.position])
-        greedy = step.detach().argmax(dim=-1, keepdim=True)
-        logp = step.log_softmax(dim=-1).gather(-1, greedy).squeeze(-1)
+        token = self.token(logits)[:, None]
+        logp = step.log_softmax(dim=-1).gather(-1, token).squeeze(-1)
         return logp if self.log else logp.exp()
 
 

@@ -58,6 +58,10 @@ def resolve_sae(
     the default model at ``layer`` (default 6), else an untrained random SAE.
     ``default_model`` says whether ``lm`` is the embedded default (default: judged
     from ``lm.name``).
+
+    The SAE is kept in (at least) float32 whatever the model's dtype: TopK and
+    JumpReLU selection, the error term and the latent gradients then run in
+    float32, and the splice casts only its output back to the model's dtype.
     """
     if default_model is None:
         default_model = lm.name in DEFAULT_NAMES
@@ -68,7 +72,7 @@ def resolve_sae(
 
 def _resolve(lm: LoadedModel, sae: str | None, layer: int | None, *, default_model: bool) -> ResolvedSAE:
     if sae is not None:
-        loaded = load_sae(sae).to(dtype=_dtype(lm))
+        loaded = _wide(load_sae(sae))
         use = layer if layer is not None else loaded.cfg.hook_layer
         if use is None:
             raise GradSAEError(f"SAE {sae} does not say its layer: pass --layer")
@@ -77,11 +81,12 @@ def _resolve(lm: LoadedModel, sae: str | None, layer: int | None, *, default_mod
     check_layers(lm, [use])
     path = shipped_sae_path(use) if default_model else None
     if path is not None:
-        return ResolvedSAE(load_sae(path).to(dtype=_dtype(lm)), use, f"shipped SAE {SHIPPED_FOLDER}/layer_{use}")
+        return ResolvedSAE(_wide(load_sae(path)), use, f"shipped SAE {SHIPPED_FOLDER}/layer_{use}")
     log.warning("using an %s at layer %d", UNTRAINED, use)
     cfg = SAEConfig(d_in=lm.d_model, d_sae=8 * lm.d_model, activation="topk", k=SHIPPED_K, hook_layer=use)
-    return ResolvedSAE(SAE.random(cfg, seed=0).to(dtype=_dtype(lm)), use, UNTRAINED)
+    return ResolvedSAE(_wide(SAE.random(cfg, seed=0)), use, UNTRAINED)
 
 
-def _dtype(lm: LoadedModel) -> torch.dtype:
-    return next(lm.model.parameters()).dtype
+def _wide(sae: SAE) -> SAE:
+    """The SAE in at least float32 (a float64 one stays float64)."""
+    return sae.to(dtype=torch.promote_types(sae.W_enc.dtype, torch.float32))

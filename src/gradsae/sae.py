@@ -13,6 +13,8 @@ with ``sigma`` one of
 * ``topk``:      keep the ``k`` largest ``pre`` per token, then ``max(., 0)``
 
 Shapes follow SAELens: ``W_enc`` is ``[d_in, d_sae]``, ``W_dec`` is ``[d_sae, d_in]``.
+The maths runs in the weights' dtype: ``encode`` and ``decode`` cast their input
+to it (so a float32 SAE on a bfloat16 model selects and reconstructs in float32).
 
 Files: ``save``/``load`` use SAELens's on-disk layout (``cfg.json`` +
 ``sae_weights.safetensors`` with keys ``W_enc, W_dec, b_enc, b_dec[, threshold]``).
@@ -96,10 +98,11 @@ class SAE(nn.Module):
 
     # -- maths ---------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., d_in] -> [..., d_sae]``: encoder pre-activations."""
+        """``[..., d_in] -> [..., d_sae]``: encoder pre-activations, in the SAE's dtype."""
+        x = x.to(self.W_enc.dtype)
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x.to(self.W_enc.dtype) @ self.W_enc + self.b_enc
+        return x @ self.W_enc + self.b_enc
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         """Apply the SAE's nonlinearity to pre-activations."""
@@ -116,8 +119,8 @@ class SAE(nn.Module):
         return self.activate(self.pre_acts(x))
 
     def decode(self, h: torch.Tensor) -> torch.Tensor:
-        """``[..., d_sae] -> [..., d_in]`` reconstruction."""
-        return h @ self.W_dec + self.b_dec
+        """``[..., d_sae] -> [..., d_in]`` reconstruction, in the SAE's dtype."""
+        return h.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``decode(encode(x))``."""

@@ -17,10 +17,23 @@ Algorithm for ``gradsae`` (Shu et al., EMNLP 2025, eq. 3-4):
    ``sum``: ``sum_n g`` (the first-order estimate of zeroing ``c`` everywhere);
    ``last``: ``g`` at the last position.
 
+With :class:`~gradsae.objectives.NextTokenProb`, ``Y = p(y*)`` where ``y*`` is the
+greedy token of this spliced, unedited run (a constant for the gradient).
+
+Spliced positions: every real (non-padding) token except, by default, each row's
+first (``skip_first=True``): SAEs trained without position 0 reconstruct the
+attention sink badly. The paper's code splices and averages over every position,
+BOS included: pass ``skip_first=False`` for that.
+
 Baselines: ``activation`` scores ``mean_n H[b, n, c]`` (the paper's input-side
 ranking); ``ablation`` is the exact ``Y(H) - Y(H with latent c zeroed at every
-position)``, one forward per active latent; ``random`` gives each active latent a
-seeded uniform score.
+position)`` with ``y*`` held at the clean run's greedy token (``p_clean(y*) -
+p_edit(y*)``), one forward per active latent, the clean ``Y`` taken in the same
+batched, prefix-replayed forward with an empty edit; ``random`` gives each
+active latent a seeded uniform score.
+
+Dtypes: latents, latent gradients and scores are in the SAE's dtype (float32
+for a half-precision model), ``Y`` in at least float32.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel, position_ids
-from gradsae.objectives import Objective
+from gradsae.objectives import NextTokenProb, Objective
 from gradsae.prefix import Prefix, compute_prefix, replay_prefix
 from gradsae.sae import SAE
 from gradsae.splice import Edit, Mode, resolve_layer, splice
@@ -70,6 +83,8 @@ class Scores:
     """``[batch]`` number of latents active at the last position."""
     objective: torch.Tensor
     """``[batch]`` objective value ``Y`` with the SAE spliced and no edits."""
+    token: torch.Tensor | None = None
+    """``[batch]`` greedy token ``y*`` the objective read (``NextTokenProb``), else ``None``."""
 
     def ranking(self, row: int) -> torch.Tensor:
         """Latents of ``row`` with a positive score, best first."""
@@ -91,6 +106,8 @@ class Scores:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
+        if self.token is not None:
+            tensors["token"] = self.token.contiguous()
         tmp = path.with_suffix(".safetensors.tmp")
         save_file(tensors, str(tmp))
         tmp.replace(path.with_suffix(".safetensors"))
@@ -102,7 +119,12 @@ class Scores:
         path = Path(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         tensors = load_file(str(path.with_suffix(".safetensors")))
-        return cls(method=meta["method"], aggregation=meta["aggregation"], **{k: tensors[k] for k in _TENSORS})
+        return cls(
+            method=meta["method"],
+            aggregation=meta["aggregation"],
+            **{k: tensors[k] for k in _TENSORS},
+            token=tensors.get("token"),
+        )
 
 
 _TENSORS = ("per_latent", "token_index", "token_score", "mean_act", "last_act", "active_last", "objective")
@@ -121,8 +143,13 @@ def score_latents(
     aggregation: Aggregation = "paper",
     seed: int = 0,
     ablation_batch: int = 32,
+    skip_first: bool = True,
 ) -> Scores:
-    """Score every latent for a batch of (left-padded) inputs; see the module docstring."""
+    """Score every latent for a batch of (left-padded) inputs; see the module docstring.
+
+    ``skip_first`` leaves each row's first real token unspliced (no latents, not
+    counted in means); ``False`` splices it too, as the paper's code does.
+    """
     return score_methods(
         lm,
         sae,
@@ -135,6 +162,7 @@ def score_latents(
         aggregation=aggregation,
         seed=seed,
         ablation_batch=ablation_batch,
+        skip_first=skip_first,
     )[method]
 
 
@@ -151,15 +179,27 @@ def score_methods(
     aggregation: Aggregation = "paper",
     seed: int = 0,
     ablation_batch: int = 32,
+    skip_first: bool = True,
 ) -> dict[str, Scores]:
-    """Several methods from one spliced forward (and one backward if ``gradsae`` is among them)."""
+    """Several methods from one spliced forward (and one backward if ``gradsae`` is among them).
+
+    ``skip_first``: as in :func:`score_latents` (default: the first real token is not spliced).
+    """
     for method in methods:
         if method not in METHODS:
             raise GradSAEError(f"unknown scoring method {method!r}: use one of {', '.join(METHODS)}")
     if aggregation not in AGGREGATIONS:
         raise GradSAEError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
     run = forward_backward(
-        lm, sae, input_ids, attention_mask, objective, layer=layer, mode=mode, grad="gradsae" in methods
+        lm,
+        sae,
+        input_ids,
+        attention_mask,
+        objective,
+        layer=layer,
+        mode=mode,
+        grad="gradsae" in methods,
+        skip_first=skip_first,
     )
     out = {}
     for method in methods:
@@ -171,7 +211,16 @@ def score_methods(
         elif method == "ablation":
             token_score = torch.zeros_like(run.values)
             per_latent = ablation_effects(
-                lm, sae, input_ids, attention_mask, objective, run, layer=layer, mode=mode, batch_size=ablation_batch
+                lm,
+                sae,
+                input_ids,
+                attention_mask,
+                objective,
+                run,
+                layer=layer,
+                mode=mode,
+                batch_size=ablation_batch,
+                skip_first=skip_first,
             )
         else:
             token_score, per_latent = torch.zeros_like(run.values), random_scores(run.mean_act, seed=seed)
@@ -192,6 +241,7 @@ def _scores(
         last_act=run.last_act,
         active_last=run.active_last,
         objective=run.objective,
+        token=run.token,
     )
 
 
@@ -215,6 +265,8 @@ class SplicedRun:
     """``[batch]``"""
     grad: torch.Tensor | None
     """``[batch, pos, d_model]`` ``dY/dR``, when asked for."""
+    token: torch.Tensor | None = None
+    """``[batch]`` greedy token ``y*`` a :class:`NextTokenProb` read in this run."""
 
 
 def forward_backward(
@@ -227,10 +279,16 @@ def forward_backward(
     layer: int | None,
     mode: Mode,
     grad: bool,
+    skip_first: bool = True,
 ) -> SplicedRun:
-    """Steps 1-2: forward with the splice, then (if ``grad``) one backward to the splice."""
-    with splice(lm, sae, layer, mode=mode, grad=grad) as sp, torch.set_grad_enabled(grad):
-        y = objective_value(lm, input_ids, attention_mask, objective)
+    """Steps 1-2: forward with the splice, then (if ``grad``) one backward to the splice.
+
+    ``skip_first``: leave each row's first real token unspliced (see :func:`score_latents`).
+    """
+    with splice(lm, sae, layer, mode=mode, grad=grad, skip_first=skip_first) as sp, torch.set_grad_enabled(grad):
+        logits = _logits(lm, input_ids, attention_mask, objective)
+        y = objective(logits, input_ids)
+        token = objective.token(logits) if isinstance(objective, NextTokenProb) else None
         if grad:
             y.sum().backward()
     latents, valid = sp.latents[0], sp.valid[0]
@@ -251,6 +309,7 @@ def forward_backward(
         last_act=last,
         active_last=(last > 0).sum(dim=-1),
         grad=sp.leaves[0].grad if grad else None,
+        token=token,
     )
 
 
@@ -258,6 +317,13 @@ def objective_value(
     lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, objective: Objective
 ) -> torch.Tensor:
     """``Y [batch]``: one uncached forward, with the LM head only where the objective reads."""
+    return objective(_logits(lm, input_ids, attention_mask, objective), input_ids)
+
+
+def _logits(
+    lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, objective: Objective
+) -> torch.Tensor:
+    """Logits of the last ``objective.keep`` positions from one uncached forward."""
     out = lm.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -265,18 +331,23 @@ def objective_value(
         use_cache=False,
         logits_to_keep=objective.keep or 0,
     )
-    return objective(out.logits, input_ids)
+    logits: torch.Tensor = out.logits
+    return logits
 
 
 def latent_gradients(sae: SAE, index: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
-    """Step 3: ``dY/dH[b, n, c] = W_dec[c] . G[b, n]`` for each active entry, in chunks."""
+    """Step 3: ``dY/dH[b, n, c] = W_dec[c] . G[b, n]`` for each active entry, in chunks.
+
+    The dot products run in at least float32 (``G`` of a half-precision model is upcast).
+    """
     if grad is None:
         raise GradSAEError("no gradient was recorded: the objective may not depend on the spliced layer")
-    out = torch.empty(len(index), dtype=grad.dtype, device=grad.device)
     w_dec = sae.W_dec.detach()
+    dtype = torch.promote_types(torch.promote_types(grad.dtype, w_dec.dtype), torch.float32)
+    out = torch.empty(len(index), dtype=dtype, device=grad.device)
     for start in range(0, len(index), DOT_CHUNK):
         b, n, c = index[start : start + DOT_CHUNK].unbind(dim=1)
-        out[start : start + DOT_CHUNK] = (w_dec[c].to(grad.dtype) * grad[b, n]).sum(dim=-1)
+        out[start : start + DOT_CHUNK] = (w_dec[c].to(dtype) * grad[b, n].to(dtype)).sum(dim=-1)
     return out
 
 
@@ -311,21 +382,39 @@ def ablation_effects(
     layer: int | None,
     mode: Mode,
     batch_size: int,
+    skip_first: bool = True,
 ) -> torch.Tensor:
-    """Exact ``Y - Y(latent c zeroed at every position)`` for every active latent, ``[batch, d_sae]``."""
+    """Exact ``Y - Y(latent c zeroed at every spliced position)`` per active latent, ``[batch, d_sae]``.
+
+    A :class:`NextTokenProb` is pinned to ``run.token``, the clean greedy token, so
+    this is ``p_clean(y*) - p_edit(y*)``. Each batch of edited copies carries one
+    more copy with an empty edit (all padding) whose ``Y`` is the clean value:
+    baseline and edits go through the same prefix replay, splice and batch.
+    ``skip_first`` must match the run's (see :func:`score_latents`).
+    """
     effects = torch.zeros_like(run.mean_act)
     layer = resolve_layer(sae, layer)
     for row in range(input_ids.shape[0]):
+        latents = torch.nonzero(run.mean_act[row] > 0).squeeze(-1)
+        if not len(latents):
+            continue
         ids = input_ids[row : row + 1]
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask[row : row + 1]
         prefix = compute_prefix(lm, ids, mask, layer)
-        latents = torch.nonzero(run.mean_act[row] > 0).squeeze(-1)
+        fixed = _pinned(objective, run.token, row)
         for start in range(0, len(latents), batch_size):
             chunk = latents[start : start + batch_size]
-            edit = Edit(latents=chunk[:, None])
-            y = _objective_with_edit(lm, sae, prefix, mask, objective, edit, mode=mode)
-            effects[row, chunk] = run.objective[row] - y
+            edit = Edit(latents=torch.cat([chunk.new_full((1,), -1), chunk])[:, None])
+            y = _objective_with_edit(lm, sae, prefix, mask, fixed, edit, mode=mode, skip_first=skip_first)
+            effects[row, chunk] = (y[0] - y[1:]).to(effects.dtype)
     return effects
+
+
+def _pinned(objective: Objective, token: torch.Tensor | None, row: int) -> Objective:
+    """The objective with its greedy token held at ``token[row]`` (objectives with a fixed target as they are)."""
+    if isinstance(objective, NextTokenProb) and token is not None:
+        return objective.pinned(int(token[row]))
+    return objective
 
 
 def _objective_with_edit(
@@ -337,6 +426,7 @@ def _objective_with_edit(
     edit: Edit,
     *,
     mode: Mode,
+    skip_first: bool = True,
 ) -> torch.Tensor:
     """Objective of one input repeated once per row of ``edit.latents`` ``[m, n]``, each row edited.
 
@@ -346,7 +436,7 @@ def _objective_with_edit(
     copies = prefix.expand(m)
     ids, mask = copies.input_ids, attention_mask.expand(m, -1)
     with (
-        splice(lm, sae, prefix.layer, mode=mode, edits=[edit], record=False),
+        splice(lm, sae, prefix.layer, mode=mode, edits=[edit], record=False, skip_first=skip_first),
         replay_prefix(lm, copies),
         torch.no_grad(),
     ):

@@ -7,8 +7,13 @@ generation step) the block's output ``Z`` (``[batch, pos, d_model]``) becomes::
     H'     = edits(H)                           zero / set / add chosen latents
     replace:  Z' = decode(H')                   the paper's splice
     error:    Z' = decode(H') + sg(Z - decode(H))
+                 = sg(Z) + (decode(H') - sg(decode(H)))   (as computed)
 
-``sg`` is stop-gradient. Positions that are padding, and the first real token
+``sg`` is stop-gradient. The SAE maths (encode, edits, decode, the error term)
+runs in the SAE's dtype (float32 for a half-precision model; see
+:func:`gradsae.pretrained.resolve_sae`) and ``Z'`` is cast back to the model's
+dtype only at the end; the second form of the error splice makes ``Z' = Z`` bit
+for bit wherever ``H' = H``. Positions that are padding, and the first real token
 of each row (the attention sink: its residual norm is 10-100x the others' and
 SAEs are trained without it), pass through unchanged with all latents zero
 (``skip_first=False`` splices the first token too). With no edits, ``error`` mode leaves the model's output
@@ -144,7 +149,8 @@ class Splice:
         start, valid = self._positions(z)
         batch, pos, d_model = z.shape
         edits = self.edits if self.edits_on else []
-        plans = [_EditPlan.build(edit, batch, pos, start, self.sae.cfg.d_sae, z) for edit in edits]
+        like = torch.empty(0, dtype=self.sae.W_dec.dtype, device=z.device)
+        plans = [_EditPlan.build(edit, batch, pos, start, self.sae.cfg.d_sae, like) for edit in edits]
         flat_z, flat_valid = z.reshape(-1, d_model), valid.reshape(-1)
         rows = max(1, self.chunk_elements // self.sae.cfg.d_sae)
         outs, found = [], []
@@ -158,7 +164,7 @@ class Splice:
                     found.append((nz[:, 0] + first, nz[:, 1], edited.detach()[nz[:, 0], nz[:, 1]]))
             out = torch.cat(outs).reshape(z.shape)
         if self.record:
-            self.latents.append(_sparse(found, batch, pos, self.sae.cfg.d_sae, z))
+            self.latents.append(_sparse(found, batch, pos, self.sae.cfg.d_sae, like))
             self.valid.append(valid)
         if self.grad:
             out = out.detach().requires_grad_(True)
@@ -179,7 +185,8 @@ class Splice:
             edited = edited * keep
         out = self.sae.decode(edited)
         if self.mode == "error":
-            out = out + (z - self.sae.decode(h)).detach()
+            wide = torch.promote_types(z.dtype, out.dtype)
+            out = z.detach().to(wide) + (out - self.sae.decode(h).detach())
         return torch.where(keep, out.to(z.dtype), z), edited
 
     def _positions(self, z: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -315,7 +322,11 @@ def _sparse(
 
 
 def _latent_table(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense ``[batch, d_sae]`` choice mask and values for one edit."""
+    """Dense ``[batch, d_sae]`` choice mask and values for one edit.
+
+    Padding entries (``< 0``) are scattered into a spare column ``d_sae`` that is
+    then dropped, so they never collide with a real latent (latent 0 included).
+    """
     latents = torch.as_tensor(edit.latents, dtype=torch.long, device=like.device)
     if latents.ndim == 1:
         latents = latents.expand(batch, -1)
@@ -325,12 +336,11 @@ def _latent_table(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tup
         raise GradSAEError(f"latent {int(latents.max())} is out of range: the SAE has {d_sae} latents")
     values = torch.as_tensor(edit.values, dtype=like.dtype, device=like.device)
     values = values.expand(latents.shape) if values.ndim < 2 else values
-    valid = latents >= 0
-    index = latents.clamp(min=0)
-    chosen = torch.zeros(batch, d_sae, dtype=torch.bool, device=like.device).scatter(1, index, valid)
-    dense = torch.zeros(batch, d_sae, dtype=like.dtype, device=like.device)
-    dense = dense.scatter(1, index, torch.where(valid, values, torch.zeros_like(values)))
-    return chosen, dense
+    index = torch.where(latents >= 0, latents, d_sae)  # padding writes to a spare column, dropped below
+    chosen = torch.zeros(batch, d_sae + 1, dtype=torch.bool, device=like.device)
+    chosen = chosen.scatter(1, index, torch.ones_like(index, dtype=torch.bool))
+    dense = torch.zeros(batch, d_sae + 1, dtype=like.dtype, device=like.device).scatter(1, index, values)
+    return chosen[:, :d_sae], dense[:, :d_sae]
 
 
 def _position_mask(edit: Edit, batch: int, pos: int, offset: int, device: torch.device) -> torch.Tensor:
