@@ -25,7 +25,7 @@ PROMPTS = ["hello there", "abc", "the quick fox", "zebra", "mnop qr", "why not",
 
 @pytest.fixture(scope="module")
 def char_lm():
-    return helpers.char_lm(seed=3)
+    return helpers.char_lm(seed=4)  # varied, distinct answers (donor pairs need different answers)
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,15 @@ def test_correct_example_filter_and_full_run(char_lm, sae):
     result = run_layer(char_lm, sae, task, cfg)
     assert result.n_kept == right
     assert result.baseline.mean == pytest.approx(100 * right / len(PROMPTS))
-    assert len(result.perturbation) == 3 * 2 * 3
-    assert len(result.steering) == 2 * 3 * 2 * 3
+    none = [c for c in result.perturbation if c.edit == "none"]
+    assert len(none) == 1 and none[0].exact.mean == 100.0  # K = 0 measured: the kept set reproduces
+    assert len(result.perturbation) == 1 + 3 * 2 * 3
+    assert result.n_donor_pairs >= 2
+    # per position mode: the no-edit floor, then (swap, zero, inject) for TopK and swap for BottomK
+    assert len(result.steering) == 1 + 3 * (3 + 1) * 3
+    assert {c.edit for c in result.steering} == {"none", "swap", "zero", "inject"}
     assert all(c.exact.n == right for c in result.perturbation)
+    assert all(c.own is not None and c.own.n == result.n_donor_pairs for c in result.steering)
 
 
 def test_rerun_with_same_seed_gives_same_results_json(char_lm, sae, tmp_path):
@@ -123,8 +129,9 @@ def test_interrupted_write_leaves_no_results_json(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def _kept(rankings, active_last, label="a", group=None, values=None):
-    ex = Example(id=str(id(rankings)), prompt="p", answers=("x",), label=label, group=group)
+def _kept(rankings, active_last, label="a", group=None, values=None, answer=None):
+    answer = answer or f"answer {id(rankings)}"
+    ex = Example(id=str(id(rankings)), prompt="p", answers=(answer,), label=label, group=group)
     gen = Generation(prompt_ids=(1,), token_ids=(5,), text="x", stopped=False)
     return KeptExample(
         example=ex,
@@ -152,6 +159,14 @@ def test_donors_differ_in_label_or_share_context():
     assert donors[0] == 2 and donors[1] == 2 and donors[2] in (0, 1)
     squad = [_kept([1], 2, group="c1"), _kept([1], 2, group="c2"), _kept([1], 2, group="c1")]
     assert pick_donors(squad, seed=0) == [2, None, 0]
+
+
+def test_donors_with_the_same_gold_answer_are_not_donors():
+    """Two questions on one context with the same answer: a swap could not be told from no edit."""
+    same = [_kept([1], 2, group="c", answer="Paris"), _kept([1], 2, group="c", answer="the Paris")]
+    assert pick_donors(same, seed=0) == [None, None]
+    labels = [_kept([1], 2, label="a", answer="yes"), _kept([1], 2, label="b", answer="Yes")]
+    assert pick_donors(labels, seed=0) == [None, None]
 
 
 @pytest.mark.parametrize("where", ["last", "all"])

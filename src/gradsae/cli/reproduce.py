@@ -21,7 +21,7 @@ import torch
 from gradsae import _files
 from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
-from gradsae.experiments.config import DEFAULT_KS, ExperimentConfig, KSpec
+from gradsae.experiments.config import DEFAULT_KS, DONOR_VALUES, STEER_POSITIONS, ExperimentConfig, KSpec
 from gradsae.experiments.report import render
 from gradsae.experiments.run import LayerResult, RunMeta, RunResults, run_layer
 from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task
@@ -46,8 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--layers", default=None, help="comma-separated layers for a sweep, e.g. 6,15,24 (default: --layer, else 6)"
     )
     parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper-exact preset (each part also a flag; a flag given explicitly wins): "
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PAPER.items())
+        + "; see docs/deviations.md",
+    )
+    parser.add_argument(
         "--mode",
-        default="error",
+        default=None,
         choices=["replace", "error"],
         help="splice mode: error (default: the model stays exact, masked latents lose their decoder share) or "
         "replace (the paper's: the residual becomes the reconstruction; on SmolLM2 it drops SST-2 accuracy to ~25%% "
@@ -59,7 +66,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ks", default="1,10,20,30,50%", help="values of K; 50%% = half the latents active at the last token"
     )
-    parser.add_argument("--steer-positions", default="last,all", help="steering edit positions: last and/or all")
+    parser.add_argument(
+        "--steer-positions",
+        default=None,
+        help="comma list of steering edit positions (default: last): last = the authors' final code (each pass "
+        "edits only its last position, the KV cache stays unedited); cumulative = each token edited while newest, "
+        "kept in the cache; all = every position",
+    )
+    parser.add_argument(
+        "--donor-value",
+        default=None,
+        choices=list(DONOR_VALUES),
+        help="value injected for a donor latent: activation (default: its activation at the donor's last token) "
+        "or score (its ranking score, as the authors' code does)",
+    )
+    parser.add_argument(
+        "--splice-first",
+        default=None,
+        action="store_true",
+        help="also splice (and mask) each prompt's first token, as the authors' code does (default: leave the "
+        "attention sink unspliced; SAEs trained without position 0 reconstruct it badly)",
+    )
+    parser.add_argument(
+        "--keep-f1",
+        type=float,
+        default=None,
+        help="keep examples whose F1 with the SAE is at least this (the authors' 0.9; default: exact match)",
+    )
+    parser.add_argument(
+        "--no-floors",
+        action="store_true",
+        help="skip the steering floors (no edit, zero-only, inject-only) that sit next to each swap",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward batch")
     parser.add_argument("--squad", default=None, help="SQuAD v1.1 JSON file for --task squad")
     parser.add_argument("--prompt-column", default="prompt", help="prompt column of a user task file")
@@ -84,9 +122,12 @@ def run(args: argparse.Namespace) -> int:
     check_prompt_lengths(lm, task)
     layers = layers_to_run(args.layers, args.layer)
     methods = ("gradsae", "activation", "random") + (("ablation",) if args.ablation else ())
+    apply_preset(args)
     positions = tuple(p.strip() for p in args.steer_positions.split(",") if p.strip())
-    if not positions or any(p not in ("last", "all") for p in positions):
-        raise GradSAEError(f"--steer-positions {args.steer_positions!r}: use last, all or last,all")
+    if not positions or any(p not in STEER_POSITIONS for p in positions):
+        raise GradSAEError(
+            f"--steer-positions {args.steer_positions!r}: use a comma list of {', '.join(STEER_POSITIONS)}"
+        )
     results: list[LayerResult] = []
     labels: dict[str, str] = {}
     timing: dict[str, float] = {}
@@ -101,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
             steer_positions=positions,
             batch_size=args.batch_size,
             seed=args.seed,
+            donor_value=args.donor_value,
+            floors=not args.no_floors,
+            skip_first=not args.splice_first,
+            keep_f1=args.keep_f1,
         )
         began = time.perf_counter()
         results.append(run_layer(lm, sae.to(lm.device), task, cfg))
@@ -111,6 +156,24 @@ def run(args: argparse.Namespace) -> int:
     write_outputs(Path(args.out), RunResults(config=meta, layers=tuple(results)), timing)
     print(f"wrote {args.out}/results.json, table.md and plots in {timing['total_s']:.0f} s")  # noqa: T201
     return 0
+
+
+PAPER = {"mode": "replace", "splice_first": True, "keep_f1": 0.9, "steer_positions": "last", "donor_value": "score"}
+"""The paper-exact preset: the authors' code's choices (docs/deviations.md lists each with our default)."""
+DEFAULTS = {
+    "mode": "error",
+    "splice_first": False,
+    "keep_f1": None,
+    "steer_positions": "last",
+    "donor_value": "activation",
+}
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill each option left unset (``None``) from ``--paper`` when given, else from the defaults."""
+    for key, default in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, PAPER[key] if args.paper else default)
 
 
 def parse_ks(text: str) -> tuple[KSpec, ...]:
@@ -157,6 +220,11 @@ def run_meta(
         batch_size=args.batch_size,
         max_new_tokens=task.max_new_tokens,
         objective="p(greedy token) at the answer step",
+        paper=bool(args.paper),
+        skip_first=not args.splice_first,
+        keep_f1=args.keep_f1,
+        donor_value=args.donor_value,
+        floors=not args.no_floors,
         aggregation="paper (mean over positions of relu)",
         versions={
             "gradsae": __version__,

@@ -45,8 +45,8 @@ class KeptExample:
     rankings: dict[str, list[int]]
     """Method -> latents with a positive score, best first."""
     active_last: int
-    donor_values: dict[int, float] = field(default_factory=dict)
-    """Latent -> value used when this example is a donor."""
+    donor_values: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Ranking method -> latent -> value injected when this example is a donor (clamped)."""
 
 
 def rank_examples(
@@ -60,7 +60,7 @@ def rank_examples(
     """Score every kept example with every method at its answer step."""
     steps = [answer_step(lm.tokenizer, gen, task.answer_marker) for gen in gens]
     rankings: list[dict[str, list[int]]] = [{} for _ in examples]
-    donor_values: list[dict[int, float]] = [{} for _ in examples]
+    donor_values: list[dict[str, dict[int, float]]] = [{} for _ in examples]
     active_last = [0] * len(examples)
     spearman: list[float] = []
     for start in tqdm(
@@ -78,11 +78,12 @@ def rank_examples(
             layer=cfg.layer,
             mode=cfg.mode,
             seed=cfg.seed + start,
+            skip_first=cfg.skip_first,
         )
         for offset, i in enumerate(rows):
             rankings[i] = {m: s.ranking(offset).tolist() for m, s in by_method.items()}
             active_last[i] = int(next(iter(by_method.values())).active_last[offset])
-            donor_values[i] = _donor_values(next(iter(by_method.values())), offset, cfg.clamp)
+            donor_values[i] = {m: _donor_values(s, offset, cfg) for m, s in by_method.items()}
         if "ablation" in by_method:
             spearman += _estimate_vs_exact(lm, sae, ids, mask, by_method["ablation"], cfg)
     kept = [
@@ -99,10 +100,19 @@ def rank_examples(
     return kept, diagnostics
 
 
-def _donor_values(scores: Scores, row: int, clamp: tuple[float, float]) -> dict[int, float]:
-    """Value each active latent is injected with: last-token activation, else mean activation."""
+def _donor_values(scores: Scores, row: int, cfg: ExperimentConfig) -> dict[int, float]:
+    """Value each active latent is injected with, clamped to ``cfg.clamp``.
+
+    ``activation``: its activation at the last input token, else its mean activation.
+    ``score``: its score under this ranking method (the authors' code; ``random`` uses the mean activation).
+    """
     last, mean = scores.last_act[row], scores.mean_act[row]
-    value = torch.where(last > 0, last, mean).clamp(*clamp)
+    if cfg.donor_value == "score" and scores.method not in ("random", "activation"):
+        value = scores.per_latent[row].clamp(*cfg.clamp)
+    elif cfg.donor_value == "score":
+        value = mean.clamp(*cfg.clamp)
+    else:
+        value = torch.where(last > 0, last, mean).clamp(*cfg.clamp)
     active = torch.nonzero(mean > 0).squeeze(-1)
     return {int(c): float(value[c]) for c in active}
 
@@ -111,7 +121,17 @@ def _estimate_vs_exact(
     lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, exact: Scores, cfg: ExperimentConfig
 ) -> list[float]:
     """Spearman correlation, per example, of the first-order estimate (sum over positions) and exact ablation."""
-    estimate = score_latents(lm, sae, ids, mask, NextTokenProb(), layer=cfg.layer, mode=cfg.mode, aggregation="sum")
+    estimate = score_latents(
+        lm,
+        sae,
+        ids,
+        mask,
+        NextTokenProb(),
+        layer=cfg.layer,
+        mode=cfg.mode,
+        aggregation="sum",
+        skip_first=cfg.skip_first,
+    )
     out = []
     for row in range(ids.shape[0]):
         active = exact.mean_act[row] > 0
@@ -145,29 +165,33 @@ def padded(rows: Sequence[Sequence[int]]) -> torch.Tensor:
 
 
 def overlap_stats(kept: Sequence[KeptExample], cfg: ExperimentConfig, *, by: str, k: int = 10) -> dict[str, float]:
-    """The appendix's overlap figures at K = ``k`` (fractions of K, in %).
+    """The appendix's overlap figures at K = ``k`` (in %).
 
-    ``cross/gradsae-activation``: mean over examples of ``|Top_g & Top_a| / K``.
-    ``within/<method>``: mean over pairs of examples sharing a label (classification)
-    or a context (SQuAD) of ``|Top_m(i) & Top_m(j)| / K``.
+    ``cross/a-b``: mean over examples of ``|Top_a & Top_b| / min(|Top_a|, |Top_b|)`` (= ``/ K`` when
+    both methods chose K latents; an example with fewer positive scores is not counted as disagreement).
+    ``within/<method>``: the same ratio, averaged over pairs of examples sharing a label (classification)
+    or a context (SQuAD).
     """
     out: dict[str, float] = {}
     methods = [m for m in cfg.methods if m != "random"] + (["random"] if "random" in cfg.methods else [])
     for a, b in combinations(methods, 2):
-        values = [_overlap(chosen(ex, a, "top", k), chosen(ex, b, "top", k), k) for ex in kept]
-        if values:
-            out[f"cross/{a}-{b}"] = 100 * float(np.mean(values))
+        values = [_overlap(chosen(ex, a, "top", k), chosen(ex, b, "top", k)) for ex in kept]
+        if present := [v for v in values if v is not None]:
+            out[f"cross/{a}-{b}"] = 100 * float(np.mean(present))
     key = (lambda ex: ex.example.group) if by == "squad" else (lambda ex: ex.example.label)
     for method in methods:
         values = [
-            _overlap(chosen(x, method, "top", k), chosen(y, method, "top", k), k)
+            _overlap(chosen(x, method, "top", k), chosen(y, method, "top", k))
             for x, y in combinations(kept, 2)
             if key(x) is not None and key(x) == key(y)
         ]
-        if values:
-            out[f"within/{method}"] = 100 * float(np.mean(values))
+        if present := [v for v in values if v is not None]:
+            out[f"within/{method}"] = 100 * float(np.mean(present))
     return out
 
 
-def _overlap(a: Sequence[int], b: Sequence[int], k: int) -> float:
-    return len(set(a) & set(b)) / k
+def _overlap(a: Sequence[int], b: Sequence[int]) -> float | None:
+    """``|a & b| / min(|a|, |b|)``; ``None`` when either set is empty."""
+    if not a or not b:
+        return None
+    return len(set(a) & set(b)) / min(len(a), len(b))

@@ -16,8 +16,10 @@ from typing import Any
 from gradsae import _files
 from gradsae.experiments.perturb import Condition
 from gradsae.experiments.run import LayerResult, RunMeta, RunResults
-from gradsae.experiments.stats import Stat
+from gradsae.experiments.stats import Stat, paired_difference
 
+BOOTSTRAP = 1000
+"""Resamples for the paired-difference intervals (seeded by the run's seed)."""
 NAMES = {"gradsae": "GradSAE", "activation": "activation", "random": "random", "ablation": "exact ablation"}
 
 
@@ -32,18 +34,47 @@ def cell(c: Condition, squad: bool) -> str:
     return f"{fmt(c.exact)} / {fmt(c.f1)}" if squad else fmt(c.exact)
 
 
-def condition_table(conditions: Sequence[Condition], ks: Sequence[str], squad: bool) -> list[str]:
-    """Markdown rows: ranking x set by K."""
-    lines = ["| ranking / masked set | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    methods = list(dict.fromkeys(c.method for c in conditions))
+POSITION_TITLES = {
+    "last": "the last position of each pass, KV cache unedited (authors' final code)",
+    "cumulative": "the newest token of each pass, kept in the KV cache (a cumulative variant, not the authors')",
+    "all": "every position of every pass (authors' earlier code)",
+}
+
+
+def condition_table(
+    conditions: Sequence[Condition], ks: Sequence[str], squad: bool, *, edits: Sequence[str] = ("zero",)
+) -> list[str]:
+    """Markdown rows: ranking x set (x edit) by K; the no-edit row and paired differences are separate."""
+    lines = ["| ranking / edited set | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    methods = list(dict.fromkeys(c.method for c in conditions if c.method != "none"))
     for method in methods:
         for which in ("top", "bottom"):
-            row = {c.k: c for c in conditions if c.method == method and c.set == which}
-            cells = [cell(row[k], squad) if k in row else "-" for k in ks]
-            lines.append(
-                f"| {NAMES.get(method, method)} {'TopK' if which == 'top' else 'BottomK'} | " + " | ".join(cells) + " |"
-            )
+            for edit in edits:
+                row = {c.k: c for c in conditions if (c.method, c.set, c.edit) == (method, which, edit)}
+                if not row:
+                    continue
+                label = NAMES.get(method, method) + (" TopK" if which == "top" else " BottomK")
+                label += {"zero": " zero-only", "inject": " inject-only"}.get(edit, "") if len(edits) > 1 else ""
+                cells = [cell(row[k], squad) if k in row else "-" for k in ks]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def paired_row(
+    conditions: Sequence[Condition], ks: Sequence[str], meta: RunMeta, *, edit: str, a: str = "gradsae"
+) -> list[str]:
+    """``GradSAE - activation`` TopK per K: mean paired difference in points with its bootstrap interval."""
+    cells = []
+    for k in ks:
+        row = {c.method: c for c in conditions if (c.set, c.edit, c.k) == ("top", edit, k)}
+        if a in row and "activation" in row and row[a].per_example and row["activation"].per_example:
+            diff = paired_difference(
+                row[a].per_example, row["activation"].per_example, seed=meta.seed, resamples=BOOTSTRAP
+            )
+            cells.append(f"{diff.mean:+.1f} [{diff.low:+.1f}, {diff.high:+.1f}]")
+        else:
+            cells.append("-")
+    return [f"| {NAMES[a]} - activation TopK, paired | " + " | ".join(cells) + " |"]
 
 
 def layer_section(result: LayerResult, meta: RunMeta) -> list[str]:
@@ -58,24 +89,16 @@ def layer_section(result: LayerResult, meta: RunMeta) -> list[str]:
         f"with the SAE spliced ({meta.mode} mode) {fmt(result.baseline)}",
         f"- kept (answered correctly with the SAE): {result.n_kept}; donor pairs for steering: {result.n_donor_pairs}",
         "",
-        f"### Experiment 1: mask the selected latents ({unit}, unperturbed = 100)",
+        f"### Experiment 1: mask the selected latents ({unit} vs the gold answer)",
+        "",
+        *_unperturbed(result.perturbation, squad),
         "",
         *condition_table(result.perturbation, ks, squad),
+        *paired_row(result.perturbation, ks, meta, edit="zero"),
         "",
     ]
     for where in meta.steer_positions:
-        part = [c for c in result.steering if c.positions == where]
-        title = {
-            "last": "the last position of each pass (authors' final code)",
-            "all": "every position (authors' earlier code)",
-        }.get(where, where)
-        out += [
-            f"### Experiment 2: steer toward the donor, edits at {title} ({unit} vs the donor's answer; "
-            "0 without steering)",
-            "",
-        ]
-        out += condition_table(part, ks, squad) if part else ["No donor pairs: nothing to steer."]
-        out.append("")
+        out += _steering_section(result, meta, where, ks, squad, unit)
     if result.overlap:
         out += ["### Overlap of Top-10 sets (% of K)", "", "| pair | overlap |", "|---|---|"]
         out += [f"| {name} | {value:.1f} |" for name, value in result.overlap.items()]
@@ -90,6 +113,57 @@ def layer_section(result: LayerResult, meta: RunMeta) -> list[str]:
     return out
 
 
+def _unperturbed(conditions: Sequence[Condition], squad: bool) -> list[str]:
+    none = [c for c in conditions if c.edit == "none"]
+    if not none:
+        return ["Unperturbed (K = 0): not measured in this run (100 by construction of the kept set)."]
+    return [
+        f"Unperturbed (K = 0, the same batches, measured): {cell(none[0], squad)}. Paired rows: GradSAE minus "
+        "activation on the same examples, in points, 95% bootstrap interval."
+    ]
+
+
+def _fmt_own(condition: Condition | None) -> str:
+    own = None if condition is None else condition.own
+    return "-" if own is None else fmt(own)
+
+
+def _steering_section(
+    result: LayerResult, meta: RunMeta, where: str, ks: Sequence[str], squad: bool, unit: str
+) -> list[str]:
+    part = [c for c in result.steering if c.positions == where]
+    out = [f"### Experiment 2: steer toward the donor, edits at {POSITION_TITLES.get(where, where)}", ""]
+    if not part:
+        return [*out, "No donor pairs with different answers: nothing to steer.", ""]
+    none = [c for c in result.steering if c.edit == "none"]
+    floor = (
+        f"No edit (measured): {cell(none[0], squad)} match the donor's answer, {_fmt_own(none[0])} keep their own. "
+        if none
+        else ""
+    )
+    out += [
+        f"{floor}Cells: {unit} against the donor's gold answer over {result.n_donor_pairs} pairs. "
+        "`swap` zeroes the example's own TopK and sets the donor's (the paper's steering); `zero-only` and "
+        "`inject-only` are its two halves: steering is the swap's rate above the zero-only floor.",
+        "",
+        *condition_table(part, ks, squad, edits=("swap", "zero", "inject")),
+        *paired_row(part, ks, meta, edit="swap"),
+        "",
+        "Answer still the example's own (swap / zero-only, TopK):",
+        "",
+        "| ranking | " + " | ".join(f"K={k}" for k in ks) + " |",
+        "|---|" + "---|" * len(ks),
+    ]
+    for method in dict.fromkeys(c.method for c in part if c.method != "none"):
+        cells = []
+        for k in ks:
+            by = {c.edit: c for c in part if (c.method, c.set, c.k) == (method, "top", k)}
+            pair = [_fmt_own(by.get(e)) for e in ("swap", "zero")]
+            cells.append(" / ".join(pair))
+        out.append(f"| {NAMES.get(method, method)} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
 def sweep_table(results: Sequence[LayerResult], k: str = "50%") -> list[str]:
     """The paper's Table 4: TopK at one K, activation vs GradSAE, one row per layer."""
     lines = [
@@ -99,7 +173,7 @@ def sweep_table(results: Sequence[LayerResult], k: str = "50%") -> list[str]:
         "|---|---|---|---|",
     ]
     for result in results:
-        row = {c.method: c for c in result.perturbation if c.set == "top" and c.k == k}
+        row = {c.method: c for c in result.perturbation if c.set == "top" and c.k == k and c.edit == "zero"}
         cells = [fmt(row[m].exact) if m in row else "-" for m in ("activation", "gradsae", "random")]
         lines.append(f"| {result.layer} | " + " | ".join(cells) + " |")
     return [*lines, ""]
@@ -153,7 +227,7 @@ def plot_layer(result: LayerResult, meta: RunMeta, folder: Path) -> list[Path]:
     for name, groups in panels:
         fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
         for ax, (title, conditions) in zip(axes[0], groups, strict=True):
-            _draw(ax, conditions, ks)
+            _draw(ax, conditions, ks, edit="zero" if name == "exp1" else "swap")
             ax.set_title(f"layer {result.layer}: {title}")
             ax.set_xlabel("K (latents edited)")
             ax.set_ylabel("task score (%)" if name == "exp1" else "success: matches donor (%)")
@@ -166,12 +240,12 @@ def plot_layer(result: LayerResult, meta: RunMeta, folder: Path) -> list[Path]:
     return paths
 
 
-def _draw(ax: Any, conditions: Sequence[Condition], ks: Sequence[str]) -> None:
+def _draw(ax: Any, conditions: Sequence[Condition], ks: Sequence[str], *, edit: str) -> None:
     colors = {"gradsae": "tab:red", "activation": "tab:blue", "random": "tab:gray", "ablation": "tab:green"}
     x = list(range(len(ks)))
-    for method in dict.fromkeys(c.method for c in conditions):
+    for method in dict.fromkeys(c.method for c in conditions if c.method != "none"):
         for which, style in (("top", "-o"), ("bottom", "--s")):
-            row = {c.k: c for c in conditions if c.method == method and c.set == which}
+            row = {c.k: c for c in conditions if (c.method, c.set, c.edit) == (method, which, edit)}
             if not row:
                 continue
             ys = [row[k].exact.mean if k in row else math.nan for k in ks]
@@ -189,4 +263,5 @@ def _draw(ax: Any, conditions: Sequence[Condition], ks: Sequence[str]) -> None:
     ax.set_xticks(x, ks)
     ax.set_ylim(-5, 105)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)

@@ -86,6 +86,16 @@ class RunMeta:
     objective: str
     aggregation: str
     versions: dict[str, str]
+    paper: bool = False
+    """Run with the paper-exact preset (``--paper``)."""
+    skip_first: bool = True
+    """Each prompt's first token left unspliced."""
+    keep_f1: float | None = None
+    """Kept: F1 at least this; ``None``: exact match."""
+    donor_value: str = "activation"
+    """What a donor latent is injected with."""
+    floors: bool = True
+    """Steering floors measured."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunMeta:
@@ -127,7 +137,7 @@ def run_layer(lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig) -> L
     batches = prompt_batches(lm, texts, cfg, reuse=False)
     clean = decode(lm, batches, task, cfg, sae=None, edits_for=None)
     spliced = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
-    correct = [task.score(ex, gen.text).exact == 1.0 for ex, gen in zip(task.examples, spliced, strict=True)]
+    correct = [_is_kept(task.score(ex, gen.text), cfg) for ex, gen in zip(task.examples, spliced, strict=True)]
     kept_examples = [ex for ex, ok in zip(task.examples, correct, strict=True) if ok]
     kept_gens = [gen for gen, ok in zip(spliced, correct, strict=True) if ok]
     log.info("layer %d: %d of %d examples answered correctly with the SAE", cfg.layer, len(kept_examples), len(texts))
@@ -148,3 +158,8 @@ def run_layer(lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig) -> L
         n_donor_pairs=sum(d is not None for d in donors),
         diagnostics=diagnostics,
     )
+
+
+def _is_kept(score: Any, cfg: ExperimentConfig) -> bool:
+    """Exact match, or (``cfg.keep_f1``, the authors' filter) F1 at least that high."""
+    return bool(score.exact == 1.0 if cfg.keep_f1 is None else score.f1 >= cfg.keep_f1)

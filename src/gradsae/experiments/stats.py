@@ -2,6 +2,9 @@
 
 * :func:`stat`: ``100 * mean_i x_i`` with a 95% percentile bootstrap interval
   (``resamples`` draws of the examples with replacement, seeded).
+* :func:`paired_difference`: ``100 * mean_i (a_i - b_i)`` over the same examples, with a
+  95% percentile bootstrap interval that resamples examples (pairs stay together):
+  the comparison the paper makes (GradSAE vs activation in one cell).
 * :func:`spearman`: Spearman's rank correlation (average ranks for ties).
 """
 
@@ -37,6 +40,13 @@ def stat(values: Sequence[float], *, seed: int, resamples: int) -> Stat:
     means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return Stat(mean=float(data.mean()), low=float(low), high=float(high), n=len(data))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], *, seed: int, resamples: int) -> Stat:
+    """``100 * mean(a - b)`` over paired examples with a 95% bootstrap interval (in points)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
+    return stat([x - y for x, y in zip(a, b, strict=True)], seed=seed, resamples=resamples)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
