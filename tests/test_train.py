@@ -133,7 +133,7 @@ def test_evaluation_and_files(lm, texts, trained, tmp_path) -> None:
     res = evals[1]
     assert res.tokens == 150 and res.ce_zero != res.ce_clean and 0 < res.l0 <= 4 and 0 <= res.dead_fraction <= 1
     loaded = load_sae(tmp_path / "layer_1")
-    assert loaded.W_dec.dtype == torch.float16 and loaded.cfg.hook_layer == 1
+    assert loaded.W_dec.dtype == torch.float32 and loaded.cfg.hook_layer == 1  # fp16 file, float32 cfg.json dtype
     assert loaded.cfg.metadata["eval"]["fvu"] == pytest.approx(res.fvu)
     assert json.loads((tmp_path / "layer_1" / "eval.json").read_text())["ce_recovered"] == pytest.approx(
         res.ce_recovered
