@@ -7,8 +7,10 @@ computes at inference, or is refused with one line.
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,11 @@ from safetensors.torch import load_file, save_file
 
 import gradsae
 from gradsae.errors import GradSAEError
+from gradsae.models import block_output
+from gradsae.objectives import NextTokenProb
 from gradsae.sae import SAE, SAEConfig, load_sae, save_sparsify
+from gradsae.scores import score_latents
+from gradsae.splice import splice
 from tests.helpers import D_MODEL, tiny_sae
 
 D_SAE = 48
@@ -102,6 +108,73 @@ def test_resid_pre_hook_name_is_read_and_written_back(tmp_path):
     assert (again.cfg.hook_point, again.cfg.hook_layer) == ("resid_pre", 1)
     for key, value in sae.state().items():
         assert torch.equal(value, again.state()[key]), key
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_resid_pre_sae_is_spliced_at_the_input_of_its_block(lm, tmp_path, layer):
+    sae = _resid_pre_sae(tmp_path, layer)
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    block = lm.layers[layer]
+    handle = block.register_forward_pre_hook(_input_hook(sae), with_kwargs=True)
+    try:
+        by_hand = _logits(lm, ids)
+    finally:
+        handle.remove()
+    handle = block.register_forward_hook(lambda _m, _i, out: sae(block_output(out)))
+    try:
+        after_block = _logits(lm, ids)
+    finally:
+        handle.remove()
+    with splice(lm, sae, mode="replace", skip_first=False):
+        spliced = _logits(lm, ids)
+    assert torch.allclose(spliced, by_hand, atol=1e-5)
+    assert not torch.allclose(spliced, after_block, atol=1e-3)
+    assert sum(len(b._forward_pre_hooks) + len(b._forward_hooks) for b in lm.layers) == 0
+
+
+def test_resid_pre_of_block_1_is_resid_post_of_block_0(lm, tmp_path):
+    pre = _resid_pre_sae(tmp_path, 1)
+    post = copy.deepcopy(pre)
+    post.cfg = replace(pre.cfg, hook_point="resid_post", hook_layer=0)
+    ids, mask = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(2)), None
+    with splice(lm, pre, mode="replace"):
+        a = _logits(lm, ids, mask)
+    with splice(lm, post, mode="replace"):
+        b = _logits(lm, ids, mask)
+    assert torch.equal(a, b)
+
+
+def test_resid_pre_error_mode_is_exact_and_its_gradient_is_at_the_block_input(lm, batch, tmp_path):
+    ids, mask = batch
+    sae = _resid_pre_sae(tmp_path, 1)
+    clean = _logits(lm, ids, mask)
+    with splice(lm, sae, mode="error") as sp:
+        assert torch.allclose(_logits(lm, ids, mask), clean, atol=1e-5)
+    assert (sp.acts[0] > 0).any()
+
+    leaves: list[torch.Tensor] = []
+
+    def leaf(z: torch.Tensor) -> torch.Tensor:
+        leaves.append(z.detach().requires_grad_(True))
+        return leaves[-1]
+
+    handle = lm.layers[1].register_forward_pre_hook(_input_hook(leaf), with_kwargs=True)
+    try:
+        lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1, 5].sum().backward()
+    finally:
+        handle.remove()
+    with splice(lm, sae, mode="error", grad=True, skip_first=False) as sp:
+        lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1, 5].sum().backward()
+    assert torch.allclose(sp.leaves[0].grad, leaves[0].grad, atol=1e-6)
+
+
+def test_resid_pre_scores_run_and_a_prefix_replay_through_its_block_is_refused(lm, tmp_path):
+    sae = _resid_pre_sae(tmp_path, 1)
+    ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(4))
+    scores = score_latents(lm, sae, ids, None, NextTokenProb(), method="gradsae")
+    assert (scores.per_latent != 0).any()
+    # The ablation baseline replays blocks 0..1 from a cache, which would skip the splice at block 1's input.
+    _refused("prefix", score_latents, lm, sae, ids, None, NextTokenProb(), method="ablation")
 
 
 @pytest.mark.parametrize(
