@@ -404,6 +404,16 @@ def test_fp16_weights_are_saved_with_a_float32_compute_dtype(tmp_path):
         assert torch.equal(value.half().float(), loaded.state()[key]), key
 
 
+@pytest.mark.parametrize("layer", [6, 15, 24])
+def test_shipped_cfg_json_says_float32_over_fp16_weights(layer):
+    folder = SHIPPED / f"layer_{layer}"
+    if not (folder / "sae_weights.safetensors").exists():
+        pytest.skip(f"{folder} not shipped")
+    assert json.loads((folder / "cfg.json").read_text())["dtype"] == "float32"
+    with safe_open(str(folder / "sae_weights.safetensors"), framework="pt") as f:
+        assert f.get_slice("W_dec").get_dtype() == "F16"
+
+
 # -- 7. bad files ------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused(tmp_path, bad):

@@ -217,7 +217,7 @@ def test_shipped_saes_load_with_their_figures(layer: int) -> None:
         pytest.skip(f"{folder} not trained yet")
     sae = load_sae(folder)
     assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k, sae.cfg.hook_layer) == (576, 4608, 32, layer)
-    assert sae.W_dec.dtype == torch.float16 and sae.cfg.apply_b_dec_to_input
+    assert sae.W_dec.dtype == torch.float32 and sae.cfg.apply_b_dec_to_input  # fp16 file, float32 cfg.json dtype
     torch.testing.assert_close(sae.W_dec.float().norm(dim=-1), torch.ones(4608), atol=2e-3, rtol=0)
     figures = json.loads((folder / "eval.json").read_text())
     assert figures == sae.cfg.metadata["eval"] and figures["layer"] == layer
