@@ -1,7 +1,10 @@
-"""Splice an SAE into the residual stream after decoder block ``l``.
+"""Splice an SAE into the residual stream at its hook point of decoder block ``l``.
 
-At every forward pass through block ``l`` (the prompt pass and each cached
-generation step) the block's output ``Z`` (``[batch, pos, d_model]``) becomes::
+The SAE's ``hook_point`` says where: ``resid_post`` is block ``l``'s output (a
+forward hook on block ``l``), ``resid_pre`` its input (a forward pre-hook on block
+``l`` that replaces the ``hidden_states`` argument; for ``l = 0`` that is the
+embedding output). At every forward pass through block ``l`` (the prompt pass and
+each cached generation step) that residual ``Z`` (``[batch, pos, d_model]``) becomes::
 
     H      = encode(Z)                          [batch, pos, d_sae]
     H'     = edits(H)                           zero / set / add chosen latents
@@ -223,7 +226,7 @@ def splice(
     skip_first: bool = True,
     chunk_elements: int = 1 << 23,
 ) -> Iterator[Splice]:
-    """Insert ``sae`` after block ``layer`` (default: the SAE's own) for the ``with`` body."""
+    """Insert ``sae`` at its hook point of block ``layer`` (default: the SAE's own) for the ``with`` body."""
     layer = resolve_layer(sae, layer)
     check_compatible(sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=layer)
     if mode not in MODES:
@@ -238,9 +241,12 @@ def splice(
         skip_first=skip_first,
         chunk_elements=chunk_elements,
     )
+    block = lm.layers[layer]
     handles = [
         lm.model.register_forward_pre_hook(_mask_hook(state), with_kwargs=True),
-        lm.layers[layer].register_forward_hook(_hook(state)),
+        block.register_forward_pre_hook(_pre_hook(state), with_kwargs=True)
+        if sae.cfg.hook_point == "resid_pre"
+        else block.register_forward_hook(_hook(state)),
     ]
     try:
         yield state
@@ -270,6 +276,30 @@ def _hook(state: Splice) -> Any:
         return with_block_output(output, state.transform(block_output(output)))
 
     return hook
+
+
+def _pre_hook(state: Splice) -> Any:
+    """``resid_pre``: replace the block's ``hidden_states`` input (positional, or by keyword)."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        _refuse_replayed(module, state.layer)
+        if args:
+            return (state.transform(args[0]), *args[1:]), kwargs
+        if "hidden_states" not in kwargs:
+            raise GradSAEError(f"block {state.layer} was called without hidden_states: this model is not supported")
+        return args, {**kwargs, "hidden_states": state.transform(kwargs["hidden_states"])}
+
+    return hook
+
+
+def _refuse_replayed(block: nn.Module, layer: int) -> None:
+    """A replayed prefix (:mod:`gradsae.prefix`) returns block ``layer``'s stored output, ignoring its input."""
+    forward = vars(block).get("forward")
+    if forward is not None and "_replaying" in getattr(forward, "__qualname__", ""):
+        raise GradSAEError(
+            f"a resid_pre SAE at layer {layer} changes the input of block {layer}, which a prefix cached "
+            f"through block {layer} skips: cache the prefix through block {layer - 1} only (none for layer 0)"
+        )
 
 
 # -- edits --------------------------------------------------------------------

@@ -136,7 +136,7 @@ def test_evaluation_and_files(lm, texts, trained, tmp_path) -> None:
     res = evals[1]
     assert res.tokens == 150 and res.ce_zero != res.ce_clean and 0 < res.l0 <= 4 and 0 <= res.dead_fraction <= 1
     loaded = load_sae(tmp_path / "layer_1")
-    assert loaded.W_dec.dtype == torch.float16 and loaded.cfg.hook_layer == 1
+    assert loaded.W_dec.dtype == torch.float32 and loaded.cfg.hook_layer == 1  # fp16 file, float32 cfg.json dtype
     assert loaded.cfg.metadata["eval"]["fvu"] == pytest.approx(res.fvu)
     assert json.loads((tmp_path / "layer_1" / "eval.json").read_text())["ce_recovered"] == pytest.approx(
         res.ce_recovered
@@ -220,7 +220,7 @@ def test_shipped_saes_load_with_their_figures(layer: int) -> None:
         pytest.skip(f"{folder} not trained yet")
     sae = load_sae(folder)
     assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k, sae.cfg.hook_layer) == (576, 4608, 32, layer)
-    assert sae.W_dec.dtype == torch.float16 and sae.cfg.apply_b_dec_to_input
+    assert sae.W_dec.dtype == torch.float32 and sae.cfg.apply_b_dec_to_input  # fp16 file, float32 cfg.json dtype
     torch.testing.assert_close(sae.W_dec.float().norm(dim=-1), torch.ones(4608), atol=2e-3, rtol=0)
     figures = json.loads((folder / "eval.json").read_text())
     assert figures == sae.cfg.metadata["eval"] and figures["layer"] == layer
