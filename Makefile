@@ -27,6 +27,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
+	$(PY) -m pytest -q tests/test_architecture.py
 
 tests: setup
 	$(PY) -m pytest

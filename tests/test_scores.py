@@ -190,3 +190,12 @@ def test_left_padding_gives_the_same_scores_as_one_row(lm, batch):
     alone = score_latents(lm, sae, ids[1:, 3:], None, NextTokenProb())
     assert torch.allclose(both.per_latent[1], alone.per_latent[0], atol=1e-6)
     assert torch.allclose(both.objective[1], alone.objective[0], atol=1e-6)
+
+
+def test_score_latents_takes_the_tokenizers_output(lm, batch):
+    """``score_latents(lm, sae, enc, objective)`` equals the three-argument form."""
+    ids, mask = batch
+    sae = tiny_sae("relu")
+    one = score_latents(lm, sae, {"input_ids": ids, "attention_mask": mask}, NextTokenProb(), layer=0)
+    two = score_latents(lm, sae, ids, mask, NextTokenProb(), layer=0)
+    assert torch.equal(one.per_latent, two.per_latent)

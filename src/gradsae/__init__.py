@@ -1,6 +1,6 @@
 """gradsae: find the SAE latents that drive a language model's output (GradSAE), prove it, steer with them.
 
-The public API (imported lazily, so ``import gradsae`` stays light)::
+The public API (``import gradsae`` loads torch but not transformers; the rest loads on first use)::
 
     from gradsae import load_model, resolve_sae, score_latents, NextTokenProb, splice, Edit
 
@@ -17,6 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
 
+# ``splice`` is both a submodule and the function exported here: bind the function now, so that a later
+# ``import gradsae.splice`` (which finds the module already loaded) cannot shadow it.
+from gradsae.splice import Edit, splice
+
 _EXPORTS = {
     "load_model": "gradsae.models",
     "LoadedModel": "gradsae.models",
@@ -25,8 +29,6 @@ _EXPORTS = {
     "load_sae": "gradsae.sae",
     "resolve_sae": "gradsae.pretrained",
     "ResolvedSAE": "gradsae.pretrained",
-    "splice": "gradsae.splice",
-    "Edit": "gradsae.splice",
     "NextTokenProb": "gradsae.objectives",
     "TargetLogProb": "gradsae.objectives",
     "LabelLogProb": "gradsae.objectives",
@@ -63,7 +65,6 @@ if TYPE_CHECKING:
     from gradsae.pretrained import ResolvedSAE, resolve_sae
     from gradsae.sae import SAE, SAEConfig, load_sae
     from gradsae.scores import Scores, score_latents
-    from gradsae.splice import Edit, splice
 
 
 def __getattr__(name: str) -> Any:

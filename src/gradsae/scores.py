@@ -39,10 +39,10 @@ for a half-precision model), ``Y`` in at least float32.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -133,10 +133,8 @@ _TENSORS = ("per_latent", "token_index", "token_score", "mean_act", "last_act", 
 def score_latents(
     lm: LoadedModel,
     sae: SAE,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    objective: Objective,
-    *,
+    inputs: Mapping[str, Any] | torch.Tensor,
+    *args: Any,
     method: Method = "gradsae",
     layer: int | None = None,
     mode: Mode = "error",
@@ -147,9 +145,13 @@ def score_latents(
 ) -> Scores:
     """Score every latent for a batch of (left-padded) inputs; see the module docstring.
 
+    Call as ``score_latents(lm, sae, enc, objective)`` with the tokenizer's output
+    ``enc`` (a mapping with ``input_ids`` and optionally ``attention_mask``), or as
+    ``score_latents(lm, sae, input_ids, attention_mask, objective)``.
     ``skip_first`` leaves each row's first real token unspliced (no latents, not
     counted in means); ``False`` splices it too, as the paper's code does.
     """
+    input_ids, attention_mask, objective = _call_inputs(lm, inputs, args)
     return score_methods(
         lm,
         sae,
@@ -164,6 +166,23 @@ def score_latents(
         ablation_batch=ablation_batch,
         skip_first=skip_first,
     )[method]
+
+
+def _call_inputs(
+    lm: LoadedModel, inputs: Mapping[str, Any] | torch.Tensor, args: tuple[Any, ...]
+) -> tuple[torch.Tensor, torch.Tensor | None, Objective]:
+    """``(input_ids, attention_mask, objective)`` from either calling form of :func:`score_latents`."""
+    if isinstance(inputs, torch.Tensor):
+        if len(args) != 2:
+            raise GradSAEError("score_latents(lm, sae, input_ids, attention_mask, objective): pass all three")
+        ids, mask, objective = inputs, args[0], args[1]
+    else:
+        if len(args) != 1 or "input_ids" not in inputs:
+            raise GradSAEError("score_latents(lm, sae, enc, objective): enc is the tokenizer's output with input_ids")
+        ids, mask, objective = inputs["input_ids"], inputs.get("attention_mask"), args[0]
+    ids = torch.as_tensor(ids, device=lm.device)
+    mask = None if mask is None else torch.as_tensor(mask, device=lm.device)
+    return ids, mask, objective
 
 
 def score_methods(

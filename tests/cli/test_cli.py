@@ -53,3 +53,25 @@ def test_prompt_longer_than_context_is_refused():
     )
     with pytest.raises(GradSAEError, match="exceeds the model's context of 64"):
         check_prompt_lengths(lm, task)
+
+
+def test_paper_preset_fills_unset_options_and_explicit_flags_win():
+    from gradsae.cli import build_parser
+    from gradsae.cli.reproduce import apply_preset
+
+    parse = build_parser().parse_args
+    args = parse(["reproduce", "--out", "x", "--paper"])
+    apply_preset(args)
+    assert (args.mode, args.splice_first, args.keep_f1, args.steer_positions, args.donor_value) == (
+        "replace",
+        True,
+        0.9,
+        "last",
+        "score",
+    )
+    args = parse(["reproduce", "--out", "x", "--paper", "--mode", "error", "--keep-f1", "1.0"])
+    apply_preset(args)
+    assert (args.mode, args.keep_f1, args.splice_first) == ("error", 1.0, True)
+    args = parse(["reproduce", "--out", "x"])
+    apply_preset(args)
+    assert (args.mode, args.splice_first, args.keep_f1, args.donor_value) == ("error", False, None, "activation")

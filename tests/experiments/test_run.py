@@ -16,7 +16,7 @@ from gradsae.experiments.rank import KeptExample, chosen, k_value
 from gradsae.experiments.run import RunMeta, RunResults, run_layer
 from gradsae.experiments.tasks import Example, Task
 from gradsae.generate import Generation, encode_prompts, generate_batch
-from gradsae.splice import apply_edits
+from gradsae.splice import Edit, apply_edits
 from tests import helpers
 from tests.helpers import tiny_sae
 
@@ -252,3 +252,74 @@ def test_prefix_reuse_gives_the_same_tokens(char_lm, sae):
             assert [g.token_ids for g in reused] == [g.token_ids for g in plain]
             assert [g.token_ids for g in again] == [g.token_ids for g in plain]
     assert all("forward" not in vars(block) for block in char_lm.layers)
+
+
+def test_overlap_divides_by_the_number_chosen():
+    """An example with fewer than K positive scores is not counted as disagreement (old code divided by K)."""
+    from gradsae.experiments.rank import overlap_stats
+
+    a = _kept([1, 2, 3], 3, label="a")
+    a.rankings["activation"] = [1, 2, 3]
+    cfg = _cfg(methods=("gradsae", "activation"))
+    assert overlap_stats([a], cfg, by="accuracy", k=10)["cross/gradsae-activation"] == 100.0
+
+
+def test_keep_f1_keeps_near_misses(char_lm, sae):
+    """The authors' filter (F1 >= 0.9) keeps an answer exact match would drop."""
+    from gradsae.experiments.run import _is_kept
+    from gradsae.experiments.tasks import Score
+
+    near = Score(exact=0.0, f1=0.92, prediction="x")
+    assert not _is_kept(near, _cfg())
+    assert _is_kept(near, _cfg(keep_f1=0.9))
+    assert not _is_kept(Score(exact=0.0, f1=0.5, prediction="x"), _cfg(keep_f1=0.9))
+
+
+def test_donor_value_score_injects_the_ranking_score(char_lm, sae):
+    """``score`` (the authors' code) stores each latent's GradSAE score, ``activation`` its activation."""
+    cfg = _cfg(donor_value="score")
+    task, _ = _half_right_task(char_lm, sae, cfg)
+    from gradsae.experiments.rank import rank_examples
+
+    texts = [task.render(e, char_lm.tokenizer) for e in task.examples]
+    gens = decode(char_lm, prompt_batches(char_lm, texts, cfg, reuse=False), task, cfg, sae=sae, edits_for=None)
+    by_score, _ = rank_examples(char_lm, sae, task, task.examples[:2], gens[:2], cfg)
+    by_act, _ = rank_examples(char_lm, sae, task, task.examples[:2], gens[:2], _cfg())
+    grad = by_score[0].donor_values["gradsae"]
+    act = by_act[0].donor_values["gradsae"]
+    assert grad.keys() == act.keys() and grad != act
+    top = by_score[0].rankings["gradsae"][0]
+    assert max(grad.values()) == grad[top]  # the best-ranked latent has the largest score
+
+
+def test_splice_first_masks_the_first_token_too(char_lm, sae):
+    """``skip_first=False`` (the authors' code) splices and masks position 0 as well."""
+    cfg = _cfg()
+    texts = [p + "?" for p in PROMPTS[:3]]
+    task = _task([Example(id=str(i), prompt=t, answers=("x",)) for i, t in enumerate(texts)], max_new_tokens=4)
+    everything = list(range(sae.cfg.d_sae))
+    batches = prompt_batches(char_lm, texts, cfg, reuse=False)
+
+    def zero_all(rows):
+        return [Edit(latents=torch.tensor([everything] * len(rows)), positions="all")]
+
+    def run(skip_first):
+        c = dataclasses.replace(cfg, skip_first=skip_first)
+        return [g.token_ids for g in decode(char_lm, batches, task, c, sae=sae, edits_for=zero_all)]
+
+    ids, mask = encode_prompts(char_lm.tokenizer, texts)
+    handle = char_lm.layers[0].register_forward_hook(
+        lambda m, i, out: torch.where(mask_or_new(out, mask), sae.b_dec.expand_as(out), out)
+    )
+    try:
+        by_hand = [g.token_ids for g in generate_batch(char_lm, ids, mask, max_new_tokens=4)]
+    finally:
+        handle.remove()
+    assert run(False) == by_hand
+
+
+def mask_or_new(out, mask):
+    """Every real position of the prompt pass (padding left alone), every new token."""
+    if out.shape[1] == 1:
+        return torch.ones(out.shape[0], 1, 1, dtype=torch.bool)
+    return mask.bool()[:, :, None]

@@ -1,0 +1,27 @@
+"""The README's library example runs as written (on the real embedded model)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_the_readme_has_a_library_example() -> None:
+    blocks = python_blocks()
+    assert blocks and "from gradsae import" in blocks[0]
+
+
+@pytest.mark.slow
+def test_readme_library_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    namespace: dict[str, object] = {}
+    exec(compile(python_blocks()[0], str(README), "exec"), namespace)
+    assert len(namespace["top"]) == 10  # type: ignore[arg-type]
+    assert "capital of France" in capsys.readouterr().out
