@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradsae.experiments.config import SETS, ExperimentConfig, KSpec
+from gradsae.experiments.journal import Journal, recall, record, unit_key
 from gradsae.experiments.rank import KeptExample, chosen, padded
 from gradsae.experiments.stats import Stat
 from gradsae.experiments.tasks import Task
@@ -108,13 +109,23 @@ def decode(
 
 # -- experiment 1 ---------------------------------------------------------------------
 def run_perturbation(
-    lm: LoadedModel, sae: SAE, task: Task, kept: Sequence[KeptExample], texts: Sequence[str], cfg: ExperimentConfig
+    lm: LoadedModel,
+    sae: SAE,
+    task: Task,
+    kept: Sequence[KeptExample],
+    texts: Sequence[str],
+    cfg: ExperimentConfig,
+    journal: Journal | None = None,
 ) -> list[Condition]:
     """Zero Top / Bottom K at every position and pass; score against the gold answers."""
     conditions = [(m, s, k) for m in cfg.methods for s in SETS for k in cfg.ks]
     out = []
     batches = prompt_batches(lm, texts, cfg, reuse=cfg.reuse_prefix)
     for method, which, k in tqdm(conditions, desc=f"experiment 1: masking (layer {cfg.layer})", disable=None):
+        key = unit_key(cfg.layer, "masking", method, which, k)
+        if (done := recall(journal, key)) is not None:
+            out.append(Condition.from_dict(done))
+            continue
         sets = [chosen(ex, method, which, k) for ex in kept]
 
         def edits_for(rows: range, sets: list[list[int]] = sets) -> list[Edit]:
@@ -122,7 +133,7 @@ def run_perturbation(
 
         gens = decode(lm, batches, task, cfg, sae=sae, edits_for=edits_for)
         scores = [task.score(ex.example, gen.text) for ex, gen in zip(kept, gens, strict=True)]
-        out.append(_condition(method, which, k, scores, sets, cfg))
+        out.append(Condition.from_dict(record(journal, key, _condition(method, which, k, scores, sets, cfg))))
     return out
 
 
@@ -168,6 +179,7 @@ def run_steering(
     texts: Sequence[str],
     donors: Sequence[int | None],
     cfg: ExperimentConfig,
+    journal: Journal | None = None,
 ) -> list[Condition]:
     """Swap an example's Top K latents for its donor's; success = answer matches the donor's gold."""
     pairs = [(i, j) for i, j in enumerate(donors) if j is not None]
@@ -178,6 +190,10 @@ def run_steering(
     conditions = [(m, s, k, p) for p in cfg.steer_positions for m in cfg.methods for s in SETS for k in cfg.ks]
     out = []
     for method, which, k, where in tqdm(conditions, desc=f"experiment 2: steering (layer {cfg.layer})", disable=None):
+        key = unit_key(cfg.layer, "steering", where, method, which, k)
+        if (done := recall(journal, key)) is not None:
+            out.append(Condition.from_dict(done))
+            continue
         own = [chosen(kept[i], method, which, k) for i, _ in pairs]
         give = [chosen(kept[j], method, which, k) for _, j in pairs]
         values = [
@@ -198,7 +214,7 @@ def run_steering(
             task.score(kept[i].example, gen.text, answers=kept[j].example.answers)
             for (i, j), gen in zip(pairs, gens, strict=True)
         ]
-        out.append(_condition(method, which, k, scores, own, cfg, positions=where))
+        out.append(Condition.from_dict(record(journal, key, _condition(method, which, k, scores, own, cfg, where))))
     return out
 
 
