@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
 import gradsae.experiments.perturb as perturb
 from gradsae import _files
+from gradsae.cli import main
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.journal import FOLDER, Journal, count_units, unit_key
 from gradsae.experiments.run import run_layer
 from gradsae.experiments.tasks import Example, Task
 from tests import helpers
+from tests.tiny_files import tiny_run_files
 
 PROMPTS = ["hello there", "abc", "the quick fox", "zebra", "mnop qr", "why not"]
 
@@ -105,3 +108,48 @@ def test_interrupted_layer_resumes_to_the_same_result(tmp_path, monkeypatch):
     calls["n"] = -100
     assert run_layer(lm, sae, task, cfg, Journal.open(tmp_path / "b", {"run": 1})) == resumed
     assert calls["n"] == -100  # a finished layer is not recomputed at all
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return tiny_run_files(tmp_path_factory.mktemp("tiny"))
+
+
+def _reproduce(files: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "reproduce",
+        *("--model", str(files / "model"), "--sae", str(files / "sae"), "--task", str(files / "task.jsonl")),
+        *("--out", str(out), "--n", "8", "--ks", "1,50%", "--steer-positions", "last", "--batch-size", "4"),
+        *("--max-new-tokens", "3", *extra),
+    ]
+
+
+def test_reproduce_ctrl_c_says_what_is_saved_and_resumes(tiny_run, tmp_path, monkeypatch, capsys):
+    assert main(_reproduce(tiny_run, tmp_path / "whole")) == 0
+    real, calls = perturb.decode, {"n": 0}
+
+    def interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(perturb, "decode", interrupt)
+    capsys.readouterr()
+    assert main(_reproduce(tiny_run, tmp_path / "cut")) == 130
+    err = capsys.readouterr().err
+    assert (
+        f"4 finished unit(s) (layers, masking and steering conditions) are saved in {tmp_path / 'cut' / FOLDER};" in err
+    )
+    assert "run the same command again to continue" in err and not (tmp_path / "cut" / "results.json").exists()
+    monkeypatch.setattr(perturb, "decode", real)
+    assert main(_reproduce(tiny_run, tmp_path / "cut")) == 0
+    first = (tmp_path / "whole" / "results.json").read_bytes()
+    assert (tmp_path / "cut" / "results.json").read_bytes() == first
+    assert json.loads(first)["layers"][0]["steering"], "the tiny run must exercise steering"
+
+    capsys.readouterr()
+    assert main(_reproduce(tiny_run, tmp_path / "cut", "--seed", "1")) == 2
+    assert "(seed: 0 there, 1 now)" in capsys.readouterr().err
+    assert main(_reproduce(tiny_run, tmp_path / "cut", "--seed", "1", "--restart")) == 0
+    assert json.loads((tmp_path / "cut" / "results.json").read_text())["config"]["seed"] == 1
