@@ -10,7 +10,8 @@ and raises :class:`GradSAEError` naming the file and the fix.
 can be written there (by writing and removing a small file: permission bits say
 nothing for root). :func:`locked_folder` holds ``<folder>/.lock`` (``flock``) for
 the life of a run, so two runs cannot write one folder at once; the kernel drops
-the lock when the process dies, also after ``kill -9``.
+the lock when the process dies, also after ``kill -9``; the next holder sweeps
+away the temporary files a killed writer left.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from typing import Any
 from gradsae.errors import GradSAEError
 
 LOCK = ".lock"
+_TMP = re.compile(r"\..+\.tmp\d+")
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -132,7 +135,7 @@ def _existing_folder(path: Path, *, option: str) -> Path:
     while not base.exists():
         base = base.parent
     if base != path and not base.is_dir():
-        raise GradSAEError(f"{option} {path} cannot be made: {base} is a file, not a folder; choose another path")
+        raise GradSAEError(f"{option} {path} cannot be created: {base} is a file, not a folder; choose another path")
     return base
 
 
@@ -161,11 +164,20 @@ def locked_folder(folder: str | Path, *, command: str) -> Iterator[Path]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        sweep_temporary(folder)
         yield folder
     finally:
         os.close(fd)
         if made and _only_lock(folder):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def sweep_temporary(folder: Path) -> int:
+    """Remove the temporary files that killed writers left under ``folder`` (only safe under its lock)."""
+    stale = [path for path in folder.rglob(".*.tmp*") if _TMP.fullmatch(path.name) and path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def _only_lock(folder: Path) -> bool:
