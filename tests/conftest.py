@@ -12,13 +12,13 @@ from tests.helpers import padded_batch, tiny_lm
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--slow", action="store_true", help="also run tests that load the real embedded model")
+    parser.addoption("--slow", action="store_true", help="also run slow tests (the real embedded model, kill -9 loops)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--slow"):
         return
-    skip = pytest.mark.skip(reason="real-model test: run with --slow")
+    skip = pytest.mark.skip(reason="slow test: run with --slow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

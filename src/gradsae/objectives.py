@@ -142,7 +142,11 @@ Objective = NextTokenProb | TargetLogProb | LabelLogProb | CustomObjective
 def label_tokens(tokenizer: object, labels: Sequence[str]) -> tuple[int, ...]:
     """First token id of each label as it would follow the prompt; refuse clashes."""
     encode = getattr(tokenizer, "encode")  # noqa: B009
-    ids = tuple(int(encode(label, add_special_tokens=False)[0]) for label in labels)
+    encoded = [list(encode(label, add_special_tokens=False)) for label in labels]
+    for label, tokens in zip(labels, encoded, strict=True):
+        if not tokens:
+            raise GradSAEError(f"label {label!r} encodes to no tokens: choose labels made of text the tokenizer keeps")
+    ids = tuple(int(tokens[0]) for tokens in encoded)
     if len(set(ids)) != len(ids):
         raise GradSAEError(f"labels {list(labels)} share a first token: choose labels that start differently")
     return ids

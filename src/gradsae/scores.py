@@ -47,6 +47,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from gradsae.checks import check_inputs
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel, position_ids
 from gradsae.objectives import NextTokenProb, Objective
@@ -209,6 +210,7 @@ def score_methods(
             raise GradSAEError(f"unknown scoring method {method!r}: use one of {', '.join(METHODS)}")
     if aggregation not in AGGREGATIONS:
         raise GradSAEError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+    check_inputs(lm, input_ids, attention_mask)
     run = forward_backward(
         lm,
         sae,

@@ -42,6 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from gradsae.checks import check_edit
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel, block_output, with_block_output
 from gradsae.sae import SAE, check_compatible
@@ -86,6 +87,7 @@ class Edit:
             raise GradSAEError(f"unknown edit {self.op!r}: use zero, set or add")
         if isinstance(self.positions, str) and self.positions not in POSITIONS:
             raise GradSAEError(f"unknown positions {self.positions!r}: use 'all', 'last', 'cumulative' or a bool mask")
+        check_edit(self)
 
 
 @dataclass(frozen=True)

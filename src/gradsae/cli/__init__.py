@@ -1,8 +1,10 @@
 """Command line: ``gradsae score | train-sae | reproduce | report``.
 
-Every user error ends as one line, ``error: <what and the fix>``, exit status 2.
-Each subcommand is a module here with ``add_arguments(parser)`` and ``run(args)``;
-nothing below ``gradsae.cli`` imports ``argparse``.
+Every user error ends as one line, ``error: <what and the fix>``, exit status 2,
+also the parser's own (an unknown option, a bad choice). Each subcommand is a
+module here with ``add_arguments(parser)``, ``run(args)`` and ``interrupted(args)``
+(what Ctrl-C leaves behind, said truthfully); nothing below ``gradsae.cli``
+imports ``argparse``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 from collections.abc import Sequence
 
 from gradsae.cli.common import quiet_libraries
@@ -34,13 +37,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted: finished work is saved; run the same command again to continue\n")
+        sys.stderr.write(f"interrupted: {args.module.interrupted(args)}\n")
         return 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line naming the fix (``--help``)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}: see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``gradsae`` parser with one subparser per command module."""
-    parser = argparse.ArgumentParser(prog="gradsae", description=(__doc__ or "").splitlines()[0])
+    parser = OneLineParser(prog="gradsae", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and progress bars")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():

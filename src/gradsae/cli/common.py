@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import logging
+import math
 import textwrap
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -40,14 +41,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_layers(text: str, *, option: str = "--layers") -> tuple[int, ...]:
-    """``"6,15,24"`` -> ``(6, 15, 24)`` (sorted, each once)."""
+    """``"6,15,24"`` -> ``(6, 15, 24)`` (sorted); refuse repeats and negative layers."""
     try:
-        layers = tuple(sorted({int(part) for part in str(text).split(",") if part.strip()}))
+        given = [int(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
-        raise GradSAEError(f"{option} must be comma-separated integers, got {text!r}") from None
-    if not layers:
+        raise GradSAEError(f"{option} must be comma-separated integers, got {text!r}: e.g. {option} 6,15,24") from None
+    if not given:
         raise GradSAEError(f"pass at least one layer with {option}")
-    return layers
+    twice = sorted({layer for layer in given if given.count(layer) > 1})
+    if twice:
+        raise GradSAEError(f"{option} {text} names layer {twice[0]} twice: list each layer once")
+    if min(given) < 0:
+        raise GradSAEError(f"{option} {text} has a negative layer: layers count from 0")
+    return tuple(sorted(given))
 
 
 def parse_count(text: str) -> int:
@@ -55,9 +61,12 @@ def parse_count(text: str) -> int:
     text = text.strip().lower().replace("_", "")
     scale = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}.get(text[-1:], 1)
     try:
-        return int(float(text[:-1] if scale > 1 else text) * scale)
+        value = float(text[:-1] if scale > 1 else text) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a count: {text!r} (use e.g. 2M, 500k, 100000)") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (use a number >= 0, e.g. 2M, 500k, 100000)")
+    return int(value)
 
 
 def field_docs(cls: type) -> dict[str, str]:

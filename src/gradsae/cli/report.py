@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from gradsae.cli import validate
 from gradsae.errors import GradSAEError
 from gradsae.experiments.report import render
 from gradsae.experiments.run import RESULTS, RunResults
@@ -27,6 +28,12 @@ def run(args: argparse.Namespace) -> int:
         raise GradSAEError(
             f"{folder / RESULTS} is not a gradsae results file ({exc}): rerun `gradsae reproduce`"
         ) from None
+    validate.out_folder(folder, option="RUN_DIR")
     paths = render(folder, results)
     sys.stdout.write(f"wrote {', '.join(p.name for p in paths)} in {folder}\n")
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """Each file is replaced whole or not at all; results.json is only read."""
+    return f"{Path(args.run_dir) / RESULTS} is untouched and each file written is whole; run the command again"

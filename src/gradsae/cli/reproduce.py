@@ -6,29 +6,46 @@ paper-style tables), ``exp1_layer{l}.png`` and ``exp2_layer{l}.png``, and
 ``timing.json`` (wall times, kept apart so ``results.json`` is reproducible).
 Every file is written to a temporary name and renamed, ``results.json`` last, so
 an interrupted run never leaves a half-written result.
+
+Every argument, input file and the output folder are checked before the model
+loads. While it runs, the command holds ``<out>/.lock`` (a second run into the
+same folder is refused) and commits each finished unit (a layer, a masking or
+steering condition) to ``<out>/journal/`` (:mod:`gradsae.experiments.journal`):
+after Ctrl-C or ``kill -9`` the same command skips what is done and ends with
+the same ``results.json`` as an uninterrupted run. A different configuration
+into the same folder is refused; ``--restart`` discards the old run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import platform
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from gradsae import _files
+from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
-from gradsae.experiments.config import DEFAULT_KS, DONOR_VALUES, STEER_POSITIONS, ExperimentConfig, KSpec
+from gradsae.experiments.config import DONOR_VALUES, STEER_POSITIONS, ExperimentConfig, KSpec
+from gradsae.experiments.journal import FOLDER, Journal, count_units
 from gradsae.experiments.report import render
-from gradsae.experiments.run import LayerResult, RunMeta, RunResults, run_layer
+from gradsae.experiments.run import RESULTS, LayerResult, RunMeta, RunResults, run_layer
 from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task
-from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model
-from gradsae.pretrained import resolve_sae
+from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers, load_model
+from gradsae.pretrained import ResolvedSAE, resolve_sae
+from gradsae.sae import check_compatible
 
 log = logging.getLogger(__name__)
+
+OUTPUTS = (RESULTS, "table.md", "timing.json", "exp1_layer*.png", "exp2_layer*.png")
+"""What a run writes to ``--out`` (``--restart`` removes these and the journal)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,13 +120,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-column", default="prompt", help="prompt column of a user task file")
     parser.add_argument("--answer-column", default="answer", help="answer column of a user task file")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default: the task's)")
+    parser.add_argument(
+        "--restart", action="store_true", help="discard an earlier run's journal and results in --out and start fresh"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run, then write the folder; print where it went."""
+    """Check everything, run (resuming from the journal), then write the folder; print where it went."""
     start = time.perf_counter()
-    ks = parse_ks(args.ks)
-    lm = load_model(args.model, device=args.device)
+    ks, layers, positions = check_arguments(args)
     task = load_task(
         args.task,
         n=args.n,
@@ -119,41 +138,36 @@ def run(args: argparse.Namespace) -> int:
         answer_column=args.answer_column,
         max_new_tokens=args.max_new_tokens,
     )
-    check_prompt_lengths(lm, task)
-    layers = layers_to_run(args.layers, args.layer)
     methods = ("gradsae", "activation", "random") + (("ablation",) if args.ablation else ())
-    apply_preset(args)
-    positions = tuple(p.strip() for p in args.steer_positions.split(",") if p.strip())
-    if not positions or any(p not in STEER_POSITIONS for p in positions):
-        raise GradSAEError(
-            f"--steer-positions {args.steer_positions!r}: use a comma list of {', '.join(STEER_POSITIONS)}"
-        )
-    results: list[LayerResult] = []
-    labels: dict[str, str] = {}
-    timing: dict[str, float] = {}
-    for layer in layers:
-        folder = args.sae.replace("{layer}", str(layer)) if args.sae else None
-        sae, used, label = resolve_sae(lm, folder, layer, default_model=args.model in DEFAULT_NAMES)
-        cfg = ExperimentConfig(
-            layer=used,
-            mode=args.mode,
-            methods=methods,
-            ks=ks,
-            steer_positions=positions,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            donor_value=args.donor_value,
-            floors=not args.no_floors,
-            skip_first=not args.splice_first,
-            keep_f1=args.keep_f1,
-        )
-        began = time.perf_counter()
-        results.append(run_layer(lm, sae.to(lm.device), task, cfg))
-        labels[str(used)] = label
-        timing[f"layer_{used}_s"] = round(time.perf_counter() - began, 1)
-    meta = run_meta(args, lm, task, ks, methods, positions, labels)
-    timing["total_s"] = round(time.perf_counter() - start, 1)
-    write_outputs(Path(args.out), RunResults(config=meta, layers=tuple(results)), timing)
+    out = Path(args.out)
+    with _files.locked_folder(out, command="reproduce"):
+        lm = load_model(args.model, device=args.device)
+        check_prompt_lengths(lm, task)
+        saes = resolve_all(lm, args, layers)
+        labels = {str(found.layer): found.label for found in saes}
+        meta = run_meta(args, lm, task, ks, methods, positions, labels)
+        journal = open_journal(out, meta, task, saes, restart=args.restart)
+        results: list[LayerResult] = []
+        timing: dict[str, float] = {}
+        for found in saes:
+            cfg = ExperimentConfig(
+                layer=found.layer,
+                mode=args.mode,
+                methods=methods,
+                ks=ks,
+                steer_positions=positions,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                donor_value=args.donor_value,
+                floors=not args.no_floors,
+                skip_first=not args.splice_first,
+                keep_f1=args.keep_f1,
+            )
+            began = time.perf_counter()
+            results.append(run_layer(lm, found.sae.to(lm.device), task, cfg, journal))
+            timing[f"layer_{found.layer}_s"] = round(time.perf_counter() - began, 1)
+        timing["total_s"] = round(time.perf_counter() - start, 1)
+        write_outputs(out, RunResults(config=meta, layers=tuple(results)), timing)
     print(f"wrote {args.out}/results.json, table.md and plots in {timing['total_s']:.0f} s")  # noqa: T201
     return 0
 
@@ -176,16 +190,114 @@ def apply_preset(args: argparse.Namespace) -> None:
             setattr(args, key, PAPER[key] if args.paper else default)
 
 
+def interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves: the journaled units, and how to continue."""
+    done = count_units(args.out)
+    if not done:
+        return "no unit of work had finished, so nothing is saved; run the same command again to start over"
+    return (
+        f"{done} finished unit(s) (layers, masking and steering conditions) are saved in {Path(args.out) / FOLDER}; "
+        "run the same command again to continue from there"
+    )
+
+
+def check_arguments(args: argparse.Namespace) -> tuple[tuple[KSpec, ...], list[int | None], tuple[str, ...]]:
+    """Refuse any bad argument, input path or output folder before a model loads; return K, layers, positions."""
+    apply_preset(args)
+    if args.keep_f1 is not None and not 0.0 < args.keep_f1 <= 1.0:
+        raise GradSAEError(f"--keep-f1 {args.keep_f1}: use an F1 threshold in (0, 1], e.g. 0.9")
+    ks = parse_ks(args.ks)
+    layers = layers_to_run(args.layers, args.layer)
+    positions = parse_positions(args.steer_positions)
+    validate.at_least("--n", args.n, 1)
+    validate.at_least("--batch-size", args.batch_size, 1)
+    validate.at_least("--max-new-tokens", args.max_new_tokens, 1)
+    validate.at_least("--seed", args.seed, 0)
+    validate.model_and_device(args.model, args.device)
+    validate.layers(layers, args.model, option="--layers" if args.layers else "--layer")
+    validate.sae_folders(args.sae, layers)
+    validate.out_folder(args.out)
+    return ks, layers, positions
+
+
 def parse_ks(text: str) -> tuple[KSpec, ...]:
+    """``"1,10,50%"`` -> ``(1, 10, "50%")``: counts >= 1 and percentages in (0, 100], each once."""
     out: list[KSpec] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        if part.endswith("%") and part[:-1].replace(".", "", 1).isdigit():
-            out.append(part)
-        elif part.isdigit() and int(part) > 0:
-            out.append(int(part))
-        else:
-            raise GradSAEError(f"--ks: {part!r} is neither a positive integer nor a percentage like 50%")
-    return tuple(out) or DEFAULT_KS
+        out.append(_one_k(part))
+        if out.count(out[-1]) > 1:
+            raise GradSAEError(f"--ks names {part} twice: list each K once")
+    if not out:
+        raise GradSAEError(f"--ks {text!r} names no K: pass e.g. --ks 1,10,50%")
+    return tuple(out)
+
+
+def _one_k(part: str) -> KSpec:
+    if part.endswith("%") and part[:-1].replace(".", "", 1).isdigit():
+        if not 0 < float(part[:-1]) <= 100:
+            raise GradSAEError(f"--ks: {part} is not a share of the active latents: use a percentage in (0%, 100%]")
+        return part
+    if part.isdigit() and int(part) > 0:
+        return int(part)
+    raise GradSAEError(f"--ks: {part!r} is neither a positive integer nor a percentage like 50%")
+
+
+def parse_positions(text: str) -> tuple[str, ...]:
+    """``--steer-positions``: a comma list of :data:`STEER_POSITIONS`, each once."""
+    positions = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = not positions or any(p not in STEER_POSITIONS for p in positions)
+    if bad or len(set(positions)) < len(positions):
+        raise GradSAEError(f"--steer-positions {text!r}: use a comma list of {', '.join(STEER_POSITIONS)}, each once")
+    return positions
+
+
+def resolve_all(lm: LoadedModel, args: argparse.Namespace, layers: list[int | None]) -> list[ResolvedSAE]:
+    """The SAE of each layer, checked against the model before any computing."""
+    check_layers(lm, [layer for layer in layers if layer is not None])
+    out = []
+    for layer in layers:
+        folder = args.sae.replace("{layer}", str(layer)) if args.sae else None
+        found = resolve_sae(lm, folder, layer, default_model=args.model in DEFAULT_NAMES)
+        check_compatible(found.sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=found.layer)
+        out.append(found)
+    return out
+
+
+def open_journal(out: Path, meta: RunMeta, task: Task, saes: list[ResolvedSAE], *, restart: bool) -> Journal:
+    """The run's journal; refuse to mix with another run's results unless ``restart``."""
+    if restart:
+        discard(out)
+    elif (out / RESULTS).is_file() and not (out / FOLDER).is_dir():
+        raise GradSAEError(
+            f"{out} already holds a {RESULTS} that this run did not write: add --restart to replace it, "
+            "or choose another --out"
+        )
+    return Journal.open(out, journal_config(meta, task, saes))
+
+
+def journal_config(meta: RunMeta, task: Task, saes: list[ResolvedSAE]) -> dict[str, Any]:
+    """What must match for a rerun to reuse finished units: the config, the examples, the SAEs' weights."""
+    import dataclasses
+
+    examples = hashlib.sha256(repr([dataclasses.astuple(e) for e in task.examples]).encode()).hexdigest()
+    weights = {str(found.layer): _digest(found.sae.state()) for found in saes}
+    return {**dataclasses.asdict(meta), "examples": examples, "sae_weights": weights}
+
+
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def discard(out: Path) -> None:
+    """Remove an earlier run's journal and outputs from ``out`` (``--restart``)."""
+    shutil.rmtree(out / FOLDER, ignore_errors=True)
+    for pattern in OUTPUTS:
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def layers_to_run(text: str | None, layer: int | None) -> list[int | None]:

@@ -11,15 +11,18 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from gradsae import _files
+from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments
 from gradsae.errors import GradSAEError
 from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model
 from gradsae.objectives import objective_from_name
 from gradsae.pretrained import resolve_sae
+from gradsae.sae import check_compatible
 from gradsae.scores import Scores, score_latents
 
 
@@ -72,21 +75,66 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the report."""
-    sys.stdout.write(run_score(args))
+    """Check the arguments, score, print the report; then write ``--json`` (the report is printed either way)."""
+    check_arguments(args)
+    report, table = run_score(args)
+    sys.stdout.write(report)
+    sys.stdout.flush()
+    if args.json:
+        _files.write_json(args.json, table, sort_keys=False)
     return 0
 
 
-def run_score(args: argparse.Namespace) -> str:
-    """Load, score, and return the printable report."""
+def interrupted(args: argparse.Namespace) -> str:
+    """Scoring writes nothing until it is done."""
+    return "nothing was written; run the command again"
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse any bad argument, input path or output file before a model loads."""
+    validate.text("--prompt", args.prompt, fix="pass --prompt TEXT")
+    validate.at_least("--top", args.top, 1)
+    validate.at_least("--layer", args.layer, 0)
+    check_objective_options(args)
+    validate.model_and_device(args.model, args.device)
+    validate.layers([args.layer], args.model, option="--layer")
+    validate.sae_folders(args.sae, [args.layer])
+    validate.out_file(args.json, option="--json")
+
+
+def check_objective_options(args: argparse.Namespace) -> None:
+    """Each objective's options are given, and only its own."""
+    labels = label_words(args.labels)
+    if args.objective == "target":
+        if args.target is None:
+            raise GradSAEError("--objective target needs a continuation: pass --target TEXT")
+        validate.text("--target", args.target, fix="pass the continuation to score with --target TEXT")
+    elif args.target is not None:
+        raise GradSAEError("--target applies to --objective target only: drop it or pass --objective target")
+    if args.objective == "label":
+        if len(labels) < 2 or args.label not in labels:
+            raise GradSAEError("--objective label needs --labels A,B,... and --label one of them: pass both")
+        if len(set(labels)) < len(labels):
+            raise GradSAEError(f"--labels {args.labels!r} names a label twice: list each label once")
+    elif args.labels or args.label is not None:
+        raise GradSAEError("--labels and --label apply to --objective label only: drop them or pass --objective label")
+
+
+def label_words(text: str) -> list[str]:
+    """``--labels`` as a list of words."""
+    return [word.strip() for word in text.split(",") if word.strip()]
+
+
+def run_score(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """Load, score, and return the printable report and the table as JSON-able data."""
     start = time.perf_counter()
     lm = load_model(args.model, device=args.device)
     sae, layer, label = resolve_sae(lm, args.sae, args.layer, default_model=args.model in DEFAULT_NAMES)
     sae = sae.to(args.device)
+    check_compatible(sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=layer)
     ids, mask, text = encode_one(lm, args.prompt, chat=not args.no_chat)
-    labels = [word.strip() for word in args.labels.split(",") if word.strip()]
     objective = objective_from_name(
-        args.objective, tokenizer=lm.tokenizer, target=args.target, labels=labels, label=args.label
+        args.objective, tokenizer=lm.tokenizer, target=args.target, labels=label_words(args.labels), label=args.label
     )
     if args.objective == "target":
         ids, mask = append_target(lm, ids, args.target)
@@ -96,9 +144,7 @@ def run_score(args: argparse.Namespace) -> str:
     abl = score_latents(lm, sae, ids, mask, objective, method="ablation", **common) if args.ablation else None
     rows = table_rows(grad, act, abl, args.top)
     header = _header(lm, label, layer, args, text, grad, time.perf_counter() - start)
-    if args.json:
-        _files.write_json(args.json, {"header": header, "rows": [r.__dict__ for r in rows]}, sort_keys=False)
-    return header + "\n\n" + format_table(rows, args.top)
+    return header + "\n\n" + format_table(rows, args.top), {"header": header, "rows": [r.__dict__ for r in rows]}
 
 
 def encode_one(lm: LoadedModel, prompt: str, *, chat: bool) -> tuple[torch.Tensor, torch.Tensor, str]:

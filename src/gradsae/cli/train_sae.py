@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
+from gradsae import _files
+from gradsae.cli import validate
 from gradsae.cli.common import dataclass_arguments, parse_count, parse_layers
+from gradsae.errors import GradSAEError
 from gradsae.models import DEFAULT_NAMES, check_layers, load_model
 from gradsae.training.activations import load_texts, split_heldout
 from gradsae.training.export import finish_run
@@ -62,33 +65,67 @@ def sae_model_name(name: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train (or resume), then evaluate and save each SAE."""
+    """Check everything, train (or resume), then evaluate and save each SAE."""
+    cfg = check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = config_from_args(args, sae_model_name(args.model))
-    lm = load_model(args.model)
-    check_layers(lm, cfg.layers)
     train_texts, heldout = split_heldout(load_texts(args.corpus, column=args.column, split=args.split))
     out = Path(args.out)
-    if args.model_dtype != "float32":
-        lm.model.to(getattr(torch, args.model_dtype))
-    with stop_on_sigint() as should_stop:
-        result = train_saes(
-            lm, train_texts, cfg, checkpoint=out / CHECKPOINT, should_stop=should_stop, progress=not args.no_progress
+    with _files.locked_folder(out, command="train-sae"):
+        lm = load_model(args.model)
+        check_layers(lm, cfg.layers)
+        if args.model_dtype != "float32":
+            lm.model.to(getattr(torch, args.model_dtype))
+        with stop_on_sigint() as should_stop:
+            result = train_saes(
+                lm,
+                train_texts,
+                cfg,
+                checkpoint=out / CHECKPOINT,
+                should_stop=should_stop,
+                progress=not args.no_progress,
+            )
+        if not result.finished:
+            log.warning("stopped at %d of %d tokens; rerun the same command to resume", result.tokens, cfg.tokens)
+            return 130
+        if args.model_dtype != "float32":
+            lm = load_model(args.model)  # evaluate the model as users run it, not the rounded copy
+        finish_run(
+            lm,
+            result,
+            cfg,
+            heldout,
+            out=out,
+            save_dtype=getattr(torch, args.save_dtype),
+            eval_tokens=args.eval_tokens,
+            eval_batch=args.eval_batch,
         )
-    if not result.finished:
-        log.warning("stopped at %d of %d tokens; rerun the same command to resume", result.tokens, cfg.tokens)
-        return 130
-    if args.model_dtype != "float32":
-        lm = load_model(args.model)  # evaluate the model as users run it, not the rounded copy
-    finish_run(
-        lm,
-        result,
-        cfg,
-        heldout,
-        out=out,
-        save_dtype=getattr(torch, args.save_dtype),
-        eval_tokens=args.eval_tokens,
-        eval_batch=args.eval_batch,
-    )
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What a second Ctrl-C leaves: the last checkpoint, if one was written."""
+    checkpoint = Path(args.out) / CHECKPOINT
+    if checkpoint.is_file():
+        return f"the last checkpoint, {checkpoint}, is kept; run the same command again to resume from it"
+    return "no checkpoint had been written yet, so nothing is saved; run the same command again to start over"
+
+
+def check_arguments(args: argparse.Namespace) -> TrainConfig:
+    """Refuse any bad option, input path or output folder before a model loads; return the config."""
+    cfg = config_from_args(args, sae_model_name(args.model))
+    for option, low in (("--batch", 1), ("--buffer", 1), ("--context", 2), ("--dead-tokens", 1)):
+        validate.at_least(option, getattr(args, option[2:].replace("-", "_")), low)
+    validate.positive("--lr", args.lr)
+    validate.at_least("--aux-k", args.aux_k, 1)
+    validate.at_least("--aux-coef", args.aux_coef, 0)
+    validate.at_least("--warmup-tokens", args.warmup_tokens, 0)
+    validate.at_least("--checkpoint-seconds", args.checkpoint_seconds, 0)
+    validate.at_least("--eval-batch", args.eval_batch, 1)
+    validate.at_least("--threads", args.threads, 1)
+    if not 0 <= args.decay_fraction <= 1:
+        raise GradSAEError(f"--decay-fraction must be between 0 and 1, got {args.decay_fraction:g}: pass e.g. 0.2")
+    validate.model_and_device(args.model)
+    validate.layers(cfg.layers, args.model, option="--layers")
+    validate.out_folder(args.out)
+    return cfg

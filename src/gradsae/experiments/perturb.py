@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradsae.experiments.config import SETS, STEER_EDITS, ExperimentConfig, KSpec
+from gradsae.experiments.journal import Journal, recall, record, unit_key
 from gradsae.experiments.rank import KeptExample, chosen, padded
 from gradsae.experiments.stats import Stat
 from gradsae.experiments.tasks import Task
@@ -138,15 +139,28 @@ def decode(
 
 # -- experiment 1 ---------------------------------------------------------------------
 def run_perturbation(
-    lm: LoadedModel, sae: SAE, task: Task, kept: Sequence[KeptExample], texts: Sequence[str], cfg: ExperimentConfig
+    lm: LoadedModel,
+    sae: SAE,
+    task: Task,
+    kept: Sequence[KeptExample],
+    texts: Sequence[str],
+    cfg: ExperimentConfig,
+    journal: Journal | None = None,
 ) -> list[Condition]:
     """Zero Top / Bottom K at every position and pass; score against the gold answers (K = 0 measured)."""
     conditions = [(m, s, k) for m in cfg.methods for s in SETS for k in cfg.ks]
     batches = prompt_batches(lm, texts, cfg, reuse=cfg.reuse_prefix)
-    gens = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
-    scores = [task.score(ex.example, gen.text) for ex, gen in zip(kept, gens, strict=True)]
-    out = [_condition("none", "-", 0, scores, [], cfg, edit="none")]
+    key = unit_key(cfg.layer, "masking", "none")
+    if (done := recall(journal, key)) is None:
+        gens = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
+        scores = [task.score(ex.example, gen.text) for ex, gen in zip(kept, gens, strict=True)]
+        done = record(journal, key, _condition("none", "-", 0, scores, [], cfg, edit="none"))
+    out = [Condition.from_dict(done)]
     for method, which, k in tqdm(conditions, desc=f"experiment 1: masking (layer {cfg.layer})", disable=None):
+        key = unit_key(cfg.layer, "masking", method, which, k)
+        if (done := recall(journal, key)) is not None:
+            out.append(Condition.from_dict(done))
+            continue
         sets = [chosen(ex, method, which, k) for ex in kept]
 
         def edits_for(rows: range, sets: list[list[int]] = sets) -> list[Edit]:
@@ -154,7 +168,7 @@ def run_perturbation(
 
         gens = decode(lm, batches, task, cfg, sae=sae, edits_for=edits_for)
         scores = [task.score(ex.example, gen.text) for ex, gen in zip(kept, gens, strict=True)]
-        out.append(_condition(method, which, k, scores, sets, cfg))
+        out.append(Condition.from_dict(record(journal, key, _condition(method, which, k, scores, sets, cfg))))
     return out
 
 
@@ -228,6 +242,7 @@ def run_steering(
     texts: Sequence[str],
     donors: Sequence[int | None],
     cfg: ExperimentConfig,
+    journal: Journal | None = None,
 ) -> list[Condition]:
     """Swap an example's Top K latents for its donor's (and the floors); success = answer matches the donor's."""
     pairs = [(i, j) for i, j in enumerate(donors) if j is not None]
@@ -237,11 +252,19 @@ def run_steering(
     batches = prompt_batches(lm, [texts[i] for i, _ in pairs], cfg, reuse=cfg.reuse_prefix)
     out = []
     if cfg.floors:
-        gens = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
-        out.append(_steer_condition(task, kept, pairs, gens, ("none", "-", 0, "-", "none"), [], cfg))
+        key = unit_key(cfg.layer, "steering", "none")
+        if (done := recall(journal, key)) is None:
+            gens = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
+            cell: tuple[str, str, KSpec, str, str] = ("none", "-", 0, "-", "none")
+            done = record(journal, key, _steer_condition(task, kept, pairs, gens, cell, [], cfg))
+        out.append(Condition.from_dict(done))
     conditions = steering_conditions(cfg)
     for cell in tqdm(conditions, desc=f"experiment 2: steering (layer {cfg.layer})", disable=None):
         method, which, k, where, edit = cell
+        key = unit_key(cfg.layer, "steering", where, method, which, k, edit)
+        if (done := recall(journal, key)) is not None:
+            out.append(Condition.from_dict(done))
+            continue
         own = [chosen(kept[i], method, which, k) for i, _ in pairs] if edit != "inject" else [[] for _ in pairs]
         give = [chosen(kept[j], method, which, k) for _, j in pairs] if edit != "zero" else [[] for _ in pairs]
         values = [
@@ -261,7 +284,9 @@ def run_steering(
 
         gens = decode(lm, batches, task, cfg, sae=sae, edits_for=edits_for, newest_only=where == "last")
         sets = own if edit != "inject" else give
-        out.append(_steer_condition(task, kept, pairs, gens, cell, sets, cfg))
+        out.append(
+            Condition.from_dict(record(journal, key, _steer_condition(task, kept, pairs, gens, cell, sets, cfg)))
+        )
     return out
 
 

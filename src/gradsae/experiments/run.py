@@ -22,6 +22,7 @@ from typing import Any
 
 from gradsae import _files
 from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.journal import Journal, recall, record, unit_key
 from gradsae.experiments.perturb import Condition, decode, pick_donors, prompt_batches, run_perturbation, run_steering
 from gradsae.experiments.rank import overlap_stats, rank_examples
 from gradsae.experiments.stats import Stat
@@ -131,8 +132,12 @@ class RunResults:
         )
 
 
-def run_layer(lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig) -> LayerResult:
-    """Both experiments at ``cfg.layer``."""
+def run_layer(
+    lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig, journal: Journal | None = None
+) -> LayerResult:
+    """Both experiments at ``cfg.layer``; with a ``journal``, each finished condition and the layer are kept."""
+    if (done := recall(journal, unit_key(cfg.layer, "layer"))) is not None:
+        return LayerResult.from_dict(done)
     texts = [task.render(example, lm.tokenizer) for example in task.examples]
     batches = prompt_batches(lm, texts, cfg, reuse=False)
     clean = decode(lm, batches, task, cfg, sae=None, edits_for=None)
@@ -143,10 +148,10 @@ def run_layer(lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig) -> L
     log.info("layer %d: %d of %d examples answered correctly with the SAE", cfg.layer, len(kept_examples), len(texts))
     kept, diagnostics = rank_examples(lm, sae, task, kept_examples, kept_gens, cfg)
     kept_texts = [texts[task.examples.index(k.example)] for k in kept]
-    perturbation = run_perturbation(lm, sae, task, kept, kept_texts, cfg)
+    perturbation = run_perturbation(lm, sae, task, kept, kept_texts, cfg, journal)
     donors = pick_donors(kept, seed=cfg.seed)
-    steering = run_steering(lm, sae, task, kept, kept_texts, donors, cfg)
-    return LayerResult(
+    steering = run_steering(lm, sae, task, kept, kept_texts, donors, cfg, journal)
+    result = LayerResult(
         layer=cfg.layer,
         n_examples=len(texts),
         n_kept=len(kept),
@@ -158,6 +163,7 @@ def run_layer(lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig) -> L
         n_donor_pairs=sum(d is not None for d in donors),
         diagnostics=diagnostics,
     )
+    return LayerResult.from_dict(record(journal, unit_key(cfg.layer, "layer"), result))
 
 
 def _is_kept(score: Any, cfg: ExperimentConfig) -> bool:

