@@ -3,7 +3,9 @@
 Writes to ``--out``: ``results.json`` (every number, the config, the seed, the
 versions; identical for a rerun with the same seed), ``table.md`` (the
 paper-style tables), ``exp1_layer{l}.png`` and ``exp2_layer{l}.png``, and
-``timing.json`` (wall times, kept apart so ``results.json`` is reproducible).
+``timing.json`` (wall times, kept apart so ``results.json`` is reproducible), and
+``examples.json`` (per kept example: tokens, TopK sets, per-token activation and
+influence, answers under masking; read by ``gradsae report --html`` and ``gradsae cards``).
 Every file is written to a temporary name and renamed, ``results.json`` last, so
 an interrupted run never leaves a half-written result.
 """
@@ -22,6 +24,7 @@ from gradsae import _files
 from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import DEFAULT_KS, DONOR_VALUES, STEER_POSITIONS, ExperimentConfig, KSpec
+from gradsae.experiments.examples import ExampleRecorder
 from gradsae.experiments.report import render
 from gradsae.experiments.run import LayerResult, RunMeta, RunResults, run_layer
 from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     results: list[LayerResult] = []
     labels: dict[str, str] = {}
     timing: dict[str, float] = {}
+    recorder = ExampleRecorder(lm.tokenizer)
     for layer in layers:
         folder = args.sae.replace("{layer}", str(layer)) if args.sae else None
         sae, used, label = resolve_sae(lm, folder, layer, default_model=args.model in DEFAULT_NAMES)
@@ -148,11 +152,12 @@ def run(args: argparse.Namespace) -> int:
             keep_f1=args.keep_f1,
         )
         began = time.perf_counter()
-        results.append(run_layer(lm, sae.to(lm.device), task, cfg))
+        results.append(run_layer(lm, sae.to(lm.device), task, cfg, record=recorder))
         labels[str(used)] = label
         timing[f"layer_{used}_s"] = round(time.perf_counter() - began, 1)
     meta = run_meta(args, lm, task, ks, methods, positions, labels)
     timing["total_s"] = round(time.perf_counter() - start, 1)
+    recorder.dump().save(args.out)
     write_outputs(Path(args.out), RunResults(config=meta, layers=tuple(results)), timing)
     print(f"wrote {args.out}/results.json, table.md and plots in {timing['total_s']:.0f} s")  # noqa: T201
     return 0

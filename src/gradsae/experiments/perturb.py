@@ -138,14 +138,26 @@ def decode(
 
 # -- experiment 1 ---------------------------------------------------------------------
 def run_perturbation(
-    lm: LoadedModel, sae: SAE, task: Task, kept: Sequence[KeptExample], texts: Sequence[str], cfg: ExperimentConfig
+    lm: LoadedModel,
+    sae: SAE,
+    task: Task,
+    kept: Sequence[KeptExample],
+    texts: Sequence[str],
+    cfg: ExperimentConfig,
+    *,
+    on_answers: Callable[[str, list[str]], None] | None = None,
 ) -> list[Condition]:
-    """Zero Top / Bottom K at every position and pass; score against the gold answers (K = 0 measured)."""
+    """Zero Top / Bottom K at every position and pass; score against the gold answers (K = 0 measured).
+
+    ``on_answers(key, texts)``, when given, sees the answers of each condition (``none``, ``method/set/K``).
+    """
     conditions = [(m, s, k) for m in cfg.methods for s in SETS for k in cfg.ks]
     batches = prompt_batches(lm, texts, cfg, reuse=cfg.reuse_prefix)
     gens = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
     scores = [task.score(ex.example, gen.text) for ex, gen in zip(kept, gens, strict=True)]
     out = [_condition("none", "-", 0, scores, [], cfg, edit="none")]
+    if on_answers is not None:
+        on_answers("none", [g.text for g in gens])
     for method, which, k in tqdm(conditions, desc=f"experiment 1: masking (layer {cfg.layer})", disable=None):
         sets = [chosen(ex, method, which, k) for ex in kept]
 
@@ -155,6 +167,8 @@ def run_perturbation(
         gens = decode(lm, batches, task, cfg, sae=sae, edits_for=edits_for)
         scores = [task.score(ex.example, gen.text) for ex, gen in zip(kept, gens, strict=True)]
         out.append(_condition(method, which, k, scores, sets, cfg))
+        if on_answers is not None:
+            on_answers(f"{method}/{which}/{k}", [g.text for g in gens])
     return out
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradsae import _files
 from gradsae.experiments.config import ExperimentConfig
@@ -28,6 +28,9 @@ from gradsae.experiments.stats import Stat
 from gradsae.experiments.tasks import Task
 from gradsae.models import LoadedModel
 from gradsae.sae import SAE
+
+if TYPE_CHECKING:
+    from gradsae.experiments.examples import ExampleRecorder
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +134,10 @@ class RunResults:
         )
 
 
-def run_layer(lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig) -> LayerResult:
-    """Both experiments at ``cfg.layer``."""
+def run_layer(
+    lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig, *, record: ExampleRecorder | None = None
+) -> LayerResult:
+    """Both experiments at ``cfg.layer``; ``record`` also collects the per-example dump (``examples.json``)."""
     texts = [task.render(example, lm.tokenizer) for example in task.examples]
     batches = prompt_batches(lm, texts, cfg, reuse=False)
     clean = decode(lm, batches, task, cfg, sae=None, edits_for=None)
@@ -141,9 +146,13 @@ def run_layer(lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig) -> L
     kept_examples = [ex for ex, ok in zip(task.examples, correct, strict=True) if ok]
     kept_gens = [gen for gen, ok in zip(spliced, correct, strict=True) if ok]
     log.info("layer %d: %d of %d examples answered correctly with the SAE", cfg.layer, len(kept_examples), len(texts))
-    kept, diagnostics = rank_examples(lm, sae, task, kept_examples, kept_gens, cfg)
+    on_batch = None if record is None else record.on_scores
+    kept, diagnostics = rank_examples(lm, sae, task, kept_examples, kept_gens, cfg, on_batch=on_batch)
     kept_texts = [texts[task.examples.index(k.example)] for k in kept]
-    perturbation = run_perturbation(lm, sae, task, kept, kept_texts, cfg)
+    on_answers = None if record is None else record.on_answers
+    perturbation = run_perturbation(lm, sae, task, kept, kept_texts, cfg, on_answers=on_answers)
+    if record is not None:
+        record.finish(cfg.layer, kept, cfg.ks)
     donors = pick_donors(kept, seed=cfg.seed)
     steering = run_steering(lm, sae, task, kept, kept_texts, donors, cfg)
     return LayerResult(
