@@ -43,6 +43,10 @@ class LatentTrace:
     """One latent's per-token values in one example, at the positions where it is active."""
 
     latent: int
+    gradsae: float
+    """The latent's GradSAE score in this example (the run's aggregation of the influence)."""
+    mean_activation: float
+    """Its mean activation over the spliced positions (the activation ranking's score)."""
     positions: tuple[int, ...]
     """Indices into the example's ``tokens``."""
     activation: tuple[float, ...]
@@ -54,6 +58,8 @@ class LatentTrace:
     def from_dict(cls, data: dict[str, Any]) -> LatentTrace:
         return cls(
             latent=int(data["latent"]),
+            gradsae=float(data["gradsae"]),
+            mean_activation=float(data["mean_activation"]),
             positions=tuple(data["positions"]),
             activation=tuple(data["activation"]),
             influence=tuple(data["influence"]),
@@ -222,8 +228,11 @@ def _trace(pending: _Pending, latent: int) -> LatentTrace:
     here = pending.entries[:, 1] == latent
     positions = pending.entries[here, 0]
     order = positions.argsort()
+    scores = {m: significant(v[latent]) for m, v in pending.per_latent.items()}
     return LatentTrace(
         latent=latent,
+        gradsae=scores.get("gradsae", 0.0),
+        mean_activation=scores.get("activation", 0.0),
         positions=tuple(int(p) for p in positions[order]),
         activation=tuple(significant(v) for v in pending.activation[here][order]),
         influence=tuple(significant(v) for v in pending.influence[here][order]),
