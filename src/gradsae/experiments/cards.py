@@ -59,6 +59,8 @@ class Context:
 
     sequence: int
     """Index of the corpus sequence."""
+    start: int
+    """Position in that sequence of the window's first token."""
     tokens: tuple[str, ...]
     activation: tuple[float, ...]
     influence: tuple[float, ...]
@@ -322,6 +324,7 @@ def _contexts(
         out.append(
             Context(
                 sequence=s,
+                start=lo,
                 tokens=tuple(words[s][lo:hi]),
                 activation=tuple(significant(v) for v in act[s, lo:hi]),
                 influence=tuple(significant(v) for v in inf[s, lo:hi]),

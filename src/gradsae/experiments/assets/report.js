@@ -294,7 +294,9 @@ function render() {
   renderExamples(); renderLatents();
   if (state.latent !== null) showCard(state.latent);
 }
-for (const b of document.querySelectorAll('.tab')) b.addEventListener('click', () => selectTab(b.dataset.tab));
+for (const b of document.querySelectorAll('.tab')) {
+  b.addEventListener('click', () => { selectTab(b.dataset.tab); if (b.dataset.tab === 'examples') renderExamples(); });
+}
 for (const note of DATA.notes || []) $('#notes').append(el('p', {text: note}));
 if (!DATA.layers.length) selectTab('overview');
 render();
