@@ -162,9 +162,8 @@ class ExampleRecorder:
 
     def on_scores(self, rows: range, ids: torch.Tensor, mask: torch.Tensor, by_method: dict[str, Scores]) -> None:
         """Keep each row's tokens and per-token values (the ``on_batch`` hook of ``rank_examples``)."""
-        base = by_method.get("gradsae") or next(iter(by_method.values()))
         for offset, i in enumerate(rows):
-            self._pending[i] = self._row(offset, ids, mask, base, by_method)
+            self._pending[i] = _pending_row(self.tokenizer, offset, ids, mask, by_method)
 
     def on_answers(self, key: str, texts: Sequence[str]) -> None:
         """Keep the answers of one masking condition, in kept order (the hook of ``run_perturbation``)."""
@@ -180,27 +179,6 @@ class ExampleRecorder:
 
     def dump(self) -> ExampleDump:
         return ExampleDump(layers=tuple(self._layers))
-
-    def _row(
-        self, row: int, ids: torch.Tensor, mask: torch.Tensor, base: Scores, by_method: dict[str, Scores]
-    ) -> _Pending:
-        real = ids[row][mask[row].bool()].tolist()
-        pad = int((mask[row] == 0).sum())
-        here = base.token_index[:, 0] == row
-        index = base.token_index[here]
-        influence = by_method["gradsae"].token_score[here] if "gradsae" in by_method else torch.zeros(len(index))
-        activation = by_method["activation"].token_score[here] if "activation" in by_method else influence * 0
-        entries = torch.stack([index[:, 1] - pad, index[:, 2]], dim=1)
-        target = "" if base.token is None else self.tokenizer.decode([int(base.token[row])])
-        return _Pending(
-            tokens=tuple(self.tokenizer.decode([t]) for t in real),
-            entries=entries.cpu(),
-            activation=activation.detach().float().cpu(),
-            influence=influence.detach().float().cpu(),
-            per_latent={m: s.per_latent[row].detach().float().cpu() for m, s in by_method.items() if m in TRACED},
-            target=target,
-            objective=float(base.objective[row]),
-        )
 
     def _record(self, i: int, kept: KeptExample, ks: Sequence[KSpec]) -> ExampleRecord:
         pending = self._pending[i]
@@ -222,6 +200,30 @@ class ExampleRecorder:
             traces=tuple(_trace(pending, c) for c in latents),
             masked={key: texts[i] for key, texts in self._answers.items() if i < len(texts)},
         )
+
+
+def _pending_row(
+    tokenizer: Any, row: int, ids: torch.Tensor, mask: torch.Tensor, by_method: dict[str, Scores]
+) -> _Pending:
+    """Row ``row`` of a scored batch: its tokens as strings and its active entries' values."""
+    base = by_method.get("gradsae") or next(iter(by_method.values()))
+    real = ids[row][mask[row].bool()].tolist()
+    pad = int((mask[row] == 0).sum())
+    here = base.token_index[:, 0] == row
+    index = base.token_index[here]
+    influence = by_method["gradsae"].token_score[here] if "gradsae" in by_method else torch.zeros(len(index))
+    activation = by_method["activation"].token_score[here] if "activation" in by_method else influence * 0
+    entries = torch.stack([index[:, 1] - pad, index[:, 2]], dim=1)
+    target = "" if base.token is None else tokenizer.decode([int(base.token[row])])
+    return _Pending(
+        tokens=tuple(tokenizer.decode([t]) for t in real),
+        entries=entries.cpu(),
+        activation=activation.detach().float().cpu(),
+        influence=influence.detach().float().cpu(),
+        per_latent={m: s.per_latent[row].detach().float().cpu() for m, s in by_method.items() if m in TRACED},
+        target=target,
+        objective=float(base.objective[row]),
+    )
 
 
 def _trace(pending: _Pending, latent: int) -> LatentTrace:
@@ -248,9 +250,7 @@ def record_scores(
     tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, by_method: dict[str, Scores], *, top: int
 ) -> ExampleRecord:
     """One scored input (row 0) as a record, for ``gradsae score --html``: TopK = ``top`` per method."""
-    recorder = ExampleRecorder(tokenizer)
-    recorder.on_scores(range(1), ids, mask, by_method)
-    pending = recorder._pending[0]
+    pending = _pending_row(tokenizer, 0, ids, mask, by_method)
     tops = {}
     for method, scores in by_method.items():
         if method in TRACED:
