@@ -13,7 +13,10 @@ For latent ``c`` of the SAE at layer ``l`` and held-out corpus sequences
 3. Density: the share of corpus tokens (BOS excluded) with ``H > 0``; a histogram of the
    nonzero activations.
 4. Top contexts by activation: sequences ranked by ``max_n H[s, n, c]``; by influence: by
-   ``max_n g[s, n, c]``. Each is shown as a window of tokens around that maximum.
+   ``max_n g[s, n, c]``, over ``n >= 2``. Each is shown as a window of tokens around that
+   maximum. The first token after BOS is left out of these rankings (not of the statistics):
+   it behaves as a second attention sink, so a latent there moves every later prediction
+   (on SmolLM2 layer 6 it held 21% of the top contexts by influence, against 1.6% by chance).
 5. Logit lens of the decoder direction: ``v = W_U (gamma * W_dec[c])`` over the vocabulary,
    ``gamma`` the final norm's weight when the model has one (``1 + weight`` for Gemma's
    norm). The norm's division by the residual's RMS is a positive per-token scale and is
@@ -50,6 +53,8 @@ from gradsae.scores import score_methods
 
 BEFORE, AFTER = 12, 4
 """Tokens shown before and after a context's maximum."""
+RANK_FROM = 2
+"""First position a context's maximum may sit at (BOS and the token after it are left out)."""
 BINS = 24
 
 
@@ -313,8 +318,9 @@ def _card(
 def _contexts(
     rank_by: torch.Tensor, act: torch.Tensor, inf: torch.Tensor, words: list[list[str]], top: int
 ) -> tuple[Context, ...]:
-    """The ``top`` sequences with the largest positive ``max_n rank_by[s, n]``, as windows around that max."""
-    best, where = rank_by.max(dim=1)
+    """The ``top`` sequences with the largest positive ``max_n rank_by[s, n]`` (``n >= RANK_FROM``), as windows."""
+    best, where = rank_by[:, RANK_FROM:].max(dim=1)
+    where = where + RANK_FROM
     out = []
     for s in best.argsort(descending=True, stable=True)[:top].tolist():
         if float(best[s]) <= 0:

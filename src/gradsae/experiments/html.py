@@ -102,8 +102,8 @@ def run_page(folder: str | Path, results: RunResults, *, images: Iterable[Path] 
             layers.append(layer_data(part, cards))
     meta = dataclasses.asdict(results.config)
     overview = [
-        _config_table(meta),
         markdown_html(table_markdown(results.layers, results.config)),
+        _config_table(meta),
         *(_curves(r.layer, getattr(r, "curves", None)) for r in results.layers),
         _figures(images),
     ]
@@ -142,7 +142,9 @@ def _config_table(meta: dict[str, Any]) -> str:
         shown = ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else value
         shown = ", ".join(map(str, shown)) if isinstance(shown, list | tuple) else shown
         rows.append(f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(shown))}</td></tr>")
-    return '<h2>Run configuration</h2>\n<table class="config">' + "".join(rows) + "</table>"
+    brief = ", ".join(f"{k} {meta[k]}" for k in ("task", "model", "n", "seed", "mode") if k in meta)
+    table = '<table class="config">' + "".join(rows) + "</table>"
+    return f"<details><summary><b>Run configuration</b>: {html.escape(brief)}</summary>{table}</details>"
 
 
 def _figures(images: Iterable[Path]) -> str:

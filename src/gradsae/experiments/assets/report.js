@@ -58,8 +58,8 @@ function renderExamples() {
   L.examples.forEach((ex, i) => {
     list.append(el('div', {class: 'ex-item' + (i === state.example ? ' active' : ''), 'data-index': i,
       onclick: () => { state.example = i; state.latent = null; renderExamples(); }},
-      el('b', {text: `#${ex.id}`}), ' ', el('span', {class: 'muted', text: ex.label || ''}),
-      el('span', {class: 'small muted', text: ex.answer})));
+      el('b', {text: `#${ex.id}`}), el('span', {class: 'small muted', text: `answer: ${ex.answer}`}),
+      el('span', {class: 'small flips', text: flips(ex)})));
   });
   view.append(el('div', {class: 'ex-layout'}, list, exampleDetail(L.examples[state.example])));
 }
@@ -69,6 +69,19 @@ function layerPicker() {
   const select = el('select', {id: 'layer-select', onchange: (e) => { state.layer = +e.target.value; state.example = 0; state.latent = null; render(); }});
   DATA.layers.forEach((L, i) => { const opt = el('option', {value: i, text: `layer ${L.layer}`}); if (i === state.layer) opt.selected = true; select.append(opt); });
   return el('div', {class: 'controls'}, 'Layer ', select);
+}
+
+function flips(ex) {
+  // the smallest K at which masking each ranking's TopK changed the answer
+  const base = ex.masked.none !== undefined ? ex.masked.none : ex.answer;
+  const first = {};
+  for (const [key, text] of Object.entries(ex.masked)) {
+    const [method, set, k] = key.split('/');
+    if (set !== 'top' || text === base || !NAMES[method]) continue;
+    if (!(method in first) || parseFloat(k) < parseFloat(first[method])) first[method] = k;
+  }
+  const parts = Object.entries(first).map(([m, k]) => `${NAMES[m]} K=${k}`);
+  return parts.length ? `changed by masking ${parts.join(', ')}` : '';
 }
 
 function exampleDetail(ex) {
@@ -204,7 +217,10 @@ function renderLatentRows() {
   const rows = visibleLatents();
   body.replaceChildren(...rows.map((r) => {
     const tr = el('tr', {class: 'latent-row' + (r.latent === state.latent ? ' sel' : ''), 'data-latent': r.latent, onclick: () => { state.latent = r.latent; showCard(r.latent); renderLatentRows(); }});
-    for (const [key] of COLUMNS) tr.append(el('td', {text: key === 'latent' ? String(r.latent) : fmt(latentValue(r, key))}));
+    for (const [key] of COLUMNS) {
+      const v = latentValue(r, key);
+      tr.append(el('td', {text: Number.isInteger(v) && !['influence', 'activation_mean'].includes(key) ? String(v) : fmt(v)}));
+    }
     return tr;
   }));
   $('#latent-count').textContent = `${rows.length} of ${layer().latents.length} latents`;
