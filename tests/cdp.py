@@ -56,12 +56,17 @@ class Browser:
         exe = chromium()
         assert exe is not None
         profile = folder / "chromium-profile"
+        (profile / "DevToolsActivePort").unlink(missing_ok=True)  # a stale one from an earlier run names a dead port
         args = [exe, *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"]
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        port = _wait_for_port(profile / "DevToolsActivePort", process, timeout)
-        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout).read())
-        page = next(t for t in targets if t["type"] == "page")
-        socket = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=timeout, suppress_origin=True)
+        try:
+            port = _wait_for_port(profile / "DevToolsActivePort", process, timeout)
+            targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout).read())
+            page = next(t for t in targets if t["type"] == "page")
+            socket = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=timeout, suppress_origin=True)
+        except BaseException:
+            _stop(process)
+            raise
         browser = cls(process=process, socket=socket)
         for domain in ("Page", "Runtime", "Log", "Network"):
             browser.send(f"{domain}.enable")
@@ -71,11 +76,7 @@ class Browser:
         try:
             self.socket.close()
         finally:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+            _stop(self.process)
 
     def send(self, method: str, **params: Any) -> dict[str, Any]:
         """Call one DevTools method and return its result; events that arrive meanwhile are kept."""
@@ -144,6 +145,15 @@ class Browser:
     def requests(self) -> list[str]:
         """URLs of every network request the page made."""
         return [e["params"]["request"]["url"] for e in self.events if e.get("method") == "Network.requestWillBeSent"]
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
 
 
 def _wait_for_port(path: Path, process: subprocess.Popen[bytes], timeout: float) -> int:

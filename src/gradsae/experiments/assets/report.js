@@ -23,7 +23,9 @@ function colour(value, scale, kind) {
   return value > 0 ? `rgba(192,57,43,${a.toFixed(3)})` : `rgba(37,99,235,${a.toFixed(3)})`;
 }
 function shown(token) {
-  return token.replace(/\n/g, '\u21b5\n').replace(/\t/g, '\u21e5');
+  // a token of spaces only would be an empty box: show each space as an open box
+  if (/^ +$/.test(token)) return '\u2423'.repeat(token.length);
+  return token.replace(/\n/g, '\u21b5').replace(/\t/g, '\u21e5');
 }
 function isSpecial(token) { return /^<\|?[^>]*\|?>$/.test(token.trim()) && token.trim().length > 2; }
 
@@ -40,6 +42,7 @@ function tokenSpans(tokens, values, kind, opts) {
     if (bg) span.style.background = bg;
     if (o.titles) span.title = o.titles[i];
     box.append(span);
+    for (let n = 0; n < (t.match(/\n/g) || []).length; n++) box.append(el('br', {}));
   });
   return box;
 }
@@ -142,6 +145,7 @@ function colourControls() {
 }
 
 function answers(ex) {
+  if (!Object.keys(ex.masked).length) return el('p', {}, el('b', {text: "Model's answer: "}), ex.answer);
   const wrap = el('div', {});
   wrap.append(el('h3', {text: 'Answers'}));
   const table = el('table', {class: 'answers'});
@@ -154,7 +158,6 @@ function answers(ex) {
     const label = `mask ${NAMES[method] || method} ${set === 'top' ? 'TopK' : 'BottomK'}, K=${k}`;
     table.append(el('tr', {}, el('td', {text: label}), el('td', {class: text === base ? '' : 'changed', text: text})));
   }
-  if (!Object.keys(ex.masked).length) table.append(el('tr', {}, el('td', {colspan: 2, class: 'muted', text: 'No masking conditions recorded.'})));
   wrap.append(table);
   return wrap;
 }
