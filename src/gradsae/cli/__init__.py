@@ -1,4 +1,4 @@
-"""Command line: ``gradsae score | train-sae | reproduce | report``.
+"""Command line: ``gradsae score | train-sae | reproduce | report | cards``.
 
 Every user error ends as one line, ``error: <what and the fix>``, exit status 2,
 also the parser's own (an unknown option, a bad choice). Each subcommand is a
@@ -23,6 +23,7 @@ COMMANDS = {
     "train-sae": ("train_sae", "train TopK SAEs on a model's residual stream"),
     "reproduce": ("reproduce", "run the paper's two experiments and write tables and plots"),
     "report": ("report", "re-render a run's table and plots from its results.json"),
+    "cards": ("cards", "feature cards: a latent's top contexts by activation and influence, logit lens, density"),
 }
 
 

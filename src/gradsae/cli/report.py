@@ -1,4 +1,9 @@
-"""``gradsae report RUN_DIR``: re-render ``table.md`` and the plots from ``results.json`` alone."""
+"""``gradsae report RUN_DIR``: re-render ``table.md`` and the plots from ``results.json`` alone.
+
+``--html`` also writes ``report.html``: one self-contained page (overview, examples
+coloured by influence or activation, latents with their feature cards) from the
+folder's ``results.json``, ``examples.json`` and ``cards_layer{l}.json``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 
 from gradsae.cli import validate
 from gradsae.errors import GradSAEError
+from gradsae.experiments.html import write_run_page
 from gradsae.experiments.report import render
 from gradsae.experiments.run import RESULTS, RunResults
 
@@ -15,6 +21,7 @@ from gradsae.experiments.run import RESULTS, RunResults
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``gradsae report``."""
     parser.add_argument("run_dir", help="a folder written by `gradsae reproduce` (it holds results.json)")
+    parser.add_argument("--html", action="store_true", help="also write RUN_DIR/report.html, one self-contained page")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     validate.out_folder(folder, option="RUN_DIR")
     paths = render(folder, results)
+    if args.html:
+        paths.append(write_run_page(folder, results, images=[p for p in paths if p.suffix == ".png"]))
     sys.stdout.write(f"wrote {', '.join(p.name for p in paths)} in {folder}\n")
     return 0
 

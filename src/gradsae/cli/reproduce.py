@@ -3,7 +3,9 @@
 Writes to ``--out``: ``results.json`` (every number, the config, the seed, the
 versions; identical for a rerun with the same seed), ``table.md`` (the
 paper-style tables), ``exp1_layer{l}.png`` and ``exp2_layer{l}.png``, and
-``timing.json`` (wall times, kept apart so ``results.json`` is reproducible).
+``timing.json`` (wall times, kept apart so ``results.json`` is reproducible), and
+``examples.json`` (per kept example: tokens, TopK sets, per-token activation and
+influence, answers under masking; read by ``gradsae report --html`` and ``gradsae cards``).
 Every file is written to a temporary name and renamed, ``results.json`` last, so
 an interrupted run never leaves a half-written result.
 
@@ -34,6 +36,7 @@ from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import DONOR_VALUES, STEER_POSITIONS, ExperimentConfig, KSpec
+from gradsae.experiments.examples import ExampleRecorder
 from gradsae.experiments.journal import FOLDER, Journal, count_units
 from gradsae.experiments.report import render
 from gradsae.experiments.run import RESULTS, LayerResult, RunMeta, RunResults, run_layer
@@ -149,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         journal = open_journal(out, meta, task, saes, restart=args.restart)
         results: list[LayerResult] = []
         timing: dict[str, float] = {}
+        recorder = ExampleRecorder(lm.tokenizer)
         for found in saes:
             cfg = ExperimentConfig(
                 layer=found.layer,
@@ -164,9 +168,10 @@ def run(args: argparse.Namespace) -> int:
                 keep_f1=args.keep_f1,
             )
             began = time.perf_counter()
-            results.append(run_layer(lm, found.sae.to(lm.device), task, cfg, journal))
+            results.append(run_layer(lm, found.sae.to(lm.device), task, cfg, journal, recorder=recorder))
             timing[f"layer_{found.layer}_s"] = round(time.perf_counter() - began, 1)
         timing["total_s"] = round(time.perf_counter() - start, 1)
+        recorder.dump().save(out)
         write_outputs(out, RunResults(config=meta, layers=tuple(results)), timing)
     print(f"wrote {args.out}/results.json, table.md and plots in {timing['total_s']:.0f} s")  # noqa: T201
     return 0

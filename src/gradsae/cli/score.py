@@ -3,11 +3,14 @@
 Columns: latent id, mean activation over the prompt's positions, GradSAE
 influence (the chosen aggregation of ``H * dY/dH``), the latent's rank under the
 other method, and (with ``--ablation``) the exact effect of zeroing it.
+``--html FILE`` also writes one self-contained page: the prompt's tokens coloured by
+a latent's per-token influence or activation, both top lists, and (``--cards``) cards.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -19,11 +22,13 @@ from gradsae import _files
 from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments
 from gradsae.errors import GradSAEError
+from gradsae.experiments.examples import LayerExamples, record_scores
+from gradsae.experiments.html import score_page
 from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model
 from gradsae.objectives import objective_from_name
 from gradsae.pretrained import resolve_sae
 from gradsae.sae import check_compatible
-from gradsae.scores import Scores, score_latents
+from gradsae.scores import Scores, score_latents, score_methods
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,8 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=10, help="rows in the table")
     parser.add_argument("--ablation", action="store_true", help="also compute the exact ablation effect")
     parser.add_argument("--json", default=None, help="also write the table as JSON to this file")
+    parser.add_argument("--html", default=None, help="also write a self-contained HTML page to this file")
+    parser.add_argument("--cards", default=None, help="feature cards JSON (`gradsae cards`) to show in the --html page")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,12 +146,34 @@ def run_score(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if args.objective == "target":
         ids, mask = append_target(lm, ids, args.target)
     common = {"layer": layer, "mode": args.mode}
-    grad = score_latents(lm, sae, ids, mask, objective, aggregation=args.aggregation, **common)
-    act = score_latents(lm, sae, ids, mask, objective, method="activation", **common)
+    both = score_methods(
+        lm, sae, ids, mask, objective, methods=("gradsae", "activation"), aggregation=args.aggregation, **common
+    )
+    grad, act = both["gradsae"], both["activation"]
     abl = score_latents(lm, sae, ids, mask, objective, method="ablation", **common) if args.ablation else None
     rows = table_rows(grad, act, abl, args.top)
     header = _header(lm, label, layer, args, text, grad, time.perf_counter() - start)
-    return header + "\n\n" + format_table(rows, args.top), {"header": header, "rows": [r.__dict__ for r in rows]}
+    table = format_table(rows, args.top)
+    if args.html:
+        write_html(args.html, lm, layer, ids, mask, both, header + "\n\n" + table, args)
+    return header + "\n\n" + table, {"header": header, "rows": [r.__dict__ for r in rows]}
+
+
+def write_html(
+    path: str,
+    lm: LoadedModel,
+    layer: int,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    both: dict[str, Scores],
+    summary: str,
+    args: argparse.Namespace,
+) -> None:
+    """The ``--html`` page, built from the JSON form of the scores (and of ``--cards``)."""
+    record = record_scores(lm.tokenizer, ids, mask, both, top=args.top)
+    part = dataclasses.asdict(LayerExamples(layer=layer, examples=(record,)))
+    cards = _files.read_json(args.cards) if args.cards else None
+    _files.write_text(path, score_page(f"gradsae score: {lm.name}, layer {layer}", summary, part, cards))
 
 
 def encode_one(lm: LoadedModel, prompt: str, *, chat: bool) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -146,8 +146,13 @@ def run_perturbation(
     texts: Sequence[str],
     cfg: ExperimentConfig,
     journal: Journal | None = None,
+    *,
+    on_answers: Callable[[str, list[str]], None] | None = None,
 ) -> list[Condition]:
-    """Zero Top / Bottom K at every position and pass; score against the gold answers (K = 0 measured)."""
+    """Zero Top / Bottom K at every position and pass; score against the gold answers (K = 0 measured).
+
+    ``on_answers(key, texts)``, when given, sees the answers of each condition (``none``, ``method/set/K``).
+    """
     conditions = [(m, s, k) for m in cfg.methods for s in SETS for k in cfg.ks]
     batches = prompt_batches(lm, texts, cfg, reuse=cfg.reuse_prefix)
     key = unit_key(cfg.layer, "masking", "none")
@@ -155,6 +160,8 @@ def run_perturbation(
         gens = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
         scores = [task.score(ex.example, gen.text) for ex, gen in zip(kept, gens, strict=True)]
         done = record(journal, key, _condition("none", "-", 0, scores, [], cfg, edit="none"))
+        if on_answers is not None:
+            on_answers("none", [g.text for g in gens])
     out = [Condition.from_dict(done)]
     for method, which, k in tqdm(conditions, desc=f"experiment 1: masking (layer {cfg.layer})", disable=None):
         key = unit_key(cfg.layer, "masking", method, which, k)
@@ -169,6 +176,8 @@ def run_perturbation(
         gens = decode(lm, batches, task, cfg, sae=sae, edits_for=edits_for)
         scores = [task.score(ex.example, gen.text) for ex, gen in zip(kept, gens, strict=True)]
         out.append(Condition.from_dict(record(journal, key, _condition(method, which, k, scores, sets, cfg))))
+        if on_answers is not None:
+            on_answers(f"{method}/{which}/{k}", [g.text for g in gens])
     return out
 
 

@@ -15,7 +15,7 @@ pairs of examples sharing a label (classification) or a context (SQuAD) of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
@@ -56,8 +56,14 @@ def rank_examples(
     examples: Sequence[Example],
     gens: Sequence[Generation],
     cfg: ExperimentConfig,
+    *,
+    on_batch: Callable[[range, torch.Tensor, torch.Tensor, dict[str, Scores]], None] | None = None,
 ) -> tuple[list[KeptExample], dict[str, Any]]:
-    """Score every kept example with every method at its answer step."""
+    """Score every kept example with every method at its answer step.
+
+    ``on_batch(rows, ids, mask, scores_by_method)``, when given, sees each batch's scores
+    (:class:`~gradsae.experiments.examples.ExampleRecorder` keeps the per-token values).
+    """
     steps = [answer_step(lm.tokenizer, gen, task.answer_marker) for gen in gens]
     rankings: list[dict[str, list[int]]] = [{} for _ in examples]
     donor_values: list[dict[str, dict[int, float]]] = [{} for _ in examples]
@@ -80,6 +86,8 @@ def rank_examples(
             seed=cfg.seed + start,
             skip_first=cfg.skip_first,
         )
+        if on_batch is not None:
+            on_batch(rows, ids, mask, by_method)
         for offset, i in enumerate(rows):
             rankings[i] = {m: s.ranking(offset).tolist() for m, s in by_method.items()}
             active_last[i] = int(next(iter(by_method.values())).active_last[offset])

@@ -18,7 +18,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradsae import _files
 from gradsae.experiments.config import ExperimentConfig
@@ -29,6 +29,9 @@ from gradsae.experiments.stats import Stat
 from gradsae.experiments.tasks import Task
 from gradsae.models import LoadedModel
 from gradsae.sae import SAE
+
+if TYPE_CHECKING:
+    from gradsae.experiments.examples import ExampleRecorder
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +136,19 @@ class RunResults:
 
 
 def run_layer(
-    lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig, journal: Journal | None = None
+    lm: LoadedModel,
+    sae: SAE,
+    task: Task,
+    cfg: ExperimentConfig,
+    journal: Journal | None = None,
+    *,
+    recorder: ExampleRecorder | None = None,
 ) -> LayerResult:
-    """Both experiments at ``cfg.layer``; with a ``journal``, each finished condition and the layer are kept."""
+    """Both experiments at ``cfg.layer``.
+
+    With a ``journal``, each finished condition and the layer are kept (a finished layer is not rerun);
+    ``recorder`` collects the per-example dump (``examples.json``) of the layers computed in this call.
+    """
     if (done := recall(journal, unit_key(cfg.layer, "layer"))) is not None:
         return LayerResult.from_dict(done)
     texts = [task.render(example, lm.tokenizer) for example in task.examples]
@@ -146,9 +159,13 @@ def run_layer(
     kept_examples = [ex for ex, ok in zip(task.examples, correct, strict=True) if ok]
     kept_gens = [gen for gen, ok in zip(spliced, correct, strict=True) if ok]
     log.info("layer %d: %d of %d examples answered correctly with the SAE", cfg.layer, len(kept_examples), len(texts))
-    kept, diagnostics = rank_examples(lm, sae, task, kept_examples, kept_gens, cfg)
+    on_batch = None if recorder is None else recorder.on_scores
+    kept, diagnostics = rank_examples(lm, sae, task, kept_examples, kept_gens, cfg, on_batch=on_batch)
     kept_texts = [texts[task.examples.index(k.example)] for k in kept]
-    perturbation = run_perturbation(lm, sae, task, kept, kept_texts, cfg, journal)
+    on_answers = None if recorder is None else recorder.on_answers
+    perturbation = run_perturbation(lm, sae, task, kept, kept_texts, cfg, journal, on_answers=on_answers)
+    if recorder is not None:
+        recorder.finish(cfg.layer, kept, cfg.ks)
     donors = pick_donors(kept, seed=cfg.seed)
     steering = run_steering(lm, sae, task, kept, kept_texts, donors, cfg, journal)
     result = LayerResult(

@@ -1,7 +1,8 @@
 """Write a finished training run: each SAE (SAELens layout), its ``eval.json`` and a model card.
 
 ``<out>/layer_<l>/`` gets ``cfg.json`` + ``sae_weights.safetensors`` (the
-evaluation figures also go into ``cfg.json``'s metadata), ``eval.json`` and a
+evaluation figures also go into ``cfg.json``'s metadata), ``eval.json``,
+``saebench_core.json`` (the same evaluation in SAEBench's ``core`` shape) and a
 ``README.md`` model card. When the SAE is saved in a lower precision, the
 evaluated SAE is the saved one (weights rounded first).
 """
@@ -20,8 +21,9 @@ from gradsae import _files
 from gradsae.models import LoadedModel
 from gradsae.sae import SAE
 from gradsae.training.activations import heldout_tokens
-from gradsae.training.evaluate import EvalResult, evaluate_saes, rounded
+from gradsae.training.evaluate import CoreMetrics, EvalResult, evaluate_all, rounded
 from gradsae.training.loop import TrainResult
+from gradsae.training.saebench import write_core
 from gradsae.training.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -40,11 +42,12 @@ def finish_run(
 ) -> dict[int, EvalResult]:
     """Evaluate the trained SAEs on ``heldout`` and write ``<out>/layer_<l>/``."""
     saes = {layer: rounded(sae, save_dtype) for layer, sae in result.saes.items()}
-    evals: dict[int, EvalResult] = {}
+    both: dict[int, tuple[EvalResult, CoreMetrics]] = {}
     if eval_tokens > 0:
         n_seq = max(1, -(-eval_tokens // (cfg.context - 1)))
         ids = heldout_tokens(lm.tokenizer, heldout, context=cfg.context, n_sequences=n_seq).to(lm.device)
-        evals = evaluate_saes(lm, saes, ids, batch=eval_batch)
+        both = evaluate_all(lm, saes, ids, batch=eval_batch)
+    evals = {layer: result for layer, (result, _) in both.items()}
     recipe = training_metadata(result, cfg)
     for layer, sae in result.saes.items():
         folder = Path(out) / f"layer_{layer}"
@@ -52,8 +55,18 @@ def finish_run(
         if layer in evals:
             meta["eval"] = asdict(evals[layer])
         with_metadata(sae, **meta).save(folder, dtype=save_dtype)
-        if layer in evals:
+        if layer in both:
             evals[layer].save(folder / "eval.json")
+            core = both[layer][1]
+            write_core(
+                folder / "saebench_core.json",
+                saes[layer],
+                evals[layer],
+                core,
+                dataset=cfg.corpus,
+                context=cfg.context,
+                batch=eval_batch,
+            )
         _files.write_text(folder / "README.md", model_card(sae, recipe, evals.get(layer)))
         log.info("wrote %s", folder)
     return evals
@@ -101,6 +114,8 @@ def model_card(sae: SAE, recipe: dict[str, Any], result: EvalResult | None) -> s
             "",
         ]
     lines += ["Load with `gradsae.sae.load_sae(folder)` or SAELens (`cfg.json` + `sae_weights.safetensors`).", ""]
+    if result is not None:
+        lines += ["The evaluation in SAEBench's `core` JSON shape: `saebench_core.json`.", ""]
     return "\n".join(lines)
 
 

@@ -1,0 +1,135 @@
+"""report.html: self-contained, built from the files, and used in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from gradsae.cli import main
+from gradsae.experiments.examples import EXAMPLES, LayerExamples, record_scores
+from gradsae.experiments.html import REPORT, _curves, latent_rows, markdown_html, score_page
+from gradsae.experiments.report import fmt
+from gradsae.objectives import NextTokenProb
+from gradsae.scores import score_methods
+from tests.cdp import Browser, chromium
+
+
+def _data(page: str) -> dict:
+    found = re.search(r'<script type="application/json" id="gradsae-data">(.*?)</script>', page, re.S)
+    assert found
+    return json.loads(found.group(1))
+
+
+def test_page_is_self_contained_and_carries_the_files(tiny_run):
+    page = (tiny_run.folder / REPORT).read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "<link" not in page and "@import" not in page and "url(" not in page
+    assert page.count("data:image/png;base64,") == 2  # exp1 and exp2 plots
+    result = tiny_run.results.layers[0]
+    assert fmt(result.baseline) in page  # the table's numbers, as table.md has them
+    assert '<table class="results">' in page
+    data = _data(page)
+    (layer,) = data["layers"]
+    assert len(layer["examples"]) == result.n_kept
+    assert set(layer["cards"]) == {str(c.latent) for c in tiny_run.cards.cards}
+    assert layer["examples"][0]["tokens"] == list(tiny_run.dump.layers[0].examples[0].tokens)
+
+
+def test_latent_rows_count_topk_membership(tiny_run):
+    part = json.loads((tiny_run.folder / EXAMPLES).read_text())["layers"][0]
+    rows = {r["latent"]: r for r in latent_rows(part, None)}
+    for ex in tiny_run.dump.layers[0].examples:
+        for method in ("gradsae", "activation"):
+            for latent, _ in ex.top[method]:
+                assert ex.id in rows[latent][method]
+    assert all(r["density"] is None for r in rows.values())
+
+
+def test_markdown_tables_and_curves():
+    out = markdown_html("# Title\n\n- a `code` item\n\n| x | K=1 |\n|---|---|\n| GradSAE TopK | 50.0 [40.0, 60.0] |\n")
+    assert "<h2>Title</h2>" in out and "<code>code</code>" in out
+    assert "<th>K=1</th>" in out and '50.0 <span class="ci">[40.0, 60.0]</span>' in out
+    assert _curves(6, None) == ""
+    assert "<polyline" in _curves(6, {"deletion/gradsae": [1.0, 0.5, 0.2], "deletion/activation": [[0, 1.0], [1, 0.8]]})
+    assert "<pre>" in _curves(6, {"odd": "shape"})
+
+
+def test_report_command_writes_html_and_says_what_is_missing(tiny_run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(tiny_run.folder, folder, ignore=shutil.ignore_patterns(REPORT, EXAMPLES, "cards_*"))
+    assert main(["report", str(folder), "--html"]) == 0
+    data = _data((folder / REPORT).read_text())
+    assert data["layers"] == [] and "examples.json" in data["notes"][0]
+
+
+def test_score_page_for_one_prompt(tiny_run):
+    tok = tiny_run.lm.tokenizer
+    ids = torch.tensor([tok.encode("the lazy dog")])
+    methods = ("gradsae", "activation")
+    by = score_methods(tiny_run.lm, tiny_run.sae, ids, torch.ones_like(ids), NextTokenProb(), methods=methods, layer=0)
+    record = record_scores(tok, ids, torch.ones_like(ids), by, top=3)
+    part = json.loads(json.dumps(LayerExamples(layer=0, examples=(record,)), default=lambda o: o.__dict__))
+    page = score_page("score", "# gradsae score\n", part)
+    assert _data(page)["layers"][0]["examples"][0]["tokens"] == ["<s>", *"the lazy dog"]
+
+
+# -- in a browser -----------------------------------------------------------------------------------
+@pytest.fixture
+def browser(tmp_path):
+    if chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium): the browser test needs it")
+    pytest.importorskip("websocket", reason="websocket-client is not installed (pip install -e '.[dev]')")
+    session = Browser.start(tmp_path)
+    yield session
+    session.close()
+
+
+def _backgrounds(browser: Browser) -> list[str]:
+    return browser.js("[...document.querySelectorAll('#prompt-tokens .tok')].map((s) => s.style.background)")
+
+
+def test_report_in_a_browser(tiny_run, browser, tmp_path):
+    """Open the page from disk, click a latent, see its card, toggle the colouring: no error, no request."""
+    url = (tiny_run.folder / REPORT).as_uri()
+    browser.open(url)
+    assert browser.js("document.querySelectorAll('#example-list .ex-item').length") == tiny_run.results.layers[0].n_kept
+    by_influence = _backgrounds(browser)
+    assert any(by_influence) and browser.js("document.getElementById('prompt-tokens').dataset.colour") == "influence"
+
+    browser.click("#colour-activation")
+    assert browser.js("document.getElementById('prompt-tokens').dataset.colour") == "activation"
+    by_activation = _backgrounds(browser)
+    assert by_activation != by_influence and all(b == "" or "217, 119, 6" in b for b in by_activation)
+
+    card = tiny_run.cards.cards[-1]
+    browser.click("#tab-latents")
+    browser.type("#latent-search", str(card.latent))
+    shown = browser.js("[...document.querySelectorAll('#latent-table tr.latent-row')].map((r) => +r.dataset.latent)")
+    assert card.latent in shown and all(str(c).startswith(str(card.latent)) for c in shown)
+    browser.click(f'#latent-table tr.latent-row[data-latent="{card.latent}"]')
+    assert browser.js("document.getElementById('card-title').textContent") == f"Latent {card.latent} \u00b7 layer 0"
+    assert browser.js("document.querySelectorAll('#card .ctx').length") == len(card.top_activation) + len(
+        card.top_influence
+    )
+    assert browser.js("document.querySelectorAll('#card svg.hist rect').length") == len(card.hist_counts)
+
+    browser.js("document.getElementById('latent-search').value = ''")
+    browser.type("#latent-search", " ")
+    browser.click('#latent-table th[data-sort="density"]')
+    density = browser.js(
+        "[...document.querySelectorAll('#latent-table tr.latent-row td:nth-child(6)')].map((td) => td.textContent)"
+    )
+    known = [float(d) for d in density if d != "-"]
+    assert known == sorted(known, reverse=True) and len(known) == len(tiny_run.cards.cards)
+
+    browser.click("#tab-overview")
+    assert browser.js("document.querySelectorAll('#view-overview img').length") == 2
+    browser.click("#tab-examples")
+    shot = browser.screenshot(tmp_path / "report.png")
+    assert shot.stat().st_size > 10_000
+    assert browser.errors() == []
+    assert [u for u in browser.requests() if u != url and not u.startswith("data:")] == []
