@@ -20,6 +20,7 @@ COMMANDS = {
     "train-sae": ("train_sae", "train TopK SAEs on a model's residual stream"),
     "reproduce": ("reproduce", "run the paper's two experiments and write tables and plots"),
     "report": ("report", "re-render a run's table and plots from its results.json"),
+    "steer": ("steer", "steer generation toward a concept with latents each method picks; judge success and cost"),
 }
 
 
