@@ -161,3 +161,13 @@ def test_builtin_concepts_are_well_formed():
     assert {"weddings", "positive"} <= set(CONCEPTS)
     assert CONCEPTS["positive"].judge == "positive" and CONCEPTS["positive"].negatives
     assert all(c.texts for c in CONCEPTS.values())
+
+
+def test_contrast_texts():
+    from gradsae.experiments.steer import NEUTRAL_TEXTS, contrast_texts
+
+    plain = Concept(name="t", words=("a",))
+    assert contrast_texts(plain, SteerConfig()) == NEUTRAL_TEXTS
+    assert contrast_texts(plain, SteerConfig(contrast="none")) == ()
+    assert contrast_texts(CONCEPT, SteerConfig(contrast="none")) == CONCEPT.negatives
+    assert not set(NEUTRAL_TEXTS) & set(NEUTRAL_PROMPTS)

@@ -23,7 +23,7 @@ from typing import Any
 from gradsae import _files
 from gradsae.cli.common import add_model_arguments, dataclass_arguments
 from gradsae.errors import GradSAEError
-from gradsae.experiments.steer import CONCEPTS, METHODS, SteerConfig, SteerResult, run_steering
+from gradsae.experiments.steer import CONCEPTS, SteerConfig, SteerResult, run_steering
 from gradsae.experiments.steer_report import render
 from gradsae.models import DEFAULT_NAMES, load_model
 from gradsae.pretrained import resolve_sae
@@ -50,24 +50,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge", default=None, choices=["positive", "negative"], help="sentiment label to judge")
     parser.add_argument("--concept-file", default=None, help="JSON: one concept object, or a list of them")
     parser.add_argument("--render-only", action="store_true", help="re-render --out/steering.json; run nothing")
-    dataclass_arguments(parser, SteerConfig, skip=("layer",), types={"alphas": parse_alphas, "methods": parse_methods})
+    dataclass_arguments(parser, SteerConfig, skip=("layer",), types={"alphas": str, "methods": str})
 
 
-def parse_alphas(text: str) -> tuple[float, ...]:
+def parse_alphas(text: str | tuple[float, ...]) -> tuple[float, ...]:
     """``"1,2,4"`` -> ``(1.0, 2.0, 4.0)``."""
+    if not isinstance(text, str):
+        return tuple(text)
     try:
         return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--alphas must be comma-separated numbers, got {text!r}") from None
+        raise GradSAEError(f"--alphas must be comma-separated numbers, got {text!r}") from None
 
 
-def parse_methods(text: str) -> tuple[str, ...]:
-    """``"gradsae,random"`` -> ``("gradsae", "random")``, each a known method."""
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [name for name in names if name not in METHODS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown methods {unknown}: use any of {', '.join(METHODS)}")
-    return names
+def parse_methods(text: str | tuple[str, ...]) -> tuple[str, ...]:
+    """``"gradsae,random"`` -> ``("gradsae", "random")``; the config refuses unknown names."""
+    if not isinstance(text, str):
+        return tuple(text)
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def config_from(args: argparse.Namespace, layer: int) -> SteerConfig:
+    """The :class:`SteerConfig` the options describe."""
+    fields = {name: getattr(args, name) for name in SteerConfig.__dataclass_fields__ if name != "layer"}
+    fields["alphas"] = parse_alphas(fields["alphas"])
+    fields["methods"] = parse_methods(fields["methods"])
+    return SteerConfig(layer=layer, **fields)
 
 
 def concepts_from(args: argparse.Namespace) -> list[Concept]:
@@ -125,9 +133,9 @@ def run(args: argparse.Namespace) -> int:
 def run_steer(args: argparse.Namespace) -> SteerResult:
     """Load the model and SAE, then the whole sweep."""
     concepts = concepts_from(args)
-    fields = {name: getattr(args, name) for name in SteerConfig.__dataclass_fields__ if name != "layer"}
+    config_from(args, layer=0)  # refuse bad options before loading anything
     lm = load_model(args.model, device=args.device)
     sae, layer, label = resolve_sae(lm, args.sae, args.layer, default_model=args.model in DEFAULT_NAMES)
-    cfg = SteerConfig(layer=layer, **fields)
+    cfg = config_from(args, layer)
     command = "gradsae " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "gradsae steer"
     return run_steering(lm, sae.to(args.device), concepts, cfg, sae_label=label, command=command)

@@ -10,8 +10,11 @@ For each :class:`~gradsae.steer.Concept` and each latent-choice method ``m``:
    ``log p(concept text | seed prompt)``), ``gradsae-label`` (influence on the
    judge's ``log p(label)`` read on the concept texts; sentiment concepts only),
    ``activation`` (mean activation on the concept texts), ``logit-lens`` (decoder
-   rows projected on the concept words' tokens), ``random``. With negative texts,
-   ``gradsae`` and ``activation`` subtract the negatives' scores.
+   rows projected on the concept words' tokens), ``random``. ``gradsae`` and
+   ``activation`` subtract the same scores on contrast texts: the concept's
+   negatives, else (``contrast="neutral"``, the default) :data:`NEUTRAL_TEXTS`.
+   Without a contrast both pick generic latents: on SmolLM2 layer 6 the same
+   latent (1352, typical activation ~70) tops both lists for every concept.
 3. Strength: latent ``c`` gets ``alpha * a_c`` added at every position of every
    pass, ``a_c`` its mean non-zero activation on the reference texts (the seed
    rows and the concept texts; latents that never fire there get the median).
@@ -111,6 +114,16 @@ NEUTRAL_PROMPTS = (
 )
 """Prompts about nothing in particular, for seed, held-aside and evaluation sets."""
 
+NEUTRAL_TEXTS = (
+    "The meeting was moved to Tuesday afternoon.",
+    "She put the keys on the table and opened the window.",
+    "The report lists the prices of three products.",
+    "He walked to the station and waited for the train.",
+    "The library closes at six on weekdays.",
+    "They painted the fence and then cleaned the brushes.",
+)
+"""Texts about nothing in particular: the contrast of a concept that has no negatives of its own."""
+
 CONCEPTS = {
     "weddings": Concept(
         name="weddings",
@@ -171,7 +184,7 @@ class SteerConfig:
     """Decoder block the SAE is spliced at (default: the SAE's own)."""
     k: int = 8
     """Latents added per method."""
-    alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+    alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     """Strengths swept, in units of each latent's typical (mean non-zero) activation."""
     methods: tuple[str, ...] = ("gradsae", "activation", "logit-lens", "random")
     """Latent-choice methods: any of gradsae, gradsae-label, activation, logit-lens, random."""
@@ -197,6 +210,8 @@ class SteerConfig:
     """Bootstrap resamples."""
     mode: str = "error"
     """Splice mode: error (the exact model plus the added vector) or replace."""
+    contrast: str = "neutral"
+    """Contrast for gradsae / activation when a concept has no negatives: neutral (built-in texts) or none."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -206,6 +221,8 @@ class SteerConfig:
             raise GradSAEError(f"alphas must be positive (0, no steering, is always measured), got {self.alphas}")
         if min(self.n_seed, self.n_heldout, self.n_eval, self.k, self.max_new_tokens) < 1:
             raise GradSAEError("k, n_seed, n_heldout, n_eval and max_new_tokens must each be at least 1")
+        if self.contrast not in ("neutral", "none"):
+            raise GradSAEError(f"unknown contrast {self.contrast!r}: use 'neutral' or 'none'")
         if self.mode not in ("error", "replace"):
             raise GradSAEError(f"unknown splice mode {self.mode!r}: use 'error' or 'replace'")
 
@@ -371,19 +388,25 @@ def pick_latents(
         return random_latents(sae.cfg.d_sae, k, seed=cfg.seed)
     if method == "logit-lens":
         return top_latents(logit_lens_scores(lm, sae, word_tokens(lm.tokenizer, concept.words)), k)
+    negatives = contrast_texts(concept, cfg)
     if method == "activation":
         scores = mean_activation(lm, sae, concept.targets, layer=layer, mode=mode)
-        if concept.negatives:
-            scores = scores - mean_activation(lm, sae, concept.negatives, layer=layer, mode=mode)
+        if negatives:
+            scores = scores - mean_activation(lm, sae, negatives, layer=layer, mode=mode)
         return top_latents(scores, k)
     if method == "gradsae":
         scores = target_influence(lm, sae, seeds, concept.targets, layer=layer, mode=mode)
-        if concept.negatives:
-            scores = scores - target_influence(lm, sae, seeds, concept.negatives, layer=layer, mode=mode)
+        if negatives:
+            scores = scores - target_influence(lm, sae, seeds, negatives, layer=layer, mode=mode)
         return top_latents(scores, k)
     if method == "gradsae-label":
         return top_latents(_label_influence(lm, sae, concept, layer=layer, mode=mode), k)
     raise ValueError(method)
+
+
+def contrast_texts(concept: Concept, cfg: SteerConfig) -> tuple[str, ...]:
+    """The concept's negatives, else the neutral texts (``contrast="neutral"``), else none."""
+    return concept.negatives or (NEUTRAL_TEXTS if cfg.contrast == "neutral" else ())
 
 
 def _label_influence(lm: LoadedModel, sae: SAE, concept: Concept, *, layer: int, mode: Mode) -> torch.Tensor:

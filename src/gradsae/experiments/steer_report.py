@@ -17,7 +17,8 @@ import numpy as np
 
 from gradsae import _files
 from gradsae.experiments.stats import Stat, paired_difference
-from gradsae.experiments.steer import ConceptRun, MethodRun, Point, SteerResult
+from gradsae.experiments.steer import NEUTRAL_TEXTS, ConceptRun, MethodRun, Point, SteerResult
+from gradsae.steer import Concept
 
 COLORS = {
     "gradsae": "tab:red",
@@ -73,7 +74,7 @@ def concept_section(run: ConceptRun, result: SteerResult) -> list[str]:
         f"## Concept `{concept.name}`",
         "",
         f"{what}; words: {', '.join(concept.words)}"
-        + (f"; {len(concept.negatives)} negative texts as contrast" if concept.negatives else ""),
+        + f"; contrast for gradsae and activation: {_contrast(concept, result)}",
         "",
         headline(run, result),
         "",
@@ -90,6 +91,14 @@ def concept_section(run: ConceptRun, result: SteerResult) -> list[str]:
             out.append(f"- {method.method}, alpha {method.alpha:g}: *{prompt}* -> {text.strip()!r}")
     out.append("")
     return out
+
+
+def _contrast(concept: Concept, result: SteerResult) -> str:
+    if concept.negatives:
+        return f"its {len(concept.negatives)} negative texts"
+    if result.config.contrast == "neutral":
+        return f"the {len(NEUTRAL_TEXTS)} built-in neutral texts"
+    return "none"
 
 
 def chosen_point(method: MethodRun, run: ConceptRun) -> Point:
