@@ -153,3 +153,32 @@ def test_concept_checks_its_fields():
     with pytest.raises(Exception, match="judge"):
         Concept(name="x", words=("a",), judge="happy")
     assert Concept(name="x", words=("a", "b")).targets == ("a, b",)
+
+
+@pytest.mark.slow
+def test_add_edit_identity_on_the_real_model():
+    """The shipped layer-6 SAE on SmolLM2: the residual moves by exactly the steering vector (float32)."""
+    from gradsae.models import load_model
+    from gradsae.pretrained import resolve_sae
+
+    lm = load_model()
+    sae, layer, _ = resolve_sae(lm, None, 6, default_model=True)
+    scales = torch.tensor([5.0, 7.0, 9.0])
+    edit = steering_edit([10, 200, 3000], 2.0, scales)
+    ids, mask = encode_prompts(lm.tokenizer, ["The wedding was", "Hello"])
+    before: list[torch.Tensor] = []
+    after: list[torch.Tensor] = []
+    handle = _capture(lm, layer, before)
+    try:
+        with splice(lm, sae, layer, edits=[edit]) as state:
+            inner = _capture(lm, layer, after)
+            try:
+                generate_batch(lm, ids, mask, max_new_tokens=3, stop=frozenset())
+            finally:
+                inner.remove()
+    finally:
+        handle.remove()
+    vector = steering_vector(sae, [10, 200, 3000], 2.0, scales)
+    for z, z_edit, valid in zip(before, after, state.valid, strict=True):
+        want = valid[..., None] * vector
+        assert torch.allclose(z_edit - z, want, atol=1e-3, rtol=0)  # |Z| ~ 100: float32 rounding of Z + v

@@ -155,6 +155,7 @@ def test_tiny_run_saves_loads_and_renders(lively, tmp_path):
     assert loaded == result
     text = markdown(loaded)
     assert "## Concept `topic`" in text and "vs GradSAE" in text and "logit-lens" in text
+    assert "ppl <= 10x" in text
 
 
 def test_builtin_concepts_are_well_formed():

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 
 from gradsae import _files
 from gradsae.experiments.stats import Stat, paired_difference
-from gradsae.experiments.steer import NEUTRAL_TEXTS, ConceptRun, MethodRun, Point, SteerResult
+from gradsae.experiments.steer import NEUTRAL_TEXTS, ConceptRun, MethodRun, Point, SteerResult, choose_alpha
 from gradsae.steer import Concept
 
 COLORS = {
@@ -29,6 +30,8 @@ COLORS = {
 }
 EXAMPLES = 2
 """Evaluation generations shown per method."""
+BUDGETS = (5.0, 10.0)
+"""Perplexity ratios of the extra budget table (besides the run's own)."""
 
 
 def fmt(stat: Stat | None, digits: int = 1) -> str:
@@ -77,6 +80,10 @@ def concept_section(run: ConceptRun, result: SteerResult) -> list[str]:
         + f"; contrast for gradsae and activation: {_contrast(concept, result)}",
         "",
         headline(run, result),
+        "",
+        "### Looser fluency budgets (alpha again chosen on the held-aside prompts)",
+        "",
+        budget_table(run, result),
         "",
         "### The sweep (evaluation prompts; the curves of the plot)",
         "",
@@ -144,6 +151,28 @@ def headline(run: ConceptRun, result: SteerResult) -> str:
     return "\n".join(rows)
 
 
+def budget_table(run: ConceptRun, result: SteerResult) -> str:
+    """Success on the evaluation prompts at the alpha each held-aside budget picks (perplexity ratios)."""
+    ratios = sorted({result.config.max_ppl_ratio, *BUDGETS})
+    head = " | ".join(f"ppl <= {r:g}x" for r in ratios)
+    rows = [f"| method | {head} |", "|---|" + "---|" * len(ratios)]
+    for method in run.methods:
+        heldout = [p for p in method.points if p.split == "heldout"]
+        cells = []
+        for ratio in ratios:
+            cfg = dataclasses.replace(result.config, max_ppl_ratio=ratio)
+            alpha = choose_alpha(heldout, run.base("heldout"), cfg)
+            point = method.point(alpha, "eval") or run.base("eval")
+            cells.append(f"{fmt(point.success)} (alpha {alpha:g}, ppl {point.ppl.mean:.1f})")
+        rows.append(f"| {method.method} | " + " | ".join(cells) + " |")
+    rows += [
+        "",
+        f"Each cell: evaluation success at the held-aside choice; distinct-2 >= {result.config.min_distinct_ratio:g} x "
+        "unsteered still required; alpha 0 = no strength beat the unsteered model.",
+    ]
+    return "\n".join(rows)
+
+
 def sweep_table(run: ConceptRun) -> str:
     """Every alpha of every method on both splits."""
     rows = [
@@ -176,7 +205,7 @@ def plot(result: SteerResult, path: str | Path) -> Path:
     n = len(result.concepts)
     fig, axes = plt.subplots(1, max(n, 1), figsize=(6 * max(n, 1), 4.5), squeeze=False)
     for ax, run in zip(axes[0], result.concepts, strict=False):
-        _panel(ax, run)
+        _panel(ax, run, result.config.max_ppl_ratio)
     fig.tight_layout()
     path = Path(path)
     with _files.atomic_path(path) as tmp:
@@ -185,7 +214,7 @@ def plot(result: SteerResult, path: str | Path) -> Path:
     return path
 
 
-def _panel(ax: Any, run: ConceptRun) -> None:
+def _panel(ax: Any, run: ConceptRun, budget: float) -> None:
     base = run.base("eval")
     for method in run.methods:
         points = sorted((p for p in method.points if p.split == "eval"), key=lambda p: p.alpha)
@@ -211,6 +240,7 @@ def _panel(ax: Any, run: ConceptRun) -> None:
         if chosen is not None:
             ax.plot([chosen.ppl.mean], [chosen.success.mean], "o", ms=11, mfc="none", color=color)
     ax.plot([base.ppl.mean], [base.success.mean], "k*", ms=12, label="unsteered")
+    ax.axvline(budget * base.ppl.mean, color="k", ls=":", lw=1, label=f"{budget:g}x unsteered perplexity")
     ax.set_xscale("log")
     finite = [p.ppl.high for m in run.methods for p in m.points if math.isfinite(p.ppl.high)]
     if finite:
