@@ -24,6 +24,7 @@ COMMANDS = {
     "reproduce": ("reproduce", "run the paper's two experiments and write tables and plots"),
     "report": ("report", "re-render a run's table and plots from its results.json"),
     "cards": ("cards", "feature cards: a latent's top contexts by activation and influence, logit lens, density"),
+    "steer": ("steer", "steer generation toward a concept with latents each method picks; judge success and cost"),
 }
 
 

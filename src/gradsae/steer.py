@@ -1,0 +1,240 @@
+"""Steer a model by adding SAE decoder rows, and score which latents to add.
+
+The steering vector. With the SAE spliced in ``error`` mode at layer ``l``, the
+edit ``Edit(latents=S, op="add", values=v, positions="all")`` turns the latents
+``H`` of every edited position into ``H' = H + sum_{c in S} v_c e_c``, and since
+``decode(H) = H W_dec + b_dec`` is affine the residual becomes::
+
+    Z' = sg(Z) + decode(H') - decode(H) = Z + sum_{c in S} v_c W_dec[c]
+
+on every forward pass (the prompt pass and each cached generation step), the
+same vector whatever ``Z`` is: the classic "add alpha x feature direction".
+Positions the splice skips (padding, each row's first token) stay unchanged.
+:func:`steering_edit` sets ``v_c = alpha * a_c`` with ``a_c`` the latent's
+typical activation (:func:`typical_activation`: its mean over the tokens where it
+fires), so ``alpha = 1`` adds each latent as strongly as it usually fires.
+
+Scores (``[d_sae]``, larger = a better steering latent; pick with :func:`top_latents`):
+
+* :func:`mean_influence`: GradSAE (Shu et al. 2025) on an objective, averaged over
+  rows: ``mean_b mean_n relu(H[b,n,c] dY_b/dH[b,n,c])``. With
+  :class:`~gradsae.objectives.TargetLogProb` on ``prompt + target`` rows
+  (:func:`target_rows`), ``Y = log p(target | prompt)``: latents whose presence
+  makes the model more likely to say the concept.
+* :func:`mean_activation`: the input side (AxBench's selection): mean activation over
+  the tokens of texts that express the concept.
+* :func:`logit_lens_scores`: the output side (after Arad et al., EMNLP 2025): the
+  logit-lens projection of each decoder row onto the target tokens ``T`` with the
+  final norm's gain ``g`` folded into the unembedding ``W_U``, centred over the
+  vocabulary (a shift of every logit changes no probability)::
+
+      s_c = mean_{t in T} u_t - mean_v u_v,   u = W_U (g * d_c),
+      d_c = W_dec[c]  (RMSNorm; Gemma's RMSNorm multiplies by 1 + g),
+      d_c = W_dec[c] - mean(W_dec[c])  (LayerNorm, which centres; its bias shifts
+      every latent alike and is dropped).
+
+  The norm's ``1 / rms(x)`` depends on the residual, not on ``c``, and is dropped.
+* :func:`random_latents`: ``K`` latents drawn uniformly (seeded), the null.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradsae.errors import GradSAEError
+from gradsae.generate import encode_prompts, pad_id, pad_left
+from gradsae.models import LoadedModel, position_ids
+from gradsae.objectives import NextTokenProb, Objective, TargetLogProb
+from gradsae.sae import SAE
+from gradsae.scores import score_latents
+from gradsae.splice import Edit, Mode, splice
+
+FINAL_NORMS = ("model.norm", "model.final_layernorm", "model.language_model.norm", "transformer.ln_f")
+"""Where causal LMs keep the norm before the unembedding."""
+
+
+@dataclass(frozen=True)
+class Concept:
+    """What to steer toward: words that show it, texts that express it, optionally its opposite."""
+
+    name: str
+    words: tuple[str, ...]
+    """Words whose presence in generated text shows the concept; also the logit-lens target tokens."""
+    texts: tuple[str, ...] = ()
+    """Texts that express the concept (GradSAE targets, activation texts); empty: the words joined."""
+    negatives: tuple[str, ...] = ()
+    """Texts of the opposite concept; when given, their scores are subtracted (a contrast)."""
+    judge: str | None = None
+    """A sentiment label (``positive`` / ``negative``): success is the model's own judgement; ``None``: words."""
+
+    def __post_init__(self) -> None:
+        if not self.words:
+            raise GradSAEError(f"concept {self.name!r} has no words: pass at least one target word")
+        if self.judge not in (None, "positive", "negative"):
+            raise GradSAEError(f"unknown judge label {self.judge!r}: use positive, negative or none")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The texts, else the words joined by commas."""
+        return self.texts or (", ".join(self.words),)
+
+
+# -- scores -------------------------------------------------------------------------
+def target_rows(
+    tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Every ``prompt + target`` pair, left-padded (``[rows, pos]``), and each row's target length.
+
+    Prompts are already rendered (a chat template's generation prompt ends them);
+    a prompt gets the BOS token unless it starts with it.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    rows, lengths = [], []
+    for prompt in prompts:
+        head = tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+        for target in targets:
+            tail = tokenizer.encode(target, add_special_tokens=False)
+            if not tail:
+                raise GradSAEError("a concept text is empty: give every target some words")
+            rows.append([*head, *tail])
+            lengths.append(len(tail))
+    ids, mask = pad_left(rows, pad_id(tokenizer))
+    return ids, mask, tuple(lengths)
+
+
+def mean_influence(
+    lm: LoadedModel,
+    sae: SAE,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    objective: Objective,
+    *,
+    layer: int,
+    mode: Mode = "error",
+) -> torch.Tensor:
+    """``[d_sae]`` GradSAE influence (the paper's aggregation) averaged over the rows of one batch."""
+    device = lm.device
+    scores = score_latents(lm, sae, ids.to(device), mask.to(device), objective, layer=layer, mode=mode)
+    return scores.per_latent.mean(dim=0)
+
+
+def target_influence(
+    lm: LoadedModel, sae: SAE, prompts: Sequence[str], targets: Sequence[str], *, layer: int, mode: Mode = "error"
+) -> torch.Tensor:
+    """``[d_sae]`` GradSAE influence on ``log p(target | prompt)``, averaged over every pair."""
+    ids, mask, lengths = target_rows(lm.tokenizer, prompts, targets)
+    return mean_influence(lm, sae, ids, mask, TargetLogProb(n_target=lengths), layer=layer, mode=mode)
+
+
+def mean_activation(
+    lm: LoadedModel, sae: SAE, texts: Sequence[str], *, layer: int, mode: Mode = "error"
+) -> torch.Tensor:
+    """``[d_sae]`` mean activation over the (spliced) tokens of each text, averaged over texts."""
+    ids, mask = _encode(lm, texts)
+    scores = score_latents(lm, sae, ids, mask, NextTokenProb(), method="activation", layer=layer, mode=mode)
+    return scores.mean_act.mean(dim=0)
+
+
+def typical_activation(lm: LoadedModel, sae: SAE, texts: Sequence[str], *, layer: int) -> torch.Tensor:
+    """``[d_sae]`` each latent's mean activation over the tokens of ``texts`` where it fires (0: never)."""
+    ids, mask = _encode(lm, texts)
+    with splice(lm, sae, layer, mode="error") as state, torch.no_grad():
+        lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, logits_to_keep=1)
+    acts = state.latents[0]
+    d_sae = sae.cfg.d_sae
+    total = torch.zeros(d_sae, dtype=acts.values.dtype, device=acts.values.device)
+    total = total.index_add(0, acts.index[:, 2], acts.values)
+    count = torch.zeros_like(total).index_add(0, acts.index[:, 2], torch.ones_like(acts.values))
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+def latent_scales(typical: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a_c`` of each chosen latent, and ``[K]`` which of them never fired (given the median of those that did)."""
+    fired = typical[typical > 0]
+    fallback = fired.median() if len(fired) else torch.ones((), dtype=typical.dtype)
+    scales = typical[latents]
+    missing = scales <= 0
+    return torch.where(missing, fallback.to(scales.dtype), scales), missing
+
+
+def final_norm(lm: LoadedModel) -> nn.Module:
+    """The norm applied to the residual before the unembedding."""
+    for path in FINAL_NORMS:
+        module: Any = lm.model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.Module):
+            return module
+    raise GradSAEError(f"cannot find the final norm of {type(lm.model).__name__}: the logit-lens score needs it")
+
+
+def folded_gain(norm: nn.Module, d_model: int) -> tuple[torch.Tensor, bool]:
+    """``(g, centre)``: the per-channel gain of the final norm and whether it centres its input."""
+    weight = getattr(norm, "weight", None)
+    gain = torch.ones(d_model) if weight is None else weight.detach().float().cpu()
+    if "Gemma" in type(norm).__name__:  # Gemma's RMSNorm scales by (1 + weight)
+        gain = 1.0 + gain
+    return gain, isinstance(norm, nn.LayerNorm)
+
+
+def logit_lens_scores(lm: LoadedModel, sae: SAE, tokens: Sequence[int]) -> torch.Tensor:
+    """``[d_sae]`` centred logit-lens score of each decoder row on ``tokens`` (module docstring)."""
+    if not tokens:
+        raise GradSAEError("the logit-lens score needs at least one target token")
+    gain, centre = folded_gain(final_norm(lm), lm.d_model)
+    w_dec = sae.W_dec.detach().float().cpu()
+    if centre:
+        w_dec = w_dec - w_dec.mean(dim=-1, keepdim=True)
+    unembed = lm.model.get_output_embeddings().weight.detach().float().cpu()
+    targets = unembed[torch.as_tensor(list(tokens))] - unembed.mean(dim=0)
+    return ((w_dec * gain) @ targets.T).mean(dim=-1)
+
+
+def word_tokens(tokenizer: Any, words: Sequence[str]) -> tuple[int, ...]:
+    """The first token of each word as it appears mid-sentence (after a space), each once."""
+    out: list[int] = []
+    for word in words:
+        ids = tokenizer.encode(" " + word.strip(), add_special_tokens=False)
+        if ids and int(ids[0]) not in out:
+            out.append(int(ids[0]))
+    return tuple(out)
+
+
+# -- choice and edit ---------------------------------------------------------------
+def top_latents(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``[k]`` distinct latents with the largest scores, best first (ties: lower index first)."""
+    if not 0 < k <= scores.shape[-1]:
+        raise GradSAEError(f"K must be between 1 and {scores.shape[-1]} (the SAE's width), got {k}")
+    return scores.argsort(descending=True, stable=True)[:k]
+
+
+def random_latents(d_sae: int, k: int, *, seed: int) -> torch.Tensor:
+    """``[k]`` distinct latents drawn uniformly from ``d_sae`` (seeded)."""
+    return top_latents(torch.rand(d_sae, generator=torch.Generator().manual_seed(seed)), k)
+
+
+def steering_edit(latents: torch.Tensor | Sequence[int], alpha: float, scales: torch.Tensor) -> Edit:
+    """Add ``alpha * scales[i]`` to latent ``latents[i]`` at every position of every pass."""
+    values = float(alpha) * torch.as_tensor(scales, dtype=torch.float32)
+    return Edit(latents=torch.as_tensor(latents, dtype=torch.long), op="add", values=values, positions="all")
+
+
+def steering_vector(
+    sae: SAE, latents: torch.Tensor | Sequence[int], alpha: float, scales: torch.Tensor
+) -> torch.Tensor:
+    """``[d_model]`` what the edit adds to the residual in error mode: ``sum_i alpha a_i W_dec[latents[i]]``."""
+    index = torch.as_tensor(latents, dtype=torch.long)
+    values = float(alpha) * torch.as_tensor(scales, dtype=sae.W_dec.dtype)
+    return values @ sae.W_dec.detach()[index]
+
+
+def _encode(lm: LoadedModel, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = encode_prompts(lm.tokenizer, texts)
+    return ids.to(lm.device), mask.to(lm.device)
