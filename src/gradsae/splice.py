@@ -326,11 +326,11 @@ def _latent_table(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tup
     values = torch.as_tensor(edit.values, dtype=like.dtype, device=like.device)
     values = values.expand(latents.shape) if values.ndim < 2 else values
     valid = latents >= 0
-    index = latents.clamp(min=0)
-    chosen = torch.zeros(batch, d_sae, dtype=torch.bool, device=like.device).scatter(1, index, valid)
-    dense = torch.zeros(batch, d_sae, dtype=like.dtype, device=like.device)
+    index = torch.where(valid, latents, d_sae)  # padding writes to a spare column (a clamp to 0 could unset latent 0)
+    chosen = torch.zeros(batch, d_sae + 1, dtype=torch.bool, device=like.device).scatter(1, index, valid)
+    dense = torch.zeros(batch, d_sae + 1, dtype=like.dtype, device=like.device)
     dense = dense.scatter(1, index, torch.where(valid, values, torch.zeros_like(values)))
-    return chosen, dense
+    return chosen[:, :d_sae], dense[:, :d_sae]
 
 
 def _position_mask(edit: Edit, batch: int, pos: int, offset: int, device: torch.device) -> torch.Tensor:
