@@ -237,3 +237,19 @@ def test_prefix_reuse_gives_the_same_tokens(char_lm, sae):
             assert [g.token_ids for g in reused] == [g.token_ids for g in plain]
             assert [g.token_ids for g in again] == [g.token_ids for g in plain]
     assert all("forward" not in vars(block) for block in char_lm.layers)
+
+
+def test_curves_flag_fills_results_table_and_plot(char_lm, sae, tmp_path):
+    from gradsae.experiments.curves import CurveResult
+
+    cfg = _cfg(curves=True, ks=(1,), steer_positions=("last",))
+    task, right = _half_right_task(char_lm, sae, cfg)
+    result = run_layer(char_lm, sae, task, cfg)
+    curves = CurveResult.from_dict(result.curves)
+    assert len(curves.examples) == result.n_kept == right
+    assert curves.normalised_area("deletion", "ablation") == pytest.approx(1.0)
+    write_outputs(tmp_path, RunResults(config=_meta(cfg), layers=(result,)), {"total_s": 0.0})
+    assert "### Faithfulness curves" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "curves_layer0.png").stat().st_size > 1000
+    assert RunResults.load(tmp_path).layers[0].curves == json.loads(json.dumps(result.curves))
+    assert run_layer(char_lm, sae, task, _cfg(ks=(1,), steer_positions=("last",))).curves == {}

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task",
         default="sst2",
-        help="sst2, news, squad (with --squad FILE), or a .jsonl/.csv file with prompt/answer columns",
+        help="sst2, news, squad (with --squad FILE), capitals, plural, past_tense, facts, "
+        "or a .jsonl/.csv file with prompt/answer columns",
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--n", type=int, default=48, help="examples to draw before keeping the correct ones")
@@ -65,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-column", default="prompt", help="prompt column of a user task file")
     parser.add_argument("--answer-column", default="answer", help="answer column of a user task file")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default: the task's)")
+    parser.add_argument(
+        "--metric", default=None, choices=["accuracy", "squad"], help="user file: labels or QA (default squad)"
+    )
+    parser.add_argument(
+        "--prompt-format", default=None, choices=["chat", "plain"], help="chat template or plain text (default: task's)"
+    )
+    parser.add_argument("--curves", action="store_true", help="add faithfulness curves (deletion / sufficiency)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         prompt_column=args.prompt_column,
         answer_column=args.answer_column,
         max_new_tokens=args.max_new_tokens,
+        metric=args.metric,
+        prompt_format=args.prompt_format,
     )
     check_prompt_lengths(lm, task)
     layers = layers_to_run(args.layers, args.layer)
@@ -101,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             steer_positions=positions,
             batch_size=args.batch_size,
             seed=args.seed,
+            curves=args.curves,
         )
         began = time.perf_counter()
         results.append(run_layer(lm, sae.to(lm.device), task, cfg))

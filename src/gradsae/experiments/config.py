@@ -39,6 +39,8 @@ class ExperimentConfig:
     """Bootstrap resamples for the 95% intervals."""
     reuse_prefix: bool = True
     """Compute blocks ``0..l`` of each prompt once for all masking / steering conditions."""
+    curves: bool = False
+    """Also measure faithfulness curves (:mod:`gradsae.experiments.curves`) on the kept examples."""
 
     def stat(self, values: Sequence[float]) -> Stat:
         """``100 * mean`` of ``values`` with this run's seeded bootstrap interval."""

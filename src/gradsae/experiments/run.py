@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gradsae import _files
 from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.curves import kept_curves
 from gradsae.experiments.perturb import Condition, decode, pick_donors, prompt_batches, run_perturbation, run_steering
 from gradsae.experiments.rank import overlap_stats, rank_examples
 from gradsae.experiments.stats import Stat
@@ -50,6 +51,8 @@ class LayerResult:
     overlap: dict[str, float]
     n_donor_pairs: int
     diagnostics: dict[str, Any]
+    curves: dict[str, Any] = field(default_factory=dict)
+    """Faithfulness curves (``CurveResult.to_dict()``) when the run asked for them, else empty."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerResult:
@@ -132,6 +135,7 @@ def run_layer(lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig) -> L
     kept_gens = [gen for gen, ok in zip(spliced, correct, strict=True) if ok]
     log.info("layer %d: %d of %d examples answered correctly with the SAE", cfg.layer, len(kept_examples), len(texts))
     kept, diagnostics = rank_examples(lm, sae, task, kept_examples, kept_gens, cfg)
+    curves = kept_curves(lm, sae, kept, cfg) if cfg.curves else {}
     kept_texts = [texts[task.examples.index(k.example)] for k in kept]
     perturbation = run_perturbation(lm, sae, task, kept, kept_texts, cfg)
     donors = pick_donors(kept, seed=cfg.seed)
@@ -147,4 +151,5 @@ def run_layer(lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig) -> L
         overlap=overlap_stats(kept, cfg, by=task.metric),
         n_donor_pairs=sum(d is not None for d in donors),
         diagnostics=diagnostics,
+        curves=curves,
     )
