@@ -35,7 +35,7 @@ RESULT = 'Please organize your final answer in this format: "Result = [[ answer 
 MORE_CAPITALS = (("Iceland", "Reykjavik"), ("Malta", "Valletta"), ("Fiji", "Suva"))
 SENTENCE_CAPITALS = "".join(f"The capital of {c} is {x}.\n" for c, x in generated.CAPITAL_SHOTS)
 MORE_PLURALS = (("city", "cities"), ("knife", "knives"), ("man", "men"))
-MORE_PAST = (("stop", "stopped"), ("make", "made"), ("carry", "carried"))
+PAST_3_SHOTS = (("walk", "walked"), ("go", "went"), ("try", "tried"))
 Variant = tuple[str, str, str | None]
 """(prompt format, template, answer marker)."""
 
@@ -64,11 +64,7 @@ VARIANTS: dict[str, dict[str, Variant]] = {
     "past_tense": {
         "chat-zero-shot": ("chat", "What is the simple past tense of the verb '{prompt}'? Reply with one word.", None),
         "chat-result": ("chat", f"What is the simple past tense of the verb '{{prompt}}'?\n{RESULT}", "["),
-        "plain-6-shot": (
-            "plain",
-            generated.few_shot(generated.PAST_SHOTS + MORE_PAST, "Verb", "Past tense"),
-            None,
-        ),
+        "plain-3-shot": ("plain", generated.few_shot(PAST_3_SHOTS, "Verb", "Past tense"), None),
     },
     "facts": {
         "chat-zero-shot": ("chat", "Answer the question with a few words copied from the text.\n\n{prompt}", None),

@@ -139,7 +139,14 @@ def _census_names(path: Path, count: int) -> list[str]:
 # -- word tasks -----------------------------------------------------------------
 CAPITAL_SHOTS = (("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"))
 PLURAL_SHOTS = (("apple", "apples"), ("box", "boxes"), ("child", "children"))
-PAST_SHOTS = (("walk", "walked"), ("go", "went"), ("try", "tried"))
+PAST_SHOTS = (
+    ("walk", "walked"),
+    ("go", "went"),
+    ("try", "tried"),
+    ("stop", "stopped"),
+    ("make", "made"),
+    ("carry", "carried"),
+)
 
 
 def capital_rows() -> list[Row]:
