@@ -279,7 +279,10 @@ def faithfulness(
     seed: int = 0,
     batch_size: int = 32,
 ) -> CurveResult:
-    """Deletion and sufficiency curves, estimate vs exact and budgets for each row of a left-padded batch."""
+    """Deletion and sufficiency curves, estimate vs exact and budgets for each row of a left-padded batch.
+
+    Each row is measured alone, without its padding, so its numbers do not depend on the batch.
+    """
     grid = check_grid(grid)
     unknown = [m for m in rankings if m not in RANKINGS]
     if unknown:
@@ -287,12 +290,13 @@ def faithfulness(
     methods = tuple(dict.fromkeys([*rankings, "random", "ablation"]))
     layer = resolve_layer(sae, layer)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    rows = [input_ids[row, mask[row].bool()][None] for row in range(input_ids.shape[0])]  # padding dropped
     examples = tuple(
         example_curves(
             lm,
             sae,
-            input_ids[row : row + 1],
-            mask[row : row + 1],
+            rows[row],
+            torch.ones_like(rows[row]),
             layer=layer,
             mode=mode,
             methods=methods,
