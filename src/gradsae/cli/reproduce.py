@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task",
         default="sst2",
-        help="sst2, news, squad (with --squad FILE), or a .jsonl/.csv file with prompt/answer columns",
+        help="sst2, news, squad (with --squad FILE), capitals, plural, past_tense, facts, "
+        "or a .jsonl/.csv file with prompt/answer columns",
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--n", type=int, default=48, help="examples to draw before keeping the correct ones")
@@ -126,6 +127,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--restart", action="store_true", help="discard an earlier run's journal and results in --out and start fresh"
     )
+    parser.add_argument(
+        "--metric", default=None, choices=["accuracy", "squad"], help="user file: labels or QA (default squad)"
+    )
+    parser.add_argument(
+        "--prompt-format", default=None, choices=["chat", "plain"], help="chat template or plain text (default: task's)"
+    )
+    parser.add_argument("--curves", action="store_true", help="add faithfulness curves (deletion / sufficiency)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         prompt_column=args.prompt_column,
         answer_column=args.answer_column,
         max_new_tokens=args.max_new_tokens,
+        metric=args.metric,
+        prompt_format=args.prompt_format,
     )
     methods = ("gradsae", "activation", "random") + (("ablation",) if args.ablation else ())
     out = Path(args.out)
@@ -166,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
                 floors=not args.no_floors,
                 skip_first=not args.splice_first,
                 keep_f1=args.keep_f1,
+                curves=args.curves,
             )
             began = time.perf_counter()
             results.append(run_layer(lm, found.sae.to(lm.device), task, cfg, journal, recorder=recorder))

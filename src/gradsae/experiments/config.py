@@ -58,6 +58,8 @@ class ExperimentConfig:
     """Bootstrap resamples for the 95% intervals."""
     reuse_prefix: bool = True
     """Compute blocks ``0..l`` of each prompt once for all masking / steering conditions."""
+    curves: bool = False
+    """Also measure faithfulness curves (:mod:`gradsae.experiments.curves`) on the kept examples."""
 
     def __post_init__(self) -> None:
         bad = [p for p in self.steer_positions if p not in STEER_POSITIONS]

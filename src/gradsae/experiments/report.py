@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gradsae import _files
+from gradsae.experiments.curves import CurveResult, curves_markdown, plot_curves
 from gradsae.experiments.perturb import Condition
 from gradsae.experiments.run import LayerResult, RunMeta, RunResults
 from gradsae.experiments.stats import Stat, paired_difference
@@ -103,6 +104,8 @@ def layer_section(result: LayerResult, meta: RunMeta) -> list[str]:
         out += ["### Overlap of Top-10 sets (% of K)", "", "| pair | overlap |", "|---|---|"]
         out += [f"| {name} | {value:.1f} |" for name, value in result.overlap.items()]
         out.append("")
+    if result.curves:
+        out += curves_markdown(CurveResult.from_dict(result.curves))
     rho = result.diagnostics.get("spearman_gradsae_sum_vs_ablation")
     if rho:
         out += [
@@ -237,6 +240,8 @@ def plot_layer(result: LayerResult, meta: RunMeta, folder: Path) -> list[Path]:
             fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         paths.append(path)
+    if result.curves:
+        paths.append(plot_curves(CurveResult.from_dict(result.curves), folder / f"curves_layer{result.layer}.png"))
     return paths
 
 

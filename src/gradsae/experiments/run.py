@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradsae import _files
 from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.curves import kept_curves
 from gradsae.experiments.journal import Journal, recall, record, unit_key
 from gradsae.experiments.perturb import Condition, decode, pick_donors, prompt_batches, run_perturbation, run_steering
 from gradsae.experiments.rank import overlap_stats, rank_examples
@@ -54,6 +55,8 @@ class LayerResult:
     overlap: dict[str, float]
     n_donor_pairs: int
     diagnostics: dict[str, Any]
+    curves: dict[str, Any] = field(default_factory=dict)
+    """Faithfulness curves (``CurveResult.to_dict()``) when the run asked for them, else empty."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerResult:
@@ -161,6 +164,7 @@ def run_layer(
     log.info("layer %d: %d of %d examples answered correctly with the SAE", cfg.layer, len(kept_examples), len(texts))
     on_batch = None if recorder is None else recorder.on_scores
     kept, diagnostics = rank_examples(lm, sae, task, kept_examples, kept_gens, cfg, on_batch=on_batch)
+    curves = kept_curves(lm, sae, kept, cfg) if cfg.curves else {}
     kept_texts = [texts[task.examples.index(k.example)] for k in kept]
     on_answers = None if recorder is None else recorder.on_answers
     perturbation = run_perturbation(lm, sae, task, kept, kept_texts, cfg, journal, on_answers=on_answers)
@@ -179,6 +183,7 @@ def run_layer(
         overlap=overlap_stats(kept, cfg, by=task.metric),
         n_donor_pairs=sum(d is not None for d in donors),
         diagnostics=diagnostics,
+        curves=curves,
     )
     return LayerResult.from_dict(record(journal, unit_key(cfg.layer, "layer"), result))
 

