@@ -36,7 +36,9 @@ The normalised area of ranking ``m`` over examples ``i`` is::
 
 so ``N = 1`` for the exact-ablation ranking and ``0`` for the random one by
 construction (a ratio of sums: an example where the two nearly coincide does not
-blow it up; ``nan`` when the denominator is 0).
+blow it up; ``nan`` when the denominator is 0). Single-latent ablation orders
+latents for deletion, not for sufficiency (keeping a set is not the sum of single
+removals), so the sufficiency denominator can be small and ``N`` far outside [0, 1].
 
 Estimate vs exact, per example over ``A`` (means over examples are reported):
 ``spearman_m`` = Spearman's rho between ``m``'s scores and the exact effects;
@@ -464,7 +466,7 @@ def plot_curves(result: CurveResult, path: str | Path) -> Path:
         ax.set_xlim(0, 1)
         ax.set_title(f"layer {result.layer}: {titles[name]}")
         ax.set_xlabel("fraction of active latents (K / a)")
-        ax.set_ylabel("p(pinned token)")
+        ax.set_ylabel("drop in p(pinned token)" if name == "deletion" else "p(pinned token)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
