@@ -49,6 +49,17 @@ class Prefix:
         )
 
 
+    def repeat(self, copies: int) -> Prefix:
+        """The whole batch repeated ``copies`` times along the batch (row ``c * batch + i`` is row ``i``)."""
+        return Prefix(
+            layer=self.layer,
+            input_ids=self.input_ids.repeat(copies, 1),
+            keys=tuple(k.repeat(copies, 1, 1, 1) for k in self.keys),
+            values=tuple(v.repeat(copies, 1, 1, 1) for v in self.values),
+            residual=self.residual.repeat(copies, 1, 1),
+        )
+
+
 def compute_prefix(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> Prefix:
     """Run the prompt through blocks ``0..layer`` only and keep their cache and output."""
     from transformers import DynamicCache

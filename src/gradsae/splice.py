@@ -459,7 +459,7 @@ def _gathered(
     return SparseActs(index=index, values=values, shape=(batch, pos, d_sae))
 
 
-def _edit_tensors(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def edit_rows(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[batch, n]`` latents (``-1`` padding) and values of one edit, checked."""
     latents = torch.as_tensor(edit.latents, dtype=torch.long, device=like.device)
     if latents.ndim == 1:
@@ -477,7 +477,7 @@ def _latent_lists(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tup
 
     A latent listed twice in a row keeps its last value (as the dense table's scatter does).
     """
-    latents, values = _edit_tensors(edit, batch, d_sae, like)
+    latents, values = edit_rows(edit, batch, d_sae, like)
     used = latents >= 0
     keys = (torch.arange(batch, device=like.device)[:, None] * d_sae + latents)[used]
     keys, order = keys.sort(stable=True)
@@ -500,7 +500,7 @@ def _latent_table(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tup
     Padding entries (``< 0``) are scattered into a spare column ``d_sae`` that is
     then dropped, so they never collide with a real latent (latent 0 included).
     """
-    latents, values = _edit_tensors(edit, batch, d_sae, like)
+    latents, values = edit_rows(edit, batch, d_sae, like)
     index = torch.where(latents >= 0, latents, d_sae)  # padding writes to a spare column, dropped below
     chosen = torch.zeros(batch, d_sae + 1, dtype=torch.bool, device=like.device)
     chosen = chosen.scatter(1, index, torch.ones_like(index, dtype=torch.bool))
