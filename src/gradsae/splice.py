@@ -162,12 +162,14 @@ class Splice:
         self.offset = 0
 
     def transform(self, z: torch.Tensor) -> torch.Tensor:
-        """``Z -> Z'`` for one block output ``[batch, pos, d_model]``."""
-        if z.device != self.sae.W_dec.device:
-            raise GradSAEError(
-                f"block {self.layer} runs on {z.device} but the SAE is on {self.sae.W_dec.device}: "
-                "move the SAE to its layer's device (gradsae.models.layer_device)"
-            )
+        """``Z -> Z'`` for one block output ``[batch, pos, d_model]``.
+
+        On the SAE's device: a residual on another device (a model spread by a
+        device map, see :func:`gradsae.models.sae_device`) is moved there and back.
+        """
+        home = z.device
+        if home != self.sae.W_dec.device:
+            return self.transform(z.to(self.sae.W_dec.device)).to(home)
         start, valid = self._positions(z)
         edits = self.edits if self.edits_on else []
         if self._differentiable(z):

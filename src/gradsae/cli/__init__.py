@@ -1,5 +1,7 @@
 """Command line: ``gradsae score | train-sae | reproduce | report``.
 
+Under ``torchrun --nproc_per_node N -m gradsae ...`` every rank runs the command
+(see :mod:`gradsae.distributed`); rank 0 writes the files.
 Every user error ends as one line, ``error: <what and the fix>``, exit status 2.
 Each subcommand is a module here with ``add_arguments(parser)`` and ``run(args)``;
 nothing below ``gradsae.cli`` imports ``argparse``.
@@ -12,6 +14,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from gradsae import distributed
 from gradsae.cli.common import quiet_libraries
 from gradsae.errors import GradSAEError
 
@@ -28,8 +31,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_libraries(args.verbose)
+    if hasattr(args, "device"):
+        args.device = distributed.device_for(args.device)  # under torchrun: this rank's GPU
     try:
-        return int(args.module.run(args))
+        distributed.init(getattr(args, "device", "cpu"))
+        code = int(args.module.run(args))
+        distributed.finish()
+        return code
     except GradSAEError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from gradsae import _files
+from gradsae import _files, distributed
 from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import DEFAULT_KS, DONOR_VALUES, STEER_POSITIONS, ExperimentConfig, KSpec
 from gradsae.experiments.report import render
 from gradsae.experiments.run import LayerResult, RunMeta, RunResults, run_layer
 from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task
-from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model
+from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model, sae_device
 from gradsae.pretrained import resolve_sae
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sst2, news, squad (with --squad FILE), or a .jsonl/.csv file with prompt/answer columns",
     )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--n", type=int, default=48, help="examples to draw before keeping the correct ones")
+    parser.add_argument(
+        "--n",
+        "--examples",
+        dest="n",
+        type=int,
+        default=48,
+        help="examples to draw before keeping the correct ones (under torchrun write --examples: it reads --n as its own)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling, donors, random ranking, bootstrap")
     parser.add_argument(
         "--layers", default=None, help="comma-separated layers for a sweep, e.g. 6,15,24 (default: --layer, else 6)"
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     """Run, then write the folder; print where it went."""
     start = time.perf_counter()
     ks = parse_ks(args.ks)
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(args.model, device=args.device, device_map=args.device_map)
     task = load_task(
         args.task,
         n=args.n,
@@ -148,13 +155,14 @@ def run(args: argparse.Namespace) -> int:
             keep_f1=args.keep_f1,
         )
         began = time.perf_counter()
-        results.append(run_layer(lm, sae.to(lm.device), task, cfg))
+        results.append(run_layer(lm, sae.to(sae_device(lm, used, sae.cfg.hook_point)), task, cfg))
         labels[str(used)] = label
         timing[f"layer_{used}_s"] = round(time.perf_counter() - began, 1)
     meta = run_meta(args, lm, task, ks, methods, positions, labels)
     timing["total_s"] = round(time.perf_counter() - start, 1)
-    write_outputs(Path(args.out), RunResults(config=meta, layers=tuple(results)), timing)
-    print(f"wrote {args.out}/results.json, table.md and plots in {timing['total_s']:.0f} s")  # noqa: T201
+    if distributed.is_main():  # under torchrun every rank holds the same results; one writes them
+        write_outputs(Path(args.out), RunResults(config=meta, layers=tuple(results)), timing)
+        print(f"wrote {args.out}/results.json, table.md and plots in {timing['total_s']:.0f} s")  # noqa: T201
     return 0
 
 

@@ -8,18 +8,21 @@ other method, and (with ``--ablation``) the exact effect of zeroing it.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from gradsae import _files
+from gradsae import _files, distributed
 from gradsae.cli.common import add_model_arguments
 from gradsae.errors import GradSAEError
-from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model
+from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model, sae_device
 from gradsae.objectives import objective_from_name
 from gradsae.pretrained import resolve_sae
+from gradsae.sae import SAE
 from gradsae.scores import Scores, score_latents
 
 
@@ -43,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="What is the capital of France?", help="the input text")
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        help="score many prompts: a text file (one per line) or JSONL with a prompt field; under torchrun "
+        "the prompts are shared among the ranks and rank 0 writes --json",
+    )
     parser.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     parser.add_argument(
         "--objective",
@@ -72,18 +81,39 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the report."""
-    sys.stdout.write(run_score(args))
+    """Print the report (rank 0 only under torchrun)."""
+    report = run_score(args)
+    if distributed.is_main():
+        sys.stdout.write(report)
     return 0
 
 
 def run_score(args: argparse.Namespace) -> str:
-    """Load, score, and return the printable report."""
+    """Load, score every prompt (sharded over torchrun's ranks), and return the printable report."""
     start = time.perf_counter()
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(args.model, device=args.device, device_map=args.device_map)
     sae, layer, label = resolve_sae(lm, args.sae, args.layer, default_model=args.model in DEFAULT_NAMES)
-    sae = sae.to(args.device)
-    ids, mask, text = encode_one(lm, args.prompt, chat=not args.no_chat)
+    sae = sae.to(sae_device(lm, layer, sae.cfg.hook_point))
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    scored = distributed.map_items(lambda prompt: score_prompt(lm, sae, layer, args, prompt), prompts)
+    seconds = time.perf_counter() - start
+    reports = [_header(lm, label, layer, args, prompt, text, grad, seconds) for prompt, (text, grad, _) in zip(prompts, scored, strict=True)]
+    tables = [format_table(rows, args.top) for _, _, rows in scored]
+    if args.json and distributed.is_main():
+        if args.prompts:
+            entries = [_entry(p, text, grad, rows) for p, (text, grad, rows) in zip(prompts, scored, strict=True)]
+            data: dict[str, object] = {"layer": layer, "sae": label, "prompts": entries}
+        else:
+            data = {"header": reports[0], "rows": [r.__dict__ for r in scored[0][2]]}
+        _files.write_json(args.json, data, sort_keys=False)
+    return "\n\n".join(header + "\n\n" + table for header, table in zip(reports, tables, strict=True))
+
+
+def score_prompt(
+    lm: LoadedModel, sae: SAE, layer: int, args: argparse.Namespace, prompt: str
+) -> tuple[str, Scores, list[ScoreRow]]:
+    """One prompt: the text the model read, its GradSAE scores and the table's rows."""
+    ids, mask, text = encode_one(lm, prompt, chat=not args.no_chat)
     labels = [word.strip() for word in args.labels.split(",") if word.strip()]
     objective = objective_from_name(
         args.objective, tokenizer=lm.tokenizer, target=args.target, labels=labels, label=args.label
@@ -94,11 +124,33 @@ def run_score(args: argparse.Namespace) -> str:
     grad = score_latents(lm, sae, ids, mask, objective, aggregation=args.aggregation, **common)
     act = score_latents(lm, sae, ids, mask, objective, method="activation", **common)
     abl = score_latents(lm, sae, ids, mask, objective, method="ablation", **common) if args.ablation else None
-    rows = table_rows(grad, act, abl, args.top)
-    header = _header(lm, label, layer, args, text, grad, time.perf_counter() - start)
-    if args.json:
-        _files.write_json(args.json, {"header": header, "rows": [r.__dict__ for r in rows]}, sort_keys=False)
-    return header + "\n\n" + format_table(rows, args.top)
+    return text, grad, table_rows(grad, act, abl, args.top)
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per non-empty line of a text file, or the ``prompt`` field of each JSONL line."""
+    file = Path(path)
+    if not file.is_file():
+        raise GradSAEError(f"prompt file {file} does not exist: pass a text file with one prompt per line")
+    lines = [line for line in file.read_text().splitlines() if line.strip()]
+    if file.suffix != ".jsonl":
+        return lines
+    try:
+        prompts = [json.loads(line)["prompt"] for line in lines]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise GradSAEError(f"{file}: every JSONL line needs a \"prompt\" field") from None
+    return [str(p) for p in prompts]
+
+
+def _entry(prompt: str, text: str, grad: Scores, rows: list[ScoreRow]) -> dict[str, object]:
+    """One prompt's result in the ``--prompts`` JSON (no timings: the same for any number of ranks)."""
+    return {
+        "prompt": prompt,
+        "chat": text != prompt,
+        "objective": float(grad.objective[0]),
+        "active_last": int(grad.active_last[0]),
+        "rows": [r.__dict__ for r in rows],
+    }
 
 
 def encode_one(lm: LoadedModel, prompt: str, *, chat: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -173,7 +225,14 @@ def format_table(rows: list[ScoreRow], top: int) -> str:
 
 
 def _header(
-    lm: LoadedModel, label: str, layer: int, args: argparse.Namespace, text: str, grad: Scores, seconds: float
+    lm: LoadedModel,
+    label: str,
+    layer: int,
+    args: argparse.Namespace,
+    prompt: str,
+    text: str,
+    grad: Scores,
+    seconds: float,
 ) -> str:
     n_tokens = int(grad.token_index[:, 1].max()) + 1 if len(grad.token_index) else 0
     return "\n".join(
@@ -182,7 +241,7 @@ def _header(
             f"- SAE: {label}",
             f"- objective: {args.objective} (Y = {float(grad.objective[0]):.4g}); splice mode: {args.mode}; "
             f"aggregation: {args.aggregation}",
-            f"- prompt: {args.prompt!r} ({n_tokens} tokens{' with chat template' if text != args.prompt else ''})",
+            f"- prompt: {prompt!r} ({n_tokens} tokens{' with chat template' if text != prompt else ''})",
             f"- latents active at the last token: {int(grad.active_last[0])}; wall time {seconds:.1f} s",
         ]
     )

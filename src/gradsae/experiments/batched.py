@@ -31,6 +31,7 @@ from contextlib import nullcontext
 
 import torch
 
+from gradsae import distributed
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.perturb import EditsFor, PromptBatch
@@ -62,15 +63,18 @@ def decode_conditions(
     ``conditions_edits[c](rows)`` gives condition ``c``'s edits for a batch's rows
     (``None``: no edit), as ``edits_for`` does for :func:`~gradsae.experiments.perturb.decode`.
     """
-    out: list[list[Generation]] = [[] for _ in conditions_edits]
     widest = max((len(b.rows) for b in batches), default=1)
     per_group = max(1, max_rows // widest)
-    for batch in batches:
+
+    def one(batch: PromptBatch) -> list[list[Generation]]:
+        out: list[list[Generation]] = []
         for first in range(0, len(conditions_edits), per_group):
             group = conditions_edits[first : first + per_group]
-            for c, gens in enumerate(_decode_group(lm, sae, batch, task, cfg, group, newest_only, stop_when_answered)):
-                out[first + c] += gens
-    return out
+            out += _decode_group(lm, sae, batch, task, cfg, group, newest_only, stop_when_answered)
+        return out
+
+    per_batch = distributed.map_items(one, batches)  # batches sharded over ranks, as in perturb.decode
+    return [[gen for gens in per_batch for gen in gens[c]] for c in range(len(conditions_edits))]
 
 
 def _decode_group(

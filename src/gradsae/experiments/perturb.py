@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gradsae import distributed
 from gradsae.experiments.config import SETS, STEER_EDITS, ExperimentConfig, KSpec
 from gradsae.experiments.rank import KeptExample, chosen, padded
 from gradsae.experiments.stats import Stat
@@ -101,7 +102,8 @@ def prompt_batches(lm: LoadedModel, texts: Sequence[str], cfg: ExperimentConfig,
         rows = range(start, min(start + cfg.batch_size, len(texts)))
         ids, mask = encode_prompts(lm.tokenizer, [texts[i] for i in rows])
         ids, mask = ids.to(lm.device), mask.to(lm.device)
-        prefix = compute_prefix(lm, ids, mask, cfg.layer) if reuse else None
+        mine = len(out) % distributed.world_size() == distributed.rank()  # the rank that decodes this batch
+        prefix = compute_prefix(lm, ids, mask, cfg.layer) if reuse and mine else None
         out.append(PromptBatch(rows=rows, input_ids=ids, attention_mask=mask, prefix=prefix))
     return out
 
@@ -121,19 +123,19 @@ def decode(
     ``newest_only``: each pass edits only its last position and the KV cache keeps unedited
     keys/values (the authors' uncached last-position steering); the edits must use ``positions="last"``.
     """
-    out: list[Generation] = []
     budget = task.max_new_tokens
-    for batch in batches:
+
+    def one(batch: PromptBatch) -> list[Generation]:
         if sae is None:
-            out += generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget)
-            continue
+            return generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget)
         edits = edits_for(batch.rows) if edits_for else []
         replay = replay_prefix(lm, batch.prefix) if batch.prefix is not None else nullcontext()
         spliced = splice(lm, sae, cfg.layer, mode=cfg.mode, edits=edits, record=False, skip_first=cfg.skip_first)
         with spliced as state, replay:
             newest = state if newest_only and edits else None
-            out += generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget, newest_only=newest)
-    return out
+            return generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget, newest_only=newest)
+
+    return [gen for gens in distributed.map_items(one, batches) for gen in gens]  # batches sharded over ranks
 
 
 # -- experiment 1 ---------------------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gradsae import distributed
 from gradsae.experiments.config import ExperimentConfig, KSpec
 from gradsae.experiments.stats import spearman
 from gradsae.experiments.tasks import Example, Task
@@ -59,13 +60,8 @@ def rank_examples(
 ) -> tuple[list[KeptExample], dict[str, Any]]:
     """Score every kept example with every method at its answer step."""
     steps = [answer_step(lm.tokenizer, gen, task.answer_marker) for gen in gens]
-    rankings: list[dict[str, list[int]]] = [{} for _ in examples]
-    donor_values: list[dict[str, dict[int, float]]] = [{} for _ in examples]
-    active_last = [0] * len(examples)
-    spearman: list[float] = []
-    for start in tqdm(
-        range(0, len(examples), cfg.batch_size), desc=f"scoring latents (layer {cfg.layer})", disable=None
-    ):
+
+    def score_batch(start: int) -> _BatchRanks:
         rows = range(start, min(start + cfg.batch_size, len(examples)))
         ids, mask = answer_inputs(lm.tokenizer, [gens[i] for i in rows], [steps[i] for i in rows])
         by_method = score_methods(
@@ -80,12 +76,26 @@ def rank_examples(
             seed=cfg.seed + start,
             skip_first=cfg.skip_first,
         )
-        for offset, i in enumerate(rows):
-            rankings[i] = {m: s.ranking(offset).tolist() for m, s in by_method.items()}
-            active_last[i] = int(next(iter(by_method.values())).active_last[offset])
-            donor_values[i] = {m: _donor_values(s, offset, cfg) for m, s in by_method.items()}
-        if "ablation" in by_method:
-            spearman += _estimate_vs_exact(lm, sae, ids, mask, by_method["ablation"], cfg)
+        return _BatchRanks(
+            rankings=[{m: s.ranking(offset).tolist() for m, s in by_method.items()} for offset in range(len(rows))],
+            active_last=[int(next(iter(by_method.values())).active_last[offset]) for offset in range(len(rows))],
+            donor_values=[{m: _donor_values(s, offset, cfg) for m, s in by_method.items()} for offset in range(len(rows))],
+            spearman=_estimate_vs_exact(lm, sae, ids, mask, by_method["ablation"], cfg) if "ablation" in by_method else [],
+        )
+
+    starts = range(0, len(examples), cfg.batch_size)
+    with tqdm(total=len(distributed.shard(starts)), desc=f"scoring latents (layer {cfg.layer})", disable=None) as bar:
+
+        def tracked(start: int) -> _BatchRanks:
+            ranks = score_batch(start)
+            bar.update()
+            return ranks
+
+        batches = distributed.map_items(tracked, starts)  # each batch scored by one rank
+    rankings = [r for b in batches for r in b.rankings]
+    active_last = [a for b in batches for a in b.active_last]
+    donor_values = [d for b in batches for d in b.donor_values]
+    spearman = [rho for b in batches for rho in b.spearman]
     kept = [
         KeptExample(example=ex, generation=gen, step=step, rankings=r, active_last=a, donor_values=d)
         for ex, gen, step, r, a, d in zip(examples, gens, steps, rankings, active_last, donor_values, strict=True)
@@ -98,6 +108,16 @@ def rank_examples(
             "n": len(spearman),
         }
     return kept, diagnostics
+
+
+@dataclass(frozen=True)
+class _BatchRanks:
+    """What :func:`rank_examples` keeps of one scored batch (gathered across ranks)."""
+
+    rankings: list[dict[str, list[int]]]
+    active_last: list[int]
+    donor_values: list[dict[str, dict[int, float]]]
+    spearman: list[float]
 
 
 def _donor_values(scores: Scores, row: int, cfg: ExperimentConfig) -> dict[int, float]:
