@@ -194,7 +194,9 @@ def speedup_vs_ablation(
     return [speed, rho]
 
 
-def activation_rankings(lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> list[list[int]]:
+def activation_rankings(
+    lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int
+) -> list[list[int]]:
     """Each row's active latents, most active first (the latents a condition would zero)."""
     scores = score_latents(lm, sae, ids, mask, NextTokenProb(), method="activation", layer=layer)
     return [scores.ranking(row).tolist() for row in range(ids.shape[0])]
@@ -270,7 +272,10 @@ def perturb_condition_cost(lm: LoadedModel, sae: SAE, task: Task, layer: int, *,
             f"({times['forward_last'].median:.3f} s)",
         )
     )
-    for name, key in (("perturb_condition_cost_single", "single"), ("perturb_condition_cost_single_no_reuse", "single_no_reuse")):
+    for name, key in (
+        ("perturb_condition_cost_single", "single"),
+        ("perturb_condition_cost_single_no_reuse", "single_no_reuse"),
+    ):
         detail = (
             f"one condition at a time (decode, full budget): {times[key].median:.3f} s / plain forward "
             f"{times['forward'].median:.3f} s; {N_EDIT} latents zeroed"
@@ -299,7 +304,11 @@ def _same_answers(
         for full, short in zip(alone, together[c], strict=True):
             answers &= task.parse(full.text) == task.parse(short.text)
             prefixes &= full.token_ids[: len(short.token_ids)] == short.token_ids
-    return {"same_answers": bool(answers), "token_prefix": bool(prefixes), "conditions_checked": [grid[c] for c in picked]}
+    return {
+        "same_answers": bool(answers),
+        "token_prefix": bool(prefixes),
+        "conditions_checked": [grid[c] for c in picked],
+    }
 
 
 # -- the demo ------------------------------------------------------------------------

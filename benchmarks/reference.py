@@ -125,7 +125,15 @@ def _dense_scores(logits: torch.Tensor, token: torch.Tensor, hook: DenseReplace)
 def our_pipeline(lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int, n_new: int) -> Pipeline:
     """Cached greedy decoding under a grad splice; one backward from the last step through its passes."""
     gens, scores = generate_and_score(
-        lm, sae, ids, mask, max_new_tokens=n_new, step_of=lambda g: n_new - 1, layer=layer, mode="replace", stop=frozenset()
+        lm,
+        sae,
+        ids,
+        mask,
+        max_new_tokens=n_new,
+        step_of=lambda g: n_new - 1,
+        layer=layer,
+        mode="replace",
+        stop=frozenset(),
     )
     tokens = torch.tensor([g.token_ids for g in gens], dtype=torch.long)
     return Pipeline(tokens=tokens, scores=scores.per_latent)

@@ -111,8 +111,13 @@ def test_unrecorded_error_splice_equals_dense_in_generation(lm64, edits):
     for use_sparse in (True, False):
         with splice(lm64, sae, 0, edits=edit_list, record=False, sparse=use_sparse), torch.no_grad():
             out = lm64.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0,
-                output_logits=True, return_dict_in_generate=True,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=0,
+                output_logits=True,
+                return_dict_in_generate=True,
             )
         outs.append(torch.stack(out.logits))
     assert torch.allclose(outs[0], outs[1], rtol=1e-10, atol=1e-10)

@@ -66,7 +66,12 @@ def generate_and_score(
     stop = stop_ids(lm) if stop is None else stop
     with splice(lm, sae, layer, mode=mode, grad=True, skip_first=skip_first) as sp, torch.enable_grad():
         rows = greedy_tokens(
-            lm.model, input_ids, attention_mask, max_new_tokens=max_new_tokens, stop=stop, pad=pad_id(lm.tokenizer),
+            lm.model,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            pad=pad_id(lm.tokenizer),
             on_step=keep,
         )
         gens = [generation_of(lm.tokenizer, input_ids[i], attention_mask[i], row, stop) for i, row in enumerate(rows)]
@@ -101,7 +106,9 @@ def answer_run(
     source = source.clamp(0, valid.shape[1] - 1)
     new_valid = valid.gather(1, source) & inside
     new_grad = grad.gather(1, source[..., None].expand(-1, -1, grad.shape[-1])) * inside[..., None]
-    index = torch.cat([a.index + torch.tensor([0, off, 0], device=device) for a, off in zip(sp.latents, offsets, strict=True)])
+    index = torch.cat(
+        [a.index + torch.tensor([0, off, 0], device=device) for a, off in zip(sp.latents, offsets, strict=True)]
+    )
     values = torch.cat([a.values for a in sp.latents])
     kept = index[:, 1] < end[index[:, 0]]
     index, values = index[kept], values[kept]

@@ -48,7 +48,6 @@ class Prefix:
             residual=self.residual.expand(copies, -1, -1),
         )
 
-
     def repeat(self, copies: int) -> Prefix:
         """The whole batch repeated ``copies`` times along the batch (row ``c * batch + i`` is row ``i``)."""
         return Prefix(

@@ -184,9 +184,7 @@ def decode(sae: SAE, codes: Codes, *, bias: bool = True) -> torch.Tensor:
     w_dec = sae.W_dec.detach()
     counts = torch.bincount(codes.rows, minlength=codes.n_rows)
     offsets = counts.cumsum(0) - counts
-    out = F.embedding_bag(
-        codes.latents, w_dec, offsets, mode="sum", per_sample_weights=codes.values.to(w_dec.dtype)
-    )
+    out = F.embedding_bag(codes.latents, w_dec, offsets, mode="sum", per_sample_weights=codes.values.to(w_dec.dtype))
     return out + sae.b_dec.detach() if bias else out
 
 

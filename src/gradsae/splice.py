@@ -57,6 +57,7 @@ from gradsae import sparse
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel, block_output, with_block_output
 from gradsae.sae import SAE, check_compatible
+from gradsae.sparse import Codes
 
 Mode = Literal["replace", "error"]
 MODES = ("replace", "error")
@@ -218,7 +219,7 @@ class Splice:
         found = _acts(edited.nonzero(), batch, pos) if self.record else None
         return out.reshape(z.shape), found
 
-    def _add_change(self, flat: torch.Tensor, change: sparse.Codes) -> torch.Tensor:
+    def _add_change(self, flat: torch.Tensor, change: Codes) -> torch.Tensor:
         """``Z + sum_D v W_dec[c]`` (in the SAE's dtype or wider) on the rows ``D`` touches; ``Z`` elsewhere."""
         touched = sparse.touched_rows(change)
         if not bool(touched.any()):
@@ -428,7 +429,7 @@ class _SparsePlan:
         where = _position_mask(edit, batch, pos, offset, like.device).reshape(-1)
         return cls(op=edit.op, latents=latents, values=values, where=where, pos=pos)
 
-    def apply(self, codes: sparse.Codes, valid: torch.Tensor) -> sparse.Codes:
+    def apply(self, codes: Codes, valid: torch.Tensor) -> Codes:
         """Edit ``codes`` (rows = flattened ``batch x pos``) at the valid positions it touches."""
         tokens = torch.nonzero(self.where & valid).squeeze(-1)
         rows = tokens // self.pos
@@ -445,7 +446,7 @@ def apply_edits(h: torch.Tensor, edits: Sequence[Edit], *, offset: int = 0) -> t
     return flat.reshape(batch, pos, d_sae)
 
 
-def _acts(codes: sparse.Codes, batch: int, pos: int) -> SparseActs:
+def _acts(codes: Codes, batch: int, pos: int) -> SparseActs:
     """A pass's codes (rows = flattened ``batch x pos``) as :class:`SparseActs`."""
     index = torch.stack([codes.rows // pos, codes.rows % pos, codes.latents], dim=1)
     return SparseActs(index=index, values=codes.values, shape=(batch, pos, codes.d_sae))

@@ -58,8 +58,13 @@ def _task(labels=None, max_new_tokens=6):
 
 @pytest.mark.parametrize(
     ("mode", "where", "reuse"),
-    [("replace", "all", True), ("error", "all", False), ("error", "last", True), ("replace", "newest", True),
-     ("error", "newest", False)],
+    [
+        ("replace", "all", True),
+        ("error", "all", False),
+        ("error", "last", True),
+        ("replace", "newest", True),
+        ("error", "newest", False),
+    ],
 )
 def test_same_generations_as_one_condition_at_a_time(char_lm, sae, mode, where, reuse):
     cfg = ExperimentConfig(layer=0, mode=mode, batch_size=3)

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="n",
         type=int,
         default=48,
-        help="examples to draw before keeping the correct ones (under torchrun write --examples: it reads --n as its own)",
+        help="examples to draw before keeping the correct ones (under torchrun write --examples: torchrun "
+        "takes --n for one of its own options)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling, donors, random ranking, bootstrap")
     parser.add_argument(

@@ -97,7 +97,10 @@ def run_score(args: argparse.Namespace) -> str:
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
     scored = distributed.map_items(lambda prompt: score_prompt(lm, sae, layer, args, prompt), prompts)
     seconds = time.perf_counter() - start
-    reports = [_header(lm, label, layer, args, prompt, text, grad, seconds) for prompt, (text, grad, _) in zip(prompts, scored, strict=True)]
+    reports = [
+        _header(lm, label, layer, args, prompt, text, grad, seconds)
+        for prompt, (text, grad, _) in zip(prompts, scored, strict=True)
+    ]
     tables = [format_table(rows, args.top) for _, _, rows in scored]
     if args.json and distributed.is_main():
         if args.prompts:
@@ -138,7 +141,7 @@ def read_prompts(path: str) -> list[str]:
     try:
         prompts = [json.loads(line)["prompt"] for line in lines]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise GradSAEError(f"{file}: every JSONL line needs a \"prompt\" field") from None
+        raise GradSAEError(f'{file}: every JSONL line needs a "prompt" field') from None
     return [str(p) for p in prompts]
 
 

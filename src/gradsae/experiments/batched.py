@@ -153,4 +153,6 @@ def select_rows(edit: Edit, keep: torch.Tensor) -> Edit:
     values = edit.values
     if isinstance(values, torch.Tensor) and values.ndim == 2:
         values = values[keep.to(values.device)]
-    return dataclasses.replace(edit, latents=latents[keep.to(latents.device)] if latents.ndim == 2 else latents, values=values)
+    return dataclasses.replace(
+        edit, latents=latents[keep.to(latents.device)] if latents.ndim == 2 else latents, values=values
+    )

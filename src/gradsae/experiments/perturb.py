@@ -97,7 +97,7 @@ class PromptBatch:
 
 def prompt_batches(lm: LoadedModel, texts: Sequence[str], cfg: ExperimentConfig, *, reuse: bool) -> list[PromptBatch]:
     """Split ``texts`` into batches; with ``reuse``, run each once through blocks ``0..l``."""
-    out = []
+    out: list[PromptBatch] = []
     for start in range(0, len(texts), cfg.batch_size):
         rows = range(start, min(start + cfg.batch_size, len(texts)))
         ids, mask = encode_prompts(lm.tokenizer, [texts[i] for i in rows])

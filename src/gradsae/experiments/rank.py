@@ -76,11 +76,14 @@ def rank_examples(
             seed=cfg.seed + start,
             skip_first=cfg.skip_first,
         )
+        offsets = range(len(rows))
+        first = next(iter(by_method.values()))
+        ablation = by_method.get("ablation")
         return _BatchRanks(
-            rankings=[{m: s.ranking(offset).tolist() for m, s in by_method.items()} for offset in range(len(rows))],
-            active_last=[int(next(iter(by_method.values())).active_last[offset]) for offset in range(len(rows))],
-            donor_values=[{m: _donor_values(s, offset, cfg) for m, s in by_method.items()} for offset in range(len(rows))],
-            spearman=_estimate_vs_exact(lm, sae, ids, mask, by_method["ablation"], cfg) if "ablation" in by_method else [],
+            rankings=[{m: s.ranking(offset).tolist() for m, s in by_method.items()} for offset in offsets],
+            active_last=[int(first.active_last[offset]) for offset in offsets],
+            donor_values=[{m: _donor_values(s, offset, cfg) for m, s in by_method.items()} for offset in offsets],
+            spearman=_estimate_vs_exact(lm, sae, ids, mask, ablation, cfg) if ablation is not None else [],
         )
 
     starts = range(0, len(examples), cfg.batch_size)
