@@ -181,6 +181,7 @@ def greedy_tokens(
     on_step: Callable[[torch.Tensor], None] | None = None,
     answered: Callable[[int, list[int]], bool] | None = None,
     on_drop: Callable[[torch.Tensor], None] | None = None,
+    cache: Any = None,
 ) -> list[list[int]]:
     """Generated ids per row (stop token included); one forward pass per step, cached.
 
@@ -190,16 +191,20 @@ def greedy_tokens(
     ``answered(row, tokens)``: the row also stops once this says its answer is
     complete. ``on_drop``: finished rows leave the batch (and the KV cache) instead
     of being fed padding; it is called with the batch indices kept, so that per-row
-    state elsewhere (a splice's edits) can follow.
+    state elsewhere (a splice's edits) can follow. ``cache``: a KV cache that
+    already holds the prompt's first columns; ``input_ids`` are then only its last
+    columns (``attention_mask`` still covers the whole prompt).
     """
     device = next(model.parameters()).device
     ids, mask = input_ids.to(device), attention_mask.to(device)
-    positions = position_ids(mask)
+    positions = position_ids(mask)[:, mask.shape[1] - ids.shape[1] :]
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     rows: list[list[int]] = [[] for _ in range(ids.shape[0])]
     active = list(range(ids.shape[0]))
-    cache = None if newest_only is None else _croppable_cache(model, newest_only)
+    if newest_only is not None:
+        _check_newest(newest_only)
+        cache = croppable_cache(model) if cache is None else cache
     for step in range(max_new_tokens):
         logits, cache = _cached_pass(model, ids, mask, positions, cache)
         if on_step is not None:
@@ -255,11 +260,10 @@ def _cached_pass(
     return out.logits[:, -1], _output_cache(out)
 
 
-def _croppable_cache(model: Any, state: Splice) -> Any:
+def croppable_cache(model: Any) -> Any:
     """An empty ``DynamicCache`` that can drop its newest position, also past a sliding window."""
     from transformers import DynamicCache
 
-    _check_newest(state)
     cache = DynamicCache(config=model.config)
     if hasattr(cache, "activate_past_recording"):  # transformers >= 5: sliding layers keep what crop needs
         cache.activate_past_recording()
