@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from gradsae import distributed
+from gradsae.experiments.batched import decode_conditions
 from gradsae.experiments.config import SETS, STEER_EDITS, ExperimentConfig, KSpec
 from gradsae.experiments.rank import KeptExample, chosen, padded
 from gradsae.experiments.stats import Stat
@@ -148,16 +148,34 @@ def run_perturbation(
     gens = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
     scores = [task.score(ex.example, gen.text) for ex, gen in zip(kept, gens, strict=True)]
     out = [_condition("none", "-", 0, scores, [], cfg, edit="none")]
-    for method, which, k in tqdm(conditions, desc=f"experiment 1: masking (layer {cfg.layer})", disable=None):
-        sets = [chosen(ex, method, which, k) for ex in kept]
-
-        def edits_for(rows: range, sets: list[list[int]] = sets) -> list[Edit]:
-            return [Edit(latents=padded([sets[i] for i in rows]), op="zero", positions="all")]
-
-        gens = decode(lm, batches, task, cfg, sae=sae, edits_for=edits_for)
+    all_sets = [[chosen(ex, method, which, k) for ex in kept] for method, which, k in conditions]
+    decoded = _decode_all(lm, sae, batches, task, cfg, [_zero_all(sets) for sets in all_sets])  # one batched decode
+    for (method, which, k), sets, gens in zip(conditions, all_sets, decoded, strict=True):
         scores = [task.score(ex.example, gen.text) for ex, gen in zip(kept, gens, strict=True)]
         out.append(_condition(method, which, k, scores, sets, cfg))
     return out
+
+
+def _zero_all(sets: list[list[int]]) -> EditsFor:
+    """Zero each row's set at every position of every pass."""
+    return lambda rows: [Edit(latents=padded([sets[i] for i in rows]), op="zero", positions="all")]
+
+
+def _decode_all(
+    lm: LoadedModel,
+    sae: SAE,
+    batches: Sequence[PromptBatch],
+    task: Task,
+    cfg: ExperimentConfig,
+    conditions: Sequence[EditsFor],
+    newest_only: bool = False,
+    experiment: int = 1,
+) -> list[list[Generation]]:
+    """Every condition's generations, decoded as one batch (:mod:`gradsae.experiments.batched`)."""
+    desc = (
+        f"experiment {1 if experiment == 1 else 2}: {'masking' if experiment == 1 else 'steering'} (layer {cfg.layer})"
+    )
+    return decode_conditions(lm, sae, batches, task, cfg, conditions, newest_only=newest_only, desc=desc)
 
 
 def _condition(
@@ -242,7 +260,8 @@ def run_steering(
         gens = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
         out.append(_steer_condition(task, kept, pairs, gens, ("none", "-", 0, "-", "none"), [], cfg))
     conditions = steering_conditions(cfg)
-    for cell in tqdm(conditions, desc=f"experiment 2: steering (layer {cfg.layer})", disable=None):
+    prepared: list[tuple[tuple[str, str, KSpec, str, str], EditsFor, list[list[int]]]] = []
+    for cell in conditions:
         method, which, k, where, edit = cell
         own = [chosen(kept[i], method, which, k) for i, _ in pairs] if edit != "inject" else [[] for _ in pairs]
         give = [chosen(kept[j], method, which, k) for _, j in pairs] if edit != "zero" else [[] for _ in pairs]
@@ -261,9 +280,12 @@ def run_steering(
         ) -> list[Edit]:
             return steering_edits([own[r] for r in rows], [give[r] for r in rows], [values[r] for r in rows], positions)
 
-        gens = decode(lm, batches, task, cfg, sae=sae, edits_for=edits_for, newest_only=where == "last")
-        sets = own if edit != "inject" else give
-        out.append(_steer_condition(task, kept, pairs, gens, cell, sets, cfg))
+        prepared.append((cell, edits_for, own if edit != "inject" else give))
+    for where in dict.fromkeys(cell[3] for cell, _, _ in prepared):  # one batched decode per position mode
+        group = [(cell, edits_for, sets) for cell, edits_for, sets in prepared if cell[3] == where]
+        decoded = _decode_all(lm, sae, batches, task, cfg, [e for _, e, _ in group], where == "last", 2)
+        for (cell, _, sets), gens in zip(group, decoded, strict=True):
+            out.append(_steer_condition(task, kept, pairs, gens, cell, sets, cfg))
     return out
 
 
