@@ -47,6 +47,8 @@ if __package__ in (None, ""):
 from benchmarks import core  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     SHORT_PROMPTS,
+    WIDE,
+    WIDEST,
     Figure,
     load_sae,
     machine_info,
@@ -55,6 +57,7 @@ from benchmarks.common import (  # noqa: E402
     wide_sae,
 )
 from benchmarks.memory import peak_memory_overhead  # noqa: E402
+from benchmarks.scaling import scaling_figures  # noqa: E402
 from benchmarks.with_nnsight import speedup_vs_nnsight  # noqa: E402
 from gradsae.generate import encode_prompts  # noqa: E402
 from gradsae.models import LoadedModel, load_model  # noqa: E402
@@ -81,7 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"small sizes for a smoke run: {QUICK}")
     parser.add_argument("--demo", action="store_true", help="also time `gradsae reproduce --task sst2` (minutes)")
     parser.add_argument(
-        "--skip", default="", help="groups to leave out: score,score131k,reference,ablation,perturb,memory,demo,nnsight"
+        "--skip",
+        default="",
+        help="groups to leave out: score,score131k,score1m,reference,ablation,perturb,memory,scaling,demo,nnsight",
     )
     parser.set_defaults(short_prompts=len(SHORT_PROMPTS))
     args = parser.parse_args(argv)
@@ -116,12 +121,22 @@ def jobs(args: argparse.Namespace, lm: LoadedModel, sae: SAE, label: str) -> dic
         "score131k": lambda: core.score_overhead(
             lm, wide_sae(lm.d_model, args.layer), ids, mask, args.layer, args.repeats, name="score_overhead_131k"
         ),
+        "score1m": lambda: core.score_overhead(
+            lm,
+            wide_sae(lm.d_model, args.layer, WIDEST),
+            ids,
+            mask,
+            args.layer,
+            args.repeats,
+            name="score_overhead_1m",
+        ),
         "reference": lambda: core.speedup_vs_reference(
             lm, sae, ids[:rows], mask[:rows], args.layer, n_new=args.new_tokens, **timing
         ),
         "ablation": lambda: core.speedup_vs_ablation(lm, sae, short_ids, short_mask, args.layer, **timing),
         "perturb": lambda: perturb_figures(args, lm, sae),
-        "memory": lambda: [peak_memory_overhead(ROOT, wide=wide, label=label, **child) for wide in (False, True)],
+        "memory": lambda: [peak_memory_overhead(ROOT, d_sae=d, label=label, **child) for d in (0, WIDE, WIDEST)],
+        "scaling": lambda: scaling_figures(ROOT, repeats=min(args.repeats, 2), quick=args.quick, **child),
         "demo": lambda: core.demo_wall(args.demo, ROOT),
         "nnsight": lambda: [speedup_vs_nnsight(ROOT, wide=w, repeats=args.repeats, **child) for w in (False, True)],
     }
