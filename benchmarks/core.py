@@ -10,12 +10,16 @@
 * ``speedup_vs_ablation``: exact ablation of every active latent over GradSAE on
   the same prompts, with the Spearman correlation of the first-order estimate
   (``aggregation="sum"``) and the exact effects.
-* ``perturb_condition_cost``: one masked condition of experiment 1 (decode with a
-  zero edit of each row's 10 most active latents, blocks ``0..l`` of the prompt
-  computed once beforehand and reused, as across experiment 1's conditions) over
-  one plain forward of the same prompts (no cache, no SAE, logits at every
-  position as ``model(ids)`` computes them); also without reuse, and against a
-  forward that computes the last position's logits only.
+* ``perturb_condition_cost``: experiment 1's grid (Top and Bottom K by activation,
+  K in :data:`PERTURB_KS`: 12 conditions, each zeroing a set of latents at every
+  position) decoded as one batch by :func:`gradsae.experiments.batched.decode_conditions`
+  (blocks ``0..l`` of the prompt computed once and reused; rows stopped once the
+  answer is final), per condition, over one plain forward of the same prompts (no
+  cache, no SAE, logits at every position as ``model(ids)`` computes them); also
+  without reuse, against a forward that computes the last position's logits only,
+  and (``_single``) one condition zeroing each row's 10 most active latents decoded
+  alone with the full budget, the previous figure. A few conditions are also
+  decoded alone to check that the batched decode gives the same answers.
 * ``demo_wall_s``: wall time of ``gradsae reproduce --task sst2``.
 """
 

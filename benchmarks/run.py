@@ -1,20 +1,27 @@
-"""Benchmark of ``gradsae`` (issue 5): every figure measured side by side, in one run, on the same inputs.
+"""Benchmark of ``gradsae`` (issues 5 and 13): every figure measured side by side, in one run, on the same inputs.
 
 Figures (``name: value``, with the target and whether it is met):
 
 * ``score_overhead``: GradSAE scoring / the plain model's forward + backward to
   the SAE layer (activation gradients only), same batch. Target <= 1.15.
-  ``score_overhead_131k``: the same with a random 131,072-latent TopK SAE.
+  ``score_overhead_131k`` / ``_1m``: the same with random TopK SAEs of 131,072 and
+  1,048,576 latents.
 * ``speedup_vs_reference``: the authors' pipeline (uncached greedy decoding with
   the SAE spliced, dense latent gradient at the last step) / ours (cached
-  decoding + sparse scoring), 32 new tokens; ``reference_check`` says whether
-  both gave the same tokens and scores. Target >= 10.
+  decoding under a grad splice and one backward through the decode's own passes),
+  32 new tokens; ``reference_check`` says whether both gave the same tokens and
+  scores. Target >= 10.
 * ``speedup_vs_ablation``: exact ablation of every active latent / GradSAE, with
   ``spearman_vs_ablation`` (first-order estimate vs exact effect). Target >= 50.
-* ``peak_memory_overhead_shipped`` / ``_131k``: peak working memory of scoring /
-  of the plain forward + backward, each in a fresh process. Target <= 1.2.
-* ``perturb_condition_cost``: one masked condition of experiment 1 / one plain
-  forward of the same prompts. Target <= (L - l) / L + 0.1.
+* ``peak_memory_overhead_shipped`` / ``_131k`` / ``_1m``: peak working memory of
+  scoring / of the plain forward + backward, each in a fresh process. Target <= 1.2.
+* ``perturb_condition_cost``: experiment 1's conditions decoded as one batch
+  (examples x conditions, each row stopped once its answer is final), per
+  condition / one plain forward of the same prompts. Target <= (L - l) / L + 0.1.
+  ``_single``: one condition decoded alone, as before.
+* ``scaling_length`` / ``scaling_width``: the scaling table (time and peak memory
+  of scoring and of the plain forward + backward against 64..2048 tokens and
+  4.6k..1M latents), summarised by the worst time ratio on each axis.
 * ``demo_wall_s``: wall time of ``gradsae reproduce --task sst2`` (``--demo``
   runs it; otherwise it is read from ``runs/demo/timing.json``).
 * ``speedup_vs_nnsight`` / ``_131k``: the same scoring written with nnsight

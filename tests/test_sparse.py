@@ -17,7 +17,7 @@ def _dense_codes(h: torch.Tensor) -> sparse.Codes:
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
-@pytest.mark.parametrize("budget", [1 << 23, 200, 7])
+@pytest.mark.parametrize("budget", [1 << 23, 200, 7, 4])
 def test_encode_equals_dense(activation, budget):
     sae = tiny_sae(activation, d_sae=48, dtype=torch.float64)
     x = torch.randn(13, 16, dtype=torch.float64)

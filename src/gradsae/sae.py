@@ -136,6 +136,8 @@ class SAE(nn.Module):
         x = x.to(self.W_enc.dtype)
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
+        if x.ndim == 2:  # the bias added inside the matmul: one pass over the [n, d_sae] output, not two
+            return torch.addmm(self.b_enc[latents], x, self.W_enc[:, latents])
         return x @ self.W_enc[:, latents] + self.b_enc[latents]
 
     def activate(self, pre: torch.Tensor, latents: slice = slice(None)) -> torch.Tensor:

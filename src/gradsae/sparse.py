@@ -119,24 +119,51 @@ def _encode_rows(sae: SAE, x: torch.Tensor, block: int) -> Codes:
 
 
 def _encode_topk(sae: SAE, x: torch.Tensor, block: int) -> Codes:
-    """Running top-``k`` over latent blocks, then ``relu``; entries sorted by latent within each row."""
+    """Running top-``k`` over latent blocks, then ``relu``; entries sorted by latent within each row.
+
+    After the first block only pre-activations above each row's current ``k``-th
+    value can enter: a comparison finds them (few, and fewer with every block) and
+    only they are merged, instead of a top-``k`` over every block.
+    """
     d_sae, k = sae.cfg.d_sae, int(sae.cfg.k or 0)
-    best_v: torch.Tensor | None = None
-    best_i = torch.zeros(0)
-    for start in range(0, d_sae, block):
+    best_v, best_i = sae.pre_acts(x, slice(0, min(d_sae, block))).topk(min(k, block), dim=-1, sorted=False)
+    for start in range(block, d_sae, block):
         pre = sae.pre_acts(x, slice(start, min(d_sae, start + block)))
-        v, i = pre.topk(min(k, pre.shape[-1]), dim=-1, sorted=False)
-        i = i + start
-        if best_v is not None:
-            v, pick = torch.cat([best_v, v], dim=-1).topk(min(k, best_v.shape[-1] + v.shape[-1]), dim=-1, sorted=False)
-            i = torch.cat([best_i, i], dim=-1).gather(-1, pick)
-        best_v, best_i = v, i
-    assert best_v is not None
+        if best_v.shape[-1] < k:  # fewer than k seen so far (blocks narrower than k)
+            v, i = pre.topk(min(k, pre.shape[-1]), dim=-1, sorted=False)
+            best_v, best_i = _merge(best_v, best_i, v, i + start, k)
+            continue
+        rows, cols = torch.nonzero(pre > best_v.min(dim=-1, keepdim=True).values, as_tuple=True)
+        if len(rows):
+            v, i = _padded(rows, cols + start, pre[rows, cols], x.shape[0], best_v)
+            best_v, best_i = _merge(best_v, best_i, v, i, k)
     latents, order = best_i.sort(dim=-1)
     values = torch.relu(best_v.gather(-1, order))
     rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(latents)
     keep = values > 0
     return Codes(rows=rows[keep], latents=latents[keep], values=values[keep], n_rows=x.shape[0], d_sae=d_sae)
+
+
+def _merge(
+    best_v: torch.Tensor, best_i: torch.Tensor, v: torch.Tensor, i: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``k`` of two ``[n, *]`` sets of (value, latent) per row."""
+    values = torch.cat([best_v, v], dim=-1)
+    top, pick = values.topk(min(k, values.shape[-1]), dim=-1, sorted=False)
+    return top, torch.cat([best_i, i], dim=-1).gather(-1, pick)
+
+
+def _padded(
+    rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor, n: int, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries (row-major) as ``[n, m]`` values and latents per row, padded with ``-inf``."""
+    counts = torch.bincount(rows, minlength=n)
+    column = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+    width = int(counts.max())
+    out_v = torch.full((n, width), -torch.inf, dtype=like.dtype, device=like.device)
+    out_i = torch.zeros((n, width), dtype=torch.long, device=like.device)
+    out_v[rows, column], out_i[rows, column] = values, latents
+    return out_v, out_i
 
 
 def _empty(n_rows: int, d_sae: int, like: torch.Tensor) -> Codes:
