@@ -182,6 +182,7 @@ def greedy_tokens(
     answered: Callable[[int, list[int]], bool] | None = None,
     on_drop: Callable[[torch.Tensor], None] | None = None,
     cache: Any = None,
+    prompt_logits: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Generated ids per row (stop token included); one forward pass per step, cached.
 
@@ -193,7 +194,9 @@ def greedy_tokens(
     of being fed padding; it is called with the batch indices kept, so that per-row
     state elsewhere (a splice's edits) can follow. ``cache``: a KV cache that
     already holds the prompt's first columns; ``input_ids`` are then only its last
-    columns (``attention_mask`` still covers the whole prompt).
+    columns (``attention_mask`` still covers the whole prompt). ``prompt_logits``:
+    the ``[batch, vocab]`` last-position logits of a prompt pass already run,
+    whose keys and values ``cache`` holds; decoding starts from them.
     """
     device = next(model.parameters()).device
     ids, mask = input_ids.to(device), attention_mask.to(device)
@@ -206,7 +209,10 @@ def greedy_tokens(
         _check_newest(newest_only)
         cache = croppable_cache(model) if cache is None else cache
     for step in range(max_new_tokens):
-        logits, cache = _cached_pass(model, ids, mask, positions, cache)
+        if step == 0 and prompt_logits is not None:
+            logits = prompt_logits
+        else:
+            logits, cache = _cached_pass(model, ids, mask, positions, cache)
         if on_step is not None:
             on_step(logits)
         token = logits.detach().argmax(-1).masked_fill(done, pad)
