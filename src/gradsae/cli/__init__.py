@@ -1,4 +1,4 @@
-"""Command line: ``gradsae score | train-sae | reproduce | report | cards``.
+"""Command line: ``gradsae score | train-sae | reproduce | sweep | report | cards | steer``.
 
 Every user error ends as one line, ``error: <what and the fix>``, exit status 2,
 also the parser's own (an unknown option, a bad choice). Each subcommand is a
@@ -24,6 +24,7 @@ COMMANDS = {
     "reproduce": ("reproduce", "run the paper's two experiments and write tables and plots"),
     "report": ("report", "re-render a run's table and plots from its results.json"),
     "cards": ("cards", "feature cards: a latent's top contexts by activation and influence, logit lens, density"),
+    "sweep": ("sweep", "reproduce over tasks x layers and write one consolidated sweep.md"),
     "steer": ("steer", "steer generation toward a concept with latents each method picks; judge success and cost"),
 }
 

@@ -3,7 +3,8 @@
 Writes to ``--out``: ``results.json`` (every number, the config, the seed, the
 versions; identical for a rerun with the same seed), ``table.md`` (the
 paper-style tables), ``exp1_layer{l}.png`` and ``exp2_layer{l}.png``, and
-``timing.json`` (wall times, kept apart so ``results.json`` is reproducible), and
+``timing.json`` (wall times: per layer, this invocation's ``session_s`` and ``total_s`` summed over
+the completed invocations into the folder; kept apart so ``results.json`` is reproducible), and
 ``examples.json`` (per kept example: tokens, TopK sets, per-token activation and
 influence, answers under masking; read by ``gradsae report --html`` and ``gradsae cards``).
 Every file is written to a temporary name and renamed, ``results.json`` last, so
@@ -181,10 +182,11 @@ def run(args: argparse.Namespace) -> int:
             began = time.perf_counter()
             results.append(run_layer(lm, found.sae.to(lm.device), task, cfg, journal, recorder=recorder))
             timing[f"layer_{found.layer}_s"] = round(time.perf_counter() - began, 1)
-        timing["total_s"] = round(time.perf_counter() - start, 1)
+        timing["session_s"] = round(time.perf_counter() - start, 1)
+        timing["total_s"] = round(earlier_seconds(out, restart=args.restart) + timing["session_s"], 1)
         recorder.dump().save(out)
         write_outputs(out, RunResults(config=meta, layers=tuple(results)), timing)
-    print(f"wrote {args.out}/results.json, table.md and plots in {timing['total_s']:.0f} s")  # noqa: T201
+    print(f"wrote {args.out}/results.json, table.md and plots in {timing['session_s']:.0f} s")  # noqa: T201
     return 0
 
 
@@ -361,6 +363,17 @@ def run_meta(
             "python": platform.python_version(),
         },
     )
+
+
+def earlier_seconds(out: Path, *, restart: bool) -> float:
+    """Wall time of the earlier completed invocations into ``out`` (``timing.json``), 0 after ``--restart``."""
+    path = out / "timing.json"
+    if restart or not path.is_file():
+        return 0.0
+    try:
+        return float(_files.read_json(path).get("total_s", 0.0))
+    except (ValueError, TypeError, AttributeError):
+        return 0.0
 
 
 def write_outputs(folder: Path, results: RunResults, timing: dict[str, float]) -> None:

@@ -1,0 +1,95 @@
+"""``gradsae sweep``: each task's run equals a plain ``reproduce``; the table reads those files; bad input first."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gradsae.cli import main
+from gradsae.experiments.run import RunResults
+from gradsae.experiments.stats import paired_difference
+from gradsae.experiments.sweep import load_runs, sweep_markdown
+from tests.tiny_files import tiny_run_files
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tiny_run_files(tmp_path_factory.mktemp("tiny"))
+    shutil.copy(folder / "task.jsonl", folder / "other.jsonl")
+    return folder
+
+
+def _common(files: Path) -> list[str]:
+    return ["--model", str(files / "model"), "--sae", str(files / "sae"), "--ks", "1,50%", "--max-new-tokens", "3"]
+
+
+@pytest.fixture(scope="module")
+def swept(files: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sweep")
+    tasks = f"{files / 'task.jsonl'},{files / 'other.jsonl'}"
+    assert main(["sweep", "--tasks", tasks, "--layers", "0", "--n", "8", "--out", str(out), *_common(files)]) == 0
+    return out
+
+
+def test_each_task_equals_a_plain_reproduce(files: Path, swept: Path, tmp_path: Path) -> None:
+    argv = ["reproduce", "--task", str(files / "task.jsonl"), "--layers", "0", "--n", "8", "--curves"]
+    assert main([*argv, "--out", str(tmp_path), *_common(files)]) == 0
+    plain = json.loads((tmp_path / "results.json").read_text())
+    assert json.loads((swept / "task" / "results.json").read_text()) == plain
+    assert plain["layers"][0]["curves"], "the sweep asks for curves by default"
+
+
+def test_table_reads_the_runs(swept: Path) -> None:
+    text = (swept / "sweep.md").read_text()
+    results = RunResults.load(swept / "task")
+    layer = results.layers[0]
+    by = {(c.method, c.k): c for c in layer.perturbation if c.set == "top" and c.edit == "zero"}
+    diff = paired_difference(
+        by[("gradsae", "1")].per_example, by[("activation", "1")].per_example, seed=0, resamples=1000
+    )
+    row = next(line for line in text.splitlines() if line.startswith("| task | 0 |"))
+    assert f"| {layer.n_kept} |" in row
+    assert f"{diff.mean:+.1f} [{diff.low:+.1f}, {diff.high:+.1f}]" in row
+    assert "| other | 0 |" in text
+    assert "## Faithfulness" in text and "## Wall time" in text
+
+
+def test_rerun_resumes_and_rewrites_the_same_tables(files: Path, swept: Path) -> None:
+    before = (swept / "sweep.md").read_text()
+    first = json.loads((swept / "task" / "timing.json").read_text())
+    tasks = f"{files / 'task.jsonl'},{files / 'other.jsonl'}"
+    assert main(["sweep", "--tasks", tasks, "--layers", "0", "--n", "8", "--out", str(swept), *_common(files)]) == 0
+    after = (swept / "sweep.md").read_text()
+    assert before.split("## Wall time")[0] == after.split("## Wall time")[0]
+    second = json.loads((swept / "task" / "timing.json").read_text())
+    assert second["total_s"] == pytest.approx(first["total_s"] + second["session_s"], abs=0.11)
+
+
+def test_markdown_without_curves_has_no_curve_section(swept: Path) -> None:
+    runs = load_runs(swept, ["task"])
+    bare = [type(r)(task=r.task, results=_without_curves(r.results), wall_s=None) for r in runs]
+    text = sweep_markdown(bare, command="gradsae sweep")
+    assert "## Faithfulness" not in text and "| task | - |" in text
+
+
+def _without_curves(results: RunResults) -> RunResults:
+    import dataclasses
+
+    layers = tuple(dataclasses.replace(layer, curves={}) for layer in results.layers)
+    return dataclasses.replace(results, layers=layers)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "message"),
+    [("TASK,nope", "unknown task 'nope'"), ("TASK,TASK", "name each task once")],
+)
+def test_bad_task_refused_before_any_work(files: Path, tmp_path: Path, capsys, tasks: str, message: str) -> None:
+    out = tmp_path / "out"
+    argv = ["sweep", "--tasks", tasks.replace("TASK", str(files / "task.jsonl")), "--out", str(out), "--layers", "0"]
+    assert main([*argv, *_common(files)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
