@@ -126,6 +126,9 @@ CLI = [
     Cli("reproduce-n-0", "reproduce --out {d}/o --n 0", ("--n must be at least 1", "pass --n 1")),
     Cli("reproduce-n-negative", "reproduce --out {d}/o --n -3", ("--n must be at least 1",)),
     Cli("reproduce-batch-0", "reproduce --out {d}/o --batch-size 0", ("--batch-size must be at least 1",)),
+    Cli("reproduce-curves-n-0", "reproduce --out {d}/o --curves --curves-n 0", ("--curves-n must be at least 1",)),
+    Cli("sweep-unknown-task", "sweep --out {d}/o --tasks sst2,nope", ("unknown task 'nope'",)),
+    Cli("sweep-bad-ks", "sweep --out {d}/o --ks 10,lots", ("neither a positive integer",)),
     Cli("reproduce-max-new-0", "reproduce --out {d}/o --max-new-tokens 0", ("--max-new-tokens must be at least 1",)),
     Cli("reproduce-seed-negative", "reproduce --out {d}/o --seed -1", ("--seed must be at least 0",)),
     Cli(

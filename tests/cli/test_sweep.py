@@ -30,16 +30,46 @@ def _common(files: Path) -> list[str]:
 def swept(files: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sweep")
     tasks = f"{files / 'task.jsonl'},{files / 'other.jsonl'}"
-    assert main(["sweep", "--tasks", tasks, "--layers", "0", "--n", "8", "--out", str(out), *_common(files)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--tasks",
+                tasks,
+                "--layers",
+                "0",
+                "--n",
+                "8",
+                "--curves-n",
+                "2",
+                "--out",
+                str(out),
+                *_common(files),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_each_task_equals_a_plain_reproduce(files: Path, swept: Path, tmp_path: Path) -> None:
-    argv = ["reproduce", "--task", str(files / "task.jsonl"), "--layers", "0", "--n", "8", "--curves"]
+    argv = [
+        "reproduce",
+        "--task",
+        str(files / "task.jsonl"),
+        "--layers",
+        "0",
+        "--n",
+        "8",
+        "--curves",
+        "--curves-n",
+        "2",
+    ]
     assert main([*argv, "--out", str(tmp_path), *_common(files)]) == 0
     plain = json.loads((tmp_path / "results.json").read_text())
     assert json.loads((swept / "task" / "results.json").read_text()) == plain
-    assert plain["layers"][0]["curves"], "the sweep asks for curves by default"
+    assert plain["layers"][0]["n_kept"] > 2
+    assert len(plain["layers"][0]["curves"]["examples"]) == 2, "curves on the first --curves-n kept examples"
 
 
 def test_table_reads_the_runs(swept: Path) -> None:
@@ -61,7 +91,25 @@ def test_rerun_resumes_and_rewrites_the_same_tables(files: Path, swept: Path) ->
     before = (swept / "sweep.md").read_text()
     first = json.loads((swept / "task" / "timing.json").read_text())
     tasks = f"{files / 'task.jsonl'},{files / 'other.jsonl'}"
-    assert main(["sweep", "--tasks", tasks, "--layers", "0", "--n", "8", "--out", str(swept), *_common(files)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--tasks",
+                tasks,
+                "--layers",
+                "0",
+                "--n",
+                "8",
+                "--curves-n",
+                "2",
+                "--out",
+                str(swept),
+                *_common(files),
+            ]
+        )
+        == 0
+    )
     after = (swept / "sweep.md").read_text()
     assert before.split("## Wall time")[0] == after.split("## Wall time")[0]
     second = json.loads((swept / "task" / "timing.json").read_text())

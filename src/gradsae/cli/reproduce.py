@@ -135,6 +135,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt-format", default=None, choices=["chat", "plain"], help="chat template or plain text (default: task's)"
     )
     parser.add_argument("--curves", action="store_true", help="add faithfulness curves (deletion / sufficiency)")
+    parser.add_argument(
+        "--curves-n",
+        type=int,
+        default=None,
+        help="curves on the first N kept examples only (default: all; each costs one forward per active latent)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -178,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
                 skip_first=not args.splice_first,
                 keep_f1=args.keep_f1,
                 curves=args.curves,
+                curves_n=args.curves_n,
             )
             began = time.perf_counter()
             results.append(run_layer(lm, found.sae.to(lm.device), task, cfg, journal, recorder=recorder))
@@ -229,6 +236,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[tuple[KSpec, ...], list[i
     positions = parse_positions(args.steer_positions)
     validate.at_least("--n", args.n, 1)
     validate.at_least("--batch-size", args.batch_size, 1)
+    validate.at_least("--curves-n", args.curves_n, 1)
     validate.at_least("--max-new-tokens", args.max_new_tokens, 1)
     validate.at_least("--seed", args.seed, 0)
     validate.model_and_device(args.model, args.device)
@@ -355,6 +363,8 @@ def run_meta(
         keep_f1=args.keep_f1,
         donor_value=args.donor_value,
         floors=not args.no_floors,
+        curves=bool(args.curves),
+        curves_n=args.curves_n if args.curves else None,
         aggregation="paper (mean over positions of relu)",
         versions={
             "gradsae": __version__,

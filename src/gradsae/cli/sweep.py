@@ -21,7 +21,7 @@ from gradsae.experiments.sweep import load_runs, write_sweep
 from gradsae.experiments.tasks import load_task
 
 TASKS = "sst2,facts,capitals,past_tense"
-PASSED = ("model", "sae", "device", "seed", "n", "layers", "ks", "mode", "batch_size", "max_new_tokens")
+PASSED = ("model", "sae", "device", "seed", "n", "layers", "ks", "mode", "batch_size", "max_new_tokens", "curves_n")
 """Options handed to each task's ``reproduce`` unchanged (flags are handled apart)."""
 
 
@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default: each task's)")
     parser.add_argument("--paper", action="store_true", help="the paper-exact preset of `gradsae reproduce`")
     parser.add_argument("--no-curves", action="store_true", help="skip the faithfulness curves (exact ablation)")
+    parser.add_argument(
+        "--curves-n", type=int, default=8, help="curves on the first N kept examples of each task and layer (default 8)"
+    )
     parser.add_argument("--restart", action="store_true", help="discard earlier runs in OUT/<task> and start fresh")
 
 
@@ -74,7 +77,7 @@ def task_arguments(args: argparse.Namespace, task: str) -> argparse.Namespace:
 
     argv = ["--task", task, "--out", str(Path(args.out) / Path(task).stem)]
     for name in PASSED:
-        value = getattr(args, name)
+        value = None if name == "curves_n" and args.no_curves else getattr(args, name)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
     argv += [flag for flag, on in (("--paper", args.paper), ("--restart", args.restart)) if on]
@@ -87,6 +90,7 @@ def task_arguments(args: argparse.Namespace, task: str) -> argparse.Namespace:
 def command_line(args: argparse.Namespace) -> str:
     """The command as a person would type it (for the table's header)."""
     parts = ["gradsae", "sweep", "--tasks", args.tasks, "--layers", args.layers, "--ks", args.ks, "--n", str(args.n)]
+    parts += [] if args.no_curves else ["--curves-n", str(args.curves_n)]
     parts += ["--out", str(args.out)]
     parts += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("model", "sae", "mode") if getattr(args, k)]
     parts += [f for f, on in (("--paper", args.paper), ("--no-curves", args.no_curves)) if on]

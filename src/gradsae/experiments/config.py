@@ -60,6 +60,9 @@ class ExperimentConfig:
     """Compute blocks ``0..l`` of each prompt once for all masking / steering conditions."""
     curves: bool = False
     """Also measure faithfulness curves (:mod:`gradsae.experiments.curves`) on the kept examples."""
+    curves_n: int | None = None
+    """Curves on the first ``curves_n`` kept examples only (``None``: all; each costs one forward per
+    active latent)."""
 
     def __post_init__(self) -> None:
         bad = [p for p in self.steer_positions if p not in STEER_POSITIONS]

@@ -404,6 +404,7 @@ def zeroed_objectives(
 
 def kept_curves(lm: LoadedModel, sae: SAE, kept: Sequence[KeptExample], cfg: ExperimentConfig) -> dict[str, Any]:
     """The curves of the kept examples at their answer steps, as ``CurveResult.to_dict()`` (``{}`` if none)."""
+    kept = kept[: cfg.curves_n] if cfg.curves_n is not None else kept
     if not kept:
         return {}
     parts = []

@@ -103,6 +103,10 @@ class RunMeta:
     """What a donor latent is injected with."""
     floors: bool = True
     """Steering floors measured."""
+    curves: bool = False
+    """Faithfulness curves measured."""
+    curves_n: int | None = None
+    """Curves on the first this many kept examples (``None``: all)."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunMeta:
