@@ -17,8 +17,9 @@ from gradsae import _files
 from gradsae.cli import validate
 from gradsae.cli.common import dataclass_arguments, parse_count, parse_layers
 from gradsae.errors import GradSAEError
-from gradsae.models import DEFAULT_NAMES, check_layers, load_model
-from gradsae.training.activations import load_texts, split_heldout
+from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers, load_model
+from gradsae.training.activations import Corpus, Mixture, load_texts, split_heldout
+from gradsae.training.chatmix import CHAT_SHARE, conversations, user_turns
 from gradsae.training.export import finish_run
 from gradsae.training.loop import CHECKPOINT, stop_on_sigint, train_saes
 from gradsae.training.trainer import TrainConfig
@@ -37,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--corpus",
         default="news",
-        help="news (embedded NewsArticles), a .txt/.jsonl/.csv/.parquet file, or a HF dataset",
+        help="news (embedded NewsArticles); chatmix (news + chat conversations in the model's template with its "
+        "own replies, see gradsae.training.chatmix); a .txt/.jsonl/.csv/.parquet file; or a HF dataset",
     )
     add("--column", default="text", help="text column of a .jsonl/.csv/.parquet/HF corpus")
     add("--split", default="train", help="split of a Hugging Face dataset")
@@ -69,17 +71,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_texts, heldout = split_heldout(load_texts(args.corpus, column=args.column, split=args.split))
+    chatmix = args.corpus.lower() == CHATMIX
+    corpus = None if chatmix else args.corpus
+    train_texts, heldout = split_heldout(load_texts(corpus, column=args.column, split=args.split))
     out = Path(args.out)
     with _files.locked_folder(out, command="train-sae"):
         lm = load_model(args.model)
         check_layers(lm, cfg.layers)
+        corpus_in: Corpus = chat_mixture(lm, train_texts, out) if chatmix else train_texts
         if args.model_dtype != "float32":
             lm.model.to(getattr(torch, args.model_dtype))
         with stop_on_sigint() as should_stop:
             result = train_saes(
                 lm,
-                train_texts,
+                corpus_in,
                 cfg,
                 checkpoint=out / CHECKPOINT,
                 should_stop=should_stop,
@@ -101,6 +106,15 @@ def run(args: argparse.Namespace) -> int:
             eval_batch=args.eval_batch,
         )
     return 0
+
+
+CHATMIX = "chatmix"
+
+
+def chat_mixture(lm: LoadedModel, news: list[str], out: Path) -> Mixture:
+    """News documents and chat conversations (replies generated once, cached in ``out``)."""
+    chats = conversations(lm, user_turns(), cache=out / "chat_replies.json")
+    return Mixture(texts=tuple(news), framed=tuple(chats), framed_share=CHAT_SHARE)
 
 
 def interrupted(args: argparse.Namespace) -> str:

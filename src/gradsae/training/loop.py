@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ from gradsae import _files
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel
 from gradsae.sae import SAE
-from gradsae.training.activations import Block, activation_blocks
+from gradsae.training.activations import Block, Corpus, activation_blocks
 from gradsae.training.trainer import LayerTrainer, StepOut, TrainConfig, geometric_median
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class TrainResult:
 
 def train_saes(
     lm: LoadedModel,
-    texts: Sequence[str],
+    texts: Corpus,
     cfg: TrainConfig,
     *,
     checkpoint: str | Path | None = None,
