@@ -113,6 +113,19 @@ def test_conversations_append_the_models_reply_and_reuse_the_cache(tmp_path, mon
         assert conv == f"#U {turn.text} #A " + reply.split("</s>")[0].rstrip() + "</s>\n"
     import gradsae.generate
 
+    monkeypatch.setattr(chatmix, "CACHE_EVERY", 2)
+    cut = tmp_path / "cut.json"
+    real = gradsae.generate.generate
+    chatmix.conversations(lm, turns[:2], cache=cut)
+    import json
+
+    saved = json.loads(cut.read_text())
+    whole_key = json.loads(cache.read_text())["key"]
+    cut.write_text(json.dumps({"key": whole_key, "replies": saved["replies"]}))  # as if cut after 2 of 3
+    asked = []
+    monkeypatch.setattr(gradsae.generate, "generate", lambda lm_, p, **k: asked.append(len(p)) or real(lm_, p, **k))
+    assert chatmix.conversations(lm, turns, cache=cut) == convs
+    assert asked == [1], "a resumed cache generates only the missing replies"
     monkeypatch.setattr(gradsae.generate, "generate", lambda *a, **k: pytest.fail("the cache was not used"))
     assert chatmix.conversations(lm, turns, cache=cache) == convs
 
