@@ -22,7 +22,20 @@ from tests.helpers import BOS, D_MODEL, PAD, CharTokenizer, char_lm, tiny_sae
 from tests.tiny_files import tiny_run_files
 
 LAYER = 1
-FIELDS = ("fvu", "l0", "dead_fraction", "ce_clean", "ce_sae", "ce_zero", "ce_recovered", "kl_sae", "kl_zero")
+FIELDS = (
+    "fvu",
+    "fvu_typical",
+    "outliers",
+    "cossim",
+    "l0",
+    "dead_fraction",
+    "ce_clean",
+    "ce_sae",
+    "ce_zero",
+    "ce_recovered",
+    "kl_sae",
+    "kl_zero",
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +87,7 @@ def _run(lm: LoadedModel, ids: torch.Tensor, layer: int, fn: Any = None) -> tupl
     return logits, seen["z"][0]
 
 
-def by_hand(lm: LoadedModel, sae: SAE, evalset: EvalSet, layer: int = LAYER) -> dict[str, float]:
+def by_hand(lm: LoadedModel, sae: SAE, evalset: EvalSet, layer: int = LAYER, factor: float = 10.0) -> dict[str, float]:
     """The figures from one row at a time, no padding: plain torch and the formulas of the module docstring."""
     xs, ce, kl = [], {"clean": [], "sae": [], "zero": []}, {"sae": [], "zero": []}
     for ids, mask, counted in zip(evalset.input_ids, evalset.attention_mask, evalset.counted, strict=True):
@@ -96,8 +109,13 @@ def by_hand(lm: LoadedModel, sae: SAE, evalset: EvalSet, layer: int = LAYER) -> 
         h = sae.encode(x.float()).double()
         out = sae(x.float()).double()
     mean = {name: sum(values) / len(values) for name, values in {**ce, **{f"kl_{k}": v for k, v in kl.items()}}.items()}
+    typical = x.norm(dim=-1) <= factor * x.norm(dim=-1).median()
+    xt = x[typical]
     return {
         "fvu": float((x - out).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
+        "fvu_typical": float((xt - out[typical]).pow(2).sum() / (xt - xt.mean(0)).pow(2).sum()),
+        "outliers": int((~typical).sum()),
+        "cossim": float(torch.nn.functional.cosine_similarity(x, out, dim=-1).mean()),
         "l0": float((h > 0).sum(-1).double().mean()),
         "dead_fraction": float(((h > 0).sum(0) == 0).double().mean()),
         "ce_clean": mean["clean"],
@@ -129,6 +147,19 @@ def test_each_figure_matches_a_direct_computation(lm, sae, partial) -> None:
     assert figures.tokens == expected["tokens"] == evalset.tokens and figures.sequences == 7
     assert figures.predictions == expected["predictions"]
     assert 0 < figures.dead_fraction < 1 and figures.kl_sae > 0 and figures.ce_zero != figures.ce_clean
+
+
+def test_typical_fvu_leaves_out_the_large_norms(lm, sae, monkeypatch) -> None:
+    import gradsae.experiments.eval_sae
+
+    monkeypatch.setattr(gradsae.experiments.eval_sae, "TYPICAL", 1.0)  # everything above the median is left out
+    evalset = ragged_set()
+    (figures,) = set_figures(lm, {LAYER: sae}, evalset, batch=3)
+    expected = by_hand(lm, sae, evalset, factor=1.0)
+    assert figures.outliers == expected["outliers"] and 0.4 * evalset.tokens < figures.outliers < 0.6 * evalset.tokens
+    assert (
+        figures.fvu_typical == pytest.approx(expected["fvu_typical"], rel=1e-4) and figures.fvu_typical != figures.fvu
+    )
 
 
 def test_padding_and_order_change_no_figure(lm, sae) -> None:

@@ -5,7 +5,11 @@
    ``l`` at the counted positions, ``x^`` its reconstruction and ``h`` its latents,
 
    * ``FVU = sum ||x - x^||^2 / sum ||x - mean(x)||^2``; ``L0`` = mean ``#{c: h_c > 0}``;
-     ``dead`` = share of latents that never fire on the set;
+     ``dead`` = share of latents that never fire on the set; ``cos`` = mean ``cos(x, x^)``;
+   * ``FVU typical``: the FVU without the tokens whose ``||x||`` exceeds :data:`TYPICAL` times
+     the set's median ``||x||`` (massive activations: a plain few-shot prompt has no BOS, and
+     its second token can carry a residual ~80x the median, enough to dominate the pooled
+     variance and make the pooled FVU small however the rest is reconstructed);
    * over the next-token predictions made at counted positions (not a row's last):
      ``CE_clean``, ``CE_sae`` (the residual replaced by ``x^`` at every spliced
      position), ``CE_zero`` (replaced by 0), ``CE recovered = (CE_zero - CE_sae) /
@@ -51,6 +55,8 @@ JSON = "eval_sae.json"
 MARKDOWN = "eval_sae.md"
 MODES: tuple[Mode, ...] = ("replace", "error")
 BOOTSTRAP = 1000
+TYPICAL = 10.0
+"""A token whose residual norm exceeds this many times the set's median is a massive activation."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,12 @@ class SetFigures:
     predictions: int
     """Counted next-token predictions (CE and KL)."""
     fvu: float
+    fvu_typical: float
+    """FVU without the counted tokens whose ``|x|`` exceeds ``TYPICAL`` x the set's median ``|x|``."""
+    outliers: int
+    """Those tokens (massive activations), left out of ``fvu_typical`` only."""
+    cossim: float
+    """Mean cosine of ``x`` and ``x^`` per token."""
     l0: float
     dead_fraction: float
     ce_clean: float
@@ -154,6 +166,7 @@ def set_figures(lm: LoadedModel, saes: dict[int, SAE], evalset: EvalSet, *, batc
         batch=batch,
         attention_mask=evalset.attention_mask.to(device),
         counted=evalset.counted.to(device),
+        typical=TYPICAL,
     )
     out = []
     for layer, (result, core) in found.items():
@@ -165,6 +178,9 @@ def set_figures(lm: LoadedModel, saes: dict[int, SAE], evalset: EvalSet, *, batc
                 sequences=core.sequences,
                 predictions=predictions(evalset),
                 fvu=result.fvu,
+                fvu_typical=core.fvu_typical,
+                outliers=core.outliers,
+                cossim=core.cossim,
                 l0=result.l0,
                 dead_fraction=result.dead_fraction,
                 ce_clean=result.ce_clean,
@@ -286,16 +302,23 @@ def _figure_lines(results: EvalSAEResults) -> list[str]:
         "",
         POSITIONS,
         "",
-        "| layer | set | FVU | CE loss recovered | CE clean | CE with SAE | CE zero-ablated | KL(clean ‖ SAE) "
-        "| KL(clean ‖ zero) | L0 | dead latents |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | set | FVU | FVU typical (outliers) | cos | CE loss recovered | CE clean | CE with SAE "
+        "| CE zero-ablated | KL(clean ‖ SAE) | KL(clean ‖ zero) | L0 | dead latents |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in sorted(results.figures, key=lambda f: f.layer):
         lines.append(
-            f"| {f.layer} | {f.set} | {f.fvu:.3f} | {100 * f.ce_recovered:.1f}% | {f.ce_clean:.3f} | {f.ce_sae:.3f} "
-            f"| {f.ce_zero:.3f} | {f.kl_sae:.3f} | {f.kl_zero:.3f} | {f.l0:.1f} | {100 * f.dead_fraction:.1f}% |"
+            f"| {f.layer} | {f.set} | {f.fvu:.3f} | {f.fvu_typical:.3f} ({f.outliers}) | {f.cossim:.3f} "
+            f"| {100 * f.ce_recovered:.1f}% | {f.ce_clean:.3f} | {f.ce_sae:.3f} | {f.ce_zero:.3f} | {f.kl_sae:.3f} "
+            f"| {f.kl_zero:.3f} | {f.l0:.1f} | {100 * f.dead_fraction:.1f}% |"
         )
-    return [*lines, "", "CE and KL in nats per prediction.", ""]
+    note = (
+        f"CE and KL in nats per prediction. FVU typical: the FVU without the counted tokens whose residual norm "
+        f"exceeds {TYPICAL:g}x the set's median (massive activations, counted in brackets); such tokens carry most "
+        "of the pooled variance where they occur (the second token of a plain few-shot prompt, which has no BOS), "
+        "so the pooled FVU can be small however the other tokens are reconstructed. cos: mean cosine of x and x^."
+    )
+    return [*lines, "", note, ""]
 
 
 def _accuracy_lines(results: EvalSAEResults) -> list[str]:
@@ -307,7 +330,7 @@ def _accuracy_lines(results: EvalSAEResults) -> list[str]:
         f"Greedy answers scored as the experiments score them (sst2: the label; generative tasks: SQuAD exact "
         f"match), {results.config['n_task']} examples per task drawn with seed {results.config['seed']}, "
         "each task in its default prompt format; percent with 95% bootstrap intervals. `error` mode keeps the "
-        "model exact, so its answers must equal the clean model's token for token (the check column).",
+        "model exact, so its answers must equal the clean model's token for token (checked below the table).",
         "",
         head,
         "|" + "---|" * (4 + 2 * len(layers)),

@@ -34,7 +34,7 @@ import copy
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,10 @@ class CoreMetrics:
     """Per latent: share of tokens on which it fires."""
     sequence_density: tuple[float, ...]
     """Per latent: share of sequences on which it fires at least once."""
+    fvu_typical: float = float("nan")
+    """FVU over the tokens whose ``|x|`` is at most ``typical`` x the median ``|x|`` (NaN unless asked)."""
+    outliers: int = 0
+    """Tokens left out of :attr:`fvu_typical` (massive activations)."""
 
 
 @dataclass
@@ -137,6 +141,10 @@ class _Stats:
     """``[d_sae]`` tokens on which each latent fired."""
     fired_seq: torch.Tensor | None = None
     """``[d_sae]`` sequences on which each latent fired."""
+    keep_tokens: bool = False
+    """Keep each token's ``x`` and squared error (for :meth:`typical_fvu`)."""
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    """``[n, d_model + 1]`` chunks: ``x`` and ``|x - x^|^2`` per token (``keep_tokens``)."""
 
     def add(self, sae: SAE, xs: torch.Tensor, keep: torch.Tensor) -> None:
         """Accumulate the rows of ``xs`` (``[batch, pos, d_model]``) where ``keep`` (``[batch, pos]``) is true."""
@@ -152,6 +160,8 @@ class _Stats:
             0, keep.nonzero()[:, 0], active.float()
         )
         self.fired_seq = _plus(self.fired_seq, (per_row > 0).sum(0).long())
+        if self.keep_tokens:
+            self.tokens.append(torch.cat([x, (x - out).pow(2).sum(-1, keepdim=True)], dim=-1).float().cpu())
         self.l0 += float(active.sum())
         self.l1 += float(h.double().abs().sum())
         self._shrinkage(x.double(), out.double())
@@ -172,8 +182,18 @@ class _Stats:
         variance = self.sq - float(self.total.pow(2).sum()) / self.n
         return self.err / variance
 
-    def core(self, kl_sae: float, kl_zero: float) -> CoreMetrics:
+    def typical_fvu(self, factor: float) -> tuple[float, int]:
+        """FVU without the tokens whose norm exceeds ``factor`` x the median norm, and how many those are."""
+        rows = torch.cat(self.tokens).double()
+        x, err = rows[:, :-1], rows[:, -1]
+        norm = x.norm(dim=-1)
+        kept = norm <= factor * norm.median()
+        xk = x[kept]
+        return float(err[kept].sum() / (xk - xk.mean(0)).pow(2).sum()), int((~kept).sum())
+
+    def core(self, kl_sae: float, kl_zero: float, typical: float | None = None) -> CoreMetrics:
         assert self.fired is not None and self.fired_seq is not None and self.total is not None
+        fvu_typical, outliers = self.typical_fvu(typical) if typical is not None else (float("nan"), 0)
         return CoreMetrics(
             kl_sae=kl_sae,
             kl_zero=kl_zero,
@@ -190,6 +210,8 @@ class _Stats:
             sequences=self.sequences,
             density=tuple((self.fired.double() / self.n).tolist()),
             sequence_density=tuple((self.fired_seq.double() / self.sequences).tolist()),
+            fvu_typical=fvu_typical,
+            outliers=outliers,
         )
 
 
@@ -219,17 +241,19 @@ def evaluate_all(
     batch: int = 16,
     attention_mask: torch.Tensor | None = None,
     counted: torch.Tensor | None = None,
+    typical: float | None = None,
 ) -> dict[int, tuple[EvalResult, CoreMetrics]]:
     """:class:`EvalResult` and :class:`CoreMetrics` of each SAE, from one set of passes.
 
     ``ids``: ``[n, pos]`` token ids, left-padded where ``attention_mask`` (``[n, pos]``, default all
     ones) is 0. ``counted``: ``[n, pos]`` bool, the positions whose figures count (default: every
-    spliced one); see the module docstring.
+    spliced one); see the module docstring. ``typical``: also the FVU without the tokens whose norm
+    exceeds ``typical`` x the median (:attr:`CoreMetrics.fvu_typical`; keeps every counted ``x``).
     """
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.device)
     spliced = spliced_positions(mask)
     counted = spliced if counted is None else counted.to(ids.device).bool() & spliced
-    stats = {layer: _Stats(sae.cfg.d_sae) for layer, sae in saes.items()}
+    stats = {layer: _Stats(sae.cfg.d_sae, keep_tokens=typical is not None) for layer, sae in saes.items()}
     sums = {layer: dict.fromkeys(("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero"), 0.0) for layer in saes}
     count = 0
     step = max(1, min(batch, KL_BATCH))
@@ -253,7 +277,7 @@ def evaluate_all(
             ce_recovered=(o["ce_zero"] - o["ce_sae"]) / (o["ce_zero"] - o["ce_clean"]),
         )
         log.info("layer %d: %s", layer, result)
-        results[layer] = (result, s.core(o["kl_sae"], o["kl_zero"]))
+        results[layer] = (result, s.core(o["kl_sae"], o["kl_zero"], typical))
     return results
 
 
