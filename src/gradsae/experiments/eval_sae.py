@@ -314,9 +314,9 @@ def _figure_lines(results: EvalSAEResults) -> list[str]:
         )
     note = (
         f"CE and KL in nats per prediction. FVU typical: the FVU without the counted tokens whose residual norm "
-        f"exceeds {TYPICAL:g}x the set's median (massive activations, counted in brackets); such tokens carry most "
-        "of the pooled variance where they occur (the second token of a plain few-shot prompt, which has no BOS), "
-        "so the pooled FVU can be small however the other tokens are reconstructed. cos: mean cosine of x and x^."
+        f"exceeds {TYPICAL:g}x the set's median (massive activations, counted in brackets; e.g. the second token of "
+        "a plain few-shot prompt, which has no BOS). A few such tokens carry most of the pooled variance, so the "
+        "pooled FVU can be small however the other tokens are reconstructed. cos: mean cosine of x and x^."
     )
     return [*lines, "", note, ""]
 
