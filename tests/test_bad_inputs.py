@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 
+import gradsae.cli.eval_sae
 import gradsae.cli.reproduce
 import gradsae.cli.score
 import gradsae.cli.train_sae
@@ -40,7 +41,7 @@ from gradsae.splice import Edit, splice
 from tests.helpers import CharTokenizer, tiny_sae
 from tests.tiny_files import tiny_model, tiny_tokenizer
 
-LOADERS = (gradsae.models, gradsae.cli.score, gradsae.cli.reproduce, gradsae.cli.train_sae)
+LOADERS = (gradsae.models, gradsae.cli.score, gradsae.cli.reproduce, gradsae.cli.train_sae, gradsae.cli.eval_sae)
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,29 @@ CLI = [
         "train-layer-out-of-range",
         "train-sae --out {d}/t --model tiny --corpus {d}/corpus.txt --layers 5",
         ("layer 5 is out of range", "0..1"),
+        model=True,
+    ),
+    # -- eval-sae ------------------------------------------------------------------------------------------------
+    Cli("eval-layers-twice", "eval-sae --out {d}/e --layers 6,6", ("layer 6 twice", "list each layer once")),
+    Cli("eval-tokens-negative", "eval-sae --out {d}/e --tokens -5", ("not a count", "--help")),
+    Cli("eval-n-task-negative", "eval-sae --out {d}/e --n-task -1", ("--n-task must be at least 0",)),
+    Cli("eval-nothing", "eval-sae --out {d}/e --tokens 0 --n-task 0", ("nothing to measure", "pass e.g.")),
+    Cli("eval-unknown-task", "eval-sae --out {d}/e --tasks sst2,nope", ("unknown task 'nope'", "use any of")),
+    Cli("eval-task-twice", "eval-sae --out {d}/e --tasks sst2,sst2", ("name each task once",)),
+    Cli("eval-context-1", "eval-sae --out {d}/e --context 1", ("--context must be at least 2",)),
+    Cli("eval-new-tokens-0", "eval-sae --out {d}/e --new-tokens 0", ("--new-tokens must be at least 1",)),
+    Cli("eval-batch-0", "eval-sae --out {d}/e --batch-size 0", ("--batch-size must be at least 1",)),
+    Cli("eval-no-shipped-layer", "eval-sae --out {d}/e --layers 6,3", ("no shipped SAE at layer 3", "--sae")),
+    Cli(
+        "eval-model-without-sae", "eval-sae --out {d}/e --model {d}/hfmodel --layers 1", ("no SAEs ship", "pass --sae")
+    ),
+    Cli("eval-sae-one-folder", "eval-sae --out {d}/e --sae {d}/sae --layers 0,1", ("one folder for 2 layers",)),
+    Cli("eval-sae-missing", "eval-sae --out {d}/e --sae {d}/nowhere_{{layer}} --layers 0", ("does not exist",)),
+    Cli("eval-out-is-file", "eval-sae --out {d}/notes.txt", ("is an existing file",)),
+    Cli(
+        "eval-sae-wrong-width",
+        "eval-sae --out {d}/e --model tiny --sae {d}/sae-wide --layers 0 --n-task 0 --tokens 10",
+        ("does not match the model's hidden size",),
         model=True,
     ),
     # -- report --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Command line: ``gradsae score | train-sae | reproduce | sweep | report | cards | steer``.
+"""Command line: ``gradsae score | train-sae | eval-sae | reproduce | sweep | report | cards | steer``.
 
 Every user error ends as one line, ``error: <what and the fix>``, exit status 2,
 also the parser's own (an unknown option, a bad choice). Each subcommand is a
@@ -21,6 +21,7 @@ from gradsae.errors import GradSAEError
 COMMANDS = {
     "score": ("score", "rank a prompt's SAE latents by GradSAE and by activation"),
     "train-sae": ("train_sae", "train TopK SAEs on a model's residual stream"),
+    "eval-sae": ("eval_sae", "evaluate SAEs on held-out news, chat prompts and generated text, and task accuracy"),
     "reproduce": ("reproduce", "run the paper's two experiments and write tables and plots"),
     "report": ("report", "re-render a run's table and plots from its results.json"),
     "cards": ("cards", "feature cards: a latent's top contexts by activation and influence, logit lens, density"),

@@ -11,6 +11,15 @@ is never encoded, replaced nor ablated) with residual ``x`` after layer ``l``:
   ``l`` left alone (``CE_clean``), replaced by ``x^`` (``CE_sae``), or set to 0
   (``CE_zero``); ``CE recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)``.
 
+Left-padded rows of different lengths (an ``attention_mask``) follow the same rule
+with each row's first real token in the role of BOS: it and the padding are never
+encoded, replaced nor ablated, and padding changes no figure. ``counted`` narrows
+the tokens that enter the figures (e.g. only a generated continuation) while the
+replacement still covers every spliced position: the residual figures average over
+the counted positions, CE and KL over the next-token predictions made at counted
+positions that have a next token (for the rows above: positions ``1..P-2``).
+Each edited pass replays the clean pass's blocks ``0..l`` (:mod:`gradsae.prefix`).
+
 The same passes also give :class:`CoreMetrics`, the figures of SAEBench's ``core``
 evaluation (written as its JSON by :mod:`gradsae.training.saebench`): at the same
 prediction positions ``KL(p_clean || p_sae)`` and ``KL(p_clean || p_zero)`` and
@@ -25,7 +34,7 @@ import copy
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from gradsae import _files
-from gradsae.models import LoadedModel, block_output, residuals, with_block_output
+from gradsae.models import LoadedModel, block_output, capture_residuals, position_ids, with_block_output
+from gradsae.prefix import Prefix, replay_prefix
 from gradsae.sae import SAE
 
 log = logging.getLogger(__name__)
@@ -103,6 +113,10 @@ class CoreMetrics:
     """Per latent: share of tokens on which it fires."""
     sequence_density: tuple[float, ...]
     """Per latent: share of sequences on which it fires at least once."""
+    fvu_typical: float = float("nan")
+    """FVU over the tokens whose ``|x|`` is at most ``typical`` x the median ``|x|`` (NaN unless asked)."""
+    outliers: int = 0
+    """Tokens left out of :attr:`fvu_typical` (massive activations)."""
 
 
 @dataclass
@@ -127,10 +141,14 @@ class _Stats:
     """``[d_sae]`` tokens on which each latent fired."""
     fired_seq: torch.Tensor | None = None
     """``[d_sae]`` sequences on which each latent fired."""
+    keep_tokens: bool = False
+    """Keep each token's ``x`` and squared error (for :meth:`typical_fvu`)."""
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    """``[n, d_model + 1]`` chunks: ``x`` and ``|x - x^|^2`` per token (``keep_tokens``)."""
 
-    def add(self, sae: SAE, xs: torch.Tensor) -> None:
-        """Accumulate ``xs`` (``[batch, pos, d_model]``, BOS already dropped)."""
-        x = xs.reshape(-1, xs.shape[-1])
+    def add(self, sae: SAE, xs: torch.Tensor, keep: torch.Tensor) -> None:
+        """Accumulate the rows of ``xs`` (``[batch, pos, d_model]``) where ``keep`` (``[batch, pos]``) is true."""
+        x = xs[keep]
         h = sae.encode(x)
         out = sae.decode(h)
         self.err += float((x - out).double().pow(2).sum())
@@ -138,12 +156,17 @@ class _Stats:
         self.total = _plus(self.total, x.double().sum(0))
         active = h > 0
         self.fired = _plus(self.fired, active.sum(0).long())
-        self.fired_seq = _plus(self.fired_seq, active.view(*xs.shape[:2], -1).any(1).sum(0).long())
+        per_row = torch.zeros(xs.shape[0], h.shape[-1], device=h.device).index_add_(
+            0, keep.nonzero()[:, 0], active.float()
+        )
+        self.fired_seq = _plus(self.fired_seq, (per_row > 0).sum(0).long())
+        if self.keep_tokens:
+            self.tokens.append(torch.cat([x, (x - out).pow(2).sum(-1, keepdim=True)], dim=-1).float().cpu())
         self.l0 += float(active.sum())
         self.l1 += float(h.double().abs().sum())
         self._shrinkage(x.double(), out.double())
         self.n += x.shape[0]
-        self.sequences += xs.shape[0]
+        self.sequences += int(keep.any(1).sum())
 
     def _shrinkage(self, x: torch.Tensor, out: torch.Tensor) -> None:
         n_in, n_out = x.norm(dim=-1), out.norm(dim=-1)
@@ -159,8 +182,18 @@ class _Stats:
         variance = self.sq - float(self.total.pow(2).sum()) / self.n
         return self.err / variance
 
-    def core(self, kl_sae: float, kl_zero: float) -> CoreMetrics:
+    def typical_fvu(self, factor: float) -> tuple[float, int]:
+        """FVU without the tokens whose norm exceeds ``factor`` x the median norm, and how many those are."""
+        rows = torch.cat(self.tokens).double()
+        x, err = rows[:, :-1], rows[:, -1]
+        norm = x.norm(dim=-1)
+        kept = norm <= factor * norm.median()
+        xk = x[kept]
+        return float(err[kept].sum() / (xk - xk.mean(0)).pow(2).sum()), int((~kept).sum())
+
+    def core(self, kl_sae: float, kl_zero: float, typical: float | None = None) -> CoreMetrics:
         assert self.fired is not None and self.fired_seq is not None and self.total is not None
+        fvu_typical, outliers = self.typical_fvu(typical) if typical is not None else (float("nan"), 0)
         return CoreMetrics(
             kl_sae=kl_sae,
             kl_zero=kl_zero,
@@ -177,6 +210,8 @@ class _Stats:
             sequences=self.sequences,
             density=tuple((self.fired.double() / self.n).tolist()),
             sequence_density=tuple((self.fired_seq.double() / self.sequences).tolist()),
+            fvu_typical=fvu_typical,
+            outliers=outliers,
         )
 
 
@@ -185,21 +220,50 @@ def _plus(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_saes(
-    lm: LoadedModel, saes: dict[int, SAE], ids: torch.Tensor, *, batch: int = 16
+    lm: LoadedModel,
+    saes: dict[int, SAE],
+    ids: torch.Tensor,
+    *,
+    batch: int = 16,
+    attention_mask: torch.Tensor | None = None,
+    counted: torch.Tensor | None = None,
 ) -> dict[int, EvalResult]:
-    """Held-out figures of each SAE (by layer) on ``ids`` (``[n, pos]``, BOS first)."""
-    return {layer: result for layer, (result, _) in evaluate_all(lm, saes, ids, batch=batch).items()}
+    """Held-out figures of each SAE (by layer) on ``ids`` (``[n, pos]``, BOS first); see :func:`evaluate_all`."""
+    found = evaluate_all(lm, saes, ids, batch=batch, attention_mask=attention_mask, counted=counted)
+    return {layer: result for layer, (result, _) in found.items()}
 
 
 def evaluate_all(
-    lm: LoadedModel, saes: dict[int, SAE], ids: torch.Tensor, *, batch: int = 16
+    lm: LoadedModel,
+    saes: dict[int, SAE],
+    ids: torch.Tensor,
+    *,
+    batch: int = 16,
+    attention_mask: torch.Tensor | None = None,
+    counted: torch.Tensor | None = None,
+    typical: float | None = None,
 ) -> dict[int, tuple[EvalResult, CoreMetrics]]:
-    """:class:`EvalResult` and :class:`CoreMetrics` of each SAE, from one set of passes."""
-    stats = _reconstruction_stats(lm, saes, ids, batch)
-    outputs = _output_metrics(lm, saes, ids, batch)
+    """:class:`EvalResult` and :class:`CoreMetrics` of each SAE, from one set of passes.
+
+    ``ids``: ``[n, pos]`` token ids, left-padded where ``attention_mask`` (``[n, pos]``, default all
+    ones) is 0. ``counted``: ``[n, pos]`` bool, the positions whose figures count (default: every
+    spliced one); see the module docstring. ``typical``: also the FVU without the tokens whose norm
+    exceeds ``typical`` x the median (:attr:`CoreMetrics.fvu_typical`; keeps every counted ``x``).
+    """
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.device)
+    spliced = spliced_positions(mask)
+    counted = spliced if counted is None else counted.to(ids.device).bool() & spliced
+    stats = {layer: _Stats(sae.cfg.d_sae, keep_tokens=typical is not None) for layer, sae in saes.items()}
+    sums = {layer: dict.fromkeys(("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero"), 0.0) for layer in saes}
+    count = 0
+    step = max(1, min(batch, KL_BATCH))
+    for first in range(0, ids.shape[0], step):
+        rows = slice(first, first + step)
+        chunk, chunk_mask, chunk_spliced, chunk_counted = _trimmed(ids[rows], mask[rows], spliced[rows], counted[rows])
+        count += _add_chunk(lm, saes, chunk, chunk_mask, chunk_spliced, chunk_counted, stats, sums)
     results = {}
     for layer in saes:
-        s, o = stats[layer], outputs[layer]
+        s, o = stats[layer], {k: v / max(count, 1) for k, v in sums[layer].items()}
         assert s.fired is not None
         result = EvalResult(
             layer=layer,
@@ -213,35 +277,69 @@ def evaluate_all(
             ce_recovered=(o["ce_zero"] - o["ce_sae"]) / (o["ce_zero"] - o["ce_clean"]),
         )
         log.info("layer %d: %s", layer, result)
-        results[layer] = (result, s.core(o["kl_sae"], o["kl_zero"]))
+        results[layer] = (result, s.core(o["kl_sae"], o["kl_zero"], typical))
     return results
 
 
-def _output_metrics(
-    lm: LoadedModel, saes: dict[int, SAE], ids: torch.Tensor, batch: int
-) -> dict[int, dict[str, float]]:
-    """Per layer: mean CE clean / with the SAE / zero-ablated and mean KL from clean, over targets ``ids[:, 2:]``."""
-    sums = {layer: dict.fromkeys(("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero"), 0.0) for layer in saes}
-    count = 0
-    for chunk in ids.split(max(1, min(batch, KL_BATCH))):
-        clean = _log_probs(lm, chunk)
-        targets = chunk[:, 2:].reshape(-1, 1)
-        for layer, sae in saes.items():
-            sums[layer]["ce_clean"] += float(-clean.gather(-1, targets).sum())
-            for name, fn in (("zero", torch.zeros_like), ("sae", _reconstruct(sae))):
-                with patch_residual(lm, layer, fn):
-                    edited = _log_probs(lm, chunk)
-                sums[layer][f"ce_{name}"] += float(-edited.gather(-1, targets).sum())
-                sums[layer][f"kl_{name}"] += float((clean.exp() * (clean - edited)).sum())
-        count += targets.numel()
-    return {layer: {k: v / count for k, v in values.items()} for layer, values in sums.items()}
+def spliced_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[n, pos]`` bool: real tokens other than each row's first (the positions an SAE is spliced at)."""
+    real = attention_mask.bool()
+    first = real.int().argmax(dim=1)
+    columns = torch.arange(real.shape[1], device=real.device)
+    return real & (columns[None, :] != first[:, None])
 
 
-def _log_probs(lm: LoadedModel, chunk: torch.Tensor) -> torch.Tensor:
-    """``[batch * (pos - 2), vocab]`` next-token log-probabilities at positions ``1..pos-2``."""
+def _trimmed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors without the leading columns that are padding in every row (``tensors[1]`` is the mask)."""
+    real = tensors[1].bool().any(0)
+    start = int(real.int().argmax()) if bool(real.any()) else 0
+    return tuple(t[:, start:] for t in tensors)
+
+
+def _add_chunk(
+    lm: LoadedModel,
+    saes: dict[int, SAE],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    spliced: torch.Tensor,
+    counted: torch.Tensor,
+    stats: dict[int, _Stats],
+    sums: dict[int, dict[str, float]],
+) -> int:
+    """Add one chunk of rows to ``stats`` and ``sums``; return its number of counted predictions."""
+    predicted = counted[:, :-1]
+    targets = ids[:, 1:][predicted][:, None]
+    clean, found = _clean_pass(lm, ids, mask, predicted, list(saes))
+    for layer, sae in saes.items():
+        with torch.no_grad():
+            stats[layer].add(sae, found[layer].float(), counted)
+        sums[layer]["ce_clean"] += float(-clean.gather(-1, targets).sum())
+        replay = Prefix(layer=layer, input_ids=ids, keys=(), values=(), residual=found[layer])
+        for name, fn in (("zero", torch.zeros_like), ("sae", _reconstruct(sae))):
+            with patch_residual(lm, layer, fn, keep=spliced), replay_prefix(lm, replay):
+                edited = _log_probs(lm, ids, mask, predicted)
+            sums[layer][f"ce_{name}"] += float(-edited.gather(-1, targets).sum())
+            sums[layer][f"kl_{name}"] += float((clean.exp() * (clean - edited)).sum())
+    return int(targets.numel())
+
+
+def _clean_pass(
+    lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, predicted: torch.Tensor, layers: list[int]
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The clean log-probabilities at ``predicted`` and the residual after each of ``layers``."""
+    with capture_residuals(lm, layers, stop=False) as found:
+        clean = _log_probs(lm, ids, mask, predicted)
+    return clean, dict(found)
+
+
+def _log_probs(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """``[n_predicted, vocab]`` next-token log-probabilities at positions ``predicted`` (``[batch, pos - 1]``).
+
+    Uncached: a replayed prefix (:func:`gradsae.prefix.replay_prefix`) then never reads its empty keys/values.
+    """
     with torch.inference_mode():
-        logits = lm.model(input_ids=chunk, attention_mask=torch.ones_like(chunk), use_cache=False).logits
-        return logits[:, 1:-1].float().log_softmax(dim=-1).reshape(-1, logits.shape[-1])
+        logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
+        return logits[:, :-1][predicted].float().log_softmax(dim=-1)
 
 
 def _reconstruct(sae: SAE) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -251,23 +349,18 @@ def _reconstruct(sae: SAE) -> Callable[[torch.Tensor], torch.Tensor]:
     return fn
 
 
-def _reconstruction_stats(lm: LoadedModel, saes: dict[int, SAE], ids: torch.Tensor, batch: int) -> dict[int, _Stats]:
-    stats = {layer: _Stats(sae.cfg.d_sae) for layer, sae in saes.items()}
-    with torch.no_grad():
-        for chunk in ids.split(batch):
-            found = residuals(lm, chunk, torch.ones_like(chunk), list(saes))
-            for layer, sae in saes.items():
-                stats[layer].add(sae, found[layer][:, 1:].float())
-    return stats
-
-
 @contextmanager
-def patch_residual(lm: LoadedModel, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Replace the residual after block ``layer`` at positions ``1..`` by ``fn(residual)``."""
+def patch_residual(
+    lm: LoadedModel, layer: int, fn: Callable[[torch.Tensor], torch.Tensor], *, keep: torch.Tensor | None = None
+) -> Iterator[None]:
+    """Replace the residual after block ``layer`` by ``fn(residual)`` at ``keep`` (``[batch, pos]`` bool of the
+    pass; default: positions ``1..``); elsewhere it stays as it is."""
 
     def hook(_module: Any, _inputs: Any, output: Any) -> Any:
         z = block_output(output)
-        return with_block_output(output, torch.cat([z[:, :1], fn(z[:, 1:])], dim=1))
+        if keep is None:
+            return with_block_output(output, torch.cat([z[:, :1], fn(z[:, 1:])], dim=1))
+        return with_block_output(output, torch.where(keep.to(z.device)[..., None], fn(z), z))
 
     handle = lm.layers[layer].register_forward_hook(hook)
     try:

@@ -1,0 +1,243 @@
+"""``gradsae eval-sae``: each SAE on three held-out sets (news, chat prompts, generated text) and the task
+accuracy with it spliced in; writes ``OUT/eval_sae.json`` and ``OUT/eval_sae.md``.
+
+The sets are :mod:`gradsae.experiments.eval_sets`, the figures and the accuracy
+:mod:`gradsae.experiments.eval_sae`. Every argument, the tasks' data and the news
+corpus are checked before the model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import shlex
+import time
+from pathlib import Path
+
+import torch
+
+from gradsae import _files
+from gradsae.cli import validate
+from gradsae.cli.common import parse_count, parse_layers
+from gradsae.errors import GradSAEError
+from gradsae.experiments.eval_sae import EvalSAEResults, SetFigures, set_figures, set_info, task_accuracy
+from gradsae.experiments.eval_sets import chat_set, context_limit, generated_set, news_set, task_variants
+from gradsae.experiments.generated import SPECS
+from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task
+from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers, load_model
+from gradsae.pretrained import SHIPPED_LAYERS, resolve_sae, shipped_sae_path
+from gradsae.sae import SAE, check_compatible
+from gradsae.training.activations import load_texts, split_heldout
+
+log = logging.getLogger(__name__)
+
+TASKS = "sst2,capitals,plural,past_tense,facts"
+KNOWN_TASKS = ("sst2", "news", *SPECS)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``gradsae eval-sae``."""
+    add = parser.add_argument
+    add(
+        "--model", default=None, help="HF model folder or id, or a .gguf file (default: embedded SmolLM2-135M-Instruct)"
+    )
+    add("--sae", default=None, help="SAE folder with {layer} in it (default: the shipped SAEs of the default model)")
+    add("--layers", default="6,15,24", help="comma-separated layers, one SAE each (default: 6,15,24)")
+    add("--out", required=True, help="output folder: eval_sae.json and eval_sae.md")
+    add("--tokens", type=parse_count, default=8_000, help="counted tokens per held-out set, e.g. 8k (0: skip the sets)")
+    add("--n-task", type=int, default=64, help="examples per task for the accuracy (0: skip it)")
+    add(
+        "--tasks", default=TASKS, help=f"comma-separated tasks for the chat prompts and the accuracy (default: {TASKS})"
+    )
+    add("--seed", type=int, default=0, help="seed that draws the task examples and the bootstrap (default: 0)")
+    add("--context", type=int, default=128, help="tokens per news sequence, BOS included (default: 128, as trained)")
+    add("--new-tokens", type=int, default=48, help="greedy tokens per continuation in the generated set")
+    add("--opening", type=int, default=16, help="tokens of each news opening the generated set continues")
+    add("--batch-size", type=int, default=16, help="sequences per forward batch")
+    add("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small machine)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check everything, load the data, then the model; measure; write the two files."""
+    start = time.perf_counter()
+    layers = check_arguments(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = parse_tasks(args.tasks)
+    tasks = [load_task(name, n=args.n_task, seed=args.seed) for name in names] if args.n_task else []
+    variants = task_variants(names, seed=args.seed) if args.tokens else []
+    heldout = split_heldout(load_texts("news"))[1] if args.tokens else []
+    out = Path(args.out)
+    with _files.locked_folder(out, command="eval-sae"):
+        lm = load_model(args.model, device=args.device)
+        for task in tasks:
+            check_prompt_lengths(lm, task)
+        saes, labels = load_saes(lm, args, layers)
+        figures, sets = measure_sets(lm, saes, args, heldout, variants)
+        accuracy = [
+            a for task in tasks for a in task_accuracy(lm, saes, task, batch_size=args.batch_size, seed=args.seed)
+        ]
+        results = EvalSAEResults(
+            config=run_config(args, lm, labels, tasks, [v.name for v in variants]),
+            sets=sets,
+            figures=tuple(figures),
+            accuracy=tuple(accuracy),
+            versions=versions(),
+            seconds=round(time.perf_counter() - start, 1),
+        )
+        results.save(out)
+    print(f"wrote {out}/eval_sae.json and eval_sae.md in {results.seconds:.0f} s")  # noqa: T201
+    return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """Nothing is written before the end."""
+    return f"nothing was written to {args.out} (the files are written at the end); run the same command again"
+
+
+def check_arguments(args: argparse.Namespace) -> tuple[int, ...]:
+    """Refuse any bad option, SAE folder or output folder before a model loads; return the layers."""
+    layers = parse_layers(args.layers)
+    parse_tasks(args.tasks)
+    validate.at_least("--tokens", args.tokens, 0)
+    validate.at_least("--n-task", args.n_task, 0)
+    if not args.tokens and not args.n_task:
+        raise GradSAEError("--tokens 0 and --n-task 0 leave nothing to measure: pass e.g. --tokens 8k --n-task 64")
+    validate.at_least("--seed", args.seed, 0)
+    validate.at_least("--context", args.context, 2)
+    validate.at_least("--new-tokens", args.new_tokens, 1)
+    validate.at_least("--opening", args.opening, 1)
+    validate.at_least("--batch-size", args.batch_size, 1)
+    validate.at_least("--threads", args.threads, 1)
+    validate.model_and_device(args.model, args.device)
+    validate.layers(layers, args.model, option="--layers")
+    check_sae_option(args.sae, args.model, layers)
+    validate.out_folder(args.out)
+    return layers
+
+
+def check_sae_option(spec: str | None, model: str | None, layers: tuple[int, ...]) -> None:
+    """``--sae`` names one folder per layer (``{layer}`` in it); without it, a shipped SAE must exist."""
+    if spec is None:
+        if model not in DEFAULT_NAMES:
+            raise GradSAEError("no SAEs ship for this model: pass --sae FOLDER (with {layer} in it)")
+        missing = [layer for layer in layers if shipped_sae_path(layer) is None]
+        if missing:
+            shipped = ", ".join(str(layer) for layer in SHIPPED_LAYERS)
+            raise GradSAEError(f"no shipped SAE at layer {missing[0]} (shipped: {shipped}): pass --sae FOLDER")
+        return
+    if spec.startswith("saelens:"):
+        raise GradSAEError("--sae saelens:... is not supported here: pass a local SAE folder with {layer} in it")
+    if len(layers) > 1 and "{layer}" not in spec:
+        raise GradSAEError(f"--sae {spec} names one folder for {len(layers)} layers: put {{layer}} in the path")
+    validate.sae_folders(spec, list(layers))
+
+
+def parse_tasks(text: str) -> list[str]:
+    """``"sst2,capitals"`` -> ``["sst2", "capitals"]``: known task names, each once."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [name for name in names if name not in KNOWN_TASKS]
+    if unknown:
+        raise GradSAEError(f"--tasks: unknown task {unknown[0]!r}: use any of {', '.join(KNOWN_TASKS)}")
+    if not names or len(set(names)) < len(names):
+        raise GradSAEError(f"--tasks {text!r}: name each task once, e.g. --tasks {TASKS}")
+    return names
+
+
+def load_saes(
+    lm: LoadedModel, args: argparse.Namespace, layers: tuple[int, ...]
+) -> tuple[dict[int, SAE], dict[str, str]]:
+    """The SAE of each layer (checked against the model) and what each is."""
+    check_layers(lm, layers)
+    saes, labels = {}, {}
+    for layer in layers:
+        folder = args.sae.replace("{layer}", str(layer)) if args.sae else None
+        found = resolve_sae(lm, folder, layer, default_model=args.model in DEFAULT_NAMES)
+        check_compatible(found.sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=found.layer)
+        saes[found.layer] = found.sae.to(lm.device)
+        labels[str(found.layer)] = found.label
+    return saes, labels
+
+
+def measure_sets(
+    lm: LoadedModel, saes: dict[int, SAE], args: argparse.Namespace, heldout: list[str], variants: list[Task]
+) -> tuple[list[SetFigures], dict[str, dict[str, object]]]:
+    """Build each set, then measure every SAE on it."""
+    if not args.tokens:
+        return [], {}
+    builders = {
+        "news": lambda: news_set(lm.tokenizer, heldout, tokens=args.tokens, context=args.context),
+        "chat": lambda: chat_set(lm.tokenizer, variants, tokens=args.tokens, limit=context_limit(lm)),
+        "generated": lambda: generated_set(
+            lm,
+            heldout,
+            variants,
+            tokens=args.tokens,
+            new_tokens=args.new_tokens,
+            opening=args.opening,
+            batch=args.batch_size,
+        ),
+    }
+    figures: list[SetFigures] = []
+    sets: dict[str, dict[str, object]] = {}
+    for name, make in builders.items():
+        began = time.perf_counter()
+        evalset = make()
+        figures += set_figures(lm, saes, evalset, batch=args.batch_size)
+        sets[name] = set_info(evalset)
+        log.info("set %s: %d tokens in %.0f s", name, evalset.tokens, time.perf_counter() - began)
+    return figures, sets
+
+
+def run_config(
+    args: argparse.Namespace, lm: LoadedModel, labels: dict[str, str], tasks: list[Task], variants: list[str]
+) -> dict[str, object]:
+    """The command and every setting, as JSON-able data."""
+    return {
+        "command": command_line(args),
+        "model": lm.name,
+        "saes": labels,
+        "layers": [int(layer) for layer in labels],
+        "tokens": args.tokens,
+        "n_task": args.n_task,
+        "tasks": parse_tasks(args.tasks),
+        "metrics": {task.name: task.metric for task in tasks},
+        "prompt_formats": {task.name: task.prompt_format for task in tasks},
+        "variants": variants,
+        "seed": args.seed,
+        "context": args.context,
+        "new_tokens": args.new_tokens,
+        "opening": args.opening,
+        "batch_size": args.batch_size,
+        "device": str(args.device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as a person would type it."""
+    parts = ["gradsae", "eval-sae", "--layers", args.layers, "--out", str(args.out)]
+    parts += ["--tokens", str(args.tokens), "--n-task", str(args.n_task), "--tasks", args.tasks]
+    defaults = {"seed": 0, "context": 128, "new_tokens": 48, "opening": 16, "batch_size": 16, "device": "cpu"}
+    for key, default in defaults.items():
+        if getattr(args, key) != default:
+            parts += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    for key in ("model", "sae", "threads"):
+        if getattr(args, key) is not None:
+            parts += [f"--{key}", str(getattr(args, key))]
+    return shlex.join(parts)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from gradsae import __version__
+
+    return {
+        "gradsae": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,358 @@
+"""An SAE's figures on three held-out sets, and the task accuracy with it spliced in (``gradsae eval-sae``).
+
+1. Per SAE (layer ``l``) and set (:mod:`gradsae.experiments.eval_sets`), from
+   :func:`gradsae.training.evaluate.evaluate_all`: with ``x`` the residual after block
+   ``l`` at the counted positions, ``x^`` its reconstruction and ``h`` its latents,
+
+   * ``FVU = sum ||x - x^||^2 / sum ||x - mean(x)||^2``; ``L0`` = mean ``#{c: h_c > 0}``;
+     ``dead`` = share of latents that never fire on the set; ``cos`` = mean ``cos(x, x^)``;
+   * ``FVU typical``: the FVU without the tokens whose ``||x||`` exceeds :data:`TYPICAL` times
+     the set's median ``||x||`` (massive activations: a plain few-shot prompt has no BOS, and
+     its second token can carry a residual ~80x the median, enough to dominate the pooled
+     variance and make the pooled FVU small however the rest is reconstructed);
+   * over the next-token predictions made at counted positions (not a row's last):
+     ``CE_clean``, ``CE_sae`` (the residual replaced by ``x^`` at every spliced
+     position), ``CE_zero`` (replaced by 0), ``CE recovered = (CE_zero - CE_sae) /
+     (CE_zero - CE_clean)``, and ``KL(p_clean || p_sae)``, ``KL(p_clean || p_zero)``.
+
+   Spliced: every real token but each row's first (never spliced, as in training and
+   in the experiments); padding is never spliced nor counted.
+2. Per task, the experiments' greedy decoding and scoring (:func:`Task.score`: the
+   label for ``sst2``, SQuAD exact match for the generated tasks) on ``n`` examples
+   drawn with ``seed``, for the clean model and for each SAE spliced in ``replace``
+   mode (the paper's) and in ``error`` mode. ``error`` mode leaves the model exact, so
+   its answers must be the clean ones token for token: :attr:`Accuracy.differs`
+   counts the examples where they are not (a check, expected 0).
+
+:class:`EvalSAEResults` holds everything and writes ``eval_sae.json`` and ``eval_sae.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradsae import _files
+from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.eval_sets import EvalSet
+from gradsae.experiments.perturb import decode, prompt_batches
+from gradsae.experiments.stats import Stat, stat
+from gradsae.experiments.tasks import Task
+from gradsae.generate import Generation
+from gradsae.models import LoadedModel
+from gradsae.sae import SAE
+from gradsae.splice import Mode
+from gradsae.training.evaluate import evaluate_all
+
+log = logging.getLogger(__name__)
+
+JSON = "eval_sae.json"
+MARKDOWN = "eval_sae.md"
+MODES: tuple[Mode, ...] = ("replace", "error")
+BOOTSTRAP = 1000
+TYPICAL = 10.0
+"""A token whose residual norm exceeds this many times the set's median is a massive activation."""
+
+
+@dataclass(frozen=True)
+class SetFigures:
+    """One SAE on one set."""
+
+    set: str
+    layer: int
+    tokens: int
+    """Counted tokens (residual figures)."""
+    sequences: int
+    predictions: int
+    """Counted next-token predictions (CE and KL)."""
+    fvu: float
+    fvu_typical: float
+    """FVU without the counted tokens whose ``|x|`` exceeds ``TYPICAL`` x the set's median ``|x|``."""
+    outliers: int
+    """Those tokens (massive activations), left out of ``fvu_typical`` only."""
+    cossim: float
+    """Mean cosine of ``x`` and ``x^`` per token."""
+    l0: float
+    dead_fraction: float
+    ce_clean: float
+    ce_sae: float
+    ce_zero: float
+    ce_recovered: float
+    kl_sae: float
+    """Mean ``KL(p_clean || p_sae)`` per prediction (nats)."""
+    kl_zero: float
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """One task's score under one condition."""
+
+    task: str
+    condition: str
+    """``clean``, ``replace`` or ``error``."""
+    layer: int | None
+    """The spliced layer (``None`` for ``clean``)."""
+    exact: Stat
+    """Accuracy (classification) or exact match (generative), 0-100 with a 95% bootstrap interval."""
+    f1: Stat
+    differs: int = 0
+    """Examples whose generated tokens differ from the clean model's."""
+    per_example: tuple[float, ...] = ()
+    """Exact score of each example, in drawing order."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Accuracy:
+        return cls(
+            **{
+                **data,
+                "exact": Stat.from_dict(data["exact"]),
+                "f1": Stat.from_dict(data["f1"]),
+                "per_example": tuple(data.get("per_example", ())),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class EvalSAEResults:
+    """Everything ``gradsae eval-sae`` measured."""
+
+    config: dict[str, Any]
+    """The command, model, SAE labels per layer, budgets, tasks, seed, positions."""
+    sets: dict[str, dict[str, Any]]
+    """Per set: sequences, counted tokens and predictions, counted tokens per source."""
+    figures: tuple[SetFigures, ...]
+    accuracy: tuple[Accuracy, ...]
+    versions: dict[str, str]
+    seconds: float
+    """Wall time of the command."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``eval_sae.md``, then ``eval_sae.json`` (each atomically); return the JSON path."""
+        folder = Path(folder)
+        _files.write_text(folder / MARKDOWN, render_markdown(self))
+        return _files.write_json(folder / JSON, self.to_json(), sort_keys=False)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> EvalSAEResults:
+        """Read ``<folder>/eval_sae.json`` (or the file itself)."""
+        path = Path(folder)
+        data = _files.read_json(path / JSON if path.is_dir() else path)
+        return cls(
+            config=data["config"],
+            sets=data["sets"],
+            figures=tuple(SetFigures(**f) for f in data["figures"]),
+            accuracy=tuple(Accuracy.from_dict(a) for a in data["accuracy"]),
+            versions=data["versions"],
+            seconds=float(data["seconds"]),
+        )
+
+
+# -- 1. figures on a set --------------------------------------------------------
+def set_figures(lm: LoadedModel, saes: dict[int, SAE], evalset: EvalSet, *, batch: int) -> list[SetFigures]:
+    """Each SAE's figures on ``evalset`` (one clean pass per chunk, shared by all SAEs)."""
+    device = lm.device
+    found = evaluate_all(
+        lm,
+        saes,
+        evalset.input_ids.to(device),
+        batch=batch,
+        attention_mask=evalset.attention_mask.to(device),
+        counted=evalset.counted.to(device),
+        typical=TYPICAL,
+    )
+    out = []
+    for layer, (result, core) in found.items():
+        out.append(
+            SetFigures(
+                set=evalset.name,
+                layer=layer,
+                tokens=result.tokens,
+                sequences=core.sequences,
+                predictions=predictions(evalset),
+                fvu=result.fvu,
+                fvu_typical=core.fvu_typical,
+                outliers=core.outliers,
+                cossim=core.cossim,
+                l0=result.l0,
+                dead_fraction=result.dead_fraction,
+                ce_clean=result.ce_clean,
+                ce_sae=result.ce_sae,
+                ce_zero=result.ce_zero,
+                ce_recovered=result.ce_recovered,
+                kl_sae=core.kl_sae,
+                kl_zero=core.kl_zero,
+            )
+        )
+    return out
+
+
+def predictions(evalset: EvalSet) -> int:
+    """Counted next-token predictions: counted positions that have a next token."""
+    return int(evalset.counted[:, :-1].sum())
+
+
+def set_info(evalset: EvalSet) -> dict[str, Any]:
+    """What a set holds, for the JSON and the tables."""
+    return {
+        "sequences": int(evalset.input_ids.shape[0]),
+        "tokens": evalset.tokens,
+        "predictions": predictions(evalset),
+        "sources": evalset.sources,
+    }
+
+
+# -- 2. task accuracy -------------------------------------------------------------
+def task_accuracy(
+    lm: LoadedModel, saes: dict[int, SAE], task: Task, *, batch_size: int = 16, seed: int = 0
+) -> list[Accuracy]:
+    """Clean, then per layer ``replace`` and ``error`` (both replaying one prefix of blocks ``0..l``)."""
+    texts = [task.render(example, lm.tokenizer) for example in task.examples]
+    first = ExperimentConfig(layer=min(saes) if saes else 0, batch_size=batch_size, seed=seed)
+    clean = decode(lm, prompt_batches(lm, texts, first, reuse=False), task, first, sae=None, edits_for=None)
+    out = [_accuracy(task, "clean", None, clean, clean, seed)]
+    for layer, sae in saes.items():
+        batches = prompt_batches(lm, texts, dataclasses.replace(first, layer=layer), reuse=True)
+        for mode in MODES:
+            cfg = ExperimentConfig(layer=layer, mode=mode, batch_size=batch_size, seed=seed)
+            gens = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
+            out.append(_accuracy(task, mode, layer, gens, clean, seed))
+        log.info("%s layer %d: %s", task.name, layer, " ".join(f"{a.condition} {a.exact.mean:.1f}" for a in out[-2:]))
+    error = [a for a in out if a.condition == "error" and a.differs]
+    for a in error:
+        log.warning(
+            "%s layer %s: error mode changed %d answers: the splice is not exact", task.name, a.layer, a.differs
+        )
+    return out
+
+
+def _accuracy(
+    task: Task, condition: str, layer: int | None, gens: Sequence[Generation], clean: Sequence[Generation], seed: int
+) -> Accuracy:
+    scores = [task.score(example, gen.text) for example, gen in zip(task.examples, gens, strict=True)]
+    return Accuracy(
+        task=task.name,
+        condition=condition,
+        layer=layer,
+        exact=stat([s.exact for s in scores], seed=seed, resamples=BOOTSTRAP),
+        f1=stat([s.f1 for s in scores], seed=seed, resamples=BOOTSTRAP),
+        differs=sum(g.token_ids != c.token_ids for g, c in zip(gens, clean, strict=True)),
+        per_example=tuple(float(s.exact) for s in scores),
+    )
+
+
+# -- the report --------------------------------------------------------------------
+POSITIONS = (
+    "The SAE is spliced at every real token except each sequence's first (never spliced: as in training and "
+    "in the experiments); padding is never spliced nor counted. FVU, L0 and dead latents are taken over the "
+    "counted positions; CE and KL over the next-token predictions made at counted positions (not a "
+    "sequence's last). Counted: news and chat, every spliced position; generated, only the continuation's "
+    "positions (the prompt is spliced but not counted)."
+)
+SET_TEXT = {
+    "news": "held-out NewsArticles documents (every 20th, the split train-sae holds out), context {context}",
+    "chat": "the experiments' prompts as the tasks render them: each task's default format, and the chat "
+    "template for the few-shot tasks (`-chat`); {n_variants} variants taking turns, drawn with seed {seed}",
+    "generated": "greedy continuations (at most {new_tokens} new tokens) of held-out news openings "
+    "({opening} tokens) and of the chat set's prompts",
+}
+
+
+def render_markdown(results: EvalSAEResults) -> str:
+    """The tables a person reads: figures per SAE and set, then task accuracy."""
+    c = results.config
+    lines = [
+        "# SAE evaluation: three held-out sets and task accuracy",
+        "",
+        f"Model `{c['model']}`; SAEs: " + "; ".join(f"layer {k}: {v}" for k, v in c["saes"].items()) + ".",
+        "",
+        f"Command: `{c['command']}`; wall time {_minutes(results.seconds)} "
+        f"({c.get('threads', '?')} thread(s), {c.get('device', 'cpu')}).",
+        "",
+    ]
+    if results.figures:
+        lines += _figure_lines(results)
+    if results.accuracy:
+        lines += _accuracy_lines(results)
+    lines += [
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in results.versions.items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _figure_lines(results: EvalSAEResults) -> list[str]:
+    c = results.config
+    lines = ["## Held-out sets", ""]
+    for name, info in results.sets.items():
+        text = SET_TEXT.get(name, name).format(**c, n_variants=len(c.get("variants", ())))
+        shares = ", ".join(f"{k} {v:,}" for k, v in info["sources"].items())
+        lines.append(
+            f"- `{name}`: {text}. {info['sequences']:,} sequences, {info['tokens']:,} counted tokens, "
+            f"{info['predictions']:,} predictions (counted tokens by source: {shares})."
+        )
+    lines += [
+        "",
+        POSITIONS,
+        "",
+        "| layer | set | FVU | FVU typical (outliers) | cos | CE loss recovered | CE clean | CE with SAE "
+        "| CE zero-ablated | KL(clean ‖ SAE) | KL(clean ‖ zero) | L0 | dead latents |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in sorted(results.figures, key=lambda f: f.layer):
+        lines.append(
+            f"| {f.layer} | {f.set} | {f.fvu:.3f} | {f.fvu_typical:.3f} ({f.outliers}) | {f.cossim:.3f} "
+            f"| {100 * f.ce_recovered:.1f}% | {f.ce_clean:.3f} | {f.ce_sae:.3f} | {f.ce_zero:.3f} | {f.kl_sae:.3f} "
+            f"| {f.kl_zero:.3f} | {f.l0:.1f} | {100 * f.dead_fraction:.1f}% |"
+        )
+    note = (
+        f"CE and KL in nats per prediction. FVU typical: the FVU without the counted tokens whose residual norm "
+        f"exceeds {TYPICAL:g}x the set's median (massive activations, counted in brackets; e.g. the second token of "
+        "a plain few-shot prompt, which has no BOS). A few such tokens carry most of the pooled variance, so the "
+        "pooled FVU can be small however the other tokens are reconstructed. cos: mean cosine of x and x^."
+    )
+    return [*lines, "", note, ""]
+
+
+def _accuracy_lines(results: EvalSAEResults) -> list[str]:
+    layers = sorted({a.layer for a in results.accuracy if a.layer is not None})
+    head = "| task | metric | n | clean | " + " | ".join(f"layer {n} replace | layer {n} error" for n in layers) + " |"
+    lines = [
+        "## Task accuracy",
+        "",
+        f"Greedy answers scored as the experiments score them (sst2: the label; generative tasks: SQuAD exact "
+        f"match), {results.config['n_task']} examples per task drawn with seed {results.config['seed']}, "
+        "each task in its default prompt format; percent with 95% bootstrap intervals. `error` mode keeps the "
+        "model exact, so its answers must equal the clean model's token for token (checked below the table).",
+        "",
+        head,
+        "|" + "---|" * (4 + 2 * len(layers)),
+    ]
+    metrics = results.config.get("metrics", {})
+    for task in dict.fromkeys(a.task for a in results.accuracy):
+        rows = {(a.condition, a.layer): a for a in results.accuracy if a.task == task}
+        clean = rows[("clean", None)]
+        cells = [_stat(rows[(m, n)].exact) if (m, n) in rows else "-" for n in layers for m in MODES]
+        metric = "accuracy" if metrics.get(task) == "accuracy" else "exact match"
+        lines.append(f"| {task} | {metric} | {clean.exact.n} | {_stat(clean.exact)} | " + " | ".join(cells) + " |")
+    errors = [a for a in results.accuracy if a.condition == "error"]
+    bad = [f"{a.task} layer {a.layer}: {a.differs}" for a in errors if a.differs]
+    check = "every answer equals the clean model's" if not bad else "answers differ from clean: " + ", ".join(bad)
+    return [*lines, "", f"Check, error mode vs clean ({len(errors)} task x layer cells): {check}.", ""]
+
+
+def _stat(s: Stat) -> str:
+    if math.isnan(s.mean):
+        return "-"
+    return f"{s.mean:.1f} [{s.low:.0f}, {s.high:.0f}]"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min ({seconds:.0f} s)"
