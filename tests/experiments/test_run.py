@@ -161,6 +161,15 @@ def test_donors_differ_in_label_or_share_context():
     assert pick_donors(squad, seed=0) == [2, None, 0]
 
 
+def test_donors_of_ungrouped_unlabelled_rows_are_any_other_row_with_another_answer():
+    """capitals / plural / past_tense rows have neither a group nor a label: every other row may donate."""
+    rows = [_kept([1], 2, label=None, answer=a) for a in ("Paris", "Lima", "Oslo", "paris")]
+    donors = pick_donors(rows, seed=0)
+    assert all(d is not None for d in donors)
+    assert all(d != i for i, d in enumerate(donors))
+    assert donors[0] != 3 and donors[3] != 0, "same gold answer after normalisation: not a donor"
+
+
 def test_donors_with_the_same_gold_answer_are_not_donors():
     """Two questions on one context with the same answer: a swap could not be told from no edit."""
     same = [_kept([1], 2, group="c", answer="Paris"), _kept([1], 2, group="c", answer="the Paris")]

@@ -210,14 +210,17 @@ def _condition(
 # -- experiment 2 -------------------------------------------------------------------
 def pick_donors(kept: Sequence[KeptExample], *, seed: int) -> list[int | None]:
     """For each kept example a donor whose gold answers differ from its own: same context (``group``)
-    for QA, a different label for classification; ``None`` if none exists."""
+    for grouped QA, a different label for classification, any other example otherwise (``capitals``,
+    ``plural``, a user file without groups); ``None`` if none exists."""
     rng = random.Random(seed)
     out: list[int | None] = []
     for i, ex in enumerate(kept):
         if ex.example.group is not None:
             pool = [j for j, o in enumerate(kept) if j != i and o.example.group == ex.example.group]
-        else:
+        elif ex.example.label is not None:
             pool = [j for j, o in enumerate(kept) if o.example.label != ex.example.label]
+        else:
+            pool = [j for j in range(len(kept)) if j != i]
         pool = [j for j in pool if not _same_answer(ex, kept[j])]
         out.append(rng.choice(pool) if pool else None)
     return out
