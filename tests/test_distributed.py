@@ -83,5 +83,10 @@ def test_torchrun_reproduce_and_score_equal_one_process(files, tmp_path):
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     assert one["layers"][0]["n_kept"] >= 4 and one["layers"][0]["n_donor_pairs"] >= 2
     assert (tmp_path / "two" / "results.json").read_text() == (tmp_path / "one" / "results.json").read_text()
+    # the rows scored on rank 1 reach rank 0's examples.json; rank 0 alone wrote the journal
+    assert (tmp_path / "two" / "examples.json").read_text() == (tmp_path / "one" / "examples.json").read_text()
+    assert sorted(p.name for p in (tmp_path / "two" / "journal").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one" / "journal").iterdir()
+    )
     assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
     assert len(json.loads((tmp_path / "one.json").read_text())["prompts"]) == 5

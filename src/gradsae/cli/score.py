@@ -117,7 +117,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     validate.at_least("--top", args.top, 1)
     validate.at_least("--layer", args.layer, 0)
     check_objective_options(args)
-    validate.model_and_device(args.model, args.device)
+    validate.model_and_device(args.model, args.device, args.device_map)
     validate.layers([args.layer], args.model, option="--layer")
     validate.sae_folders(args.sae, [args.layer])
     validate.out_file(args.json, option="--json")
