@@ -48,6 +48,8 @@ PASSAGE = (
 WIDE = 131072
 WIDE_K = 64
 """The wide SAE of the memory and nnsight figures: random, TopK, Gemma Scope's 131k width."""
+WIDEST = 1 << 20
+"""The widest SAE (1,048,576 latents, TopK ``WIDE_K``): 2.4 GB of float32 decoder, encoder tied to it."""
 
 SHORT_PROMPTS = (
     "The Eiffel Tower stands in Paris, the capital and largest city of",
@@ -149,12 +151,30 @@ def text_batch(tokenizer: Any, batch: int, seq: int) -> tuple[torch.Tensor, torc
     return ids, torch.ones_like(ids)
 
 
-def wide_sae(d_model: int, layer: int) -> Any:
-    """A random frozen TopK SAE with :data:`WIDE` latents, :data:`WIDE_K` active per token."""
+def wide_sae(d_model: int, layer: int, d_sae: int = WIDE) -> Any:
+    """A random frozen TopK SAE with ``d_sae`` latents, :data:`WIDE_K` active per token.
+
+    The weights of ``SAE.random(cfg, seed=0)``, built without its transient copies and with
+    the encoder stored as a view of the decoder (``W_enc = W_dec.T``: the same values), so a
+    1M-latent SAE takes 2.4 GB, not 4.8 GB plus copies.
+    """
+    import math
+
+    from torch import nn
+
     from gradsae.sae import SAE, SAEConfig
 
-    sae = SAE.random(SAEConfig(d_in=d_model, d_sae=WIDE, activation="topk", k=WIDE_K, hook_layer=layer), seed=0)
-    return sae.requires_grad_(False)
+    cfg = SAEConfig(d_in=d_model, d_sae=d_sae, activation="topk", k=WIDE_K, hook_layer=layer)
+    gen = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        sae = SAE(cfg)
+    w = torch.randn(d_sae, d_model, generator=gen)
+    w /= w.norm(dim=-1, keepdim=True)
+    sae.W_dec = nn.Parameter(w, requires_grad=False)
+    sae.W_enc = nn.Parameter(w.T, requires_grad=False)
+    sae.b_enc = nn.Parameter(0.1 * torch.randn(d_sae, generator=gen) / math.sqrt(d_model), requires_grad=False)
+    sae.b_dec = nn.Parameter(torch.zeros(d_model), requires_grad=False)
+    return sae
 
 
 # -- machine ---------------------------------------------------------------------

@@ -32,7 +32,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import WIDE, WIDE_K, Figure, load_sae, set_threads, text_batch, wide_sae
+from benchmarks.common import WIDE, WIDE_K, WIDEST, Figure, load_sae, set_threads, text_batch, wide_sae
 
 TARGET = 1.2
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -62,13 +62,17 @@ def peak_above_baseline(fn: Any) -> tuple[int, int]:
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
-    """One measurement: ``plain`` or ``gradsae`` with the shipped or a wide random SAE."""
+    """One measurement: ``plain`` or ``gradsae`` with the shipped or a wide random SAE (``--d-sae``)."""
     from benchmarks.core import gradsae_scores, plain_forward_backward
     from gradsae.models import load_model
 
     set_threads(args.threads)
     lm = load_model(args.model)
-    sae = wide_sae(lm.d_model, args.layer) if args.wide else load_sae(lm, args.sae, args.layer, args.model)[0]
+    sae = (
+        wide_sae(lm.d_model, args.layer, args.d_sae)
+        if args.d_sae
+        else load_sae(lm, args.sae, args.layer, args.model)[0]
+    )
     ids, mask = text_batch(lm.tokenizer, args.batch, args.seq)
 
     def work(i: Any, m: Any) -> Any:
@@ -78,7 +82,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     work(ids[:1, :2], mask[:1, :2])
     baseline, peak = peak_above_baseline(lambda: work(ids, mask))
-    return {"which": args.which, "wide": args.wide, "baseline_kib": baseline, "peak_above_baseline_kib": peak}
+    return {"which": args.which, "d_sae": args.d_sae, "baseline_kib": baseline, "peak_above_baseline_kib": peak}
 
 
 def measure(
@@ -90,13 +94,13 @@ def measure(
     batch: int,
     seq: int,
     threads: int,
-    wide: bool,
+    d_sae: int,
     allocator: dict[str, str],
 ) -> dict[str, Any]:
     """Run :func:`child` for ``plain`` and ``gradsae``, each in a fresh interpreter; their JSON."""
     cmd = [sys.executable, "-m", "benchmarks.memory", "--layer", str(layer), "--batch", str(batch)]
     cmd += ["--seq", str(seq), "--threads", str(threads)]
-    cmd += (["--model", model] if model else []) + (["--sae", sae] if sae else []) + (["--wide"] if wide else [])
+    cmd += (["--model", model] if model else []) + (["--sae", sae] if sae else []) + ["--d-sae", str(d_sae)]
     env = {**os.environ, **allocator}
     out: dict[str, Any] = {}
     for which in ("plain", "gradsae"):
@@ -113,17 +117,20 @@ def _ratio(result: dict[str, Any]) -> tuple[float, str]:
     return ours / max(plain, 1), f"+{ours / 1024:.0f} MiB / +{plain / 1024:.0f} MiB"
 
 
-def peak_memory_overhead(root: Path, *, wide: bool, label: str, **kwargs: Any) -> Figure:
-    """``peak_memory_overhead_shipped`` (``wide=False``) or ``_131k``: live-memory ratio, glibc defaults beside it."""
-    name = "peak_memory_overhead_131k" if wide else "peak_memory_overhead_shipped"
+NAMES = {0: "peak_memory_overhead_shipped", WIDE: "peak_memory_overhead_131k", WIDEST: "peak_memory_overhead_1m"}
+
+
+def peak_memory_overhead(root: Path, *, d_sae: int, label: str, **kwargs: Any) -> Figure:
+    """``peak_memory_overhead_shipped`` (``d_sae=0``), ``_131k``, ``_1m``: live-memory ratio, glibc defaults beside."""
+    name = NAMES.get(d_sae, f"peak_memory_overhead_{d_sae}")
     try:
-        live = measure(root, wide=wide, allocator=FIXED_MMAP, **kwargs)
-        default = measure(root, wide=wide, allocator={}, **kwargs)
+        live = measure(root, d_sae=d_sae, allocator=FIXED_MMAP, **kwargs)
+        default = measure(root, d_sae=d_sae, allocator={}, **kwargs)
     except (RuntimeError, OSError, ValueError) as exc:
         return Figure(name, None, detail=f"measurement failed: {exc}")
     value, text = _ratio(live)
     default_value, default_text = _ratio(default)
-    sae_text = f"random topk SAE d_sae={WIDE} k={WIDE_K}" if wide else label
+    sae_text = f"random topk SAE d_sae={d_sae} k={WIDE_K}" if d_sae else label
     baseline = live["gradsae"]["baseline_kib"] / 1024
     detail = (
         f"gradsae / plain fwd+bwd peak above the loaded baseline ({baseline:.0f} MiB): {text} with a fixed mmap "
@@ -142,7 +149,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--wide", action="store_true")
+    parser.add_argument("--d-sae", type=int, default=0, help="a random TopK SAE this wide (0: the shipped SAE)")
     print(json.dumps(child(parser.parse_args())))
 
 

@@ -13,9 +13,12 @@ back-propagated to it, so ``H.grad`` is a dense tensor. To keep the comparison
 conservative the reference computes logits at the last position only, and takes
 the gradient on the last generation pass instead of an extra one.
 
-Ours: :func:`gradsae.generate.generate_batch` (one cached pass per step) under
-:func:`gradsae.splice.splice`, then :func:`gradsae.scores.score_latents` on the
-prompt plus the first ``n_new - 1`` tokens.
+Ours: :func:`gradsae.answer.generate_and_score`: cached greedy decoding (one pass
+per step) under a grad splice, and one backward from the last step's objective
+through the decoding passes themselves (no second forward). ``separate_pipeline``
+is the previous route, kept for comparison: :func:`gradsae.generate.generate_batch`
+under :func:`gradsae.splice.splice`, then :func:`gradsae.scores.score_latents` on
+the prompt plus the first ``n_new - 1`` tokens (decode, forward, backward).
 
 Both use the library's conventions (padding and each row's first real token are
 not spliced), so tokens and scores must agree.
@@ -28,6 +31,7 @@ from typing import Any
 
 import torch
 
+from gradsae.answer import generate_and_score
 from gradsae.generate import generate_batch
 from gradsae.models import LoadedModel, block_output, position_ids
 from gradsae.objectives import NextTokenProb
@@ -119,7 +123,26 @@ def _dense_scores(logits: torch.Tensor, token: torch.Tensor, hook: DenseReplace)
 
 
 def our_pipeline(lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int, n_new: int) -> Pipeline:
-    """Cached greedy decoding under the splice, then sparse GradSAE scoring."""
+    """Cached greedy decoding under a grad splice; one backward from the last step through its passes."""
+    gens, scores = generate_and_score(
+        lm,
+        sae,
+        ids,
+        mask,
+        max_new_tokens=n_new,
+        step_of=lambda g: n_new - 1,
+        layer=layer,
+        mode="replace",
+        stop=frozenset(),
+    )
+    tokens = torch.tensor([g.token_ids for g in gens], dtype=torch.long)
+    return Pipeline(tokens=tokens, scores=scores.per_latent)
+
+
+def separate_pipeline(
+    lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int, n_new: int
+) -> Pipeline:
+    """Cached greedy decoding under the splice, then sparse GradSAE scoring of prompt + prefix."""
     with splice(lm, sae, layer, mode="replace", record=False):
         gens = generate_batch(lm, ids, mask, max_new_tokens=n_new, stop=frozenset())
     tokens = torch.tensor([g.token_ids for g in gens], dtype=torch.long)

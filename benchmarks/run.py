@@ -1,20 +1,27 @@
-"""Benchmark of ``gradsae`` (issue 5): every figure measured side by side, in one run, on the same inputs.
+"""Benchmark of ``gradsae`` (issues 5 and 13): every figure measured side by side, in one run, on the same inputs.
 
 Figures (``name: value``, with the target and whether it is met):
 
 * ``score_overhead``: GradSAE scoring / the plain model's forward + backward to
   the SAE layer (activation gradients only), same batch. Target <= 1.15.
-  ``score_overhead_131k``: the same with a random 131,072-latent TopK SAE.
+  ``score_overhead_131k`` / ``_1m``: the same with random TopK SAEs of 131,072 and
+  1,048,576 latents.
 * ``speedup_vs_reference``: the authors' pipeline (uncached greedy decoding with
   the SAE spliced, dense latent gradient at the last step) / ours (cached
-  decoding + sparse scoring), 32 new tokens; ``reference_check`` says whether
-  both gave the same tokens and scores. Target >= 10.
+  decoding under a grad splice and one backward through the decode's own passes),
+  32 new tokens; ``reference_check`` says whether both gave the same tokens and
+  scores. Target >= 10.
 * ``speedup_vs_ablation``: exact ablation of every active latent / GradSAE, with
   ``spearman_vs_ablation`` (first-order estimate vs exact effect). Target >= 50.
-* ``peak_memory_overhead_shipped`` / ``_131k``: peak working memory of scoring /
-  of the plain forward + backward, each in a fresh process. Target <= 1.2.
-* ``perturb_condition_cost``: one masked condition of experiment 1 / one plain
-  forward of the same prompts. Target <= (L - l) / L + 0.1.
+* ``peak_memory_overhead_shipped`` / ``_131k`` / ``_1m``: peak working memory of
+  scoring / of the plain forward + backward, each in a fresh process. Target <= 1.2.
+* ``perturb_condition_cost``: experiment 1's conditions decoded as one batch
+  (examples x conditions, each row stopped once its answer is final), per
+  condition / one plain forward of the same prompts. Target <= (L - l) / L + 0.1.
+  ``_single``: one condition decoded alone, as before.
+* ``scaling_length`` / ``scaling_width``: the scaling table (time and peak memory
+  of scoring and of the plain forward + backward against 64..2048 tokens and
+  4.6k..1M latents), summarised by the worst time ratio on each axis.
 * ``demo_wall_s``: wall time of ``gradsae reproduce --task sst2`` (``--demo``
   runs it; otherwise it is read from ``runs/demo/timing.json``).
 * ``speedup_vs_nnsight`` / ``_131k``: the same scoring written with nnsight
@@ -47,6 +54,8 @@ if __package__ in (None, ""):
 from benchmarks import core  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     SHORT_PROMPTS,
+    WIDE,
+    WIDEST,
     Figure,
     load_sae,
     machine_info,
@@ -55,6 +64,7 @@ from benchmarks.common import (  # noqa: E402
     wide_sae,
 )
 from benchmarks.memory import peak_memory_overhead  # noqa: E402
+from benchmarks.scaling import scaling_figures  # noqa: E402
 from benchmarks.with_nnsight import speedup_vs_nnsight  # noqa: E402
 from gradsae.generate import encode_prompts  # noqa: E402
 from gradsae.models import LoadedModel, load_model  # noqa: E402
@@ -81,7 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"small sizes for a smoke run: {QUICK}")
     parser.add_argument("--demo", action="store_true", help="also time `gradsae reproduce --task sst2` (minutes)")
     parser.add_argument(
-        "--skip", default="", help="groups to leave out: score,score131k,reference,ablation,perturb,memory,demo,nnsight"
+        "--skip",
+        default="",
+        help="groups to leave out: score,score131k,score1m,reference,ablation,perturb,memory,scaling,demo,nnsight",
     )
     parser.set_defaults(short_prompts=len(SHORT_PROMPTS))
     args = parser.parse_args(argv)
@@ -116,12 +128,22 @@ def jobs(args: argparse.Namespace, lm: LoadedModel, sae: SAE, label: str) -> dic
         "score131k": lambda: core.score_overhead(
             lm, wide_sae(lm.d_model, args.layer), ids, mask, args.layer, args.repeats, name="score_overhead_131k"
         ),
+        "score1m": lambda: core.score_overhead(
+            lm,
+            wide_sae(lm.d_model, args.layer, WIDEST),
+            ids,
+            mask,
+            args.layer,
+            args.repeats,
+            name="score_overhead_1m",
+        ),
         "reference": lambda: core.speedup_vs_reference(
             lm, sae, ids[:rows], mask[:rows], args.layer, n_new=args.new_tokens, **timing
         ),
         "ablation": lambda: core.speedup_vs_ablation(lm, sae, short_ids, short_mask, args.layer, **timing),
         "perturb": lambda: perturb_figures(args, lm, sae),
-        "memory": lambda: [peak_memory_overhead(ROOT, wide=wide, label=label, **child) for wide in (False, True)],
+        "memory": lambda: [peak_memory_overhead(ROOT, d_sae=d, label=label, **child) for d in (0, WIDE, WIDEST)],
+        "scaling": lambda: scaling_figures(ROOT, repeats=min(args.repeats, 2), quick=args.quick, **child),
         "demo": lambda: core.demo_wall(args.demo, ROOT),
         "nnsight": lambda: [speedup_vs_nnsight(ROOT, wide=w, repeats=args.repeats, **child) for w in (False, True)],
     }

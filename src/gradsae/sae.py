@@ -128,19 +128,26 @@ class SAE(nn.Module):
             self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
 
     # -- maths ---------------------------------------------------------------
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., d_in] -> [..., d_sae]``: encoder pre-activations, in the SAE's dtype."""
+    def pre_acts(self, x: torch.Tensor, latents: slice = slice(None)) -> torch.Tensor:
+        """``[..., d_in] -> [..., d_sae]``: encoder pre-activations, in the SAE's dtype.
+
+        ``latents``: a block of latents only (``[..., len(block)]``), for encoders too wide to run at once.
+        """
         x = x.to(self.W_enc.dtype)
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        if x.ndim == 2:  # the bias added inside the matmul: one pass over the [n, d_sae] output, not two
+            return torch.addmm(self.b_enc[latents], x, self.W_enc[:, latents])
+        return x @ self.W_enc[:, latents] + self.b_enc[latents]
 
-    def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        """Apply the SAE's nonlinearity to pre-activations."""
+    def activate(self, pre: torch.Tensor, latents: slice = slice(None)) -> torch.Tensor:
+        """Apply the SAE's nonlinearity to pre-activations (of the block ``latents``; not for ``topk``)."""
         if self.cfg.activation == "relu":
             return torch.relu(pre)
         if self.cfg.activation == "jumprelu":
-            return pre * (pre > self.threshold)
+            return pre * (pre > self.threshold[latents])
+        if latents != slice(None):
+            raise GradSAEError("a TopK activation needs every latent's pre-activation: pass no latent block")
         assert self.cfg.k is not None
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))

@@ -53,7 +53,7 @@ from gradsae.models import LoadedModel, position_ids
 from gradsae.objectives import NextTokenProb, Objective
 from gradsae.prefix import Prefix, compute_prefix, replay_prefix
 from gradsae.sae import SAE
-from gradsae.splice import Edit, Mode, resolve_layer, splice
+from gradsae.splice import Edit, Mode, SparseActs, resolve_layer, splice
 
 Method = Literal["gradsae", "activation", "ablation", "random"]
 METHODS: tuple[str, ...] = ("gradsae", "activation", "ablation", "random")
@@ -225,9 +225,9 @@ def score_methods(
     out = {}
     for method in methods:
         if method == "gradsae":
-            token_score = latent_gradients(sae, run.index, run.grad) * run.values
-            per_latent = aggregate(run.index, token_score, run.valid, sae.cfg.d_sae, aggregation)
-        elif method == "activation":
+            out[method] = scores_from_gradient(sae, run, aggregation)
+            continue
+        if method == "activation":
             token_score, per_latent = run.values, run.mean_act
         elif method == "ablation":
             token_score = torch.zeros_like(run.values)
@@ -247,6 +247,13 @@ def score_methods(
             token_score, per_latent = torch.zeros_like(run.values), random_scores(run.mean_act, seed=seed)
         out[method] = _scores(method, aggregation, per_latent, token_score, run)
     return out
+
+
+def scores_from_gradient(sae: SAE, run: SplicedRun, aggregation: str = "paper") -> Scores:
+    """Steps 3-4 for a run that holds ``dY/dR``: GradSAE scores."""
+    token_score = latent_gradients(sae, run.index, run.grad) * run.values
+    per_latent = aggregate(run.index, token_score, run.valid, sae.cfg.d_sae, aggregation)
+    return _scores("gradsae", aggregation, per_latent, token_score, run)
 
 
 def _scores(
@@ -312,7 +319,18 @@ def forward_backward(
         token = objective.token(logits) if isinstance(objective, NextTokenProb) else None
         if grad:
             y.sum().backward()
-    latents, valid = sp.latents[0], sp.valid[0]
+    grad_r = sp.leaves[0].grad if grad else None
+    return spliced_run(sp.latents[0], sp.valid[0], y.detach(), grad_r, token)
+
+
+def spliced_run(
+    latents: SparseActs,
+    valid: torch.Tensor,
+    objective: torch.Tensor,
+    grad: torch.Tensor | None,
+    token: torch.Tensor | None,
+) -> SplicedRun:
+    """A :class:`SplicedRun` from one pass's latents (left-padded: each row's last input is column ``-1``)."""
     index, values = latents.index, latents.values
     batch, pos, d_sae = latents.shape
     flat = index[:, 0] * d_sae + index[:, 2]
@@ -322,14 +340,14 @@ def forward_backward(
     last = last.index_add_(0, flat[is_last], values[is_last]).view(batch, d_sae)
     n_valid = valid.sum(dim=1).clamp(min=1)
     return SplicedRun(
-        objective=y.detach(),
+        objective=objective,
         index=index,
         values=values,
         valid=valid,
         mean_act=total.view(batch, d_sae) / n_valid[:, None],
         last_act=last,
         active_last=(last > 0).sum(dim=-1),
-        grad=sp.leaves[0].grad if grad else None,
+        grad=grad,
         token=token,
     )
 

@@ -26,6 +26,17 @@ reconstruction. Hooks are removed on exit, also when the body raises.
 newest-only decoding loop of :mod:`gradsae.generate` does so for the passes
 that only fill its KV cache).
 
+How it is computed (:mod:`gradsae.sparse`): unless an autograd graph must run
+through the splice, the latents are sparse codes and never a dense
+``[tokens, d_sae]`` tensor. Only the rows that are needed are encoded (every
+spliced row when recording or in replace mode; in error mode without recording,
+only the rows an edit touches), edits act on the entries, and the error splice
+decodes only the change, ``Z' = Z + (H' - H) W_dec`` on the rows it touches: with
+no edit and no recording the pass is not encoded at all (``Z' = Z``). When grad is
+on without a leaf and the input or the SAE requires grad, the dense path runs
+instead (``H`` in token chunks of ``chunk_elements / d_sae`` rows, decoded twice in
+error mode), differentiable as the formulas above.
+
 For gradients, the splice can hand the rest of the network a leaf tensor
 ``R = Z'.detach().requires_grad_()``: a backward pass from any objective then
 stops at layer ``l`` and ``R.grad = d objective / d Z'``, from which every
@@ -42,10 +53,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from gradsae import sparse
 from gradsae.checks import check_edit
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel, block_output, with_block_output
 from gradsae.sae import SAE, check_compatible
+from gradsae.sparse import Codes
 
 Mode = Literal["replace", "error"]
 MODES = ("replace", "error")
@@ -133,9 +146,11 @@ class Splice:
     attention_mask: torch.Tensor | None = None
     """The attention mask of the forward pass in flight (set by a model pre-hook)."""
     chunk_elements: int = 1 << 23
-    """Encode at most this many ``token x latent`` entries at once (bounds memory for wide SAEs)."""
+    """Compute at most this many ``token x latent`` pre-activations at once (bounds memory for wide SAEs)."""
     edits_on: bool = True
     """Apply ``edits``; when off, passes are spliced unedited (the newest-only decoder's cache fills)."""
+    sparse: bool = True
+    """Use sparse codes whenever no autograd graph runs through the splice; ``False``: always the dense path."""
 
     @property
     def acts(self) -> list[torch.Tensor]:
@@ -150,31 +165,90 @@ class Splice:
         self.offset = 0
 
     def transform(self, z: torch.Tensor) -> torch.Tensor:
-        """``Z -> Z'`` for one block output ``[batch, pos, d_model]``, in token chunks."""
+        """``Z -> Z'`` for one block output ``[batch, pos, d_model]``.
+
+        On the SAE's device: a residual on another device (a model spread by a
+        device map, see :func:`gradsae.models.sae_device`) is moved there and back.
+        """
+        home = z.device
+        if home != self.sae.W_dec.device:
+            return self.transform(z.to(self.sae.W_dec.device)).to(home)
         start, valid = self._positions(z)
-        batch, pos, d_model = z.shape
         edits = self.edits if self.edits_on else []
-        like = torch.empty(0, dtype=self.sae.W_dec.dtype, device=z.device)
-        plans = [_EditPlan.build(edit, batch, pos, start, self.sae.cfg.d_sae, like) for edit in edits]
-        flat_z, flat_valid = z.reshape(-1, d_model), valid.reshape(-1)
-        rows = max(1, self.chunk_elements // self.sae.cfg.d_sae)
-        outs, found = [], []
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.grad):
-            for first in range(0, flat_z.shape[0], rows):
-                part = slice(first, first + rows)
-                out, edited = self._chunk(flat_z[part], flat_valid[part], plans, first, pos)
-                outs.append(out)
-                if self.record:
-                    nz = torch.nonzero(edited.detach())
-                    found.append((nz[:, 0] + first, nz[:, 1], edited.detach()[nz[:, 0], nz[:, 1]]))
-            out = torch.cat(outs).reshape(z.shape)
-        if self.record:
-            self.latents.append(_sparse(found, batch, pos, self.sae.cfg.d_sae, like))
+        if self._differentiable(z):
+            out, found = self._dense(z, valid, edits, start)
+        else:
+            with torch.no_grad():
+                out, found = self._sparse(z, valid, edits, start)
+        if found is not None:
+            self.latents.append(found)
             self.valid.append(valid)
         if self.grad:
             out = out.detach().requires_grad_(True)
             self.leaves.append(out)
         return out
+
+    def _differentiable(self, z: torch.Tensor) -> bool:
+        """Does autograd record through the splice (no leaf, grad on, something requiring grad)?"""
+        if not self.sparse:
+            return True
+        if self.grad or not torch.is_grad_enabled():
+            return False
+        return z.requires_grad or any(p.requires_grad for p in self.sae.parameters())
+
+    def _sparse(
+        self, z: torch.Tensor, valid: torch.Tensor, edits: Sequence[Edit], start: int
+    ) -> tuple[torch.Tensor, SparseActs | None]:
+        """Encode only the rows needed, edit entries, decode only what changed (see :mod:`gradsae.sparse`)."""
+        batch, pos, d_model = z.shape
+        like = torch.empty(0, dtype=self.sae.W_dec.dtype, device=z.device)
+        plans = [_SparsePlan.build(edit, batch, pos, start, self.sae.cfg.d_sae, like) for edit in edits]
+        flat, flat_valid = z.reshape(-1, d_model), valid.reshape(-1)
+        if self.mode == "error" and not plans and not self.record:
+            return z, None  # Z' = Z exactly: nothing to encode or decode
+        need = flat_valid
+        if self.mode == "error" and not self.record:
+            need = flat_valid & torch.stack([plan.where for plan in plans]).any(dim=0)
+        rows = torch.nonzero(need).squeeze(-1)
+        codes = sparse.encode(self.sae, flat[rows], budget=self.chunk_elements).at_rows(rows, len(flat))
+        edited = codes
+        for plan in plans:
+            edited = plan.apply(edited, flat_valid)
+        if self.mode == "replace":
+            out = torch.where(flat_valid[:, None], sparse.decode(self.sae, edited).to(z.dtype), flat)
+        else:
+            out = self._add_change(flat, sparse.difference(edited, codes))
+        found = _acts(edited.nonzero(), batch, pos) if self.record else None
+        return out.reshape(z.shape), found
+
+    def _add_change(self, flat: torch.Tensor, change: Codes) -> torch.Tensor:
+        """``Z + sum_D v W_dec[c]`` (in the SAE's dtype or wider) on the rows ``D`` touches; ``Z`` elsewhere."""
+        touched = sparse.touched_rows(change)
+        if not bool(touched.any()):
+            return flat
+        wide = torch.promote_types(flat.dtype, self.sae.W_dec.dtype)
+        moved = (flat.to(wide) + sparse.decode(self.sae, change, bias=False)).to(flat.dtype)
+        return torch.where(touched[:, None], moved, flat)
+
+    def _dense(
+        self, z: torch.Tensor, valid: torch.Tensor, edits: Sequence[Edit], start: int
+    ) -> tuple[torch.Tensor, SparseActs | None]:
+        """The dense reference path, differentiable: ``[tokens, d_sae]`` latents in token chunks."""
+        batch, pos, d_model = z.shape
+        like = torch.empty(0, dtype=self.sae.W_dec.dtype, device=z.device)
+        plans = [_EditPlan.build(edit, batch, pos, start, self.sae.cfg.d_sae, like) for edit in edits]
+        flat_z, flat_valid = z.reshape(-1, d_model), valid.reshape(-1)
+        rows = max(1, self.chunk_elements // self.sae.cfg.d_sae)
+        outs, found = [], []
+        for first in range(0, flat_z.shape[0], rows):
+            part = slice(first, first + rows)
+            out, edited = self._chunk(flat_z[part], flat_valid[part], plans, first, pos)
+            outs.append(out)
+            if self.record:
+                nz = torch.nonzero(edited.detach())
+                found.append((nz[:, 0] + first, nz[:, 1], edited.detach()[nz[:, 0], nz[:, 1]]))
+        out = torch.cat(outs).reshape(z.shape)
+        return out, _gathered(found, batch, pos, self.sae.cfg.d_sae, like) if self.record else None
 
     def _chunk(
         self, z: torch.Tensor, valid: torch.Tensor, plans: Sequence[_EditPlan], first: int, pos: int
@@ -227,8 +301,12 @@ def splice(
     record: bool = True,
     skip_first: bool = True,
     chunk_elements: int = 1 << 23,
+    sparse: bool = True,
 ) -> Iterator[Splice]:
-    """Insert ``sae`` at its hook point of block ``layer`` (default: the SAE's own) for the ``with`` body."""
+    """Insert ``sae`` at its hook point of block ``layer`` (default: the SAE's own) for the ``with`` body.
+
+    ``sparse=False`` forces the dense reference path (the tests compare the two).
+    """
     layer = resolve_layer(sae, layer)
     check_compatible(sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=layer)
     if mode not in MODES:
@@ -242,6 +320,7 @@ def splice(
         record=record,
         skip_first=skip_first,
         chunk_elements=chunk_elements,
+        sparse=sparse,
     )
     block = lm.layers[layer]
     handles = [
@@ -333,6 +412,32 @@ class _EditPlan:
         return h + sel * self.values[rows].to(h.dtype)
 
 
+@dataclass(frozen=True)
+class _SparsePlan:
+    """One edit resolved for a pass, for sparse codes: each row's latents and values, and where."""
+
+    op: str
+    latents: torch.Tensor
+    """``[batch, m]`` ascending, ``-1`` padding."""
+    values: torch.Tensor
+    """``[batch, m]``."""
+    where: torch.Tensor
+    """``[batch * pos]`` bool: flattened positions the edit touches."""
+    pos: int
+
+    @classmethod
+    def build(cls, edit: Edit, batch: int, pos: int, offset: int, d_sae: int, like: torch.Tensor) -> _SparsePlan:
+        latents, values = _latent_lists(edit, batch, d_sae, like)
+        where = _position_mask(edit, batch, pos, offset, like.device).reshape(-1)
+        return cls(op=edit.op, latents=latents, values=values, where=where, pos=pos)
+
+    def apply(self, codes: Codes, valid: torch.Tensor) -> Codes:
+        """Edit ``codes`` (rows = flattened ``batch x pos``) at the valid positions it touches."""
+        tokens = torch.nonzero(self.where & valid).squeeze(-1)
+        rows = tokens // self.pos
+        return sparse.edit(codes, self.op, tokens, self.latents[rows], self.values[rows])
+
+
 def apply_edits(h: torch.Tensor, edits: Sequence[Edit], *, offset: int = 0) -> torch.Tensor:
     """Apply ``edits`` to dense latents ``h`` (``[batch, pos, d_sae]``) of a pass starting at ``offset``."""
     batch, pos, d_sae = h.shape
@@ -343,7 +448,13 @@ def apply_edits(h: torch.Tensor, edits: Sequence[Edit], *, offset: int = 0) -> t
     return flat.reshape(batch, pos, d_sae)
 
 
-def _sparse(
+def _acts(codes: Codes, batch: int, pos: int) -> SparseActs:
+    """A pass's codes (rows = flattened ``batch x pos``) as :class:`SparseActs`."""
+    index = torch.stack([codes.rows // pos, codes.rows % pos, codes.latents], dim=1)
+    return SparseActs(index=index, values=codes.values, shape=(batch, pos, codes.d_sae))
+
+
+def _gathered(
     found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], batch: int, pos: int, d_sae: int, like: torch.Tensor
 ) -> SparseActs:
     rows = torch.cat([f[0] for f in found]) if found else torch.zeros(0, dtype=torch.long, device=like.device)
@@ -353,12 +464,8 @@ def _sparse(
     return SparseActs(index=index, values=values, shape=(batch, pos, d_sae))
 
 
-def _latent_table(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense ``[batch, d_sae]`` choice mask and values for one edit.
-
-    Padding entries (``< 0``) are scattered into a spare column ``d_sae`` that is
-    then dropped, so they never collide with a real latent (latent 0 included).
-    """
+def edit_rows(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[batch, n]`` latents (``-1`` padding) and values of one edit, checked."""
     latents = torch.as_tensor(edit.latents, dtype=torch.long, device=like.device)
     if latents.ndim == 1:
         latents = latents.expand(batch, -1)
@@ -367,7 +474,38 @@ def _latent_table(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tup
     if latents.numel() and int(latents.max()) >= d_sae:
         raise GradSAEError(f"latent {int(latents.max())} is out of range: the SAE has {d_sae} latents")
     values = torch.as_tensor(edit.values, dtype=like.dtype, device=like.device)
-    values = values.expand(latents.shape) if values.ndim < 2 else values
+    return latents, values.expand(latents.shape) if values.ndim < 2 else values
+
+
+def _latent_lists(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[batch, m]`` latents per row, ascending without repeats (``-1`` padding), and their values.
+
+    A latent listed twice in a row keeps its last value (as the dense table's scatter does).
+    """
+    latents, values = edit_rows(edit, batch, d_sae, like)
+    used = latents >= 0
+    keys = (torch.arange(batch, device=like.device)[:, None] * d_sae + latents)[used]
+    keys, order = keys.sort(stable=True)
+    unique, counts = torch.unique_consecutive(keys, return_counts=True)
+    last = values[used][order][counts.cumsum(0) - 1]
+    rows = unique // d_sae
+    per_row = torch.bincount(rows, minlength=batch)
+    column = torch.arange(len(unique), device=like.device) - (per_row.cumsum(0) - per_row)[rows]
+    width = max(1, int(per_row.max())) if len(unique) else 1
+    table = torch.full((batch, width), -1, dtype=torch.long, device=like.device)
+    table[rows, column] = unique % d_sae
+    table_values = torch.zeros(batch, width, dtype=like.dtype, device=like.device)
+    table_values[rows, column] = last
+    return table, table_values
+
+
+def _latent_table(edit: Edit, batch: int, d_sae: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``[batch, d_sae]`` choice mask and values for one edit.
+
+    Padding entries (``< 0``) are scattered into a spare column ``d_sae`` that is
+    then dropped, so they never collide with a real latent (latent 0 included).
+    """
+    latents, values = edit_rows(edit, batch, d_sae, like)
     index = torch.where(latents >= 0, latents, d_sae)  # padding writes to a spare column, dropped below
     chosen = torch.zeros(batch, d_sae + 1, dtype=torch.bool, device=like.device)
     chosen = chosen.scatter(1, index, torch.ones_like(index, dtype=torch.bool))

@@ -79,11 +79,12 @@ class _StopError(Exception):
 
 
 def test_interrupted_layer_resumes_to_the_same_result(tmp_path, monkeypatch):
+    """Condition by condition (the reference path): a cut after 8 conditions reruns only the rest."""
     lm, sae = helpers.char_lm(seed=3), helpers.tiny_sae("topk", d_sae=48, seed=2)
     cfg = ExperimentConfig(layer=0, ks=(1, "50%"), steer_positions=("last",), batch_size=3, bootstrap=50)
     task = _task(lm, sae, cfg)
-    plain = run_layer(lm, sae, task, cfg)
-    whole = run_layer(lm, sae, task, cfg, Journal.open(tmp_path / "a", {"run": 1}))
+    plain = run_layer(lm, sae, task, cfg, batched=False)
+    whole = run_layer(lm, sae, task, cfg, Journal.open(tmp_path / "a", {"run": 1}), batched=False)
     assert json.dumps(dataclasses.asdict(whole)) == json.dumps(dataclasses.asdict(plain))
     assert plain.n_kept >= 2 and plain.steering, "the task must exercise both experiments"
 
@@ -98,16 +99,48 @@ def test_interrupted_layer_resumes_to_the_same_result(tmp_path, monkeypatch):
 
     monkeypatch.setattr(perturb, "decode", counting)
     with pytest.raises(_StopError):
-        run_layer(lm, sae, task, cfg, Journal.open(tmp_path / "b", {"run": 1}))
+        run_layer(lm, sae, task, cfg, Journal.open(tmp_path / "b", {"run": 1}), batched=False)
     assert count_units(tmp_path / "b") == 8  # 8 conditions finished, the 9th was cut
     calls["n"] = -100
-    resumed = run_layer(lm, sae, task, cfg, Journal.open(tmp_path / "b", {"run": 1}))
+    resumed = run_layer(lm, sae, task, cfg, Journal.open(tmp_path / "b", {"run": 1}), batched=False)
     total = len(plain.perturbation) + len(plain.steering)
     assert calls["n"] == -100 + total - 8  # only the unfinished conditions ran again
     assert json.dumps(dataclasses.asdict(resumed)) == json.dumps(dataclasses.asdict(plain))
     calls["n"] = -100
-    assert run_layer(lm, sae, task, cfg, Journal.open(tmp_path / "b", {"run": 1})) == resumed
+    assert run_layer(lm, sae, task, cfg, Journal.open(tmp_path / "b", {"run": 1}), batched=False) == resumed
     assert calls["n"] == -100  # a finished layer is not recomputed at all
+
+
+def test_interrupted_batched_layer_resumes_to_the_same_result(tmp_path, monkeypatch):
+    """Group by group (the batched path): a cut in the third group reruns only the unfinished groups."""
+    lm, sae = helpers.char_lm(seed=3), helpers.tiny_sae("topk", d_sae=48, seed=2)
+    cfg = ExperimentConfig(layer=0, ks=(1, "50%"), steer_positions=("last",), batch_size=3, bootstrap=50)
+    task = _task(lm, sae, cfg)
+    plain = run_layer(lm, sae, task, cfg)
+    assert run_layer(lm, sae, task, cfg, batched=False) == plain, "batched and one at a time agree"
+    calls = {"groups": 0, "conditions": 0}
+    real = perturb.decode_conditions
+
+    def counting(*args, **kwargs):
+        calls["groups"] += 1
+        if calls["groups"] == 3:
+            raise _StopError
+        calls["conditions"] += len(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(perturb, "decode_conditions", counting)
+    with pytest.raises(_StopError):
+        run_layer(lm, sae, task, cfg, Journal.open(tmp_path / "b", {"run": 1}))
+    finished = calls["conditions"]
+    assert count_units(tmp_path / "b") == finished == 9  # none + gradsae's 4, then activation's 4
+    calls.update(groups=-100, conditions=0)
+    resumed = run_layer(lm, sae, task, cfg, Journal.open(tmp_path / "b", {"run": 1}))
+    total = len(plain.perturbation) + len(plain.steering)
+    assert calls["conditions"] == total - finished  # only the unfinished groups ran again
+    assert json.dumps(dataclasses.asdict(resumed)) == json.dumps(dataclasses.asdict(plain))
+    calls.update(groups=-100, conditions=0)
+    assert run_layer(lm, sae, task, cfg, Journal.open(tmp_path / "b", {"run": 1})) == resumed
+    assert calls["conditions"] == 0  # a finished layer is not recomputed at all
 
 
 @pytest.fixture(scope="module")
@@ -126,23 +159,23 @@ def _reproduce(files: Path, out: Path, *extra: str) -> list[str]:
 
 def test_reproduce_ctrl_c_says_what_is_saved_and_resumes(tiny_run, tmp_path, monkeypatch, capsys):
     assert main(_reproduce(tiny_run, tmp_path / "whole")) == 0
-    real, calls = perturb.decode, {"n": 0}
+    real, calls = perturb.decode_conditions, {"n": 0}
 
     def interrupt(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 2:  # in the second group of conditions: the first (no edit + gradsae's 4) is saved
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(perturb, "decode", interrupt)
+    monkeypatch.setattr(perturb, "decode_conditions", interrupt)
     capsys.readouterr()
     assert main(_reproduce(tiny_run, tmp_path / "cut")) == 130
     err = capsys.readouterr().err
     assert (
-        f"4 finished unit(s) (layers, masking and steering conditions) are saved in {tmp_path / 'cut' / FOLDER};" in err
+        f"5 finished unit(s) (layers, masking and steering conditions) are saved in {tmp_path / 'cut' / FOLDER};" in err
     )
     assert "run the same command again to continue" in err and not (tmp_path / "cut" / "results.json").exists()
-    monkeypatch.setattr(perturb, "decode", real)
+    monkeypatch.setattr(perturb, "decode_conditions", real)
     assert main(_reproduce(tiny_run, tmp_path / "cut")) == 0
     first = (tmp_path / "whole" / "results.json").read_bytes()
     assert (tmp_path / "cut" / "results.json").read_bytes() == first

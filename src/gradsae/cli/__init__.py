@@ -5,6 +5,9 @@ also the parser's own (an unknown option, a bad choice). Each subcommand is a
 module here with ``add_arguments(parser)``, ``run(args)`` and ``interrupted(args)``
 (what Ctrl-C leaves behind, said truthfully); nothing below ``gradsae.cli``
 imports ``argparse``.
+
+Under ``torchrun --nproc_per_node N -m gradsae ...`` every rank runs the command
+(see :mod:`gradsae.distributed`); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 import typing
 from collections.abc import Sequence
 
+from gradsae import distributed
 from gradsae.cli.common import quiet_libraries
 from gradsae.errors import GradSAEError
 
@@ -35,8 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_libraries(args.verbose)
+    if hasattr(args, "device"):
+        args.device = distributed.device_for(args.device)  # under torchrun: this rank's GPU
     try:
-        return int(args.module.run(args))
+        distributed.init(getattr(args, "device", "cpu"))
+        code = int(args.module.run(args))
+        distributed.finish()
+        return code
     except GradSAEError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

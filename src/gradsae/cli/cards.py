@@ -16,7 +16,7 @@ from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.experiments.cards import cards_path, compute_cards, corpus_tokens, run_latents, write_neuronpedia
 from gradsae.experiments.examples import EXAMPLES, ExampleDump, LayerExamples
-from gradsae.models import DEFAULT_NAMES, load_model
+from gradsae.models import DEFAULT_NAMES, load_model, sae_device
 from gradsae.pretrained import resolve_sae
 
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     layers = _layers(args, dump)
     if args.out and len(layers) > 1:
         raise GradSAEError("--out names one file but the run has several layers: pass --layer")
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(args.model, device=args.device, device_map=args.device_map)
     ids = corpus_tokens(lm.tokenizer, args.corpus, n_sequences=args.sequences, context=args.context)
     for layer in layers:
         folder = args.sae.replace("{layer}", str(layer)) if args.sae and layer is not None else args.sae
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         latents = parse_layers(args.latents, option="--latents") if args.latents else _chosen(part, used)
         cards = compute_cards(
             lm,
-            sae.to(lm.device),
+            sae.to(sae_device(lm, used, sae.cfg.hook_point)),
             ids,
             latents,
             layer=used,

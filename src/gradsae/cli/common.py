@@ -38,6 +38,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="decoder block whose output the SAE reads (default: the SAE's own, else 6)",
     )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        help="spread a model too large for one device over the visible ones (accelerate), e.g. auto",
+    )
 
 
 def parse_layers(text: str, *, option: str = "--layers") -> tuple[int, ...]:

@@ -27,12 +27,13 @@ import logging
 import platform
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gradsae import _files
+from gradsae import _files, distributed
 from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
@@ -42,7 +43,7 @@ from gradsae.experiments.journal import FOLDER, Journal, count_units
 from gradsae.experiments.report import render
 from gradsae.experiments.run import RESULTS, LayerResult, RunMeta, RunResults, run_layer
 from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task
-from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers, load_model
+from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers, load_model, sae_device
 from gradsae.pretrained import ResolvedSAE, resolve_sae
 from gradsae.sae import check_compatible
 
@@ -62,7 +63,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or a .jsonl/.csv file with prompt/answer columns",
     )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--n", type=int, default=48, help="examples to draw before keeping the correct ones")
+    parser.add_argument(
+        "--n",
+        "--examples",
+        dest="n",
+        type=int,
+        default=48,
+        help="examples to draw before keeping the correct ones (under torchrun write --examples: torchrun "
+        "takes --n for one of its own options)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling, donors, random ranking, bootstrap")
     parser.add_argument(
         "--layers", default=None, help="comma-separated layers for a sweep, e.g. 6,15,24 (default: --layer, else 6)"
@@ -160,13 +169,17 @@ def run(args: argparse.Namespace) -> int:
     )
     methods = ("gradsae", "activation", "random") + (("ablation",) if args.ablation else ())
     out = Path(args.out)
-    with _files.locked_folder(out, command="reproduce"):
-        lm = load_model(args.model, device=args.device)
+    with ExitStack() as held:
+        # under torchrun rank 0 holds the lock and writes; a refusal there is raised on every rank
+        distributed.on_main(lambda: held.enter_context(_files.locked_folder(out, command="reproduce")))
+        lm = load_model(args.model, device=args.device, device_map=args.device_map)
         check_prompt_lengths(lm, task)
         saes = resolve_all(lm, args, layers)
         labels = {str(found.layer): found.label for found in saes}
         meta = run_meta(args, lm, task, ks, methods, positions, labels)
-        journal = open_journal(out, meta, task, saes, restart=args.restart)
+        journal = distributed.on_main(lambda: open_journal(out, meta, task, saes, restart=args.restart))
+        if journal is None:  # the other ranks read rank 0's journal, never write it
+            journal = Journal.open(out, journal_config(meta, task, saes), writes=False)
         results: list[LayerResult] = []
         timing: dict[str, float] = {}
         recorder = ExampleRecorder(lm.tokenizer)
@@ -187,13 +200,15 @@ def run(args: argparse.Namespace) -> int:
                 curves_n=args.curves_n,
             )
             began = time.perf_counter()
-            results.append(run_layer(lm, found.sae.to(lm.device), task, cfg, journal, recorder=recorder))
+            sae = found.sae.to(sae_device(lm, found.layer, found.sae.cfg.hook_point))
+            results.append(run_layer(lm, sae, task, cfg, journal, recorder=recorder))
             timing[f"layer_{found.layer}_s"] = round(time.perf_counter() - began, 1)
         timing["session_s"] = round(time.perf_counter() - start, 1)
         timing["total_s"] = round(earlier_seconds(out, restart=args.restart) + timing["session_s"], 1)
-        recorder.dump().save(out)
-        write_outputs(out, RunResults(config=meta, layers=tuple(results)), timing)
-    print(f"wrote {args.out}/results.json, table.md and plots in {timing['session_s']:.0f} s")  # noqa: T201
+        if distributed.is_main():  # under torchrun every rank holds the same results; one writes them
+            recorder.dump().save(out)
+            write_outputs(out, RunResults(config=meta, layers=tuple(results)), timing)
+            print(f"wrote {args.out}/results.json, table.md and plots in {timing['session_s']:.0f} s")  # noqa: T201
     return 0
 
 
@@ -239,7 +254,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[tuple[KSpec, ...], list[i
     validate.at_least("--curves-n", args.curves_n, 1)
     validate.at_least("--max-new-tokens", args.max_new_tokens, 1)
     validate.at_least("--seed", args.seed, 0)
-    validate.model_and_device(args.model, args.device)
+    validate.model_and_device(args.model, args.device, args.device_map)
     validate.layers(layers, args.model, option="--layers" if args.layers else "--layer")
     validate.sae_folders(args.sae, layers)
     validate.out_folder(args.out)

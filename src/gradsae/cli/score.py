@@ -11,23 +11,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from gradsae import _files
+from gradsae import _files, distributed
 from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments
 from gradsae.errors import GradSAEError
 from gradsae.experiments.examples import LayerExamples, record_scores
 from gradsae.experiments.html import score_page
-from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model
+from gradsae.models import DEFAULT_NAMES, LoadedModel, load_model, sae_device
 from gradsae.objectives import objective_from_name
 from gradsae.pretrained import resolve_sae
-from gradsae.sae import check_compatible
+from gradsae.sae import SAE, check_compatible
 from gradsae.scores import Scores, score_latents, score_methods
 
 
@@ -51,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="What is the capital of France?", help="the input text")
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        help="score many prompts: a text file (one per line) or JSONL with a prompt field; under torchrun "
+        "the prompts are shared among the ranks and rank 0 writes --json",
+    )
     parser.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     parser.add_argument(
         "--objective",
@@ -82,13 +90,14 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the arguments, score, print the report; then write ``--json`` (the report is printed either way)."""
+    """Check the arguments, score, print the report; then write ``--json`` (rank 0 only under torchrun)."""
     check_arguments(args)
     report, table = run_score(args)
-    sys.stdout.write(report)
-    sys.stdout.flush()
-    if args.json:
-        _files.write_json(args.json, table, sort_keys=False)
+    if distributed.is_main():
+        sys.stdout.write(report)
+        sys.stdout.flush()
+        if args.json:
+            _files.write_json(args.json, table, sort_keys=False)
     return 0
 
 
@@ -99,11 +108,16 @@ def interrupted(args: argparse.Namespace) -> str:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse any bad argument, input path or output file before a model loads."""
-    validate.text("--prompt", args.prompt, fix="pass --prompt TEXT")
+    if args.prompts is None:
+        validate.text("--prompt", args.prompt, fix="pass --prompt TEXT")
+    elif args.html:
+        raise GradSAEError("--html shows one prompt: drop --prompts (score one --prompt) or drop --html")
+    else:
+        read_prompts(args.prompts)
     validate.at_least("--top", args.top, 1)
     validate.at_least("--layer", args.layer, 0)
     check_objective_options(args)
-    validate.model_and_device(args.model, args.device)
+    validate.model_and_device(args.model, args.device, args.device_map)
     validate.layers([args.layer], args.model, option="--layer")
     validate.sae_folders(args.sae, [args.layer])
     validate.out_file(args.json, option="--json")
@@ -132,14 +146,49 @@ def label_words(text: str) -> list[str]:
     return [word.strip() for word in text.split(",") if word.strip()]
 
 
+@dataclass(frozen=True)
+class Scored:
+    """One prompt's result, as gathered from the rank that scored it."""
+
+    text: str
+    """The text the model read (the prompt, in the chat template unless ``--no-chat``)."""
+    grad: Scores
+    rows: list[ScoreRow]
+    page: dict[str, Any] | None
+    """The ``--html`` page's data (:class:`LayerExamples` as a dict), when asked for."""
+
+
 def run_score(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """Load, score, and return the printable report and the table as JSON-able data."""
+    """Load, score every prompt (sharded over torchrun's ranks); return the printable report and the JSON data."""
     start = time.perf_counter()
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(args.model, device=args.device, device_map=args.device_map)
     sae, layer, label = resolve_sae(lm, args.sae, args.layer, default_model=args.model in DEFAULT_NAMES)
-    sae = sae.to(args.device)
+    sae = sae.to(sae_device(lm, layer, sae.cfg.hook_point))
     check_compatible(sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=layer)
-    ids, mask, text = encode_one(lm, args.prompt, chat=not args.no_chat)
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    scored = distributed.map_items(lambda prompt: score_prompt(lm, sae, layer, args, prompt), prompts)
+    seconds = time.perf_counter() - start
+    reports = [
+        _header(lm, label, layer, args, p, one.text, one.grad, seconds) for p, one in zip(prompts, scored, strict=True)
+    ]
+    tables = [format_table(one.rows, args.top) for one in scored]
+    if args.html and distributed.is_main():
+        page = scored[0].page
+        assert page is not None
+        cards = _files.read_json(args.cards) if args.cards else None
+        summary = reports[0] + "\n\n" + tables[0]
+        _files.write_text(args.html, score_page(f"gradsae score: {lm.name}, layer {layer}", summary, page, cards))
+    if args.prompts:
+        entries = [_entry(p, one) for p, one in zip(prompts, scored, strict=True)]
+        data: dict[str, Any] = {"layer": layer, "sae": label, "prompts": entries}
+    else:
+        data = {"header": reports[0], "rows": [r.__dict__ for r in scored[0].rows]}
+    return "\n\n".join(header + "\n\n" + table for header, table in zip(reports, tables, strict=True)), data
+
+
+def score_prompt(lm: LoadedModel, sae: SAE, layer: int, args: argparse.Namespace, prompt: str) -> Scored:
+    """One prompt: the text the model read, its GradSAE scores, the table's rows (and the page's data)."""
+    ids, mask, text = encode_one(lm, prompt, chat=not args.no_chat)
     objective = objective_from_name(
         args.objective, tokenizer=lm.tokenizer, target=args.target, labels=label_words(args.labels), label=args.label
     )
@@ -151,29 +200,44 @@ def run_score(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     )
     grad, act = both["gradsae"], both["activation"]
     abl = score_latents(lm, sae, ids, mask, objective, method="ablation", **common) if args.ablation else None
-    rows = table_rows(grad, act, abl, args.top)
-    header = _header(lm, label, layer, args, text, grad, time.perf_counter() - start)
-    table = format_table(rows, args.top)
+    page = None
     if args.html:
-        write_html(args.html, lm, layer, ids, mask, both, header + "\n\n" + table, args)
-    return header + "\n\n" + table, {"header": header, "rows": [r.__dict__ for r in rows]}
+        record = record_scores(lm.tokenizer, ids, mask, both, top=args.top)
+        page = dataclasses.asdict(LayerExamples(layer=layer, examples=(record,)))
+    return Scored(text=text, grad=grad, rows=table_rows(grad, act, abl, args.top), page=page)
 
 
-def write_html(
-    path: str,
-    lm: LoadedModel,
-    layer: int,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    both: dict[str, Scores],
-    summary: str,
-    args: argparse.Namespace,
-) -> None:
-    """The ``--html`` page, built from the JSON form of the scores (and of ``--cards``)."""
-    record = record_scores(lm.tokenizer, ids, mask, both, top=args.top)
-    part = dataclasses.asdict(LayerExamples(layer=layer, examples=(record,)))
-    cards = _files.read_json(args.cards) if args.cards else None
-    _files.write_text(path, score_page(f"gradsae score: {lm.name}, layer {layer}", summary, part, cards))
+def read_prompts(path: str) -> list[str]:
+    """One prompt per non-empty line of a text file, or the ``prompt`` field of each JSONL line."""
+    file = Path(path)
+    if not file.is_file():
+        raise GradSAEError(f"prompt file {file} does not exist: pass a text file with one prompt per line")
+    try:
+        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GradSAEError(f"cannot read prompt file {file} ({type(exc).__name__}): pass a UTF-8 text file") from None
+    if not lines:
+        raise GradSAEError(f"prompt file {file} holds no prompt: write one prompt per line")
+    if file.suffix != ".jsonl":
+        return lines
+    try:
+        prompts = [json.loads(line)["prompt"] for line in lines]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise GradSAEError(f'{file}: every JSONL line needs a "prompt" field') from None
+    if not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise GradSAEError(f'{file}: every "prompt" must be non-empty text')
+    return prompts
+
+
+def _entry(prompt: str, one: Scored) -> dict[str, object]:
+    """One prompt's result in the ``--prompts`` JSON (no timings: the same for any number of ranks)."""
+    return {
+        "prompt": prompt,
+        "chat": one.text != prompt,
+        "objective": float(one.grad.objective[0]),
+        "active_last": int(one.grad.active_last[0]),
+        "rows": [r.__dict__ for r in one.rows],
+    }
 
 
 def encode_one(lm: LoadedModel, prompt: str, *, chat: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -248,7 +312,14 @@ def format_table(rows: list[ScoreRow], top: int) -> str:
 
 
 def _header(
-    lm: LoadedModel, label: str, layer: int, args: argparse.Namespace, text: str, grad: Scores, seconds: float
+    lm: LoadedModel,
+    label: str,
+    layer: int,
+    args: argparse.Namespace,
+    prompt: str,
+    text: str,
+    grad: Scores,
+    seconds: float,
 ) -> str:
     n_tokens = int(grad.token_index[:, 1].max()) + 1 if len(grad.token_index) else 0
     return "\n".join(
@@ -257,7 +328,7 @@ def _header(
             f"- SAE: {label}",
             f"- objective: {args.objective} (Y = {float(grad.objective[0]):.4g}); splice mode: {args.mode}; "
             f"aggregation: {args.aggregation}",
-            f"- prompt: {args.prompt!r} ({n_tokens} tokens{' with chat template' if text != args.prompt else ''})",
+            f"- prompt: {prompt!r} ({n_tokens} tokens{' with chat template' if text != prompt else ''})",
             f"- latents active at the last token: {int(grad.active_last[0])}; wall time {seconds:.1f} s",
         ]
     )

@@ -25,7 +25,7 @@ from gradsae.cli.common import add_model_arguments, dataclass_arguments
 from gradsae.errors import GradSAEError
 from gradsae.experiments.steer import CONCEPTS, SteerConfig, SteerResult, run_steering
 from gradsae.experiments.steer_report import render
-from gradsae.models import DEFAULT_NAMES, load_model
+from gradsae.models import DEFAULT_NAMES, load_model, sae_device
 from gradsae.pretrained import resolve_sae
 from gradsae.steer import Concept
 
@@ -134,8 +134,10 @@ def run_steer(args: argparse.Namespace) -> SteerResult:
     """Load the model and SAE, then the whole sweep."""
     concepts = concepts_from(args)
     config_from(args, layer=0)  # refuse bad options before loading anything
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(args.model, device=args.device, device_map=args.device_map)
     sae, layer, label = resolve_sae(lm, args.sae, args.layer, default_model=args.model in DEFAULT_NAMES)
     cfg = config_from(args, layer)
     command = "gradsae " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "gradsae steer"
-    return run_steering(lm, sae.to(args.device), concepts, cfg, sae_label=label, command=command)
+    return run_steering(
+        lm, sae.to(sae_device(lm, layer, sae.cfg.hook_point)), concepts, cfg, sae_label=label, command=command
+    )

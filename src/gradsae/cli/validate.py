@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gradsae import _files
 from gradsae.errors import GradSAEError
-from gradsae.models import check_device, check_model_source
+from gradsae.models import check_device, check_device_map, check_model_source
 from gradsae.sae import load_sae
 
 
@@ -36,9 +36,11 @@ def positive(option: str, value: float | None) -> None:
         raise GradSAEError(f"{option} must be a positive number, got {value:g}: pass e.g. {option} 1e-4")
 
 
-def model_and_device(model: str | None, device: str = "cpu") -> None:
-    """The ``--model`` source exists and is what it claims; ``--device`` names a device this machine has."""
+def model_and_device(model: str | None, device: str = "cpu", device_map: str | None = None) -> None:
+    """The ``--model`` source exists and is what it claims; ``--device`` names a device this machine has;
+    ``--device-map`` is one accelerate knows."""
     check_device(device)
+    check_device_map(device_map)
     check_model_source(model)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from gradsae import _files
+from gradsae import _files, distributed
 from gradsae.experiments.config import KSpec
 from gradsae.experiments.rank import KeptExample, chosen
 from gradsae.scores import Scores
@@ -170,7 +170,11 @@ class ExampleRecorder:
         self._answers[key] = list(texts)
 
     def finish(self, layer: int, kept: Sequence[KeptExample], ks: Sequence[KSpec]) -> LayerExamples:
-        """Turn what was collected for ``layer`` into records; reset for the next layer."""
+        """Turn what was collected for ``layer`` into records; reset for the next layer.
+
+        Under torchrun every rank calls this: the rows scored on other ranks are gathered first.
+        """
+        self._pending = distributed.union(self._pending)
         records = tuple(self._record(i, ex, ks) for i, ex in enumerate(kept))
         part = LayerExamples(layer=layer, examples=records)
         self._layers.append(part)

@@ -61,17 +61,19 @@ class Journal:
     """``<out>/journal``."""
     fingerprint: str
     """The run's config fingerprint; entries with another are ignored."""
+    writes: bool = True
+    """Write entries; ``False`` on the ranks of a torchrun run other than 0 (they only read)."""
 
     @classmethod
-    def open(cls, out: str | Path, config: dict[str, Any]) -> Journal:
+    def open(cls, out: str | Path, config: dict[str, Any], *, writes: bool = True) -> Journal:
         """The journal of ``config`` in ``<out>/journal``: new, or an earlier run's of the same config."""
         folder = Path(out) / FOLDER
         mark = fingerprint(config)
         if (folder / RUN).is_file():
             _check_same_run(folder / RUN, mark, config)
-        else:
+        elif writes:
             _files.write_json(folder / RUN, {"fingerprint": mark, "config": config})
-        return cls(folder=folder, fingerprint=mark)
+        return cls(folder=folder, fingerprint=mark, writes=writes)
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The stored value of ``key``, or ``None`` when absent (or damaged: then it is recomputed)."""
@@ -92,8 +94,9 @@ class Journal:
     def put(self, key: str, value: dict[str, Any]) -> dict[str, Any]:
         """Store ``value`` under ``key`` atomically; return it as read back (JSON round trip)."""
         stored = json.loads(json.dumps(value))
-        entry = {"key": key, "fingerprint": self.fingerprint, "sha256": _checksum(stored), "value": stored}
-        _files.write_text(self.folder / f"{key}.json", json.dumps(entry) + "\n")
+        if self.writes:
+            entry = {"key": key, "fingerprint": self.fingerprint, "sha256": _checksum(stored), "value": stored}
+            _files.write_text(self.folder / f"{key}.json", json.dumps(entry) + "\n")
         return dict(stored)
 
     def __len__(self) -> int:

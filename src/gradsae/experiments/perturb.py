@@ -16,6 +16,13 @@ Each steering cell also reports how often the answer stayed the recipient's own.
 
 Blocks ``0..l`` of each prompt are computed once and replayed in every condition
 (:mod:`gradsae.prefix`): an edit at layer ``l`` cannot change them.
+
+Conditions are decoded a group at a time as one batch (:mod:`gradsae.experiments.batched`;
+masking: one ranking method's Top / Bottom K; steering: one position mode and method),
+and each finished condition is journaled (:mod:`gradsae.experiments.journal`). A group is
+recomputed whole unless all its conditions are journaled, so a resumed run decodes the same
+batches as an uninterrupted one. ``batched=False`` decodes condition by condition with
+:func:`decode` (the reference the tests compare against: the same answers).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gradsae import distributed
+from gradsae.experiments.batched import decode_conditions
 from gradsae.experiments.config import SETS, STEER_EDITS, ExperimentConfig, KSpec
 from gradsae.experiments.journal import Journal, recall, record, unit_key
 from gradsae.experiments.rank import KeptExample, chosen, padded
@@ -97,12 +106,13 @@ class PromptBatch:
 
 def prompt_batches(lm: LoadedModel, texts: Sequence[str], cfg: ExperimentConfig, *, reuse: bool) -> list[PromptBatch]:
     """Split ``texts`` into batches; with ``reuse``, run each once through blocks ``0..l``."""
-    out = []
+    out: list[PromptBatch] = []
     for start in range(0, len(texts), cfg.batch_size):
         rows = range(start, min(start + cfg.batch_size, len(texts)))
         ids, mask = encode_prompts(lm.tokenizer, [texts[i] for i in rows])
         ids, mask = ids.to(lm.device), mask.to(lm.device)
-        prefix = compute_prefix(lm, ids, mask, cfg.layer) if reuse else None
+        mine = len(out) % distributed.world_size() == distributed.rank()  # the rank that decodes this batch
+        prefix = compute_prefix(lm, ids, mask, cfg.layer) if reuse and mine else None
         out.append(PromptBatch(rows=rows, input_ids=ids, attention_mask=mask, prefix=prefix))
     return out
 
@@ -122,19 +132,19 @@ def decode(
     ``newest_only``: each pass edits only its last position and the KV cache keeps unedited
     keys/values (the authors' uncached last-position steering); the edits must use ``positions="last"``.
     """
-    out: list[Generation] = []
     budget = task.max_new_tokens
-    for batch in batches:
+
+    def one(batch: PromptBatch) -> list[Generation]:
         if sae is None:
-            out += generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget)
-            continue
+            return generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget)
         edits = edits_for(batch.rows) if edits_for else []
         replay = replay_prefix(lm, batch.prefix) if batch.prefix is not None else nullcontext()
         spliced = splice(lm, sae, cfg.layer, mode=cfg.mode, edits=edits, record=False, skip_first=cfg.skip_first)
         with spliced as state, replay:
             newest = state if newest_only and edits else None
-            out += generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget, newest_only=newest)
-    return out
+            return generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget, newest_only=newest)
+
+    return [gen for gens in distributed.map_items(one, batches) for gen in gens]  # batches sharded over ranks
 
 
 # -- experiment 1 ---------------------------------------------------------------------
@@ -148,6 +158,7 @@ def run_perturbation(
     journal: Journal | None = None,
     *,
     on_answers: Callable[[str, list[str]], None] | None = None,
+    batched: bool = True,
 ) -> list[Condition]:
     """Zero Top / Bottom K at every position and pass; score against the gold answers (K = 0 measured).
 
@@ -155,30 +166,94 @@ def run_perturbation(
     """
     conditions = [(m, s, k) for m in cfg.methods for s in SETS for k in cfg.ks]
     batches = prompt_batches(lm, texts, cfg, reuse=cfg.reuse_prefix)
-    key = unit_key(cfg.layer, "masking", "none")
-    if (done := recall(journal, key)) is None:
-        gens = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
+    keys = [unit_key(cfg.layer, "masking", "none")] + [unit_key(cfg.layer, "masking", *c) for c in conditions]
+    all_sets: list[list[list[int]]] = [[]] + [[chosen(ex, m, w, k) for ex in kept] for m, w, k in conditions]
+    cells = [("none", "-", 0), *conditions]
+
+    def finish(n: int, gens: list[Generation]) -> Condition:
+        method, which, k = cells[n]
         scores = [task.score(ex.example, gen.text) for ex, gen in zip(kept, gens, strict=True)]
-        done = record(journal, key, _condition("none", "-", 0, scores, [], cfg, edit="none"))
+        sets = all_sets[n]
+        edit = "none" if n == 0 else "zero"
+        done = record(journal, keys[n], _condition(method, which, k, scores, sets, cfg, edit=edit))
         if on_answers is not None:
-            on_answers("none", [g.text for g in gens])
-    out = [Condition.from_dict(done)]
-    for method, which, k in tqdm(conditions, desc=f"experiment 1: masking (layer {cfg.layer})", disable=None):
-        key = unit_key(cfg.layer, "masking", method, which, k)
-        if (done := recall(journal, key)) is not None:
-            out.append(Condition.from_dict(done))
+            on_answers("none" if n == 0 else f"{method}/{which}/{k}", [g.text for g in gens])
+        return Condition.from_dict(done)
+
+    units = [
+        _Unit(
+            key=keys[n], edits_for=_zero_all(all_sets[n]) if n else None, group=cells[min(max(n, 1), len(cells) - 1)][0]
+        )
+        for n in range(len(cells))
+    ]
+    # the recorder keeps each condition's whole answer text: no early stop when it listens
+    return _run_units(lm, sae, batches, task, cfg, units, finish, journal, batched=batched, full=on_answers is not None)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One journaled condition: its key, its edits, and the group it is decoded in."""
+
+    key: str
+    edits_for: EditsFor | None
+    group: tuple[Any, ...] | str
+    """Conditions of one group are decoded as one batch (:mod:`gradsae.experiments.batched`)."""
+    newest_only: bool = False
+
+
+def _run_units(
+    lm: LoadedModel,
+    sae: SAE,
+    batches: Sequence[PromptBatch],
+    task: Task,
+    cfg: ExperimentConfig,
+    units: Sequence[_Unit],
+    finish: Callable[[int, list[Generation]], Condition],
+    journal: Journal | None,
+    *,
+    batched: bool,
+    full: bool = False,
+    experiment: int = 1,
+) -> list[Condition]:
+    """Each unit's :class:`Condition`: recalled from the journal, else decoded and ``finish``-ed (recorded).
+
+    ``batched``: the units of a group are decoded together (a group is recomputed whole unless every one
+    of its units is journaled, so its batch, hence every float, is the same in a resumed run); else each
+    unit alone with :func:`decode`. ``full``: decode to the stop token (no early stop once answered).
+    """
+    out: dict[int, Condition] = {}
+    groups = list(dict.fromkeys(unit.group for unit in units))
+    desc = f"experiment {experiment}: {'masking' if experiment == 1 else 'steering'} (layer {cfg.layer})"
+    for group in tqdm(groups, desc=desc, disable=None):
+        members = [n for n, unit in enumerate(units) if unit.group == group]
+        pending = []
+        for n in members:
+            if (done := recall(journal, units[n].key)) is None:
+                pending.append(n)
+            else:
+                out[n] = Condition.from_dict(done)
+        if not pending:
             continue
-        sets = [chosen(ex, method, which, k) for ex in kept]
+        if not batched:  # the reference: each condition alone, journaled as soon as it is done
+            for n in pending:
+                unit = units[n]
+                out[n] = finish(
+                    n, decode(lm, batches, task, cfg, sae=sae, edits_for=unit.edits_for, newest_only=unit.newest_only)
+                )
+            continue
+        newest = any(units[n].newest_only for n in members)  # a group shares one position mode
+        edits = [units[n].edits_for for n in members]
+        gens = decode_conditions(
+            lm, sae, batches, task, cfg, edits, newest_only=newest, stop_when_answered=not full, desc=str(group)
+        )
+        for n in pending:
+            out[n] = finish(n, gens[members.index(n)])
+    return [out[n] for n in range(len(units))]
 
-        def edits_for(rows: range, sets: list[list[int]] = sets) -> list[Edit]:
-            return [Edit(latents=padded([sets[i] for i in rows]), op="zero", positions="all")]
 
-        gens = decode(lm, batches, task, cfg, sae=sae, edits_for=edits_for)
-        scores = [task.score(ex.example, gen.text) for ex, gen in zip(kept, gens, strict=True)]
-        out.append(Condition.from_dict(record(journal, key, _condition(method, which, k, scores, sets, cfg))))
-        if on_answers is not None:
-            on_answers(f"{method}/{which}/{k}", [g.text for g in gens])
-    return out
+def _zero_all(sets: list[list[int]]) -> EditsFor:
+    """Zero each row's set at every position of every pass."""
+    return lambda rows: [Edit(latents=padded([sets[i] for i in rows]), op="zero", positions="all")]
 
 
 def _condition(
@@ -255,6 +330,8 @@ def run_steering(
     donors: Sequence[int | None],
     cfg: ExperimentConfig,
     journal: Journal | None = None,
+    *,
+    batched: bool = True,
 ) -> list[Condition]:
     """Swap an example's Top K latents for its donor's (and the floors); success = answer matches the donor's."""
     pairs = [(i, j) for i, j in enumerate(donors) if j is not None]
@@ -262,20 +339,16 @@ def run_steering(
         log.warning("no example has a donor with a different answer: experiment 2 is skipped")
         return []
     batches = prompt_batches(lm, [texts[i] for i, _ in pairs], cfg, reuse=cfg.reuse_prefix)
-    out = []
-    if cfg.floors:
-        key = unit_key(cfg.layer, "steering", "none")
-        if (done := recall(journal, key)) is None:
-            gens = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
-            cell: tuple[str, str, KSpec, str, str] = ("none", "-", 0, "-", "none")
-            done = record(journal, key, _steer_condition(task, kept, pairs, gens, cell, [], cfg))
-        out.append(Condition.from_dict(done))
-    conditions = steering_conditions(cfg)
-    for cell in tqdm(conditions, desc=f"experiment 2: steering (layer {cfg.layer})", disable=None):
+    cells: list[tuple[str, str, KSpec, str, str]] = [("none", "-", 0, "-", "none")] if cfg.floors else []
+    cells += steering_conditions(cfg)
+    units: list[_Unit] = []
+    all_sets: list[list[list[int]]] = []
+    for cell in cells:
         method, which, k, where, edit = cell
-        key = unit_key(cfg.layer, "steering", where, method, which, k, edit)
-        if (done := recall(journal, key)) is not None:
-            out.append(Condition.from_dict(done))
+        if edit == "none":
+            first = cells[1] if len(cells) > 1 else cell
+            units.append(_Unit(key=unit_key(cfg.layer, "steering", "none"), edits_for=None, group=_group(first)))
+            all_sets.append([])
             continue
         own = [chosen(kept[i], method, which, k) for i, _ in pairs] if edit != "inject" else [[] for _ in pairs]
         give = [chosen(kept[j], method, which, k) for _, j in pairs] if edit != "zero" else [[] for _ in pairs]
@@ -283,23 +356,29 @@ def run_steering(
             [kept[j].donor_values.get(method, {}).get(c, 0.0) for c in latents]
             for (_, j), latents in zip(pairs, give, strict=True)
         ]
-        positions = "last" if where == "last" else where
+        key = unit_key(cfg.layer, "steering", where, method, which, k, edit)
+        edits_for = _steer_all(own, give, values, where)
+        units.append(_Unit(key=key, edits_for=edits_for, group=_group(cell), newest_only=where == "last"))
+        all_sets.append(own if edit != "inject" else give)
 
-        def edits_for(
-            rows: range,
-            own: list[list[int]] = own,
-            give: list[list[int]] = give,
-            values: list[list[float]] = values,
-            positions: str = positions,
-        ) -> list[Edit]:
-            return steering_edits([own[r] for r in rows], [give[r] for r in rows], [values[r] for r in rows], positions)
+    def finish(n: int, gens: list[Generation]) -> Condition:
+        done = record(journal, units[n].key, _steer_condition(task, kept, pairs, gens, cells[n], all_sets[n], cfg))
+        return Condition.from_dict(done)
 
-        gens = decode(lm, batches, task, cfg, sae=sae, edits_for=edits_for, newest_only=where == "last")
-        sets = own if edit != "inject" else give
-        out.append(
-            Condition.from_dict(record(journal, key, _steer_condition(task, kept, pairs, gens, cell, sets, cfg)))
-        )
-    return out
+    return _run_units(lm, sae, batches, task, cfg, units, finish, journal, batched=batched, experiment=2)
+
+
+def _group(cell: tuple[str, str, KSpec, str, str]) -> tuple[str, str]:
+    """Steering cells decoded together: one position mode and one ranking method (the no-edit floor rides
+    with the first)."""
+    return (cell[3], cell[0])
+
+
+def _steer_all(own: list[list[int]], give: list[list[int]], values: list[list[float]], where: str) -> EditsFor:
+    """Each pair's swap (or floor) edits at ``where``."""
+    return lambda rows: steering_edits(
+        [own[r] for r in rows], [give[r] for r in rows], [values[r] for r in rows], where
+    )
 
 
 def _steer_condition(

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gradsae import distributed
 from gradsae.experiments.config import ExperimentConfig, KSpec
 from gradsae.experiments.stats import spearman
 from gradsae.experiments.tasks import Example, Task
@@ -62,16 +63,12 @@ def rank_examples(
     """Score every kept example with every method at its answer step.
 
     ``on_batch(rows, ids, mask, scores_by_method)``, when given, sees each batch's scores
-    (:class:`~gradsae.experiments.examples.ExampleRecorder` keeps the per-token values).
+    (:class:`~gradsae.experiments.examples.ExampleRecorder` keeps the per-token values). Under
+    torchrun each batch is scored by one rank, and only that rank's hook sees it.
     """
     steps = [answer_step(lm.tokenizer, gen, task.answer_marker) for gen in gens]
-    rankings: list[dict[str, list[int]]] = [{} for _ in examples]
-    donor_values: list[dict[str, dict[int, float]]] = [{} for _ in examples]
-    active_last = [0] * len(examples)
-    spearman: list[float] = []
-    for start in tqdm(
-        range(0, len(examples), cfg.batch_size), desc=f"scoring latents (layer {cfg.layer})", disable=None
-    ):
+
+    def score_batch(start: int) -> _BatchRanks:
         rows = range(start, min(start + cfg.batch_size, len(examples)))
         ids, mask = answer_inputs(lm.tokenizer, [gens[i] for i in rows], [steps[i] for i in rows])
         by_method = score_methods(
@@ -87,13 +84,30 @@ def rank_examples(
             skip_first=cfg.skip_first,
         )
         if on_batch is not None:
-            on_batch(rows, ids, mask, by_method)
-        for offset, i in enumerate(rows):
-            rankings[i] = {m: s.ranking(offset).tolist() for m, s in by_method.items()}
-            active_last[i] = int(next(iter(by_method.values())).active_last[offset])
-            donor_values[i] = {m: _donor_values(s, offset, cfg) for m, s in by_method.items()}
-        if "ablation" in by_method:
-            spearman += _estimate_vs_exact(lm, sae, ids, mask, by_method["ablation"], cfg)
+            on_batch(rows, ids, mask, by_method)  # on the rank that scores the batch
+        offsets = range(len(rows))
+        first = next(iter(by_method.values()))
+        ablation = by_method.get("ablation")
+        return _BatchRanks(
+            rankings=[{m: s.ranking(offset).tolist() for m, s in by_method.items()} for offset in offsets],
+            active_last=[int(first.active_last[offset]) for offset in offsets],
+            donor_values=[{m: _donor_values(s, offset, cfg) for m, s in by_method.items()} for offset in offsets],
+            spearman=_estimate_vs_exact(lm, sae, ids, mask, ablation, cfg) if ablation is not None else [],
+        )
+
+    starts = range(0, len(examples), cfg.batch_size)
+    with tqdm(total=len(distributed.shard(starts)), desc=f"scoring latents (layer {cfg.layer})", disable=None) as bar:
+
+        def tracked(start: int) -> _BatchRanks:
+            ranks = score_batch(start)
+            bar.update()
+            return ranks
+
+        batches = distributed.map_items(tracked, starts)  # each batch scored by one rank
+    rankings = [r for b in batches for r in b.rankings]
+    active_last = [a for b in batches for a in b.active_last]
+    donor_values = [d for b in batches for d in b.donor_values]
+    spearman = [rho for b in batches for rho in b.spearman]
     kept = [
         KeptExample(example=ex, generation=gen, step=step, rankings=r, active_last=a, donor_values=d)
         for ex, gen, step, r, a, d in zip(examples, gens, steps, rankings, active_last, donor_values, strict=True)
@@ -106,6 +120,16 @@ def rank_examples(
             "n": len(spearman),
         }
     return kept, diagnostics
+
+
+@dataclass(frozen=True)
+class _BatchRanks:
+    """What :func:`rank_examples` keeps of one scored batch (gathered across ranks)."""
+
+    rankings: list[dict[str, list[int]]]
+    active_last: list[int]
+    donor_values: list[dict[str, dict[int, float]]]
+    spearman: list[float]
 
 
 def _donor_values(scores: Scores, row: int, cfg: ExperimentConfig) -> dict[int, float]:

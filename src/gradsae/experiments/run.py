@@ -150,18 +150,21 @@ def run_layer(
     journal: Journal | None = None,
     *,
     recorder: ExampleRecorder | None = None,
+    batched: bool = True,
 ) -> LayerResult:
     """Both experiments at ``cfg.layer``.
 
     With a ``journal``, each finished condition and the layer are kept (a finished layer is not rerun);
-    ``recorder`` collects the per-example dump (``examples.json``) of the layers computed in this call.
+    ``recorder`` collects the per-example dump (``examples.json``) of the layers computed in this call;
+    ``batched=False`` decodes the conditions one at a time (the reference path; the same results).
     """
     if (done := recall(journal, unit_key(cfg.layer, "layer"))) is not None:
         return LayerResult.from_dict(done)
     texts = [task.render(example, lm.tokenizer) for example in task.examples]
     batches = prompt_batches(lm, texts, cfg, reuse=False)
     clean = decode(lm, batches, task, cfg, sae=None, edits_for=None)
-    spliced = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
+    # error mode without edits or recording: the splice is the identity, bit for bit (see gradsae.splice)
+    spliced = clean if cfg.mode == "error" else decode(lm, batches, task, cfg, sae=sae, edits_for=None)
     correct = [_is_kept(task.score(ex, gen.text), cfg) for ex, gen in zip(task.examples, spliced, strict=True)]
     kept_examples = [ex for ex, ok in zip(task.examples, correct, strict=True) if ok]
     kept_gens = [gen for gen, ok in zip(spliced, correct, strict=True) if ok]
@@ -171,11 +174,13 @@ def run_layer(
     curves = kept_curves(lm, sae, kept, cfg) if cfg.curves else {}
     kept_texts = [texts[task.examples.index(k.example)] for k in kept]
     on_answers = None if recorder is None else recorder.on_answers
-    perturbation = run_perturbation(lm, sae, task, kept, kept_texts, cfg, journal, on_answers=on_answers)
+    perturbation = run_perturbation(
+        lm, sae, task, kept, kept_texts, cfg, journal, on_answers=on_answers, batched=batched
+    )
     if recorder is not None:
         recorder.finish(cfg.layer, kept, cfg.ks)
     donors = pick_donors(kept, seed=cfg.seed)
-    steering = run_steering(lm, sae, task, kept, kept_texts, donors, cfg, journal)
+    steering = run_steering(lm, sae, task, kept, kept_texts, donors, cfg, journal, batched=batched)
     result = LayerResult(
         layer=cfg.layer,
         n_examples=len(texts),

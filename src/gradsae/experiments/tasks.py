@@ -140,6 +140,18 @@ class Task:
             return parse_label(text, self.labels or ()) or ""
         return parse_result(text)
 
+    def answered(self, text: str) -> bool:
+        """Is the answer in ``text`` final: would :meth:`parse` return the same for any continuation?
+
+        Classification: a label is found and no label could still start at or before it
+        (the text from a word start there to the end is not a proper prefix of a label).
+        QA: ``[[ ... ]]`` is closed (the earliest such span wins whatever follows; a newline
+        alone is not enough, since a later ``[[ ... ]]`` would take precedence).
+        """
+        if self.metric == "squad":
+            return _RESULT.search(text) is not None
+        return label_final(text, self.labels or ())
+
     def score(self, example: Example, text: str, *, answers: Sequence[str] | None = None) -> Score:
         """Score generated ``text`` against ``example``'s answers (or ``answers``, e.g. a donor's)."""
         gold = tuple(answers) if answers is not None else example.answers
@@ -194,6 +206,23 @@ def parse_label(text: str, labels: Sequence[str]) -> str | None:
         if found and (best is None or (found.start(), -len(label)) < best[:2]):
             best = (found.start(), -len(label), label)
     return best[2] if best else None
+
+
+def label_final(text: str, labels: Sequence[str]) -> bool:
+    """Does :func:`parse_label` of ``text`` stay the same for every continuation of ``text``?"""
+    found = parse_label(text, labels)
+    if found is None:
+        return False
+    start = re.search(r"(?<![A-Za-z0-9])" + re.escape(found), text, flags=re.IGNORECASE)
+    assert start is not None
+    lowered = [label.lower() for label in labels]
+    for begin in range(start.start() + 1):
+        if begin and text[begin - 1].isascii() and text[begin - 1].isalnum():
+            continue
+        tail = text[begin:].lower()
+        if any(len(label) > len(tail) and label.startswith(tail) for label in lowered):
+            return False
+    return True
 
 
 # -- SQuAD metrics ------------------------------------------------------------

@@ -1,0 +1,292 @@
+"""Decode many conditions of an experiment as one batch: rows = examples x conditions.
+
+Experiment 1 (and 2) decodes every prompt once per condition, each condition with
+its own latent edits. Here the ``B`` examples of a prompt batch under ``C``
+conditions are ``C * B`` rows ``(condition, example)``, decoded ``max_rows`` at a time:
+
+* one unedited spliced pass over the batch's prompts (the *context*) gives every
+  layer's keys and values and the latents at the spliced layer;
+* a row's edits can change the residual only from its *first change* on: for
+  ``zero`` at every position, the first column where one of its latents is active;
+  for ``set`` / ``add`` at every position, its first spliced column; for edits at the
+  last position (and newest-only steering, whose cache stays unedited), the last
+  prompt column. By causal attention every earlier column is the context's in every
+  layer, so rows are sorted by first change, and each chunk's prompt pass covers only
+  the columns from its earliest first change on, on a cache holding the context's
+  columns before it (blocks ``0..l`` of the columns it does cover come from the
+  batch's prefix when there is one);
+* edits become per-row edits: the ``j``-th edit of every condition with the same op
+  and positions is one :class:`~gradsae.splice.Edit` with latents ``[rows, n]``,
+  ``-1`` on the other rows, so each row applies its own condition's edits in order;
+* a row stops at a stop token or, with ``stop_when_answered``, as soon as the task's
+  parser can no longer change its answer (:meth:`~gradsae.experiments.tasks.Task.answered`);
+  stopped rows leave the batch, the KV cache and the edits;
+* logits are computed at each pass's last position only.
+
+The tokens are those of :func:`gradsae.experiments.perturb.decode` run condition by
+condition (rows do not interact; batched matrix products may round differently);
+with ``stop_when_answered`` each generation is a prefix of that one with the same
+parsed answer, hence the same score. Cost per condition: the prompt columns from
+each row's first change on through blocks ``l+1..L`` (all of them at worst), plus
+the steps until the answer is final, at batch size ``max_rows``; plus one context
+pass per prompt batch, shared by all conditions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from gradsae import distributed
+from gradsae.errors import GradSAEError
+from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.tasks import Task
+from gradsae.generate import Generation, croppable_cache, generation_of, greedy_tokens, pad_id, stop_ids
+from gradsae.models import LoadedModel, cache_kwarg, position_ids
+from gradsae.prefix import replay_prefix
+from gradsae.sae import SAE
+from gradsae.splice import Edit, SparseActs, edit_rows, splice
+
+if TYPE_CHECKING:
+    from gradsae.experiments.perturb import EditsFor, PromptBatch
+
+MAX_ROWS = 128
+"""Rows decoded at once (examples x conditions); bounds the KV cache and activations."""
+
+
+def decode_conditions(
+    lm: LoadedModel,
+    sae: SAE,
+    batches: Sequence[PromptBatch],
+    task: Task,
+    cfg: ExperimentConfig,
+    conditions_edits: Sequence[EditsFor | None],
+    *,
+    newest_only: bool = False,
+    stop_when_answered: bool = True,
+    max_rows: int = MAX_ROWS,
+    desc: str = "conditions",
+) -> list[list[Generation]]:
+    """Generations of every example under every condition: ``out[c][i]``; see the module docstring.
+
+    ``conditions_edits[c](rows)`` gives condition ``c``'s edits for a batch's rows
+    (``None``: no edit), as ``edits_for`` does for :func:`~gradsae.experiments.perturb.decode`.
+    """
+    chunks = -(-len(conditions_edits) * max((len(b.rows) for b in batches), default=0) // max_rows)
+    bar = tqdm(total=len(distributed.shard(batches)) * chunks, desc=desc, disable=None)
+
+    def one(batch: PromptBatch) -> list[list[Generation]]:
+        like = torch.empty(0, dtype=sae.W_dec.dtype, device=batch.input_ids.device)
+        tables = [
+            _tables(edits_for(batch.rows) if edits_for else [], len(batch.rows), sae.cfg.d_sae, like)
+            for edits_for in conditions_edits
+        ]
+        context = _context(lm, sae, batch, cfg)
+        starts = _first_changes(tables, context, batch, sae.cfg.d_sae, newest_only)
+        rows = sorted(((c, i) for c in range(len(tables)) for i in range(len(batch.rows))), key=lambda r: -starts[r])
+        out: dict[tuple[int, int], Generation] = {}
+        for first in range(0, len(rows), max_rows):
+            chunk = rows[first : first + max_rows]
+            begin = min(starts[row] for row in chunk)
+            gens = _decode_rows(
+                lm, sae, batch, task, cfg, tables, chunk, context, begin, newest_only, stop_when_answered
+            )
+            out.update(zip(chunk, gens, strict=True))
+            bar.update()
+        return [[out[c, i] for i in range(len(batch.rows))] for c in range(len(tables))]
+
+    with bar:
+        per_batch = distributed.map_items(one, batches)  # batches sharded over ranks, as in perturb.decode
+    return [[gen for gens in per_batch for gen in gens[c]] for c in range(len(conditions_edits))]
+
+
+@dataclass(frozen=True)
+class _Table:
+    """One edit of a condition, resolved for a prompt batch: per example, its latents and values."""
+
+    op: str
+    positions: str
+    latents: torch.Tensor
+    """``[batch, n]``, ``-1`` padding."""
+    values: torch.Tensor
+    """``[batch, n]``."""
+
+
+def _tables(edits: Sequence[Edit], size: int, d_sae: int, like: torch.Tensor) -> list[_Table]:
+    out = []
+    for edit in edits:
+        if not isinstance(edit.positions, str):
+            raise GradSAEError("batched conditions take edit positions 'all', 'last' or 'cumulative', not a mask")
+        latents, values = edit_rows(edit, size, d_sae, like)
+        out.append(_Table(op=edit.op, positions=edit.positions, latents=latents, values=values))
+    return out
+
+
+@dataclass(frozen=True)
+class _Context:
+    """One unedited, spliced pass over a batch's prompts: what every row shares before its first change."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    """Every layer's keys and values ``[batch, kv_heads, P, head_dim]``."""
+    latents: SparseActs
+    """The latents at the spliced layer (spliced positions only)."""
+    valid: torch.Tensor
+    """``[batch, P]`` spliced positions."""
+
+
+def _context(lm: LoadedModel, sae: SAE, batch: PromptBatch, cfg: ExperimentConfig) -> _Context | None:
+    """The unedited spliced prompt pass (blocks ``0..l`` replayed when the batch has a prefix).
+
+    ``None`` when the model has sliding-window or other non-standard cache layers
+    (whose cache may not keep every column): rows then start at column 0.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    ids, mask = batch.input_ids, batch.attention_mask
+    spliced = splice(lm, sae, cfg.layer, mode=cfg.mode, skip_first=cfg.skip_first)
+    replay = replay_prefix(lm, batch.prefix) if batch.prefix is not None else nullcontext()
+    with spliced as state, replay, torch.no_grad():
+        lm.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids(mask),
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kwarg(lm.model): cache},
+        )
+    layers: list[Any] = list(cache.layers)
+    if any(getattr(layer, "is_sliding", False) or not hasattr(layer, "keys") for layer in layers):
+        return None
+    kv = [(layer.keys, layer.values) for layer in layers]
+    return _Context(kv=kv, latents=state.latents[0], valid=state.valid[0])
+
+
+def _first_changes(
+    tables: Sequence[Sequence[_Table]], context: _Context | None, batch: PromptBatch, d_sae: int, newest_only: bool
+) -> dict[tuple[int, int], int]:
+    """Each row's first change (see the module docstring), at most ``P - 1``; 0 without a context."""
+    size, width = batch.input_ids.shape
+    if context is None:
+        return {(c, i): 0 for c in range(len(tables)) for i in range(size)}
+    columns = torch.arange(width, device=context.valid.device)
+    first_spliced = torch.where(context.valid, columns, width - 1).amin(dim=1)
+    index = context.latents.index
+    out = {}
+    for c, table in enumerate(tables):
+        first = torch.full((size,), width - 1, dtype=torch.long, device=columns.device)
+        for edit in table if not newest_only else ():
+            if edit.positions != "all":
+                continue
+            if edit.op != "zero":
+                first = torch.minimum(first, first_spliced)
+                continue
+            rows = torch.arange(size, device=columns.device)[:, None].expand_as(edit.latents)
+            chosen = (rows * d_sae + edit.latents)[edit.latents >= 0]
+            hit = torch.isin(index[:, 0] * d_sae + index[:, 2], chosen)
+            first = first.scatter_reduce(0, index[hit, 0], index[hit, 1], reduce="amin")
+        out.update({(c, i): int(first[i]) for i in range(size)})
+    return out
+
+
+def _decode_rows(
+    lm: LoadedModel,
+    sae: SAE,
+    batch: PromptBatch,
+    task: Task,
+    cfg: ExperimentConfig,
+    tables: Sequence[Sequence[_Table]],
+    chunk: Sequence[tuple[int, int]],
+    context: _Context | None,
+    begin: int,
+    newest_only: bool,
+    stop_when_answered: bool,
+) -> list[Generation]:
+    """Rows ``(condition, example)`` of one prompt batch, decoded together from prompt column ``begin``."""
+    examples = torch.tensor([i for _, i in chunk], device=batch.input_ids.device)
+    ids, mask = batch.input_ids[examples], batch.attention_mask[examples]
+    like = torch.empty(0, dtype=sae.W_dec.dtype, device=ids.device)
+    edits = _row_edits(tables, chunk, like)
+    cache = _context_cache(lm, context, examples, begin) if context is not None and begin > 0 else None
+    prefix = batch.prefix.columns(begin if cache is not None else 0).select(examples) if batch.prefix else None
+    replay = replay_prefix(lm, prefix) if prefix is not None else nullcontext()
+    tokenizer, stop = lm.tokenizer, stop_ids(lm)
+
+    def answered(_row: int, tokens: list[int]) -> bool:
+        return task.answered(tokenizer.decode(tokens, skip_special_tokens=True))
+
+    spliced = splice(lm, sae, cfg.layer, mode=cfg.mode, edits=edits, record=False, skip_first=cfg.skip_first)
+    with spliced as state, replay, torch.no_grad():
+
+        def drop(keep: torch.Tensor) -> None:
+            state.edits = [select_rows(edit, keep) for edit in state.edits]
+
+        rows = greedy_tokens(
+            lm.model,
+            ids[:, begin:] if cache is not None else ids,
+            mask,
+            max_new_tokens=task.max_new_tokens,
+            stop=stop,
+            pad=pad_id(tokenizer),
+            newest_only=state if newest_only and edits else None,
+            answered=answered if stop_when_answered else None,
+            on_drop=drop,
+            cache=cache,
+        )
+    return [generation_of(tokenizer, ids[r], mask[r], tokens, stop) for r, tokens in enumerate(rows)]
+
+
+def _context_cache(lm: LoadedModel, context: _Context, examples: torch.Tensor, columns: int) -> Any:
+    """A croppable cache holding the context's first ``columns`` columns for rows ``examples``."""
+    cache = croppable_cache(lm.model)
+    for index, (keys, values) in enumerate(context.kv):
+        cache.update(keys[examples, :, :columns], values[examples, :, :columns], index)
+    return cache
+
+
+def _row_edits(tables: Sequence[Sequence[_Table]], chunk: Sequence[tuple[int, int]], like: torch.Tensor) -> list[Edit]:
+    """Per-row edits of the rows ``(condition, example)``: one :class:`Edit` per (index, op, positions)."""
+    keys: list[tuple[int, str, str]] = []
+    for c, _ in chunk:
+        for j, edit in enumerate(tables[c]):
+            if (j, edit.op, edit.positions) not in keys:
+                keys.append((j, edit.op, edit.positions))
+    out = []
+    for j, op, positions in sorted(keys, key=lambda key: key[0]):
+        parts = [
+            (r, tables[c][j], i)
+            for r, (c, i) in enumerate(chunk)
+            if j < len(tables[c]) and (tables[c][j].op, tables[c][j].positions) == (op, positions)
+        ]
+        width = max(max(part.latents.shape[1] for _, part, _ in parts), 1)
+        latents = torch.full((len(chunk), width), -1, dtype=torch.long, device=like.device)
+        values = torch.zeros(latents.shape, dtype=like.dtype, device=like.device)
+        for r, part, i in parts:
+            latents[r, : part.latents.shape[1]] = part.latents[i]
+            values[r, : part.values.shape[1]] = part.values[i]
+        out.append(Edit(latents=latents, op=op, values=values, positions=positions))  # type: ignore[arg-type]
+    return out
+
+
+def merged_edits(per_condition: Sequence[Sequence[Edit]], size: int, d_sae: int, like: torch.Tensor) -> list[Edit]:
+    """Each condition's edits (for ``size`` rows) as per-row edits of ``len(per_condition) * size`` rows,
+    condition-major (row ``c * size + i``)."""
+    tables = [_tables(edits, size, d_sae, like) for edits in per_condition]
+    return _row_edits(tables, [(c, i) for c in range(len(tables)) for i in range(size)], like)
+
+
+def select_rows(edit: Edit, keep: torch.Tensor) -> Edit:
+    """``edit`` on the rows ``keep`` only (per-row latents and values follow the rows)."""
+    latents = torch.as_tensor(edit.latents)
+    values = edit.values
+    if isinstance(values, torch.Tensor) and values.ndim == 2:
+        values = values[keep.to(values.device)]
+    return dataclasses.replace(
+        edit, latents=latents[keep.to(latents.device)] if latents.ndim == 2 else latents, values=values
+    )

@@ -1,0 +1,92 @@
+"""Data parallel runs: ``torchrun --nproc_per_node 2 -m gradsae ...`` writes what one process writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradsae import distributed
+from gradsae.cli import main
+from gradsae.generate import generate
+from gradsae.models import load_model
+from tests.helpers import save_tiny_hf, tiny_sae
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["hello there", "abc", "the quick fox", "zebra", "mnop qr", "why not", "ok go", "lorem ipsum", "xyz"]
+
+
+def test_one_process_helpers_are_the_identity(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
+    assert distributed.shard([1, 2, 3]) == [1, 2, 3]
+    assert distributed.map_items(lambda x: x * 2, [1, 2, 3]) == [2, 4, 6]
+    assert distributed.device_for("cuda") == "cuda"
+
+
+def test_shard_and_gather_order(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    items = list(range(8))
+    shards = []
+    for r in range(3):
+        monkeypatch.setenv("RANK", str(r))
+        shards.append(distributed.shard(items))
+    assert shards == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    interleaved = [shards[i % 3][i // 3] for i in range(8)]  # what gather rebuilds from all_gather_object
+    assert interleaved == items
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert distributed.device_for("cuda") == "cuda:2"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A saved tiny model and tokenizer, a random SAE, a task file half of whose answers the model gives."""
+    root = tmp_path_factory.mktemp("dist")
+    model = save_tiny_hf(root / "model", seed=3)
+    tiny_sae("topk", d_sae=48, seed=2).save(root / "sae")
+    lm = load_model(model)
+    said = [g.text for g in generate(lm, PROMPTS, max_new_tokens=4)]
+    from gradsae.experiments.tasks import parse_result
+
+    rows = [
+        {"prompt": p, "answer": parse_result(t) if i % 3 else "never", "group": str(i // 3)}
+        for i, (p, t) in enumerate(zip(PROMPTS, said, strict=True))
+    ]
+    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "prompts.txt").write_text("\n".join(PROMPTS[:5]) + "\n")
+    return root
+
+
+def _torchrun(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gradsae"]
+    done = subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def test_torchrun_reproduce_and_score_equal_one_process(files, tmp_path):
+    common = ["--model", str(files / "model"), "--sae", str(files / "sae"), "--layer", "0"]
+    reproduce = ["reproduce", *common, "--task", str(files / "task.jsonl"), "--examples", "9", "--ks", "1,3"]
+    reproduce += ["--batch-size", "2", "--max-new-tokens", "4", "--steer-positions", "last,all"]
+    score = ["score", *common, "--prompts", str(files / "prompts.txt"), "--no-chat", "--top", "5"]
+    assert main([*reproduce, "--out", str(tmp_path / "one")]) == 0
+    assert main([*score, "--json", str(tmp_path / "one.json")]) == 0
+    log = _torchrun([*reproduce, "--out", str(tmp_path / "two")], tmp_path)
+    assert "rank 0 of 2 (gloo)" in log and "rank 1 of 2 (gloo)" in log
+    _torchrun([*score, "--json", str(tmp_path / "two.json")], tmp_path)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert one["layers"][0]["n_kept"] >= 4 and one["layers"][0]["n_donor_pairs"] >= 2
+    assert (tmp_path / "two" / "results.json").read_text() == (tmp_path / "one" / "results.json").read_text()
+    # the rows scored on rank 1 reach rank 0's examples.json; rank 0 alone wrote the journal
+    assert (tmp_path / "two" / "examples.json").read_text() == (tmp_path / "one" / "examples.json").read_text()
+    assert sorted(p.name for p in (tmp_path / "two" / "journal").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one" / "journal").iterdir()
+    )
+    assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
+    assert len(json.loads((tmp_path / "one.json").read_text())["prompts"]) == 5
