@@ -211,8 +211,16 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 
 def timing_lines(runs: Sequence[SweepRun]) -> list[str]:
-    """Wall time per task as each run reported it (a resumed run reports its last session only)."""
-    lines = ["## Wall time", "", "| task | wall time (s) |", "|---|---|"]
+    """Wall time per task: ``timing.json``'s ``total_s``, summed over the completed invocations into its folder."""
+    lines = [
+        "## Wall time",
+        "",
+        "Per task, summed over the completed invocations into its folder (`timing.json`); an interrupted "
+        "invocation's time is not counted.",
+        "",
+        "| task | wall time (s) |",
+        "|---|---|",
+    ]
     lines += [f"| {r.task} | {'-' if r.wall_s is None else f'{r.wall_s:.0f}'} |" for r in runs]
     known = [r.wall_s for r in runs if r.wall_s is not None]
     lines += [f"| total | {sum(known):.0f} |", ""]
