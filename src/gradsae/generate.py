@@ -82,6 +82,14 @@ class Generation:
 
 
 # -- inputs -------------------------------------------------------------------
+def chat_text(message: str, tokenizer: Any = None) -> str:
+    """``message`` as one user turn of ``tokenizer``'s chat template, else unchanged."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return message
+    messages = [{"role": "user", "content": message}]
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
 def encode_prompts(
     tokenizer: Any, texts: Sequence[str], *, add_special_tokens: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,29 +26,28 @@ def _common(files: Path) -> list[str]:
     return ["--model", str(files / "model"), "--sae", str(files / "sae"), "--ks", "1,50%", "--max-new-tokens", "3"]
 
 
+def _sweep_argv(files: Path, out: Path) -> list[str]:
+    tasks = f"{files / 'task.jsonl'},{files / 'other.jsonl'}"
+    return [
+        "sweep",
+        "--tasks",
+        tasks,
+        "--layers",
+        "0",
+        "--n",
+        "8",
+        "--curves-n",
+        "2",
+        "--out",
+        str(out),
+        *_common(files),
+    ]
+
+
 @pytest.fixture(scope="module")
 def swept(files: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sweep")
-    tasks = f"{files / 'task.jsonl'},{files / 'other.jsonl'}"
-    assert (
-        main(
-            [
-                "sweep",
-                "--tasks",
-                tasks,
-                "--layers",
-                "0",
-                "--n",
-                "8",
-                "--curves-n",
-                "2",
-                "--out",
-                str(out),
-                *_common(files),
-            ]
-        )
-        == 0
-    )
+    assert main(_sweep_argv(files, out)) == 0
     return out
 
 
@@ -90,26 +89,7 @@ def test_table_reads_the_runs(swept: Path) -> None:
 def test_rerun_resumes_and_rewrites_the_same_tables(files: Path, swept: Path) -> None:
     before = (swept / "sweep.md").read_text()
     first = json.loads((swept / "task" / "timing.json").read_text())
-    tasks = f"{files / 'task.jsonl'},{files / 'other.jsonl'}"
-    assert (
-        main(
-            [
-                "sweep",
-                "--tasks",
-                tasks,
-                "--layers",
-                "0",
-                "--n",
-                "8",
-                "--curves-n",
-                "2",
-                "--out",
-                str(swept),
-                *_common(files),
-            ]
-        )
-        == 0
-    )
+    assert main(_sweep_argv(files, swept)) == 0
     after = (swept / "sweep.md").read_text()
     assert before.split("## Wall time")[0] == after.split("## Wall time")[0]
     second = json.loads((swept / "task" / "timing.json").read_text())

@@ -61,6 +61,14 @@ def condition_table(
     return lines
 
 
+def paired_cell(a: Condition | None, b: Condition | None, *, seed: int) -> str:
+    """``a - b`` over the same examples, in points with its bootstrap interval; ``-`` if not comparable."""
+    if a is None or b is None or not a.per_example or len(a.per_example) != len(b.per_example):
+        return "-"
+    diff = paired_difference(a.per_example, b.per_example, seed=seed, resamples=BOOTSTRAP)
+    return f"{diff.mean:+.1f} [{diff.low:+.1f}, {diff.high:+.1f}]"
+
+
 def paired_row(
     conditions: Sequence[Condition], ks: Sequence[str], meta: RunMeta, *, edit: str, a: str = "gradsae"
 ) -> list[str]:
@@ -68,13 +76,7 @@ def paired_row(
     cells = []
     for k in ks:
         row = {c.method: c for c in conditions if (c.set, c.edit, c.k) == ("top", edit, k)}
-        if a in row and "activation" in row and row[a].per_example and row["activation"].per_example:
-            diff = paired_difference(
-                row[a].per_example, row["activation"].per_example, seed=meta.seed, resamples=BOOTSTRAP
-            )
-            cells.append(f"{diff.mean:+.1f} [{diff.low:+.1f}, {diff.high:+.1f}]")
-        else:
-            cells.append("-")
+        cells.append(paired_cell(row.get(a), row.get("activation"), seed=meta.seed))
     return [f"| {NAMES[a]} - activation TopK, paired | " + " | ".join(cells) + " |"]
 
 

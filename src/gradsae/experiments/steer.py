@@ -53,8 +53,8 @@ import torch
 from gradsae import _files
 from gradsae.errors import GradSAEError
 from gradsae.experiments.stats import Stat
-from gradsae.experiments.tasks import Task, chat_text, classification_template, load_task
-from gradsae.generate import Generation, encode_prompts, generate, pad_id, pad_left
+from gradsae.experiments.tasks import Task, classification_template, load_task
+from gradsae.generate import Generation, chat_text, encode_prompts, generate, pad_id, pad_left
 from gradsae.models import LoadedModel
 from gradsae.objectives import LabelLogProb, TargetLogProb, label_tokens
 from gradsae.sae import SAE

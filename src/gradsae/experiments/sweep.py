@@ -26,9 +26,9 @@ from pathlib import Path
 
 from gradsae import _files
 from gradsae.experiments.perturb import Condition
-from gradsae.experiments.report import BOOTSTRAP, NAMES, fmt
+from gradsae.experiments.report import NAMES, fmt, paired_cell
 from gradsae.experiments.run import LayerResult, RunResults
-from gradsae.experiments.stats import Stat, paired_difference
+from gradsae.experiments.stats import Stat
 
 SWEEP_TABLE = "sweep.md"
 CURVE_METHODS = ("gradsae", "gradsae_sum", "activation")
@@ -112,13 +112,6 @@ def _find(conditions: Sequence[Condition], method: str, edit: str, k: str) -> Co
     return None
 
 
-def _paired(a: Condition | None, b: Condition | None, seed: int) -> str:
-    if a is None or b is None or not a.per_example or len(a.per_example) != len(b.per_example):
-        return "-"
-    diff = paired_difference(a.per_example, b.per_example, seed=seed, resamples=BOOTSTRAP)
-    return f"{diff.mean:+.1f} [{diff.low:+.1f}, {diff.high:+.1f}]"
-
-
 def _mean(stat: Stat | None) -> str:
     return "-" if stat is None or stat.n == 0 or math.isnan(stat.mean) else f"{stat.mean:.0f}"
 
@@ -140,7 +133,7 @@ def masking_table(runs: Sequence[SweepRun], ks: Sequence[str]) -> list[str]:
         for k in ks:
             by = {m: _find(layer.perturbation, m, "zero", k) for m in ("gradsae", "activation", "random")}
             cells += [fmt(c.exact) if c else "-" for c in by.values()]
-            cells.append(_paired(by["gradsae"], by["activation"], seed))
+            cells.append(paired_cell(by["gradsae"], by["activation"], seed=seed))
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 

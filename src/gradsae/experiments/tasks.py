@@ -48,6 +48,7 @@ from gradsae import _files
 from gradsae.errors import GradSAEError
 from gradsae.experiments.generated import PROMPT_FORMATS, SPECS, PromptFormat
 from gradsae.experiments.task_checks import check_rows
+from gradsae.generate import chat_text
 from gradsae.models import LoadedModel
 from gradsae.probes import probe_rows
 
@@ -163,14 +164,6 @@ class Task:
 
 
 # -- prompts ------------------------------------------------------------------
-def chat_text(message: str, tokenizer: Any = None) -> str:
-    """``message`` as one user turn of ``tokenizer``'s chat template, else unchanged."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        return message
-    messages = [{"role": "user", "content": message}]
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-
-
 def classification_template(question: str, kind: str, labels: Sequence[str]) -> str:
     """The input first, then a question asking for one word among ``labels``.
 

@@ -34,7 +34,6 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from gradsae import _files
 from gradsae.errors import GradSAEError
@@ -114,11 +113,11 @@ def conversations(
     Replies are cached in ``cache`` (JSON keyed by the turns' digest) every ``CACHE_EVERY`` replies:
     a resumed run reuses them and generates only the rest.
     """
-    from gradsae.generate import generate
+    from gradsae.generate import chat_text, generate
 
     if not getattr(lm.tokenizer, "chat_template", None):
         raise GradSAEError("--corpus chatmix needs a model with a chat template: use --corpus news or a file")
-    prompts = [chat_prompt(turn.text, lm.tokenizer) for turn in turns]
+    prompts = [chat_text(turn.text, lm.tokenizer) for turn in turns]
     key = hashlib.sha256(json.dumps([lm.name, REPLY_TOKENS, prompts]).encode()).hexdigest()
     replies: list[str] = []
     if cache is not None and cache.is_file() and (saved := _files.read_json(cache)).get("key") == key:
@@ -132,9 +131,3 @@ def conversations(
             _files.write_json(cache, {"key": key, "replies": replies})
     end = lm.tokenizer.eos_token or ""
     return [p + r.split(end)[0].rstrip() + end + "\n" for p, r in zip(prompts, replies, strict=True)]
-
-
-def chat_prompt(message: str, tokenizer: Any) -> str:
-    """``message`` as one user turn of the chat template, with the assistant header after it."""
-    messages = [{"role": "user", "content": message}]
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
