@@ -1,4 +1,4 @@
-"""Fixtures only: the tiny model and batch of :mod:`tests.helpers`, a seed and one thread per test."""
+"""Fixtures only: the tiny model and batch of :mod:`tests.helpers`, a seed per test and one thread per session."""
 
 from __future__ import annotations
 
@@ -24,14 +24,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread() -> Iterator[None]:
-    """Every test starts from seed 0 on one intra-op thread (tiny tensors; the CPU is shared)."""
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread for the whole session, set before any module fixture runs.
+
+    Module fixtures (a sweep, a trained SAE) are built before function fixtures; with a
+    per-test thread count they ran on every core while the test that compares against
+    them ran on one, and multi-threaded reductions differ in the last bit.
+    """
     threads = torch.get_num_threads()
-    torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from seed 0 (tiny tensors; the CPU is shared)."""
+    torch.manual_seed(0)
 
 
 @pytest.fixture
