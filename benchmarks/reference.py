@@ -152,6 +152,13 @@ def separate_pipeline(
     return Pipeline(tokens=tokens, scores=scores.per_latent)
 
 
+def plain_decode(lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int, n_new: int) -> None:
+    """The floor of any generate-then-score job: the plain model's cached greedy decode, no splice, no grad."""
+    del sae, layer
+    with torch.no_grad():
+        generate_batch(lm, ids, mask, max_new_tokens=n_new, stop=frozenset())
+
+
 def agreement(ours: Pipeline, reference: Pipeline) -> dict[str, Any]:
     """Do both produce the same tokens and (close to) the same scores?"""
     same_tokens = bool(torch.equal(ours.tokens, reference.tokens))

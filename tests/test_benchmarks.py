@@ -68,6 +68,7 @@ def test_every_timing_runs_on_the_tiny_model() -> None:
     by_name = {figure.name: figure for figure in figures}
     assert all(f.value is not None and f.value == f.value for f in figures), [f.line() for f in figures]
     assert by_name["reference_check"].extra["same_tokens"]
+    assert by_name["speedup_vs_reference"].extra["ceiling"] > 0, "the plain decode's time is measured beside ours"
     assert by_name["perturb_condition_cost_single"].extra["same_tokens_reuse_vs_no_reuse"]
     assert by_name["perturb_condition_cost"].extra["same_answers_as_one_at_a_time"]["same_answers"]
     assert -1.0 <= by_name["spearman_vs_ablation"].value <= 1.0  # type: ignore[operator]
