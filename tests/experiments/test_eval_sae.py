@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gradsae.cli import main
-from gradsae.experiments.eval_sae import EvalSAEResults, SetFigures, set_figures, task_accuracy
+from gradsae.experiments.eval_sae import CARD_BEGIN, CARD_END, EvalSAEResults, SetFigures, set_figures, task_accuracy
 from gradsae.experiments.eval_sets import EvalSet, build, chat_set, generated_set, news_set, task_variants
 from gradsae.experiments.tasks import Example, Task
 from gradsae.generate import generate_batch, pad_left
@@ -298,3 +298,27 @@ def test_command_writes_json_and_markdown(tmp_path: Path) -> None:
         assert needle in md
     fvu = next(f.fvu for f in results.figures if f.set == "chat")
     assert f"| 0 | chat | {fvu:.3f} |" in md
+
+
+def test_cards_write_each_layer_s_section_once(tmp_path: Path) -> None:
+    d = tiny_run_files(tmp_path)
+    card = d / "sae" / "README.md"
+    card.write_text("# my SAE\n\nTrained on news.\n")
+    argv = ["eval-sae", "--model", str(d / "model"), "--sae", str(d / "sae"), "--layers", "0", "--out", str(d / "o")]
+    argv += ["--tokens", "40", "--n-task", "2", "--tasks", "capitals", "--new-tokens", "2", "--context", "16"]
+    assert main([*argv, "--cards"]) == 0
+    first = card.read_text()
+    fvu = next(f.fvu for f in EvalSAEResults.load(d / "o").figures if f.set == "generated")
+    assert first.startswith("# my SAE\n\nTrained on news.\n") and f"| 0 | generated | {fvu:.3f} |" in first
+    assert "| capitals | exact match | 2 |" in first and "layer 0 replace" in first
+    assert main([*argv, "--out", str(d / "o2"), "--cards"]) == 0
+    again = card.read_text()
+    assert again.count(CARD_BEGIN) == 1 and again.count(CARD_END) == 1, "a rerun replaces the section"
+    assert again.startswith("# my SAE\n\nTrained on news.\n")
+
+
+def test_cards_without_sae_folders_are_refused_first(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["eval-sae", "--out", str(tmp_path / "o"), "--cards"]) == 2
+    err = capsys.readouterr().err
+    assert "--cards" in err and "--sae" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -21,7 +21,15 @@ from gradsae import _files
 from gradsae.cli import validate
 from gradsae.cli.common import parse_count, parse_layers
 from gradsae.errors import GradSAEError
-from gradsae.experiments.eval_sae import EvalSAEResults, SetFigures, set_figures, set_info, task_accuracy
+from gradsae.experiments.eval_sae import (
+    EvalSAEResults,
+    SetFigures,
+    card_section,
+    set_figures,
+    set_info,
+    task_accuracy,
+    with_card_section,
+)
 from gradsae.experiments.eval_sets import chat_set, context_limit, generated_set, news_set, task_variants
 from gradsae.experiments.generated import SPECS
 from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task
@@ -57,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, default=16, help="sequences per forward batch")
     add("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     add("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small machine)")
+    add(
+        "--cards",
+        action="store_true",
+        help="also write each layer's figures into its SAE folder's README.md (needs --sae; replaces that section)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
             seconds=round(time.perf_counter() - start, 1),
         )
         results.save(out)
+    if args.cards:
+        write_cards(results, args.sae, layers)
     print(f"wrote {out}/eval_sae.json and eval_sae.md in {results.seconds:.0f} s")  # noqa: T201
     return 0
 
@@ -114,6 +129,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[int, ...]:
     validate.model_and_device(args.model, args.device)
     validate.layers(layers, args.model, option="--layers")
     check_sae_option(args.sae, args.model, layers)
+    if args.cards and args.sae is None:
+        raise GradSAEError("--cards writes into the SAE folders: pass --sae FOLDER (with {layer} in it)")
     validate.out_folder(args.out)
     return layers
 
@@ -133,6 +150,15 @@ def check_sae_option(spec: str | None, model: str | None, layers: tuple[int, ...
     if len(layers) > 1 and "{layer}" not in spec:
         raise GradSAEError(f"--sae {spec} names one folder for {len(layers)} layers: put {{layer}} in the path")
     validate.sae_folders(spec, list(layers))
+
+
+def write_cards(results: EvalSAEResults, spec: str, layers: tuple[int, ...]) -> None:
+    """Each SAE folder's ``README.md`` gets (or has replaced) its layer's eval-sae section."""
+    for layer in layers:
+        card = Path(spec.replace("{layer}", str(layer))) / "README.md"
+        old = card.read_text() if card.exists() else f"# SAE at layer {layer}\n"
+        _files.write_text(card, with_card_section(old, card_section(results, layer)))
+        print(f"updated {card}")  # noqa: T201
 
 
 def parse_tasks(text: str) -> list[str]:

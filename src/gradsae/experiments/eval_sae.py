@@ -24,7 +24,8 @@
    its answers must be the clean ones token for token: :attr:`Accuracy.differs`
    counts the examples where they are not (a check, expected 0).
 
-:class:`EvalSAEResults` holds everything and writes ``eval_sae.json`` and ``eval_sae.md``.
+:class:`EvalSAEResults` holds everything and writes ``eval_sae.json`` and ``eval_sae.md``;
+:func:`card_section` is one layer's part of it, for that SAE's model card.
 """
 
 from __future__ import annotations
@@ -346,6 +347,37 @@ def _accuracy_lines(results: EvalSAEResults) -> list[str]:
     bad = [f"{a.task} layer {a.layer}: {a.differs}" for a in errors if a.differs]
     check = "every answer equals the clean model's" if not bad else "answers differ from clean: " + ", ".join(bad)
     return [*lines, "", f"Check, error mode vs clean ({len(errors)} task x layer cells): {check}.", ""]
+
+
+CARD_BEGIN = "<!-- gradsae eval-sae: begin -->"
+CARD_END = "<!-- gradsae eval-sae: end -->"
+
+
+def card_section(results: EvalSAEResults, layer: int) -> str:
+    """One layer's figures and task accuracy (with the clean model's), between markers, for its model card."""
+    one = dataclasses.replace(
+        results,
+        figures=tuple(f for f in results.figures if f.layer == layer),
+        accuracy=tuple(a for a in results.accuracy if a.layer in (None, layer)),
+    )
+    lines = [
+        CARD_BEGIN,
+        f"Measured with `{results.config['command']}` ({_minutes(results.seconds)}).",
+        "",
+    ]
+    if one.figures:
+        lines += _figure_lines(one)
+    if one.accuracy:
+        lines += _accuracy_lines(one)
+    return "\n".join([*lines, CARD_END, ""])
+
+
+def with_card_section(card: str, section: str) -> str:
+    """``card`` with its eval-sae section replaced by ``section`` (appended when it has none)."""
+    begin, end = card.find(CARD_BEGIN), card.find(CARD_END)
+    if begin >= 0 and end > begin:
+        return card[:begin] + section + card[end + len(CARD_END) :].lstrip("\n")
+    return card.rstrip("\n") + "\n\n" + section
 
 
 def _stat(s: Stat) -> str:
