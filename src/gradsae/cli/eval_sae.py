@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with _files.locked_folder(out, command="eval-sae"):
         lm = load_model(args.model, device=args.device)
+        if not getattr(lm.tokenizer, "chat_template", None):  # a pretrained model: no chat renderings
+            variants = [v for v in variants if v.prompt_format != "chat"]
         for task in tasks:
             check_prompt_lengths(lm, task)
         saes, labels = load_saes(lm, args, layers)

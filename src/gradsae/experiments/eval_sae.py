@@ -259,8 +259,8 @@ POSITIONS = (
 )
 SET_TEXT = {
     "news": "held-out NewsArticles documents (every 20th, the split train-sae holds out), context {context}",
-    "chat": "the experiments' prompts as the tasks render them: each task's default format, and the chat "
-    "template for the few-shot tasks (`-chat`); {n_variants} variants taking turns, drawn with seed {seed}",
+    "chat": "the experiments' prompts as the tasks render them: each task's default format{chat_note}; "
+    "{n_variants} variants taking turns, drawn with seed {seed}",
     "generated": "greedy continuations (at most {new_tokens} new tokens) of held-out news openings "
     "({opening} tokens) and of the chat set's prompts",
 }
@@ -293,7 +293,13 @@ def _figure_lines(results: EvalSAEResults) -> list[str]:
     c = results.config
     lines = ["## Held-out sets", ""]
     for name, info in results.sets.items():
-        text = SET_TEXT.get(name, name).format(**c, n_variants=len(c.get("variants", ())))
+        variants = c.get("variants", ())
+        chat_note = (
+            ", and the chat template for the few-shot tasks (`-chat`)"
+            if any(v.endswith("-chat") for v in variants)
+            else " (the model has no chat template)"
+        )
+        text = SET_TEXT.get(name, name).format(**c, n_variants=len(variants), chat_note=chat_note)
         shares = ", ".join(f"{k} {v:,}" for k, v in info["sources"].items())
         lines.append(
             f"- `{name}`: {text}. {info['sequences']:,} sequences, {info['tokens']:,} counted tokens, "
