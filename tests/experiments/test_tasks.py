@@ -19,6 +19,7 @@ from gradsae.experiments.tasks import (
     normalize_answer,
     parse_label,
     parse_result,
+    with_prompt_format,
 )
 
 SQUAD_TINY = Path(__file__).parents[1] / "data" / "squad_tiny.json"
@@ -101,6 +102,21 @@ def test_classification_loaders(name: str, labels: tuple[str, ...], n: int) -> N
     assert task.examples[0].prompt in message
     assert all(label in message for label in labels)
     assert task.score(task.examples[0], f"{task.examples[0].label}.").exact == 1.0
+
+
+def test_sst2_plain_is_few_shot_with_shots_from_outside_sst2() -> None:
+    full = load_task("sst2", n=None, seed=0)
+    plain = with_prompt_format(load_task("sst2", n=4, seed=0), "plain")
+    example = plain.examples[0]
+    text = plain.render(example, tokenizer=None)
+    assert plain.name == "sst2-plain" and plain.prompt_format == "plain"
+    assert text.endswith(f"Review: {example.prompt}\nSentiment:") and text.count("Sentiment:") == 5
+    assert text.count("Sentiment: positive") == 2 and text.count("Sentiment: negative") == 2
+    sentences = {e.prompt for e in full.examples}
+    shots = [line.removeprefix("Review: ") for line in text.splitlines()[:-2] if line.startswith("Review: ")]
+    assert len(shots) == 4 and not sentences & set(shots), "no shot is an SST-2 sentence"
+    assert plain.score(example, f" {example.label}\n\nReview: x").exact == 1.0
+    assert plain.examples == load_task("sst2", n=4, seed=0).examples, "the same draw as the default format"
 
 
 def test_full_classification_sets() -> None:

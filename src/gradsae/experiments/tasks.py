@@ -286,6 +286,8 @@ def with_prompt_format(task: Task, prompt_format: PromptFormat) -> Task:
     """``task`` rendered in ``prompt_format``; a generated task takes its template for that format."""
     if prompt_format not in PROMPT_FORMATS:
         raise GradSAEError(f"unknown prompt format {prompt_format!r}: use 'chat' or 'plain'")
+    if task.name == "sst2" and prompt_format == "plain":  # a base model needs shots, not an instruction
+        return replace(task, name="sst2-plain", template=SST2_PLAIN, prompt_format="plain")
     spec = SPECS.get(task.name)
     if spec is None:
         return replace(task, prompt_format=prompt_format)
@@ -370,6 +372,20 @@ def sst2_task() -> Task:
     examples = tuple(_labelled(f"sst2-{i}", row["prompt"], labels[int(row["target"])]) for i, row in enumerate(rows))
     template = classification_template("Is the sentiment of this review", "Review", labels)
     return Task("sst2", template, examples, max_new_tokens=8, metric="accuracy", labels=labels)
+
+
+SST2_SHOTS = (
+    ("a warm , funny and beautifully acted film .", "positive"),
+    ("tedious , predictable and far too long .", "negative"),
+    ("one of the most moving stories of the year .", "positive"),
+    ("the jokes fall flat and the characters are paper-thin .", "negative"),
+)
+"""Hand-written in SST-2's lower-cased, tokenised style (none is an SST-2 sentence), two per label."""
+SST2_PLAIN = (
+    "".join(f"Review: {text}\nSentiment: {label}\n\n" for text, label in SST2_SHOTS) + "Review: {prompt}\nSentiment:"
+)
+"""``sst2`` in the ``plain`` format: a few-shot continuation for a base model (Gemma 3 270M has no chat
+template); the answer opens at the first generated token."""
 
 
 def news_task() -> Task:
