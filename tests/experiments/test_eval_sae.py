@@ -325,3 +325,13 @@ def test_cards_without_sae_folders_are_refused_first(capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert "--cards" in err and "--sae" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_prompt_format_renders_every_task_in_it(tmp_path: Path) -> None:
+    d = tiny_run_files(tmp_path)
+    argv = ["eval-sae", "--model", str(d / "model"), "--sae", str(d / "sae"), "--layers", "0", "--out", str(d / "o")]
+    argv += ["--tokens", "40", "--n-task", "2", "--tasks", "sst2,capitals", "--new-tokens", "2", "--context", "16"]
+    assert main([*argv, "--prompt-format", "plain"]) == 0
+    results = EvalSAEResults.load(d / "o")
+    assert results.config["variants"] == ["sst2-plain", "capitals-plain"]
+    assert {a.task for a in results.accuracy} == {"sst2-plain", "capitals-plain"}

@@ -32,7 +32,7 @@ from gradsae.experiments.eval_sae import (
 )
 from gradsae.experiments.eval_sets import chat_set, context_limit, generated_set, news_set, task_variants
 from gradsae.experiments.generated import SPECS
-from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task
+from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task, with_prompt_format
 from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers, load_model
 from gradsae.pretrained import SHIPPED_LAYERS, resolve_sae, shipped_sae_path
 from gradsae.sae import SAE, check_compatible
@@ -66,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     add("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small machine)")
     add(
+        "--prompt-format",
+        choices=("chat", "plain"),
+        default=None,
+        help="render every task in this format (default: each task's own; plain for a model without a chat template)",
+    )
+    add(
         "--cards",
         action="store_true",
         help="also write each layer's figures into its SAE folder's README.md (needs --sae; replaces that section)",
@@ -81,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     names = parse_tasks(args.tasks)
     tasks = [load_task(name, n=args.n_task, seed=args.seed) for name in names] if args.n_task else []
     variants = task_variants(names, seed=args.seed) if args.tokens else []
+    if args.prompt_format:
+        tasks = [with_prompt_format(t, args.prompt_format) for t in tasks]
+        variants = [with_prompt_format(v, args.prompt_format) for v in variants if v.name in names]
     heldout = split_heldout(load_texts("news"))[1] if args.tokens else []
     out = Path(args.out)
     with _files.locked_folder(out, command="eval-sae"):
