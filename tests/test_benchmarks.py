@@ -99,6 +99,17 @@ def test_demo_figure_without_a_run(tmp_path: Path) -> None:
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     (tmp_path / "runs" / "demo" / "timing.json").write_text('{"total_s": 61.5}')
     assert core.demo_wall(False, tmp_path).value == 61.5
+    assert core.demo_wall(False, tmp_path).met is True and core.demo_wall(False, tmp_path).target == 120
+
+
+def test_same_layers_compares_every_cell(tmp_path: Path) -> None:
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    new.write_text('{"layers": [{"layer": 6, "cells": [1, 2]}], "timing": 1}')
+    assert core._same_layers(new, old) is None
+    old.write_text('{"layers": [{"layer": 6, "cells": [1, 2]}], "timing": 2}')
+    assert core._same_layers(new, old) is True
+    old.write_text('{"layers": [{"layer": 6, "cells": [1, 3]}]}')
+    assert core._same_layers(new, old) is False
 
 
 def test_nnsight_version_equals_ours() -> None:
