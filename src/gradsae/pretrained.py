@@ -1,9 +1,9 @@
-"""SAEs shipped inside the package for the embedded default model.
+"""SAEs shipped inside the package for the embedded models.
 
-``src/gradsae/saes/smollm2-135m-instruct/layer_{6,15,24}/`` hold TopK SAEs
-(width 4608) in SAELens's layout, trained by ``gradsae train-sae`` on the
-NewsArticles corpus; each folder's ``README.md`` is its model card. Until they
-exist, callers get a clearly labelled random SAE instead.
+``src/gradsae/saes/<model>/layer_<l>/`` hold TopK SAEs in SAELens's layout, trained
+by ``gradsae train-sae``: ``smollm2-135m-instruct`` (the default model) at layers 6,
+15 and 24, ``gemma3-270m`` at layer 9. Each folder's ``README.md`` is its model card.
+Where none ships, callers get a clearly labelled random SAE instead.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from gradsae.embedded import GEMMA_NAMES
 from gradsae.errors import GradSAEError
 from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers
 from gradsae.sae import SAE, SAEConfig, load_sae
@@ -28,10 +29,32 @@ SHIPPED_FOLDER = "smollm2-135m-instruct"
 UNTRAINED = "UNTRAINED random SAE (no trained SAE ships for this model/layer yet)"
 
 
-def shipped_sae_path(layer: int) -> Path | None:
-    """Folder of the shipped SAE for ``layer`` of the default model, if it exists."""
-    folder = Path(str(resources.files("gradsae"))) / "saes" / SHIPPED_FOLDER / f"layer_{layer}"
+SHIPPED_FOR: dict[str, tuple[str | None, ...]] = {SHIPPED_FOLDER: DEFAULT_NAMES, "gemma3-270m": GEMMA_NAMES}
+"""Folder under ``saes/`` -> the ``--model`` names it serves."""
+
+
+def shipped_folder(model: str | None) -> str | None:
+    """The ``saes/`` folder of an embedded model's name (``None``, ``smollm2``, ``gemma3-270m``...), else ``None``."""
+    return next((folder for folder, names in SHIPPED_FOR.items() if model in names), None)
+
+
+def shipped_sae_path(layer: int, model: str | None = None) -> Path | None:
+    """Folder of the shipped SAE for ``layer`` of ``model`` (default: the default model), if it exists."""
+    name = shipped_folder(model)
+    if name is None:
+        return None
+    folder = Path(str(resources.files("gradsae"))) / "saes" / name / f"layer_{layer}"
     return folder if (folder / "sae_weights.safetensors").exists() else None
+
+
+def shipped_layers(model: str | None = None) -> tuple[int, ...]:
+    """The layers with a shipped SAE for ``model``."""
+    name = shipped_folder(model)
+    if name is None:
+        return ()
+    root = Path(str(resources.files("gradsae"))) / "saes" / name
+    found = (int(p.name.removeprefix("layer_")) for p in root.glob("layer_*") if p.name[6:].isdigit())
+    return tuple(sorted(layer for layer in found if shipped_sae_path(layer, model) is not None))
 
 
 class ResolvedSAE(NamedTuple):
@@ -55,16 +78,16 @@ def resolve_sae(
     """The SAE to use, its layer, and a label saying what it is.
 
     ``sae`` is a folder (any supported layout); ``None`` means the shipped SAE of
-    the default model at ``layer`` (default 6), else an untrained random SAE.
-    ``default_model`` says whether ``lm`` is the embedded default (default: judged
-    from ``lm.name``).
+    an embedded model at ``layer`` (default 6), else an untrained random SAE.
+    ``default_model`` says whether ``lm`` was loaded by an embedded model's name, so
+    that its shipped SAEs apply (default: judged from ``lm.name``).
 
     The SAE is kept in (at least) float32 whatever the model's dtype: TopK and
     JumpReLU selection, the error term and the latent gradients then run in
     float32, and the splice casts only its output back to the model's dtype.
     """
     if default_model is None:
-        default_model = lm.name in DEFAULT_NAMES
+        default_model = shipped_folder(lm.name) is not None
     found = _resolve(lm, None if sae is None else str(sae), layer, default_model=default_model)
     found.sae.requires_grad_(False)
     return found
@@ -79,9 +102,10 @@ def _resolve(lm: LoadedModel, sae: str | None, layer: int | None, *, default_mod
         return ResolvedSAE(loaded, int(use), str(sae))
     use = DEFAULT_LAYER if layer is None else layer
     check_layers(lm, [use])
-    path = shipped_sae_path(use) if default_model else None
+    model = lm.name if shipped_folder(lm.name) is not None else None
+    path = shipped_sae_path(use, model) if default_model else None
     if path is not None:
-        return ResolvedSAE(_wide(load_sae(path)), use, f"shipped SAE {SHIPPED_FOLDER}/layer_{use}")
+        return ResolvedSAE(_wide(load_sae(path)), use, f"shipped SAE {shipped_folder(model)}/layer_{use}")
     log.warning("using an %s at layer %d", UNTRAINED, use)
     cfg = SAEConfig(d_in=lm.d_model, d_sae=8 * lm.d_model, activation="topk", k=SHIPPED_K, hook_layer=use)
     return ResolvedSAE(_wide(SAE.random(cfg, seed=0)), use, UNTRAINED)

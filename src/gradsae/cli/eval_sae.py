@@ -33,8 +33,8 @@ from gradsae.experiments.eval_sae import (
 from gradsae.experiments.eval_sets import chat_set, context_limit, generated_set, news_set, task_variants
 from gradsae.experiments.generated import SPECS
 from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task, with_prompt_format
-from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers, load_model
-from gradsae.pretrained import SHIPPED_LAYERS, resolve_sae, shipped_sae_path
+from gradsae.models import LoadedModel, check_layers, load_model
+from gradsae.pretrained import resolve_sae, shipped_folder, shipped_layers, shipped_sae_path
 from gradsae.sae import SAE, check_compatible
 from gradsae.training.activations import load_texts, split_heldout
 
@@ -149,11 +149,11 @@ def check_arguments(args: argparse.Namespace) -> tuple[int, ...]:
 def check_sae_option(spec: str | None, model: str | None, layers: tuple[int, ...]) -> None:
     """``--sae`` names one folder per layer (``{layer}`` in it); without it, a shipped SAE must exist."""
     if spec is None:
-        if model not in DEFAULT_NAMES:
+        if shipped_folder(model) is None:
             raise GradSAEError("no SAEs ship for this model: pass --sae FOLDER (with {layer} in it)")
-        missing = [layer for layer in layers if shipped_sae_path(layer) is None]
+        missing = [layer for layer in layers if shipped_sae_path(layer, model) is None]
         if missing:
-            shipped = ", ".join(str(layer) for layer in SHIPPED_LAYERS)
+            shipped = ", ".join(str(layer) for layer in shipped_layers(model))
             raise GradSAEError(f"no shipped SAE at layer {missing[0]} (shipped: {shipped}): pass --sae FOLDER")
         return
     if spec.startswith("saelens:"):
@@ -191,7 +191,7 @@ def load_saes(
     saes, labels = {}, {}
     for layer in layers:
         folder = args.sae.replace("{layer}", str(layer)) if args.sae else None
-        found = resolve_sae(lm, folder, layer, default_model=args.model in DEFAULT_NAMES)
+        found = resolve_sae(lm, folder, layer, default_model=shipped_folder(args.model) is not None)
         check_compatible(found.sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=found.layer)
         saes[found.layer] = found.sae.to(lm.device)
         labels[str(found.layer)] = found.label

@@ -1,0 +1,30 @@
+"""Which shipped SAE serves which embedded model's name."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradsae.pretrained import SHIPPED_FOLDER, shipped_folder, shipped_layers, shipped_sae_path
+
+
+@pytest.mark.parametrize(
+    ("model", "folder"),
+    [(None, SHIPPED_FOLDER), ("smollm2", SHIPPED_FOLDER), ("gemma3-270m", "gemma3-270m"), ("gemma3", "gemma3-270m")],
+)
+def test_embedded_names_have_a_folder(model: str | None, folder: str) -> None:
+    assert shipped_folder(model) == folder
+
+
+def test_other_models_have_none(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert shipped_folder(str(tmp_path)) is None and shipped_folder("Qwen/Qwen2.5-0.5B") is None
+    assert shipped_sae_path(6, str(tmp_path)) is None and shipped_layers(str(tmp_path)) == ()
+
+
+def test_the_default_model_s_layers() -> None:
+    assert shipped_layers() == (6, 15, 24)
+    assert shipped_sae_path(6) is not None and shipped_sae_path(6).parent.name == SHIPPED_FOLDER  # type: ignore[union-attr]
+
+
+def test_a_layer_of_one_model_does_not_serve_another() -> None:
+    assert shipped_sae_path(6, "gemma3-270m") is None, "SmolLM2's layer-6 SAE is not Gemma's"
+    assert 6 not in shipped_layers("gemma3-270m")
