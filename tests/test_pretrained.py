@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gradsae.pretrained import SHIPPED_FOLDER, shipped_folder, shipped_layers, shipped_sae_path
+from gradsae.pretrained import SHIPPED_FOLDER, shipped_folder, shipped_label, shipped_layers, shipped_sae_path
 
 
 @pytest.mark.parametrize(
@@ -28,3 +28,13 @@ def test_the_default_model_s_layers() -> None:
 def test_a_layer_of_one_model_does_not_serve_another() -> None:
     assert shipped_sae_path(6, "gemma3-270m") is None, "SmolLM2's layer-6 SAE is not Gemma's"
     assert 6 not in shipped_layers("gemma3-270m")
+
+
+def test_the_label_says_which_sae_shipped_there() -> None:
+    import hashlib
+
+    path = shipped_sae_path(6)
+    assert path is not None
+    digest = hashlib.sha256((path / "sae_weights.safetensors").read_bytes()).hexdigest()[:12]
+    label = shipped_label(path)
+    assert label.startswith(f"shipped SAE {SHIPPED_FOLDER}/layer_6 (") and f"sha256 {digest})" in label

@@ -8,6 +8,8 @@ Where none ships, callers get a clearly labelled random SAE instead.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from importlib import resources
 from pathlib import Path
@@ -105,10 +107,18 @@ def _resolve(lm: LoadedModel, sae: str | None, layer: int | None, *, default_mod
     model = lm.name if shipped_folder(lm.name) is not None else None
     path = shipped_sae_path(use, model) if default_model else None
     if path is not None:
-        return ResolvedSAE(_wide(load_sae(path)), use, f"shipped SAE {shipped_folder(model)}/layer_{use}")
+        return ResolvedSAE(_wide(load_sae(path)), use, shipped_label(path))
     log.warning("using an %s at layer %d", UNTRAINED, use)
     cfg = SAEConfig(d_in=lm.d_model, d_sae=8 * lm.d_model, activation="topk", k=SHIPPED_K, hook_layer=use)
     return ResolvedSAE(_wide(SAE.random(cfg, seed=0)), use, UNTRAINED)
+
+
+def shipped_label(path: Path) -> str:
+    """``shipped SAE <model>/layer_<l> (<corpus>, sha256 <12 hex>)``: which of the SAEs ever shipped there."""
+    cfg = json.loads((path / "cfg.json").read_text())
+    corpus = cfg.get("dataset_path") or "corpus not stated"
+    digest = hashlib.sha256((path / "sae_weights.safetensors").read_bytes()).hexdigest()[:12]
+    return f"shipped SAE {path.parent.name}/{path.name} ({corpus}, sha256 {digest})"
 
 
 def _wide(sae: SAE) -> SAE:
