@@ -335,3 +335,6 @@ def test_prompt_format_renders_every_task_in_it(tmp_path: Path) -> None:
     results = EvalSAEResults.load(d / "o")
     assert results.config["variants"] == ["sst2-plain", "capitals-plain"]
     assert {a.task for a in results.accuracy} == {"sst2-plain", "capitals-plain"}
+    md = (d / "o" / "eval_sae.md").read_text()
+    assert "--prompt-format plain" in results.config["command"] and "every task in the `plain` format" in md
+    assert "default format" not in md

@@ -242,6 +242,7 @@ def run_config(
         "tasks": parse_tasks(args.tasks),
         "metrics": {task.name: task.metric for task in tasks},
         "prompt_formats": {task.name: task.prompt_format for task in tasks},
+        "prompt_format": args.prompt_format,
         "variants": variants,
         "seed": args.seed,
         "context": args.context,
@@ -261,10 +262,10 @@ def command_line(args: argparse.Namespace) -> str:
     for key, default in defaults.items():
         if getattr(args, key) != default:
             parts += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    for key in ("model", "sae", "threads"):
+    for key in ("model", "sae", "prompt_format", "threads"):
         if getattr(args, key) is not None:
-            parts += [f"--{key}", str(getattr(args, key))]
-    return shlex.join(parts)
+            parts += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return shlex.join(parts + (["--cards"] if args.cards else []))
 
 
 def versions() -> dict[str, str]:

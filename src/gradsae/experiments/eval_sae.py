@@ -259,7 +259,7 @@ POSITIONS = (
 )
 SET_TEXT = {
     "news": "held-out NewsArticles documents (every 20th, the split train-sae holds out), context {context}",
-    "chat": "the experiments' prompts as the tasks render them: each task's default format{chat_note}; "
+    "chat": "the experiments' prompts as the tasks render them: {formats}{chat_note}; "
     "{n_variants} variants taking turns, drawn with seed {seed}",
     "generated": "greedy continuations (at most {new_tokens} new tokens) of held-out news openings "
     "({opening} tokens) and of the chat set's prompts",
@@ -295,11 +295,13 @@ def _figure_lines(results: EvalSAEResults) -> list[str]:
     for name, info in results.sets.items():
         variants = c.get("variants", ())
         chat_note = (
-            ", and the chat template for the few-shot tasks (`-chat`)"
+            ""
+            if c.get("prompt_format")
+            else ", and the chat template for the few-shot tasks (`-chat`)"
             if any(v.endswith("-chat") for v in variants)
             else " (the model has no chat template)"
         )
-        text = SET_TEXT.get(name, name).format(**c, n_variants=len(variants), chat_note=chat_note)
+        text = SET_TEXT.get(name, name).format(**c, n_variants=len(variants), chat_note=chat_note, formats=_formats(c))
         shares = ", ".join(f"{k} {v:,}" for k, v in info["sources"].items())
         lines.append(
             f"- `{name}`: {text}. {info['sequences']:,} sequences, {info['tokens']:,} counted tokens, "
@@ -336,7 +338,7 @@ def _accuracy_lines(results: EvalSAEResults) -> list[str]:
         "",
         f"Greedy answers scored as the experiments score them (sst2: the label; generative tasks: SQuAD exact "
         f"match), {results.config['n_task']} examples per task drawn with seed {results.config['seed']}, "
-        "each task in its default prompt format; percent with 95% bootstrap intervals. `error` mode keeps the "
+        f"{_formats(results.config)}; percent with 95% bootstrap intervals. `error` mode keeps the "
         "model exact, so its answers must equal the clean model's token for token (checked below the table).",
         "",
         head,
@@ -384,6 +386,11 @@ def with_card_section(card: str, section: str) -> str:
     if begin >= 0 and end > begin:
         return card[:begin] + section + card[end + len(CARD_END) :].lstrip("\n")
     return card.rstrip("\n") + "\n\n" + section
+
+
+def _formats(config: dict[str, Any]) -> str:
+    fmt = config.get("prompt_format")
+    return f"every task in the `{fmt}` format (`--prompt-format {fmt}`)" if fmt else "each task in its default format"
 
 
 def _stat(s: Stat) -> str:
