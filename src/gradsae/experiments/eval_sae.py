@@ -278,15 +278,17 @@ def render_markdown(results: EvalSAEResults) -> str:
         f"({c.get('threads', '?')} thread(s), {c.get('device', 'cpu')}).",
         "",
     ]
-    if results.figures:
-        lines += _figure_lines(results)
-    if results.accuracy:
-        lines += _accuracy_lines(results)
+    lines += _tables(results)
     lines += [
         "Versions: " + ", ".join(f"{k} {v}" for k, v in results.versions.items()) + ".",
         "",
     ]
     return "\n".join(lines)
+
+
+def _tables(results: EvalSAEResults) -> list[str]:
+    """The set figures, then the task accuracy (each where measured)."""
+    return (_figure_lines(results) if results.figures else []) + (_accuracy_lines(results) if results.accuracy else [])
 
 
 def _figure_lines(results: EvalSAEResults) -> list[str]:
@@ -373,11 +375,7 @@ def card_section(results: EvalSAEResults, layer: int) -> str:
         f"Measured with `{results.config['command']}` ({_minutes(results.seconds)}).",
         "",
     ]
-    if one.figures:
-        lines += _figure_lines(one)
-    if one.accuracy:
-        lines += _accuracy_lines(one)
-    return "\n".join([*lines, CARD_END, ""])
+    return "\n".join([*lines, *_tables(one), CARD_END, ""])
 
 
 def with_card_section(card: str, section: str) -> str:
