@@ -9,6 +9,7 @@ warm-up: one run of them lasts many seconds.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -178,6 +179,18 @@ def wide_sae(d_model: int, layer: int, d_sae: int = WIDE) -> Any:
 
 
 # -- machine ---------------------------------------------------------------------
+def child_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark child process takes: model, SAE, layer, batch shape, threads."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--sae", default=None)
+    parser.add_argument("--layer", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
 def set_threads(threads: int | None) -> int:
     """Use ``threads`` intra-op threads (default: the cores this process may run on)."""
     count = threads or len(os.sched_getaffinity(0))

@@ -32,7 +32,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import WIDE, WIDE_K, WIDEST, Figure, load_sae, set_threads, text_batch, wide_sae
+from benchmarks.common import WIDE, WIDE_K, WIDEST, Figure, child_parser, load_sae, set_threads, text_batch, wide_sae
 
 TARGET = 1.2
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -141,14 +141,8 @@ def peak_memory_overhead(root: Path, *, d_sae: int, label: str, **kwargs: Any) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = child_parser(__doc__)
     parser.add_argument("--which", choices=["plain", "gradsae"], required=True)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--sae", default=None)
-    parser.add_argument("--layer", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--d-sae", type=int, default=0, help="a random TopK SAE this wide (0: the shipped SAE)")
     print(json.dumps(child(parser.parse_args())))
 

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import WIDE, WIDEST, Figure, compare, load_sae, set_threads, text_batch, wide_sae
+from benchmarks.common import WIDE, WIDEST, Figure, child_parser, compare, load_sae, set_threads, text_batch, wide_sae
 from benchmarks.memory import FIXED_MMAP, peak_above_baseline
 
 LENGTHS = (64, 128, 256, 512, 1024, 2048)
@@ -136,13 +136,7 @@ def _axis_figure(rows: list[dict[str, Any]], axis: str) -> Figure:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--sae", default=None)
-    parser.add_argument("--layer", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None)
+    parser = child_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",")], default=list(LENGTHS))
     parser.add_argument("--widths", type=lambda t: [int(x) for x in t.split(",")], default=list(WIDTHS))

@@ -28,7 +28,18 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import WIDE, WIDE_K, Figure, Timing, compare, load_sae, set_threads, text_batch, wide_sae
+from benchmarks.common import (
+    WIDE,
+    WIDE_K,
+    Figure,
+    Timing,
+    child_parser,
+    compare,
+    load_sae,
+    set_threads,
+    text_batch,
+    wide_sae,
+)
 from benchmarks.reference import spliced_positions
 from gradsae.models import LoadedModel, position_ids
 from gradsae.objectives import NextTokenProb
@@ -120,14 +131,8 @@ def speedup_vs_nnsight(root: Path, *, wide: bool = False, **kwargs: Any) -> Figu
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--sae", default=None)
-    parser.add_argument("--layer", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=64)
+    parser = child_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--wide", action="store_true", help=f"a random {WIDE}-latent SAE instead")
     print(json.dumps(child(parser.parse_args())))
 

@@ -31,11 +31,20 @@ in different orders).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
-from gradsae.generate import Generation, croppable_cache, generation_of, greedy_tokens, pad_id, stop_ids
+from gradsae.generate import (
+    Generation,
+    cache_holding,
+    cached_pass,
+    croppable_cache,
+    generation_of,
+    greedy_tokens,
+    keys_values,
+    pad_id,
+    stop_ids,
+)
 from gradsae.models import LoadedModel, cache_kwarg, position_ids
 from gradsae.objectives import NextTokenProb
 from gradsae.sae import SAE
@@ -78,7 +87,7 @@ def generate_and_score(
                 max_new_tokens=max_new_tokens,
                 stop=stop,
                 pad=pad_id(lm.tokenizer),
-                cache=_cache(lm, [(k.detach(), v.detach()) for k, v in kv]),
+                cache=cache_holding(lm.model, [(k.detach(), v.detach()) for k, v in kv]),
                 prompt_logits=prompt_logits.detach(),
             )
         gens = [generation_of(lm.tokenizer, ids[i], mask[i], row, stop) for i, row in enumerate(rows)]
@@ -94,24 +103,8 @@ def _prompt_pass(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> tupl
     """Step 1: last-position logits ``[batch, vocab]`` and every layer's keys and values, with their graph."""
     cache = croppable_cache(lm.model)
     with torch.enable_grad():
-        out = lm.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids(mask),
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_kwarg(lm.model): cache},
-        )
-    layers: list[Any] = list(cache.layers)
-    return out.logits[:, -1], [(layer.keys, layer.values) for layer in layers]
-
-
-def _cache(lm: LoadedModel, kv: KeysValues) -> Any:
-    """A cache holding ``kv`` (every layer's keys and values)."""
-    cache = croppable_cache(lm.model)
-    for index, (keys, values) in enumerate(kv):
-        cache.update(keys, values, index)
-    return cache
+        logits, _ = cached_pass(lm.model, ids, mask, position_ids(mask), cache)
+    return logits, keys_values(cache)
 
 
 def _objective(
@@ -140,7 +133,7 @@ def _objective(
                 position_ids=position_ids(full)[:, -width:],
                 use_cache=True,
                 logits_to_keep=torch.tensor(read, device=ids.device),
-                **{cache_kwarg(lm.model): _cache(lm, kv)},
+                **{cache_kwarg(lm.model): cache_holding(lm.model, kv)},
             )
         logits = torch.cat([logits, out.logits], dim=1)
         where = {t: i + 1 for i, t in enumerate(read)}

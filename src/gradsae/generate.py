@@ -220,7 +220,7 @@ def greedy_tokens(
         if step == 0 and prompt_logits is not None:
             logits = prompt_logits
         else:
-            logits, cache = _cached_pass(model, ids, mask, positions, cache)
+            logits, cache = cached_pass(model, ids, mask, positions, cache)
         if on_step is not None:
             on_step(logits)
         token = logits.detach().argmax(-1).masked_fill(done, pad)
@@ -259,7 +259,7 @@ def _append(
     return done
 
 
-def _cached_pass(
+def cached_pass(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
 ) -> tuple[torch.Tensor, Any]:
     """``[batch, vocab]`` logits at the last position, and the cache extended by ``ids``."""
@@ -272,6 +272,19 @@ def _cached_pass(
         **{cache_kwarg(model): cache},
     )
     return out.logits[:, -1], _output_cache(out)
+
+
+def keys_values(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's ``(keys, values)`` held by ``cache`` (with their autograd graph, if any)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_holding(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A :func:`croppable_cache` holding ``kv`` (every layer's keys and values)."""
+    cache = croppable_cache(model)
+    for index, (keys, values) in enumerate(kv):
+        cache.update(keys, values, index)
+    return cache
 
 
 def croppable_cache(model: Any) -> Any:
@@ -299,7 +312,7 @@ def _unedit_newest(
     cache.crop(-1)
     edits_on, state.edits_on = state.edits_on, False
     try:
-        _cached_pass(model, ids, mask, positions, cache)
+        cached_pass(model, ids, mask, positions, cache)
     finally:
         state.edits_on = edits_on
 

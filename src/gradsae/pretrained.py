@@ -42,21 +42,24 @@ def shipped_folder(model: str | None) -> str | None:
 
 def shipped_sae_path(layer: int, model: str | None = None) -> Path | None:
     """Folder of the shipped SAE for ``layer`` of ``model`` (default: the default model), if it exists."""
-    name = shipped_folder(model)
-    if name is None:
-        return None
-    folder = Path(str(resources.files("gradsae"))) / "saes" / name / f"layer_{layer}"
-    return folder if (folder / "sae_weights.safetensors").exists() else None
+    root = _root(model)
+    folder = root / f"layer_{layer}" if root is not None else None
+    return folder if folder is not None and (folder / "sae_weights.safetensors").exists() else None
 
 
 def shipped_layers(model: str | None = None) -> tuple[int, ...]:
     """The layers with a shipped SAE for ``model``."""
-    name = shipped_folder(model)
-    if name is None:
+    root = _root(model)
+    if root is None:
         return ()
-    root = Path(str(resources.files("gradsae"))) / "saes" / name
     found = (int(p.name.removeprefix("layer_")) for p in root.glob("layer_*") if p.name[6:].isdigit())
     return tuple(sorted(layer for layer in found if shipped_sae_path(layer, model) is not None))
+
+
+def _root(model: str | None) -> Path | None:
+    """``saes/<folder>`` inside the installed package for ``model``, if it ships any."""
+    name = shipped_folder(model)
+    return None if name is None else Path(str(resources.files("gradsae"))) / "saes" / name
 
 
 class ResolvedSAE(NamedTuple):

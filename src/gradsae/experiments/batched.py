@@ -47,8 +47,17 @@ from gradsae import distributed
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.tasks import Task
-from gradsae.generate import Generation, croppable_cache, generation_of, greedy_tokens, pad_id, stop_ids
-from gradsae.models import LoadedModel, cache_kwarg, position_ids
+from gradsae.generate import (
+    Generation,
+    cache_holding,
+    cached_pass,
+    generation_of,
+    greedy_tokens,
+    keys_values,
+    pad_id,
+    stop_ids,
+)
+from gradsae.models import LoadedModel, position_ids
 from gradsae.prefix import replay_prefix
 from gradsae.sae import SAE
 from gradsae.splice import Edit, SparseActs, edit_rows, splice
@@ -153,19 +162,10 @@ def _context(lm: LoadedModel, sae: SAE, batch: PromptBatch, cfg: ExperimentConfi
     spliced = splice(lm, sae, cfg.layer, mode=cfg.mode, skip_first=cfg.skip_first)
     replay = replay_prefix(lm, batch.prefix) if batch.prefix is not None else nullcontext()
     with spliced as state, replay, torch.no_grad():
-        lm.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids(mask),
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_kwarg(lm.model): cache},
-        )
-    layers: list[Any] = list(cache.layers)
-    if any(getattr(layer, "is_sliding", False) or not hasattr(layer, "keys") for layer in layers):
+        cached_pass(lm.model, ids, mask, position_ids(mask), cache)
+    if any(getattr(layer, "is_sliding", False) or not hasattr(layer, "keys") for layer in cache.layers):
         return None
-    kv = [(layer.keys, layer.values) for layer in layers]
-    return _Context(kv=kv, latents=state.latents[0], valid=state.valid[0])
+    return _Context(kv=keys_values(cache), latents=state.latents[0], valid=state.valid[0])
 
 
 def _first_changes(
@@ -244,10 +244,7 @@ def _decode_rows(
 
 def _context_cache(lm: LoadedModel, context: _Context, examples: torch.Tensor, columns: int) -> Any:
     """A croppable cache holding the context's first ``columns`` columns for rows ``examples``."""
-    cache = croppable_cache(lm.model)
-    for index, (keys, values) in enumerate(context.kv):
-        cache.update(keys[examples, :, :columns], values[examples, :, :columns], index)
-    return cache
+    return cache_holding(lm.model, [(k[examples, :, :columns], v[examples, :, :columns]) for k, v in context.kv])
 
 
 def _row_edits(tables: Sequence[Sequence[_Table]], chunk: Sequence[tuple[int, int]], like: torch.Tensor) -> list[Edit]:
