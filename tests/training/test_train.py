@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from gradsae.sae import SAE, SAEConfig, load_sae
 from gradsae.training.activations import StreamConfig, activation_blocks, load_texts, sequences, split_heldout
 from gradsae.training.evaluate import evaluate_saes
 from gradsae.training.export import finish_run
-from gradsae.training.loop import train_saes
+from gradsae.training.loop import kept_checkpoint, train_saes
 from gradsae.training.trainer import LayerTrainer, TrainConfig, sae_loss
 from tests.helpers import CharTokenizer, char_lm
 
@@ -130,6 +131,23 @@ def test_resume_matches_uninterrupted_run(lm, texts, trained, tmp_path) -> None:
         train_saes(lm, texts, tiny_cfg(k=8), checkpoint=path, progress=False)
 
 
+def test_a_kept_checkpoint_branches_a_shorter_runs_decay(lm, texts, trained, tmp_path) -> None:
+    """Resuming the state kept at 80% of a shorter budget ends where that budget's own run ends."""
+    trunk = train_saes(lm, texts, tiny_cfg(keep_checkpoints=(1920,)), checkpoint=tmp_path / "checkpoint.pt", progress=False)
+    kept = kept_checkpoint(tmp_path / "checkpoint.pt", 1920)
+    assert kept.name == "checkpoint-1920.pt" and kept.is_file()
+    branch = tmp_path / "branch" / "checkpoint.pt"
+    branch.parent.mkdir()
+    shutil.copy(kept, branch)
+    short = train_saes(lm, texts, tiny_cfg(tokens=2400), checkpoint=branch, progress=False)
+    direct = train_saes(lm, texts, tiny_cfg(tokens=2400), progress=False)
+    assert short.tokens == direct.tokens == 2400
+    for layer in (0, 1):
+        for name, value in direct.saes[layer].state_dict().items():
+            assert torch.equal(value, short.saes[layer].state_dict()[name]), (layer, name)
+            assert torch.equal(trained.saes[layer].state_dict()[name], trunk.saes[layer].state_dict()[name])
+
+
 def test_evaluation_and_files(lm, texts, trained, tmp_path) -> None:
     ids = torch.tensor([next(iter(sequences(lm.tokenizer, texts, context=16)))] * 4)
     evals = finish_run(lm, trained, tiny_cfg(), texts[:5], out=tmp_path, save_dtype=torch.float16, eval_tokens=150)
@@ -186,6 +204,8 @@ def test_cli_arguments() -> None:
     add_train_sae_arguments(parser)
     args = parser.parse_args(["--layers", "6,15,24", "--tokens", "2.5M", "--width", "4608"])
     assert args.tokens == 2_500_000 and args.layers == "6,15,24" and parse_count("500k") == 500_000
+    kept = parser.parse_args(["--keep-checkpoints", "400k,100k"]).keep_checkpoints
+    assert kept == (100_000, 400_000) and parser.parse_args([]).keep_checkpoints == ()
 
 
 def test_sparse_backward_matches_dense_autograd() -> None:

@@ -26,7 +26,17 @@ from gradsae.training.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
-COUNTS = {"tokens": parse_count, "warmup_tokens": parse_count, "dead_tokens": parse_count}
+def parse_counts(text: str) -> tuple[int, ...]:
+    """Comma-separated token counts, e.g. ``100k,200k,400k``."""
+    return tuple(sorted({parse_count(part) for part in text.split(",") if part.strip()}))
+
+
+COUNTS = {
+    "tokens": parse_count,
+    "warmup_tokens": parse_count,
+    "dead_tokens": parse_count,
+    "keep_checkpoints": parse_counts,
+}
 NOT_OPTIONS = ("layers", "model_name", "corpus")
 
 

@@ -90,7 +90,7 @@ def train_saes(
     try:
         blocks = activation_blocks(lm, texts, cfg.layers, cfg.stream, start=state.block, should_stop=should_stop)
         for block in _until_done(blocks, state, cfg):
-            stopped = _train_block(block, state, cfg, bar, should_stop)
+            stopped = _train_block(block, state, cfg, bar, should_stop, keep=_keeper(path, state, cfg))
             if stopped:
                 break
             state.block, state.step_in_block = block.index + 1, 0
@@ -117,7 +117,14 @@ def _until_done(blocks: Iterator[Block], state: TrainState, cfg: TrainConfig) ->
         yield block
 
 
-def _train_block(block: Block, state: TrainState, cfg: TrainConfig, bar: Any, should_stop: Callable[[], bool]) -> bool:
+def _train_block(
+    block: Block,
+    state: TrainState,
+    cfg: TrainConfig,
+    bar: Any,
+    should_stop: Callable[[], bool],
+    keep: Callable[[int], None] = lambda _before: None,
+) -> bool:
     """Train on the remaining steps of ``block``; True when stopped early."""
     if not state.initialised:
         _init_from_data(state, block)
@@ -136,11 +143,27 @@ def _train_block(block: Block, state: TrainState, cfg: TrainConfig, bar: Any, sh
             _smooth(state.last.setdefault(layer, {}), out)
         state.tokens += n
         state.step_in_block = step + 1
+        keep(state.tokens - n)
         bar.update(n)
         bar.set_postfix_str(_postfix(state.last), refresh=False)
         if should_stop():
             return True
     return False
+
+
+def _keeper(path: Path | None, state: TrainState, cfg: TrainConfig) -> Callable[[int], None]:
+    """After a step that began at ``before`` tokens: keep a copy of the state if it passed a kept count."""
+
+    def keep(before: int) -> None:
+        if path is not None and any(before < mark <= state.tokens for mark in cfg.keep_checkpoints):
+            save_checkpoint(kept_checkpoint(path, state.tokens), state, cfg)
+
+    return keep
+
+
+def kept_checkpoint(path: Path, tokens: int) -> Path:
+    """Where the state at ``tokens`` tokens is kept, next to the running checkpoint ``path``."""
+    return path.with_name(f"{path.stem}-{tokens}{path.suffix}")
 
 
 def _init_from_data(state: TrainState, block: Block) -> None:

@@ -77,6 +77,10 @@ class TrainConfig:
     """Where the text came from (recorded in the SAEs' metadata)."""
     checkpoint_seconds: float = 300.0
     """Write a checkpoint at the first block boundary this long after the last."""
+    keep_checkpoints: tuple[int, ...] = ()
+    """Also keep the state at the first step that reaches each of these token counts, as
+    ``checkpoint-<tokens>.pt``; resuming a copy with a smaller ``--tokens`` branches off that run's
+    learning-rate decay (a shorter run's schedule is the same up to 80% of its tokens)."""
 
     def __post_init__(self) -> None:
         if not self.layers:
