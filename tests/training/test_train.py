@@ -133,7 +133,9 @@ def test_resume_matches_uninterrupted_run(lm, texts, trained, tmp_path) -> None:
 
 def test_a_kept_checkpoint_branches_a_shorter_runs_decay(lm, texts, trained, tmp_path) -> None:
     """Resuming the state kept at 80% of a shorter budget ends where that budget's own run ends."""
-    trunk = train_saes(lm, texts, tiny_cfg(keep_checkpoints=(1920,)), checkpoint=tmp_path / "checkpoint.pt", progress=False)
+    trunk = train_saes(
+        lm, texts, tiny_cfg(keep_checkpoints=(1920,)), checkpoint=tmp_path / "checkpoint.pt", progress=False
+    )
     kept = kept_checkpoint(tmp_path / "checkpoint.pt", 1920)
     assert kept.name == "checkpoint-1920.pt" and kept.is_file()
     branch = tmp_path / "branch" / "checkpoint.pt"

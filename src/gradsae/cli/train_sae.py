@@ -26,6 +26,7 @@ from gradsae.training.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
+
 def parse_counts(text: str) -> tuple[int, ...]:
     """Comma-separated token counts, e.g. ``100k,200k,400k``."""
     return tuple(sorted({parse_count(part) for part in text.split(",") if part.strip()}))
