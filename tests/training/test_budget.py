@@ -1,0 +1,30 @@
+"""The saturating power law of FVU in training tokens: recovered from exact points, and refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradsae.training.budget import BudgetFit, fit_budget, holdout_check
+
+TOKENS = [125e3, 250e3, 500e3, 1e6, 3e6]
+
+
+def test_fit_recovers_a_known_law_and_its_budget() -> None:
+    law = BudgetFit(floor=0.12, scale=0.08, power=0.6, rms_log_error=0.0)
+    fit = fit_budget(TOKENS, [law.fvu(t) for t in TOKENS])
+    assert fit.floor == pytest.approx(0.12, abs=1e-4) and fit.power == pytest.approx(0.6, abs=1e-3)
+    # (0.08 / (0.15 - 0.12)) ** (1 / 0.6) million tokens, worked by hand: 2.667 ** 1.667 = 5.13
+    assert fit.tokens_for(0.15) == pytest.approx(5.13e6, rel=2e-3)
+    assert fit.tokens_for(0.10) is None and fit.rms_log_error < 1e-6
+
+
+def test_holdout_predicts_the_largest_budget_of_an_exact_law() -> None:
+    law = BudgetFit(floor=0.05, scale=0.2, power=0.4, rms_log_error=0.0)
+    predicted, measured = holdout_check(TOKENS, [law.fvu(t) for t in TOKENS])
+    assert predicted == pytest.approx(measured, rel=1e-3)
+    assert holdout_check(TOKENS[:3], [0.3, 0.2, 0.1]) is None
+
+
+def test_too_few_budgets_are_refused() -> None:
+    with pytest.raises(ValueError, match="three or more"):
+        fit_budget([1e5, 1e5, 2e5], [0.3, 0.3, 0.2])
