@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from gradsae.training.budget import BudgetFit, fit_budget, holdout_check
@@ -28,3 +33,28 @@ def test_holdout_predicts_the_largest_budget_of_an_exact_law() -> None:
 def test_too_few_budgets_are_refused() -> None:
     with pytest.raises(ValueError, match="three or more"):
         fit_budget([1e5, 1e5, 2e5], [0.3, 0.3, 0.2])
+
+
+def test_budget_curve_script_tabulates_eval_sae_runs(tmp_path) -> None:
+    """scripts/sae_budget_curve.py on eval-sae outputs made from a known law: fit, table and plot."""
+    law = BudgetFit(floor=0.2, scale=0.1, power=0.5, rms_log_error=0.0)
+    args = []
+    for tokens in TOKENS:
+        figures = [
+            {"layer": layer, "set": name, "fvu": law.fvu(tokens) / 4, "fvu_typical": law.fvu(tokens)}
+            for layer in (15, 24)
+            for name in ("news", "chat", "generated")
+        ]
+        path = tmp_path / f"{tokens:.0f}.json"
+        path.write_text(json.dumps({"figures": figures}))
+        args += ["--point", f"{tokens:.0f}={path}"]
+    script = Path(__file__).resolve().parents[2] / "scripts" / "sae_budget_curve.py"
+    subprocess.run([sys.executable, str(script), *args, "--out", str(tmp_path / "out")], check=True)
+    rows = json.loads((tmp_path / "out" / "curve.json").read_text())["rows"]
+    typical = [r for r in rows if r["metric"] == "fvu_typical"]
+    assert len(rows) == 12 and all(r["tokens_for_target"] is None for r in typical)  # floor 0.2 > 0.15
+    assert all(r["fit"]["floor"] == pytest.approx(0.2, abs=1e-3) for r in typical)
+    pooled = next(r for r in rows if r["metric"] == "fvu")  # a quarter of the law: floor 0.05, reaches 0.15
+    assert pooled["tokens_for_target"] == pytest.approx(1e6 * (0.025 / 0.1) ** 2, rel=1e-2)
+    table = (tmp_path / "out" / "curve.md").read_text()
+    assert "unreachable" in table and (tmp_path / "out" / "curve.png").stat().st_size > 10_000
