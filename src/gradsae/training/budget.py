@@ -15,11 +15,12 @@ budget out and predicting it from the rest.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import curve_fit
+from scipy.optimize import OptimizeWarning, curve_fit
 
 MILLION = 1e6
 
@@ -55,9 +56,11 @@ def fit_budget(tokens: Sequence[float], fvu: Sequence[float]) -> BudgetFit:
     x = np.asarray(tokens, dtype=float) / MILLION
     y = np.log(np.asarray(fvu, dtype=float))
     start = (0.5 * float(min(fvu)), float(max(fvu)) - 0.5 * float(min(fvu)) + 1e-6, 0.5)
-    (floor, scale, power), _ = curve_fit(
-        _model, x, y, p0=start, bounds=([0.0, 0.0, 1e-3], [math.inf, math.inf, 2.0]), maxfev=20_000
-    )
+    with warnings.catch_warnings():  # three exact points leave no covariance to estimate; we use none
+        warnings.simplefilter("ignore", OptimizeWarning)
+        (floor, scale, power), _ = curve_fit(
+            _model, x, y, p0=start, bounds=([0.0, 0.0, 1e-3], [math.inf, math.inf, 2.0]), maxfev=20_000
+        )
     residual = y - _model(x, floor, scale, power)
     return BudgetFit(float(floor), float(scale), float(power), float(np.sqrt(np.mean(residual**2))))
 
