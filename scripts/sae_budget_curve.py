@@ -32,17 +32,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--point", action="append", required=True, help="BUDGET=PATH/eval_sae.json, e.g. 1M=...")
     parser.add_argument("--layers", default="15,24")
+    parser.add_argument(
+        "--other", action="append", default=[], help="LABEL:BUDGET=PATH, another SAE shape to set beside the curve"
+    )
     parser.add_argument("--target", type=float, default=0.15)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     points = read_points(args.point)
-    rows = curve_rows(points, parse_layers(args.layers), args.target)
+    layers = parse_layers(args.layers)
+    rows = curve_rows(points, layers, args.target)
+    others = other_rows(args.other, points, layers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"target": args.target, "points": args.point, "rows": rows}
+    data = {"target": args.target, "points": args.point, "rows": rows, "others": others}
     (out / "curve.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "curve.md").write_text(markdown(rows, args.target))
-    plot(rows, args.target, out / "curve.png")
+    (out / "curve.md").write_text(markdown(rows, args.target) + other_markdown(others))
+    plot(rows, args.target, out / "curve.png", others)
     sys.stdout.write(f"wrote {out}/curve.json, curve.md and curve.png\n")
 
 
@@ -79,6 +84,49 @@ def curve_rows(points: dict[int, list[dict[str, Any]]], layers: tuple[int, ...],
     return rows
 
 
+def other_rows(
+    specs: list[str], points: dict[int, list[dict[str, Any]]], layers: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """Per (other SAE, layer, set): its typical FVU and the curve's at the same budget (measured there or None)."""
+    rows = []
+    for spec in specs:
+        label, _, rest = spec.partition(":")
+        budget, _, path = rest.partition("=")
+        tokens = parse_count(budget)
+        figures = json.loads(Path(path).read_text())["figures"]
+        for layer in layers:
+            for name in SETS:
+                same = points.get(tokens)
+                rows.append(
+                    {
+                        "label": label,
+                        "tokens": tokens,
+                        "layer": layer,
+                        "set": name,
+                        "fvu_typical": _figure(figures, layer, name)["fvu_typical"],
+                        "curve_fvu_typical": None if same is None else _figure(same, layer, name)["fvu_typical"],
+                    }
+                )
+    return rows
+
+
+def other_markdown(others: list[dict[str, Any]]) -> str:
+    if not others:
+        return ""
+    lines = [
+        "",
+        "| SAE | budget | layer | set | its FVU typical | the curve's at that budget |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in others:
+        curve = "-" if row["curve_fvu_typical"] is None else f"{row['curve_fvu_typical']:.3f}"
+        lines.append(
+            f"| {row['label']} | {row['tokens'] / 1e6:g}M | {row['layer']} | {row['set']} "
+            f"| {row['fvu_typical']:.3f} | {curve} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _figure(figures: list[dict[str, Any]], layer: int, name: str) -> dict[str, Any]:
     return next(f for f in figures if f["layer"] == layer and f["set"] == name)
 
@@ -109,7 +157,7 @@ def markdown(rows: list[dict[str, Any]], target: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], target: float, path: Path) -> None:
+def plot(rows: list[dict[str, Any]], target: float, path: Path, others: list[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,6 +174,10 @@ def plot(rows: list[dict[str, Any]], target: float, path: Path) -> None:
             fit = BudgetFit(**_fit_args(row))
             ax.plot(tokens, list(row["measured"].values()), "o", color=colour, label=f"{name} (measured)")
             ax.plot(grid, [fit.fvu(t) for t in grid], "--", color=colour, lw=1, label=f"{name} (fit)")
+            for other in (o for o in others if o["layer"] == layer and o["set"] == name):
+                ax.plot(
+                    other["tokens"], other["fvu_typical"], "x", color=colour, ms=9, label=f"{name}, {other['label']}"
+                )
         ax.axhline(target, color="k", lw=0.8, ls=":", label=f"target {target:g}")
         ax.set_xscale("log")
         ax.set_xlabel("training tokens (each budget with its own learning-rate decay)")
