@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument(
         "--other", action="append", default=[], help="LABEL:BUDGET=PATH, another SAE shape to set beside the curve"
     )
+    parser.add_argument(
+        "--shape", default="", help="what the curve's SAEs are, for the plot, e.g. '4608 latents, k = 32'"
+    )
     parser.add_argument("--target", type=float, default=0.15)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -47,7 +50,7 @@ def main() -> None:
     data = {"target": args.target, "points": args.point, "rows": rows, "others": others}
     (out / "curve.json").write_text(json.dumps(data, indent=2) + "\n")
     (out / "curve.md").write_text(markdown(rows, args.target) + other_markdown(others))
-    plot(rows, args.target, out / "curve.png", others)
+    plot(rows, args.target, out / "curve.png", others, shape=args.shape)
     sys.stdout.write(f"wrote {out}/curve.json, curve.md and curve.png\n")
 
 
@@ -157,7 +160,9 @@ def markdown(rows: list[dict[str, Any]], target: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], target: float, path: Path, others: list[dict[str, Any]]) -> None:
+def plot(
+    rows: list[dict[str, Any]], target: float, path: Path, others: list[dict[str, Any]], *, shape: str = ""
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +186,7 @@ def plot(rows: list[dict[str, Any]], target: float, path: Path, others: list[dic
         ax.axhline(target, color="k", lw=0.8, ls=":", label=f"target {target:g}")
         ax.set_xscale("log")
         ax.set_xlabel("training tokens (each budget with its own learning-rate decay)")
-        ax.set_title(f"layer {layer}: typical FVU on the held-out sets")
+        ax.set_title(f"layer {layer}: typical FVU on the held-out sets" + (f"\n{shape}" if shape else ""))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("FVU (massive-activation tokens left out)")
     axes[0][-1].legend(fontsize=7)

@@ -22,4 +22,4 @@ for T in 125k 250k 500k 1M 2M w1M; do
   $G eval-sae --layers 15,24 --out $R/a$T --tokens 0 --n-task 32 --tasks sst2 --sae "$R/b$T/layer_{layer}" --threads 1
 done
 .venv/bin/python scripts/sae_budget_curve.py $(for T in 125k 250k 500k 1M 2M; do echo --point $T=$R/e$T/eval_sae.json; done) \
-  --point 3M=docs/results/eval_sae_shipped/eval_sae.json --other "9216 latents:1M=$R/ew1M/eval_sae.json" --out docs/results/sae_budget_curve
+  --point 3M=docs/results/eval_sae_shipped/eval_sae.json --other "9216 latents:1M=$R/ew1M/eval_sae.json" --shape "4608 latents, k = 32 (crosses: 9216 latents)" --out docs/results/sae_budget_curve
