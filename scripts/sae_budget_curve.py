@@ -25,6 +25,7 @@ from gradsae.cli.common import parse_count, parse_layers  # noqa: E402
 from gradsae.training.budget import BudgetFit, fit_budget, holdout_check  # noqa: E402
 
 SETS = ("news", "chat", "generated")
+MARKERS = ("x", "+", "^", "s")
 METRICS = {"fvu_typical": "FVU typical", "fvu": "FVU pooled"}
 
 
@@ -172,6 +173,7 @@ def plot(
     layers = sorted({row["layer"] for row in rows})
     fig, axes = plt.subplots(1, len(layers), figsize=(5.5 * len(layers), 4.2), sharey=True, squeeze=False)
     grid = np.geomspace(5e4, 1e8, 200)
+    labels = list(dict.fromkeys(o["label"] for o in others))
     for ax, layer in zip(axes[0], layers, strict=True):
         for colour, name in zip(("C0", "C1", "C2"), SETS, strict=True):
             row = next(r for r in rows if r["layer"] == layer and r["set"] == name and r["metric"] == "fvu_typical")
@@ -180,8 +182,9 @@ def plot(
             ax.plot(tokens, list(row["measured"].values()), "o", color=colour, label=f"{name} (measured)")
             ax.plot(grid, [fit.fvu(t) for t in grid], "--", color=colour, lw=1, label=f"{name} (fit)")
             for other in (o for o in others if o["layer"] == layer and o["set"] == name):
+                marker = MARKERS[labels.index(other["label"]) % len(MARKERS)]
                 ax.plot(
-                    other["tokens"], other["fvu_typical"], "x", color=colour, ms=9, label=f"{name}, {other['label']}"
+                    other["tokens"], other["fvu_typical"], marker, color=colour, ms=9, label=f"{name}, {other['label']}"
                 )
         ax.axhline(target, color="k", lw=0.8, ls=":", label=f"target {target:g}")
         ax.set_xscale("log")

@@ -49,8 +49,12 @@ def test_budget_curve_script_tabulates_eval_sae_runs(tmp_path) -> None:
         path.write_text(json.dumps({"figures": figures}))
         args += ["--point", f"{tokens:.0f}={path}"]
     script = Path(__file__).resolve().parents[2] / "scripts" / "sae_budget_curve.py"
+    args += ["--other", f"wide:1M={path}"]  # the 3M figures set beside the curve at 1M
     subprocess.run([sys.executable, str(script), *args, "--out", str(tmp_path / "out")], check=True)
-    rows = json.loads((tmp_path / "out" / "curve.json").read_text())["rows"]
+    data = json.loads((tmp_path / "out" / "curve.json").read_text())
+    rows, others = data["rows"], data["others"]
+    assert len(others) == 6 and all(o["curve_fvu_typical"] == pytest.approx(law.fvu(1e6)) for o in others)
+    assert all(o["fvu_typical"] == pytest.approx(law.fvu(3e6)) for o in others)
     typical = [r for r in rows if r["metric"] == "fvu_typical"]
     assert len(rows) == 12 and all(r["tokens_for_target"] is None for r in typical)  # floor 0.2 > 0.15
     assert all(r["fit"]["floor"] == pytest.approx(0.2, abs=1e-3) for r in typical)
