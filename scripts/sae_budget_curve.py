@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def curve_rows(points: dict[int, list[dict[str, Any]]], layers: tuple[int, ...],
                         "set": name,
                         "metric": metric,
                         "measured": {str(t): v for t, v in measured.items()},
-                        "fit": {"floor": fit.floor, "scale": fit.scale, "power": fit.power, "rms": fit.rms_log_error},
+                        "fit": asdict(fit),
                         "tokens_for_target": fit.tokens_for(target),
                         "holdout": None if check is None else {"predicted": check[0], "measured": check[1]},
                     }
@@ -98,9 +99,9 @@ def other_rows(
         budget, _, path = rest.partition("=")
         tokens = parse_count(budget)
         figures = json.loads(Path(path).read_text())["figures"]
+        same = points.get(tokens)
         for layer in layers:
             for name in SETS:
-                same = points.get(tokens)
                 rows.append(
                     {
                         "label": label,
@@ -178,7 +179,7 @@ def plot(
         for colour, name in zip(("C0", "C1", "C2"), SETS, strict=True):
             row = next(r for r in rows if r["layer"] == layer and r["set"] == name and r["metric"] == "fvu_typical")
             tokens = [int(t) for t in row["measured"]]
-            fit = BudgetFit(**_fit_args(row))
+            fit = BudgetFit(**row["fit"])
             ax.plot(tokens, list(row["measured"].values()), "o", color=colour, label=f"{name} (measured)")
             ax.plot(grid, [fit.fvu(t) for t in grid], "--", color=colour, lw=1, label=f"{name} (fit)")
             for other in (o for o in others if o["layer"] == layer and o["set"] == name):
@@ -196,11 +197,6 @@ def plot(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _fit_args(row: dict[str, Any]) -> dict[str, float]:
-    fit = row["fit"]
-    return {"floor": fit["floor"], "scale": fit["scale"], "power": fit["power"], "rms_log_error": fit["rms"]}
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from gradsae.errors import GradSAEError
 from gradsae.experiments.cards import cards_path, compute_cards, corpus_tokens, run_latents, write_neuronpedia
 from gradsae.experiments.examples import EXAMPLES, ExampleDump, LayerExamples
 from gradsae.models import load_model, sae_device
-from gradsae.pretrained import resolve_sae, shipped_folder
+from gradsae.pretrained import resolve_sae
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     ids = corpus_tokens(lm.tokenizer, args.corpus, n_sequences=args.sequences, context=args.context)
     for layer in layers:
         folder = args.sae.replace("{layer}", str(layer)) if args.sae and layer is not None else args.sae
-        sae, used, label = resolve_sae(lm, folder, layer, default_model=shipped_folder(args.model) is not None)
+        sae, used, label = resolve_sae(lm, folder, layer)
         part = dump.layer(used) if dump else None
         latents = parse_layers(args.latents, option="--latents") if args.latents else _chosen(part, used)
         cards = compute_cards(

@@ -191,7 +191,7 @@ def load_saes(
     saes, labels = {}, {}
     for layer in layers:
         folder = args.sae.replace("{layer}", str(layer)) if args.sae else None
-        found = resolve_sae(lm, folder, layer, default_model=shipped_folder(args.model) is not None)
+        found = resolve_sae(lm, folder, layer)
         check_compatible(found.sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=found.layer)
         saes[found.layer] = found.sae.to(lm.device)
         labels[str(found.layer)] = found.label

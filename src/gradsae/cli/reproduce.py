@@ -44,7 +44,7 @@ from gradsae.experiments.report import render
 from gradsae.experiments.run import RESULTS, LayerResult, RunMeta, RunResults, run_layer
 from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task
 from gradsae.models import LoadedModel, check_layers, load_model, sae_device
-from gradsae.pretrained import ResolvedSAE, resolve_sae, shipped_folder
+from gradsae.pretrained import ResolvedSAE, resolve_sae
 from gradsae.sae import check_compatible
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ def resolve_all(lm: LoadedModel, args: argparse.Namespace, layers: list[int | No
     out = []
     for layer in layers:
         folder = args.sae.replace("{layer}", str(layer)) if args.sae else None
-        found = resolve_sae(lm, folder, layer, default_model=shipped_folder(args.model) is not None)
+        found = resolve_sae(lm, folder, layer)
         check_compatible(found.sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=found.layer)
         out.append(found)
     return out

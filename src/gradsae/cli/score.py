@@ -28,7 +28,7 @@ from gradsae.experiments.examples import LayerExamples, record_scores
 from gradsae.experiments.html import score_page
 from gradsae.models import LoadedModel, load_model, sae_device
 from gradsae.objectives import objective_from_name
-from gradsae.pretrained import resolve_sae, shipped_folder
+from gradsae.pretrained import resolve_sae
 from gradsae.sae import SAE, check_compatible
 from gradsae.scores import Scores, score_latents, score_methods
 
@@ -162,7 +162,7 @@ def run_score(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """Load, score every prompt (sharded over torchrun's ranks); return the printable report and the JSON data."""
     start = time.perf_counter()
     lm = load_model(args.model, device=args.device, device_map=args.device_map)
-    sae, layer, label = resolve_sae(lm, args.sae, args.layer, default_model=shipped_folder(args.model) is not None)
+    sae, layer, label = resolve_sae(lm, args.sae, args.layer)
     sae = sae.to(sae_device(lm, layer, sae.cfg.hook_point))
     check_compatible(sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=layer)
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]

@@ -26,7 +26,7 @@ from gradsae.errors import GradSAEError
 from gradsae.experiments.steer import CONCEPTS, SteerConfig, SteerResult, run_steering
 from gradsae.experiments.steer_report import render
 from gradsae.models import load_model, sae_device
-from gradsae.pretrained import resolve_sae, shipped_folder
+from gradsae.pretrained import resolve_sae
 from gradsae.steer import Concept
 
 DEFAULT_CONCEPTS = ("weddings", "positive")
@@ -135,7 +135,7 @@ def run_steer(args: argparse.Namespace) -> SteerResult:
     concepts = concepts_from(args)
     config_from(args, layer=0)  # refuse bad options before loading anything
     lm = load_model(args.model, device=args.device, device_map=args.device_map)
-    sae, layer, label = resolve_sae(lm, args.sae, args.layer, default_model=shipped_folder(args.model) is not None)
+    sae, layer, label = resolve_sae(lm, args.sae, args.layer)
     cfg = config_from(args, layer)
     command = "gradsae " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "gradsae steer"
     return run_steering(

@@ -89,8 +89,9 @@ def train_saes(
     stopped = False
     try:
         blocks = activation_blocks(lm, texts, cfg.layers, cfg.stream, start=state.block, should_stop=should_stop)
+        keep = _keeper(path, state, cfg)
         for block in _until_done(blocks, state, cfg):
-            stopped = _train_block(block, state, cfg, bar, should_stop, keep=_keeper(path, state, cfg))
+            stopped = _train_block(block, state, cfg, bar, should_stop, keep=keep)
             if stopped:
                 break
             state.block, state.step_in_block = block.index + 1, 0
