@@ -43,12 +43,12 @@ from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.perturb import decode, prompt_batches
 from gradsae.experiments.rank import padded
 from gradsae.experiments.stats import spearman
-from gradsae.experiments.tasks import Task
 from gradsae.models import LoadedModel, block_output, position_ids
 from gradsae.objectives import NextTokenProb
 from gradsae.sae import SAE
 from gradsae.scores import Scores, objective_value, score_latents
 from gradsae.splice import Edit
+from gradsae.tasks import Task
 
 SCORE_TARGET = 1.15
 REFERENCE_TARGET = 10.0

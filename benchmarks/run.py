@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def perturb_figures(args: argparse.Namespace, lm: LoadedModel, sae: SAE) -> list[Figure]:
     """Experiment 1's condition cost on ``--batch`` SST-2 prompts (its default task)."""
     from gradsae.errors import GradSAEError
-    from gradsae.experiments.tasks import load_task
+    from gradsae.tasks import load_task
 
     try:
         task = load_task("sst2", n=args.batch, seed=0)

@@ -24,10 +24,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from gradsae.experiments import generated  # noqa: E402
-from gradsae.experiments.tasks import Example, Task, load_task, sample_examples  # noqa: E402
 from gradsae.generate import generate  # noqa: E402
 from gradsae.models import load_model  # noqa: E402
+from gradsae.tasks import (  # noqa: E402
+    Example,
+    Task,
+    generated,
+    load_task,
+    sample_examples,
+)
 
 EVAL_N, EVAL_SEED = 48, 0
 

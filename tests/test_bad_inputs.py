@@ -32,12 +32,12 @@ import gradsae.models
 from gradsae import _files
 from gradsae.cli import main
 from gradsae.errors import GradSAEError
-from gradsae.experiments.tasks import load_task
 from gradsae.models import LoadedModel, load_model
 from gradsae.objectives import label_tokens
 from gradsae.sae import load_sae
 from gradsae.scores import score_latents
 from gradsae.splice import Edit, splice
+from gradsae.tasks import load_task
 from tests.helpers import CharTokenizer, tiny_sae
 from tests.tiny_files import tiny_model, tiny_tokenizer
 

@@ -12,10 +12,10 @@ from benchmarks.common import compare
 from benchmarks.memory import peak_above_baseline
 from benchmarks.reference import agreement, our_pipeline, reference_pipeline
 
-from gradsae.experiments.tasks import Example, Task
 from gradsae.models import LoadedModel
 from gradsae.objectives import NextTokenProb
 from gradsae.scores import forward_backward
+from gradsae.tasks import Example, Task
 from tests.helpers import CharTokenizer, padded_batch, tiny_lm, tiny_sae
 
 

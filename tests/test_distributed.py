@@ -50,7 +50,7 @@ def files(tmp_path_factory):
     tiny_sae("topk", d_sae=48, seed=2).save(root / "sae")
     lm = load_model(model)
     said = [g.text for g in generate(lm, PROMPTS, max_new_tokens=4)]
-    from gradsae.experiments.tasks import parse_result
+    from gradsae.tasks import parse_result
 
     rows = [
         {"prompt": p, "answer": parse_result(t) if i % 3 else "never", "group": str(i // 3)}

@@ -8,8 +8,8 @@ import pytest
 
 from gradsae.cli import main
 from gradsae.errors import GradSAEError
-from gradsae.experiments.tasks import Example, Task, check_prompt_lengths
 from gradsae.models import default_gguf, load_model
+from gradsae.tasks import Example, Task, check_prompt_lengths
 from tests.helpers import CharTokenizer, tiny_lm
 
 

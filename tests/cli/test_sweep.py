@@ -11,7 +11,7 @@ import pytest
 from gradsae.cli import main
 from gradsae.experiments.run import RunResults
 from gradsae.experiments.stats import paired_difference
-from gradsae.experiments.sweep import load_runs, sweep_markdown
+from gradsae.report.sweep import load_runs, sweep_markdown
 from tests.tiny_files import tiny_run_files
 
 

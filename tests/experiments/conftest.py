@@ -10,10 +10,10 @@ import torch
 
 from gradsae.cli.reproduce import write_outputs
 from gradsae.experiments.cards import CardSet, cards_path, compute_cards, run_latents
-from gradsae.experiments.examples import ExampleDump, ExampleRecorder
-from gradsae.experiments.html import write_run_page
+from gradsae.experiments.record import ExampleDump, ExampleRecorder
 from gradsae.experiments.run import RunResults, run_layer
 from gradsae.models import LoadedModel
+from gradsae.report.html import write_run_page
 from gradsae.sae import SAE
 from gradsae.training.activations import heldout_tokens
 from tests import helpers

@@ -10,11 +10,11 @@ import torch
 from gradsae.experiments import batched
 from gradsae.experiments.batched import decode_conditions, merged_edits
 from gradsae.experiments.config import ExperimentConfig
-from gradsae.experiments.examples import ExampleRecorder
 from gradsae.experiments.perturb import decode, prompt_batches
+from gradsae.experiments.record import ExampleRecorder
 from gradsae.experiments.run import run_layer
-from gradsae.experiments.tasks import Example, Task, label_final
 from gradsae.splice import Edit
+from gradsae.tasks import Example, Task, label_final
 from tests import helpers
 from tests.helpers import tiny_sae
 

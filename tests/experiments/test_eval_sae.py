@@ -14,10 +14,10 @@ import torch
 from gradsae.cli import main
 from gradsae.experiments.eval_sae import CARD_BEGIN, CARD_END, EvalSAEResults, SetFigures, set_figures, task_accuracy
 from gradsae.experiments.eval_sets import EvalSet, build, chat_set, generated_set, news_set, task_variants
-from gradsae.experiments.tasks import Example, Task
 from gradsae.generate import generate_batch, pad_left
 from gradsae.models import LoadedModel
 from gradsae.sae import SAE, SAEConfig
+from gradsae.tasks import Example, Task
 from tests.helpers import BOS, D_MODEL, PAD, CharTokenizer, char_lm, tiny_sae
 from tests.tiny_files import tiny_run_files
 

@@ -19,7 +19,7 @@ from gradsae.errors import GradSAEError
 from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.journal import FOLDER, Journal, count_units, unit_key
 from gradsae.experiments.run import run_layer
-from gradsae.experiments.tasks import Example, Task
+from gradsae.tasks import Example, Task
 from tests import helpers
 from tests.tiny_files import tiny_run_files
 

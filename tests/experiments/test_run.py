@@ -14,9 +14,9 @@ from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.perturb import decode, pick_donors, prompt_batches, steering_edits
 from gradsae.experiments.rank import KeptExample, chosen, k_value
 from gradsae.experiments.run import RunMeta, RunResults, run_layer
-from gradsae.experiments.tasks import Example, Task
 from gradsae.generate import Generation, encode_prompts, generate_batch
 from gradsae.splice import Edit, apply_edits
+from gradsae.tasks import Example, Task
 from tests import helpers
 from tests.helpers import tiny_sae
 
@@ -116,7 +116,7 @@ def _meta(cfg):
 
 
 def test_interrupted_write_leaves_no_results_json(tmp_path, monkeypatch):
-    import gradsae.experiments.report as report
+    import gradsae.report.tables as report
 
     def boom(*_a, **_k):
         raise KeyboardInterrupt
@@ -276,7 +276,7 @@ def test_overlap_divides_by_the_number_chosen():
 def test_keep_f1_keeps_near_misses(char_lm, sae):
     """The authors' filter (F1 >= 0.9) keeps an answer exact match would drop."""
     from gradsae.experiments.run import _is_kept
-    from gradsae.experiments.tasks import Score
+    from gradsae.tasks import Score
 
     near = Score(exact=0.0, f1=0.92, prediction="x")
     assert not _is_kept(near, _cfg())

@@ -15,7 +15,7 @@ from pathlib import Path
 from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.experiments.cards import cards_path, compute_cards, corpus_tokens, run_latents, write_neuronpedia
-from gradsae.experiments.examples import EXAMPLES, ExampleDump, LayerExamples
+from gradsae.experiments.record import EXAMPLES, ExampleDump, LayerExamples
 from gradsae.models import load_model, sae_device
 from gradsae.pretrained import resolve_sae
 

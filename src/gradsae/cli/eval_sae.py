@@ -31,11 +31,11 @@ from gradsae.experiments.eval_sae import (
     with_card_section,
 )
 from gradsae.experiments.eval_sets import chat_set, context_limit, generated_set, news_set, task_variants
-from gradsae.experiments.generated import SPECS
-from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task, with_prompt_format
 from gradsae.models import LoadedModel, check_layers, load_model
 from gradsae.pretrained import resolve_sae, shipped_folder, shipped_layers, shipped_sae_path
 from gradsae.sae import SAE, check_compatible
+from gradsae.tasks import Task, check_prompt_lengths, load_task, with_prompt_format
+from gradsae.tasks.generated import SPECS
 from gradsae.training.activations import load_texts, split_heldout
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from gradsae.cli import validate
 from gradsae.errors import GradSAEError
-from gradsae.experiments.html import write_run_page
-from gradsae.experiments.report import render
 from gradsae.experiments.run import RESULTS, RunResults
+from gradsae.report.html import write_run_page
+from gradsae.report.tables import render
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

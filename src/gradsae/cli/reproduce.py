@@ -38,14 +38,14 @@ from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import DONOR_VALUES, STEER_POSITIONS, ExperimentConfig, KSpec
-from gradsae.experiments.examples import ExampleRecorder
 from gradsae.experiments.journal import FOLDER, Journal, count_units
-from gradsae.experiments.report import render
+from gradsae.experiments.record import ExampleRecorder
 from gradsae.experiments.run import RESULTS, LayerResult, RunMeta, RunResults, run_layer
-from gradsae.experiments.tasks import Task, check_prompt_lengths, load_task
 from gradsae.models import LoadedModel, check_layers, load_model, sae_device
 from gradsae.pretrained import ResolvedSAE, resolve_sae
+from gradsae.report.tables import render
 from gradsae.sae import check_compatible
+from gradsae.tasks import Task, check_prompt_lengths, load_task
 
 log = logging.getLogger(__name__)
 

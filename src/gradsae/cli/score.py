@@ -24,11 +24,11 @@ from gradsae import _files, distributed
 from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments
 from gradsae.errors import GradSAEError
-from gradsae.experiments.examples import LayerExamples, record_scores
-from gradsae.experiments.html import score_page
+from gradsae.experiments.record import LayerExamples, record_scores
 from gradsae.models import LoadedModel, load_model, sae_device
 from gradsae.objectives import objective_from_name
 from gradsae.pretrained import resolve_sae
+from gradsae.report.html import score_page
 from gradsae.sae import SAE, check_compatible
 from gradsae.scores import Scores, score_latents, score_methods
 

@@ -1,7 +1,7 @@
 """``gradsae steer``: steer generation toward concepts with latents each method picks; judge success, fluency, cost.
 
 Writes to ``--out``: ``steering.json`` (every number and generation; loads with
-:meth:`gradsae.experiments.steer.SteerResult.load`), ``steering.md`` (the tables)
+:meth:`gradsae.experiments.concepts.SteerResult.load`), ``steering.md`` (the tables)
 and ``steering.png`` (success vs perplexity over alpha, one curve per method).
 ``--render-only`` re-renders the markdown and the plot from ``steering.json``.
 
@@ -23,10 +23,10 @@ from typing import Any
 from gradsae import _files
 from gradsae.cli.common import add_model_arguments, dataclass_arguments
 from gradsae.errors import GradSAEError
-from gradsae.experiments.steer import CONCEPTS, SteerConfig, SteerResult, run_steering
-from gradsae.experiments.steer_report import render
+from gradsae.experiments.concepts import CONCEPTS, SteerConfig, SteerResult, run_steering
 from gradsae.models import load_model, sae_device
 from gradsae.pretrained import resolve_sae
+from gradsae.report.concepts import render
 from gradsae.steer import Concept
 
 DEFAULT_CONCEPTS = ("weddings", "positive")

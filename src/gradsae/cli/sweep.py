@@ -3,7 +3,7 @@
 Each task runs as ``gradsae reproduce --task T --layers ... --out OUT/T`` (same
 defaults, same journal: an interrupted sweep continues where it stopped, a
 finished task is read back, not rerun), then
-:mod:`gradsae.experiments.sweep` writes ``OUT/sweep.md`` from the runs'
+:mod:`gradsae.report.sweep` writes ``OUT/sweep.md`` from the runs'
 ``results.json`` and ``timing.json``. Every task's arguments are checked, and
 every task loaded, before the first model forward.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from gradsae.cli import reproduce
 from gradsae.errors import GradSAEError
-from gradsae.experiments.sweep import load_runs, write_sweep
-from gradsae.experiments.tasks import load_task
+from gradsae.report.sweep import load_runs, write_sweep
+from gradsae.tasks import load_task
 
 TASKS = "sst2,facts,capitals,past_tense"
 PASSED = ("model", "sae", "device", "seed", "n", "layers", "ks", "mode", "batch_size", "max_new_tokens", "curves_n")

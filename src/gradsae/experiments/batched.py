@@ -19,7 +19,7 @@ conditions are ``C * B`` rows ``(condition, example)``, decoded ``max_rows`` at 
   and positions is one :class:`~gradsae.splice.Edit` with latents ``[rows, n]``,
   ``-1`` on the other rows, so each row applies its own condition's edits in order;
 * a row stops at a stop token or, with ``stop_when_answered``, as soon as the task's
-  parser can no longer change its answer (:meth:`~gradsae.experiments.tasks.Task.answered`);
+  parser can no longer change its answer (:meth:`~gradsae.tasks.Task.answered`);
   stopped rows leave the batch, the KV cache and the edits;
 * logits are computed at each pass's last position only.
 
@@ -46,7 +46,6 @@ from tqdm.auto import tqdm
 from gradsae import distributed
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import ExperimentConfig
-from gradsae.experiments.tasks import Task
 from gradsae.generate import (
     Generation,
     cache_holding,
@@ -61,6 +60,7 @@ from gradsae.models import LoadedModel, position_ids
 from gradsae.prefix import replay_prefix
 from gradsae.sae import SAE
 from gradsae.splice import Edit, SparseActs, edit_rows, splice
+from gradsae.tasks import Task
 
 if TYPE_CHECKING:
     from gradsae.experiments.perturb import EditsFor, PromptBatch

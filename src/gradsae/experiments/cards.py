@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from gradsae import _files
 from gradsae.errors import GradSAEError
-from gradsae.experiments.examples import TRACED, LayerExamples, significant
+from gradsae.experiments.record import TRACED, LayerExamples, significant
 from gradsae.models import LoadedModel
 from gradsae.objectives import TargetLogProb
 from gradsae.sae import SAE

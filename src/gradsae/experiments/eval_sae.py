@@ -43,11 +43,11 @@ from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.eval_sets import EvalSet
 from gradsae.experiments.perturb import decode, prompt_batches
 from gradsae.experiments.stats import Stat, stat
-from gradsae.experiments.tasks import Task
 from gradsae.generate import Generation
 from gradsae.models import LoadedModel
 from gradsae.sae import SAE
 from gradsae.splice import Mode
+from gradsae.tasks import Task
 from gradsae.training.evaluate import evaluate_all
 
 log = logging.getLogger(__name__)

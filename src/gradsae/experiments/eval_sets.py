@@ -14,7 +14,7 @@ until its counted tokens reach the budget ``tokens`` (the last sequence may pass
    model: every task in its default format and, where that is plain few-shot text (the
    generated tasks), also as one user turn of the chat template (``capitals-chat``),
    so the set is chat text throughout. Examples are drawn with ``seed`` as
-   :func:`~gradsae.experiments.tasks.sample_examples` draws them; the variants take
+   :func:`~gradsae.tasks.sample_examples` draws them; the variants take
    turns, one prompt each. Counted: every position but each row's first.
 3. ``generated``: the model's own greedy continuations (at most ``new_tokens``; a stop
    token ends one) of held-out news openings (BOS and the first ``opening`` tokens of
@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from gradsae.experiments.tasks import Task, load_task, sample_examples, with_prompt_format
 from gradsae.generate import encode_prompts, generate_batch, pad_id, pad_left
 from gradsae.models import LoadedModel
+from gradsae.tasks import Task, load_task, sample_examples, with_prompt_format
 from gradsae.training.activations import heldout_tokens, tokenize
 
 log = logging.getLogger(__name__)

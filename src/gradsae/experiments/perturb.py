@@ -44,12 +44,12 @@ from gradsae.experiments.config import SETS, STEER_EDITS, ExperimentConfig, KSpe
 from gradsae.experiments.journal import Journal, recall, record, unit_key
 from gradsae.experiments.rank import KeptExample, chosen, padded
 from gradsae.experiments.stats import Stat
-from gradsae.experiments.tasks import Task
 from gradsae.generate import Generation, encode_prompts, generate_batch
 from gradsae.models import LoadedModel
 from gradsae.prefix import Prefix, compute_prefix, replay_prefix
 from gradsae.sae import SAE
 from gradsae.splice import Edit, splice
+from gradsae.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def pick_donors(kept: Sequence[KeptExample], *, seed: int) -> list[int | None]:
 
 def _same_answer(a: KeptExample, b: KeptExample) -> bool:
     """Do the two examples share a gold answer (after SQuAD normalisation)?"""
-    from gradsae.experiments.tasks import normalize_answer
+    from gradsae.tasks import normalize_answer
 
     return bool({normalize_answer(x) for x in a.example.answers} & {normalize_answer(x) for x in b.example.answers})
 

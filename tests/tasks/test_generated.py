@@ -10,9 +10,8 @@ import pytest
 
 from gradsae.cli import build_parser, reproduce
 from gradsae.errors import GradSAEError
-from gradsae.experiments import generated
-from gradsae.experiments.generated import SPECS, facts_rows
-from gradsae.experiments.tasks import load_task
+from gradsae.tasks import generated, load_task
+from gradsae.tasks.generated import SPECS, facts_rows
 from tests.helpers import CharTokenizer, char_lm
 
 GENERATED = tuple(SPECS)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from gradsae.cli import main
-from gradsae.experiments.examples import EXAMPLES, LayerExamples, record_scores
-from gradsae.experiments.html import REPORT, _curves, latent_rows, markdown_html, score_page
-from gradsae.experiments.report import fmt
+from gradsae.experiments.record import EXAMPLES, LayerExamples, record_scores
 from gradsae.objectives import NextTokenProb
+from gradsae.report.html import REPORT, _curves, latent_rows, markdown_html, score_page
+from gradsae.report.tables import fmt
 from gradsae.scores import score_methods
 from tests.cdp import Browser, chromium
 

@@ -1,4 +1,4 @@
-"""Render a steering run (:class:`~gradsae.experiments.steer.SteerResult`) as markdown and a Pareto plot.
+"""Render a steering run (:class:`~gradsae.experiments.concepts.SteerResult`) as markdown and a Pareto plot.
 
 * ``steering.md``: per concept, the headline table (each method at the alpha chosen
   on the held-aside prompts, reported on the evaluation prompts, with the paired
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from gradsae import _files
+from gradsae.experiments.concepts import NEUTRAL_TEXTS, ConceptRun, MethodRun, Point, SteerResult, choose_alpha
 from gradsae.experiments.stats import Stat, paired_difference
-from gradsae.experiments.steer import NEUTRAL_TEXTS, ConceptRun, MethodRun, Point, SteerResult, choose_alpha
 from gradsae.steer import Concept
 
 COLORS = {

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gradsae.errors import GradSAEError
-from gradsae.experiments.tasks import (
+from gradsae.tasks import (
     Example,
     Task,
     exact_match,

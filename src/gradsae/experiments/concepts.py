@@ -53,7 +53,6 @@ import torch
 from gradsae import _files
 from gradsae.errors import GradSAEError
 from gradsae.experiments.stats import Stat
-from gradsae.experiments.tasks import Task, classification_template, load_task
 from gradsae.generate import Generation, chat_text, encode_prompts, generate, pad_id, pad_left
 from gradsae.models import LoadedModel
 from gradsae.objectives import LabelLogProb, TargetLogProb, label_tokens
@@ -74,13 +73,14 @@ from gradsae.steer import (
     typical_activation,
     word_tokens,
 )
+from gradsae.tasks import Task, classification_template, load_task
 
 log = logging.getLogger(__name__)
 
 METHODS = ("gradsae", "gradsae-label", "activation", "logit-lens", "random")
 JUDGE_LABELS = ("negative", "positive")
 JUDGE_TEMPLATE = classification_template("Is the sentiment of this review", "Review", JUDGE_LABELS)
-"""The SST-2 question of :mod:`gradsae.experiments.tasks`, asked about a generated text."""
+"""The SST-2 question of :mod:`gradsae.tasks`, asked about a generated text."""
 
 NEUTRAL_PROMPTS = (
     "Tell me about your morning.",

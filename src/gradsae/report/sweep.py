@@ -26,9 +26,9 @@ from pathlib import Path
 
 from gradsae import _files
 from gradsae.experiments.perturb import Condition
-from gradsae.experiments.report import NAMES, fmt, paired_cell
 from gradsae.experiments.run import LayerResult, RunResults
 from gradsae.experiments.stats import Stat
+from gradsae.report.tables import NAMES, fmt, paired_cell
 
 SWEEP_TABLE = "sweep.md"
 CURVE_METHODS = ("gradsae", "gradsae_sum", "activation")

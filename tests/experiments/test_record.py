@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gradsae.experiments.examples import ExampleDump, record_scores
+from gradsae.experiments.record import ExampleDump, record_scores
 from gradsae.objectives import NextTokenProb
 from gradsae.scores import score_methods
 

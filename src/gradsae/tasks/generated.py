@@ -4,7 +4,7 @@ Each task is a deterministic list of rows ``(id, prompt, answers, group)`` and a
 frozen prompt format in two styles (:class:`TaskSpec`):
 
 * ``plain``: a base-model few-shot continuation, ``<instruction><shots><field>: {prompt}\\n<answer field>:``.
-  The answer is the first line of the continuation (:func:`gradsae.experiments.tasks.parse_result`)
+  The answer is the first line of the continuation (:func:`gradsae.tasks.parse_result`)
   and opens at the first generated token (``answer_marker=None``).
 * ``chat``: one user turn of the tokenizer's chat template, an instruction with the
   same shots; the reply's first line is the answer.

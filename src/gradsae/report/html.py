@@ -31,9 +31,9 @@ from typing import Any
 
 from gradsae import _files
 from gradsae.experiments.cards import CardSet, cards_path
-from gradsae.experiments.examples import EXAMPLES, ExampleDump, LayerExamples
-from gradsae.experiments.report import table_markdown
+from gradsae.experiments.record import EXAMPLES, ExampleDump, LayerExamples
 from gradsae.experiments.run import RunResults
+from gradsae.report.tables import table_markdown
 
 REPORT = "report.html"
 
@@ -131,8 +131,8 @@ def page(title: str, overview_html: str, data: dict[str, Any]) -> str:
 
 
 def _asset(name: str) -> str:
-    """A file of ``gradsae/experiments/assets`` (the page's template, CSS and script)."""
-    return (resources.files("gradsae.experiments") / "assets" / name).read_text(encoding="utf-8")
+    """A file of ``gradsae/report/assets`` (the page's template, CSS and script)."""
+    return (resources.files("gradsae.report") / "assets" / name).read_text(encoding="utf-8")
 
 
 # -- overview pieces ------------------------------------------------------------------------

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from gradsae.errors import GradSAEError
-from gradsae.experiments.stats import Stat
-from gradsae.experiments.steer import (
+from gradsae.experiments.concepts import (
     CONCEPTS,
     METHODS,
     NEUTRAL_PROMPTS,
@@ -25,11 +24,12 @@ from gradsae.experiments.steer import (
     split_prompts,
     steered_generations,
 )
-from gradsae.experiments.steer_report import markdown, render
-from gradsae.experiments.tasks import Example, Task
+from gradsae.experiments.stats import Stat
 from gradsae.generate import generate
 from gradsae.models import LoadedModel
+from gradsae.report.concepts import markdown, render
 from gradsae.steer import Concept, steering_edit
+from gradsae.tasks import Example, Task
 from tests.helpers import char_lm, tiny_sae
 
 CONCEPT = Concept(
@@ -165,7 +165,7 @@ def test_builtin_concepts_are_well_formed():
 
 
 def test_contrast_texts():
-    from gradsae.experiments.steer import NEUTRAL_TEXTS, contrast_texts
+    from gradsae.experiments.concepts import NEUTRAL_TEXTS, contrast_texts
 
     plain = Concept(name="t", words=("a",))
     assert contrast_texts(plain, SteerConfig()) == NEUTRAL_TEXTS
