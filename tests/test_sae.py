@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from gradsae import sparse
 from gradsae.errors import GradSAEError
 from gradsae.sae import SAE, SAEConfig, check_compatible, load_sae, save_gemmascope, save_sparsify
 from tests.helpers import D_MODEL, tiny_sae
@@ -77,6 +78,24 @@ def test_encode_decode_by_hand(activation):
             h[i, top] = pre[i, top].clamp(min=0)
     assert torch.allclose(sae.encode(x), h, atol=1e-6)
     assert torch.allclose(sae(x), h @ sae.W_dec + sae.b_dec, atol=1e-5)
+
+
+def test_jumprelu_with_negative_thresholds_matches_saelens():
+    """SAELens: ``relu(pre) * (pre > threshold)``; a negative threshold must not let a negative ``pre`` through."""
+    sae = tiny_sae("jumprelu")
+    with torch.no_grad():
+        sae.threshold.copy_(-torch.rand(sae.cfg.d_sae) - 0.1)
+    x = torch.randn(7, D_MODEL)
+    pre = x @ sae.W_enc + sae.b_enc
+    thresholds = sae.threshold.tolist()
+    rows = pre.tolist()
+    h = torch.tensor([[p if p > max(t, 0.0) else 0.0 for p, t in zip(row, thresholds, strict=True)] for row in rows])
+    assert bool((pre < 0).any()) and bool(((pre < 0) & (pre > sae.threshold)).any())  # the case that differs
+    assert torch.allclose(sae.encode(x), h, atol=1e-6)
+    codes = sparse.encode(sae, x)
+    dense = torch.zeros_like(h)
+    dense[codes.rows, codes.latents] = codes.values
+    assert torch.allclose(dense, h, atol=1e-6)
 
 
 def test_corrupt_and_missing_files_are_refused(tmp_path):

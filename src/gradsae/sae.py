@@ -9,7 +9,8 @@ For token states ``x`` (``[..., d_in]``)::
 with ``sigma`` one of
 
 * ``relu``:      ``max(pre, 0)``
-* ``jumprelu``:  ``pre * (pre > threshold)`` with a per-latent ``threshold``
+* ``jumprelu``:  ``relu(pre) * (pre > threshold)`` with a per-latent ``threshold`` (as SAELens:
+  a negative threshold still zeroes negative pre-activations)
 * ``topk``:      keep the ``k`` largest ``pre`` per token, then ``max(., 0)``
 
 Shapes follow SAELens: ``W_enc`` is ``[d_in, d_sae]``, ``W_dec`` is ``[d_sae, d_in]``.
@@ -145,7 +146,7 @@ class SAE(nn.Module):
         if self.cfg.activation == "relu":
             return torch.relu(pre)
         if self.cfg.activation == "jumprelu":
-            return pre * (pre > self.threshold[latents])
+            return torch.relu(pre) * (pre > self.threshold[latents])
         if latents != slice(None):
             raise GradSAEError("a TopK activation needs every latent's pre-activation: pass no latent block")
         assert self.cfg.k is not None
