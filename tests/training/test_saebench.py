@@ -18,7 +18,7 @@ METRICS = {
         "ce_loss_with_sae",
         "ce_loss_without_sae",
     },
-    "reconstruction_quality": {"explained_variance", "mse", "cossim"},
+    "reconstruction_quality": {"explained_variance", "explained_variance_legacy", "mse", "cossim"},
     "shrinkage": {"l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias"},
     "sparsity": {"l0", "l1"},
     "token_stats": {"total_tokens_eval_reconstruction", "total_tokens_eval_sparsity_variance"},
@@ -61,6 +61,21 @@ def test_random_sae_figures_agree_with_a_direct_computation(ids):
             spliced = lm.model(input_ids=ids).logits[:, 1:-1].log_softmax(-1)
     kl = (clean.exp() * (clean - spliced)).sum(-1).mean()
     assert core.kl_sae == pytest.approx(float(kl), rel=1e-4)
+
+
+def test_legacy_explained_variance_is_saebenchs_per_token_ratio(ids):
+    """``mean_t 1 - |x_t - x^_t|^2 / |x_t - mean_batch x|^2``, by hand from the model's hidden states."""
+    lm, sae = tiny_lm(), tiny_sae(d_sae=48)
+    _, core = evaluate_all(lm, {0: sae}, ids, batch=3)[0]
+    ratios = []
+    with torch.no_grad():
+        for first in range(0, ids.shape[0], 3):
+            hidden = lm.model(input_ids=ids[first : first + 3], output_hidden_states=True).hidden_states[1]
+            x = hidden[:, 1:].reshape(-1, hidden.shape[-1]).double()
+            err = (x - sae(x.float()).double()).pow(2).sum(-1)
+            ratios += (1 - err / (x - x.mean(0)).pow(2).sum(-1)).tolist()
+    assert core.explained_variance_legacy == pytest.approx(sum(ratios) / len(ratios), rel=1e-4)
+    assert core.explained_variance_legacy != pytest.approx(core.explained_variance, rel=1e-3)
 
 
 def test_core_json_has_saebench_shape(ids):

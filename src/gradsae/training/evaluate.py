@@ -117,6 +117,9 @@ class CoreMetrics:
     """FVU over the tokens whose ``|x|`` is at most ``typical`` x the median ``|x|`` (NaN unless asked)."""
     outliers: int = 0
     """Tokens left out of :attr:`fvu_typical` (massive activations)."""
+    explained_variance_legacy: float = float("nan")
+    """SAEBench's per-token ratio: the mean over tokens of ``1 - |x - x^|^2 / |x - mean(x)|^2``, the mean
+    over the counted tokens of the same pass batch (NaN in files written before it was measured)."""
 
 
 @dataclass
@@ -136,6 +139,8 @@ class _Stats:
     ratio: float = 0.0
     dot: float = 0.0
     sq_out: float = 0.0
+    legacy: float = 0.0
+    """Sum over tokens of ``1 - |x - x^|^2 / |x - mean_batch(x)|^2`` (SAEBench's legacy explained variance)."""
     total: torch.Tensor | None = None
     fired: torch.Tensor | None = None
     """``[d_sae]`` tokens on which each latent fired."""
@@ -152,6 +157,8 @@ class _Stats:
         h = sae.encode(x)
         out = sae.decode(h)
         self.err += float((x - out).double().pow(2).sum())
+        centred = (x.double() - x.double().mean(0)).pow(2).sum(-1)
+        self.legacy += float((1 - (x - out).double().pow(2).sum(-1) / centred).sum())
         self.sq += float(x.double().pow(2).sum())
         self.total = _plus(self.total, x.double().sum(0))
         active = h > 0
@@ -212,6 +219,7 @@ class _Stats:
             sequence_density=tuple((self.fired_seq.double() / self.sequences).tolist()),
             fvu_typical=fvu_typical,
             outliers=outliers,
+            explained_variance_legacy=self.legacy / self.n,
         )
 
 

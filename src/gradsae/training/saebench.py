@@ -6,7 +6,7 @@ The shape follows SAEBench's ``CoreEvalOutput`` (``sae_bench/evals/core/eval_out
     eval_result_metrics:
       model_behavior_preservation:    kl_div_score, kl_div_with_ablation, kl_div_with_sae
       model_performance_preservation: ce_loss_score, ce_loss_with_ablation, ce_loss_with_sae, ce_loss_without_sae
-      reconstruction_quality:         explained_variance, mse, cossim
+      reconstruction_quality:         explained_variance, explained_variance_legacy, mse, cossim
       shrinkage:                      l2_norm_in, l2_norm_out, l2_ratio, relative_reconstruction_bias
       sparsity:                       l0, l1
       token_stats:                    total_tokens_eval_reconstruction, total_tokens_eval_sparsity_variance
@@ -42,7 +42,8 @@ NOTES = (
     "written by gradsae (training/saebench.py), not by SAEBench",
     "held-out text of the training corpus, not SAEBench's dataset; BOS excluded from every figure",
     "CE and KL over next-token predictions at positions 1..P-2 (those the spliced positions can change)",
-    "explained_variance is 1 - FVU pooled over tokens (SAEBench averages a per-token ratio); mse is per entry",
+    "explained_variance is 1 - FVU pooled over tokens; explained_variance_legacy is SAEBench's per-token ratio,"
+    " centred on the mean of each pass batch (at most 4 sequences); mse is per entry",
 )
 
 
@@ -107,6 +108,7 @@ def _metrics(sae: SAE, result: EvalResult, core: CoreMetrics) -> dict[str, dict[
         },
         "reconstruction_quality": {
             "explained_variance": core.explained_variance,
+            "explained_variance_legacy": core.explained_variance_legacy,
             "mse": core.mse,
             "cossim": core.cossim,
         },
