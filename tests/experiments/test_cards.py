@@ -1,8 +1,6 @@
-"""Feature cards: corpus statistics, influence that predicts the effect of zeroing, logit lens, Neuronpedia shape."""
+"""Feature cards: corpus statistics, influence that predicts the effect of zeroing, logit lens."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -13,8 +11,6 @@ from gradsae.experiments.cards import (
     CardSet,
     cards_path,
     final_norm_weight,
-    neuronpedia_features,
-    write_neuronpedia,
 )
 from gradsae.models import residuals
 from gradsae.objectives import TargetLogProb
@@ -88,23 +84,6 @@ def test_in_run_lists_the_examples_whose_topk_holds_the_latent(tiny_run):
         for method in ("gradsae", "activation"):
             expected = [ex.id for ex in part.examples if card.latent in [c for c, _ in ex.top[method]]]
             assert list(card.in_run[method]) == expected
-
-
-def test_neuronpedia_shape(tiny_run, tmp_path):
-    features = neuronpedia_features(tiny_run.cards, model_id="tiny", source="gradsae-res")
-    assert len(features) == len(tiny_run.cards.cards)
-    for feature, card in zip(features, tiny_run.cards.cards, strict=True):
-        assert (feature["modelId"], feature["layer"], feature["index"]) == ("tiny", "0-gradsae-res", card.latent)
-        assert feature["frac_nonzero"] == card.density and feature["maxActApprox"] == card.max_activation
-        assert len(feature["pos_str"]) == len(feature["pos_values"])
-        assert len(feature["neg_str"]) == len(feature["neg_values"])
-        assert len(feature["freq_hist_data_bar_values"]) == len(feature["freq_hist_data_bar_heights"])
-        assert len(feature["logits_hist_data_bar_values"]) == len(feature["logits_hist_data_bar_heights"])
-        for act in feature["activations"]:
-            assert len(act["tokens"]) == len(act["values"])
-            assert act["values"][act["maxValueTokenIndex"]] == act["maxValue"] == max(act["values"])
-    lines = write_neuronpedia(tmp_path / "np.jsonl", tiny_run.cards).read_text().splitlines()
-    assert [json.loads(line)["index"] for line in lines] == [c.latent for c in tiny_run.cards.cards]
 
 
 def _one_line_error(capsys, argv) -> str:

@@ -3,7 +3,8 @@
 ``--latents 1,2,3 --out FILE`` describes those latents; ``--run RUN_DIR`` describes every
 latent in the GradSAE or activation TopK of some example in ``RUN_DIR/examples.json``
 and writes ``RUN_DIR/cards_layer{l}.json``, which ``gradsae report RUN_DIR --html`` shows.
-``--neuronpedia FILE`` also writes them in Neuronpedia's feature JSON shape.
+``--neuronpedia FILE`` also writes them in Neuronpedia's upload format (``{modelId, source, features}``;
+``--neuronpedia-model-id`` and ``--neuronpedia-source-set`` name the model and the source set).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 
 from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
-from gradsae.experiments.cards import cards_path, compute_cards, corpus_tokens, run_latents, write_neuronpedia
+from gradsae.experiments.cards import cards_path, compute_cards, corpus_tokens, run_latents
 from gradsae.experiments.record import EXAMPLES, ExampleDump, LayerExamples
 from gradsae.models import load_model, sae_device
 from gradsae.pretrained import resolve_sae
+from gradsae.report.neuronpedia import SOURCE_SET, write_neuronpedia
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=64, help="tokens per corpus sequence, BOS included")
     parser.add_argument("--top", type=int, default=8, help="top contexts kept per latent and ranking")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward and backward pass")
-    parser.add_argument("--neuronpedia", default=None, help="also write the cards as Neuronpedia feature JSON here")
+    parser.add_argument(
+        "--neuronpedia", default=None, help="also write the cards here in Neuronpedia's upload format (one JSON file)"
+    )
+    parser.add_argument(
+        "--neuronpedia-model-id", default=None, help="Neuronpedia's model id, e.g. smollm2-135m (default: --model)"
+    )
+    parser.add_argument(
+        "--neuronpedia-source-set",
+        default=SOURCE_SET,
+        help="Neuronpedia source-set name; the source id is {layer}-{source set}",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     layers = _layers(args, dump)
     if args.out and len(layers) > 1:
         raise GradSAEError("--out names one file but the run has several layers: pass --layer")
+    if args.neuronpedia and len(layers) > 1 and "{layer}" not in args.neuronpedia:
+        raise GradSAEError("--neuronpedia names one file (one source) but the run has several layers: put {layer} in")
     lm = load_model(args.model, device=args.device, device_map=args.device_map)
     ids = corpus_tokens(lm.tokenizer, args.corpus, n_sequences=args.sequences, context=args.context)
     for layer in layers:
@@ -69,7 +83,13 @@ def run(args: argparse.Namespace) -> int:
         cards.save(out)
         sys.stdout.write(f"wrote {len(cards.cards)} feature cards of layer {used} to {out}\n")
         if args.neuronpedia:
-            sys.stdout.write(f"wrote {write_neuronpedia(args.neuronpedia, cards)} (Neuronpedia feature JSON)\n")
+            path = write_neuronpedia(
+                args.neuronpedia.replace("{layer}", str(used)),
+                cards,
+                model_id=args.neuronpedia_model_id,
+                source_set=args.neuronpedia_source_set,
+            )
+            sys.stdout.write(f"wrote {path} (Neuronpedia upload format)\n")
     return 0
 
 

@@ -25,15 +25,13 @@ For latent ``c`` of the SAE at layer ``l`` and held-out corpus sequences
 6. In a run: the kept examples whose GradSAE TopK, and whose activation TopK, hold ``c``
    (from ``examples.json``).
 
-:class:`CardSet` is saved as ``cards_layer{l}.json`` next to a run; :func:`neuronpedia_features`
-gives the same cards in Neuronpedia's feature JSON shape.
+:class:`CardSet` is saved as ``cards_layer{l}.json`` next to a run; :mod:`gradsae.report.neuronpedia`
+writes the same cards in Neuronpedia's upload format.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,72 +349,3 @@ def _in_run(latent: int, examples: LayerExamples | None) -> dict[str, tuple[str,
 
 def _token(tokenizer: Any, token: int) -> str:
     return str(tokenizer.decode([token]))
-
-
-# -- Neuronpedia's shape ----------------------------------------------------------------
-def neuronpedia_features(
-    cards: CardSet, *, model_id: str | None = None, source: str = "gradsae-res"
-) -> list[dict[str, Any]]:
-    """The cards as Neuronpedia feature JSON (``/api/feature/{modelId}/{layer}/{index}``'s fields).
-
-    ``layer`` is Neuronpedia's source id ``"{layer}-{source}"``; ``activations`` are the top contexts
-    by activation (``tokens``, ``values``, ``maxValue``, ``maxValueTokenIndex``, ``minValue``); the
-    histograms give ``freq_hist_data_*`` (nonzero activations) and ``logits_hist_data_*`` (the logit
-    lens); bar values are bin centres. GradSAE's own fields (influence contexts, mean influence,
-    the run's TopK membership) sit under ``gradsae``, which Neuronpedia ignores.
-    """
-    return [_neuronpedia(card, cards, model_id or cards.model, source) for card in cards.cards]
-
-
-def _neuronpedia(card: FeatureCard, cards: CardSet, model_id: str, source: str) -> dict[str, Any]:
-    return {
-        "modelId": model_id,
-        "layer": f"{cards.layer}-{source}",
-        "index": card.latent,
-        "sourceSetName": source,
-        "maxActApprox": card.max_activation,
-        "frac_nonzero": card.density,
-        "pos_str": [t for t, _ in card.promoted],
-        "pos_values": [v for _, v in card.promoted],
-        "neg_str": [t for t, _ in card.suppressed],
-        "neg_values": [v for _, v in card.suppressed],
-        "freq_hist_data_bar_heights": list(card.hist_counts),
-        "freq_hist_data_bar_values": _centres(card.hist_edges),
-        "logits_hist_data_bar_heights": list(card.logit_counts),
-        "logits_hist_data_bar_values": _centres(card.logit_edges),
-        "n_prompts_total": cards.n_sequences,
-        "n_tokens_in_prompt": cards.context,
-        "dataset": cards.corpus,
-        "activations": [_np_activation(c.tokens, c.activation) for c in card.top_activation],
-        "explanations": [],
-        "gradsae": {
-            "mean_influence": card.mean_influence,
-            "influence_activations": [_np_activation(c.tokens, c.influence) for c in card.top_influence],
-            "in_run_topk": {m: list(ids) for m, ids in card.in_run.items()},
-            "logit_lens": cards.logit_lens,
-            "objective": cards.objective,
-        },
-    }
-
-
-def _np_activation(tokens: Sequence[str], values: Sequence[float]) -> dict[str, Any]:
-    peak = int(np.argmax(values)) if values else 0
-    return {
-        "tokens": list(tokens),
-        "values": list(values),
-        "maxValue": max(values, default=0.0),
-        "maxValueTokenIndex": peak,
-        "minValue": min(values, default=0.0),
-    }
-
-
-def _centres(edges: Sequence[float]) -> list[float]:
-    return [significant((a + b) / 2) for a, b in itertools.pairwise(edges)]
-
-
-def write_neuronpedia(path: str | Path, cards: CardSet, **kwargs: Any) -> Path:
-    """Write :func:`neuronpedia_features`: a JSON list, or one feature per line for a ``.jsonl`` path."""
-    features = neuronpedia_features(cards, **kwargs)
-    if str(path).endswith(".jsonl"):
-        return _files.write_text(path, "".join(json.dumps(f) + "\n" for f in features))
-    return _files.write_json(path, features, sort_keys=False)
