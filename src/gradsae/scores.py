@@ -30,7 +30,8 @@ ranking); ``ablation`` is the exact ``Y(H) - Y(H with latent c zeroed at every
 position)`` with ``y*`` held at the clean run's greedy token (``p_clean(y*) -
 p_edit(y*)``), one forward per active latent, the clean ``Y`` taken in the same
 batched, prefix-replayed forward with an empty edit; ``random`` gives each
-active latent a seeded uniform score.
+active latent a seeded uniform score (one seed for the batch, or one per row: then a
+row's scores do not depend on the rows beside it).
 
 Dtypes: latents, latent gradients and scores are in the SAE's dtype (float32
 for a half-precision model), ``Y`` in at least float32.
@@ -197,7 +198,7 @@ def score_methods(
     layer: int | None = None,
     mode: Mode = "error",
     aggregation: Aggregation = "paper",
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     ablation_batch: int = 32,
     skip_first: bool = True,
 ) -> dict[str, Scores]:
@@ -482,8 +483,20 @@ def _objective_with_edit(
         return objective_value(lm, ids, mask, objective)
 
 
-def random_scores(mean_act: torch.Tensor, *, seed: int) -> torch.Tensor:
-    """A seeded uniform score in (0, 1] for each latent active in the row, else 0."""
-    gen = torch.Generator().manual_seed(seed)
-    noise = 1.0 - torch.rand(mean_act.shape, generator=gen, dtype=torch.float64).to(mean_act.dtype)
+def random_scores(mean_act: torch.Tensor, *, seed: int | Sequence[int]) -> torch.Tensor:
+    """A seeded uniform score in (0, 1] for each latent active in the row, else 0.
+
+    ``seed``: one seed for the whole ``[batch, d_sae]`` draw, or one per row (``batch`` of them).
+    """
+    if isinstance(seed, int):
+        draw = torch.rand(mean_act.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    else:
+        if len(seed) != mean_act.shape[0]:
+            raise GradSAEError(f"random scores: {len(seed)} seeds for {mean_act.shape[0]} rows: pass one per row")
+        rows = [
+            torch.rand(mean_act.shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+            for s in seed
+        ]
+        draw = torch.stack(rows)
+    noise = 1.0 - draw.to(mean_act.dtype)
     return torch.where(mean_act > 0, noise.to(mean_act.device), torch.zeros_like(mean_act))

@@ -348,3 +348,20 @@ def test_curves_flag_fills_results_table_and_plot(char_lm, sae, tmp_path):
     assert (tmp_path / "curves_layer0.png").stat().st_size > 1000
     assert RunResults.load(tmp_path).layers[0].curves == json.loads(json.dumps(result.curves))
     assert run_layer(char_lm, sae, task, _cfg(ks=(1,), steer_positions=("last",))).curves == {}
+
+
+def test_random_ranking_depends_on_the_example_not_its_batch(char_lm, sae):
+    """An example's random ranking is the same whatever batch it is scored in (batch size, neighbours)."""
+    from gradsae.experiments.rank import rank_examples
+
+    task = _task([Example(id=str(i), prompt=p, answers=("?",)) for i, p in enumerate(PROMPTS)])
+    cfg = _cfg()
+    texts = [task.render(e, char_lm.tokenizer) for e in task.examples]
+    gens = decode(char_lm, prompt_batches(char_lm, texts, cfg, reuse=False), task, cfg, sae=sae, edits_for=None)
+    runs = [
+        rank_examples(char_lm, sae, task, task.examples[first:], gens[first:], _cfg(batch_size=size))[0]
+        for first, size in ((0, 3), (0, 1), (1, 4))
+    ]
+    by_id = [{k.example.id: k.rankings["random"] for k in kept} for kept in runs]
+    assert all(by_id[0][i] == by_id[1][i] for i in by_id[1]) and all(by_id[0][i] == by_id[2][i] for i in by_id[2])
+    assert len({tuple(r) for r in by_id[0].values() if len(r) > 1}) > 1  # the rows do differ

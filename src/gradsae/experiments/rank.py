@@ -15,6 +15,7 @@ pairs of examples sharing a label (classification) or a context (SQuAD) of
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -80,7 +81,7 @@ def rank_examples(
             methods=cfg.methods,
             layer=cfg.layer,
             mode=cfg.mode,
-            seed=cfg.seed + start,
+            seed=[example_seed(cfg.seed, examples[i].id) for i in rows],
             skip_first=cfg.skip_first,
         )
         if on_batch is not None:
@@ -120,6 +121,15 @@ def rank_examples(
             "n": len(spearman),
         }
     return kept, diagnostics
+
+
+def example_seed(seed: int, example_id: str) -> int:
+    """The random ranking's seed for one example: a hash of the run's seed and the example's id.
+
+    It depends on the example alone, not on the batch it was scored in (nor on the batch size).
+    """
+    digest = hashlib.sha256(f"{seed}/{example_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @dataclass(frozen=True)
