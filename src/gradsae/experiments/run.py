@@ -172,7 +172,7 @@ def run_layer(
     on_batch = None if recorder is None else recorder.on_scores
     kept, diagnostics = rank_examples(lm, sae, task, kept_examples, kept_gens, cfg, on_batch=on_batch)
     curves = kept_curves(lm, sae, kept, cfg) if cfg.curves else {}
-    kept_texts = [texts[task.examples.index(k.example)] for k in kept]
+    kept_texts = [text for text, ok in zip(texts, correct, strict=True) if ok]  # kept keeps kept_examples' order
     on_answers = None if recorder is None else recorder.on_answers
     perturbation = run_perturbation(
         lm, sae, task, kept, kept_texts, cfg, journal, on_answers=on_answers, batched=batched

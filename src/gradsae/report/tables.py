@@ -104,7 +104,7 @@ def layer_section(result: LayerResult, meta: RunMeta) -> list[str]:
         out += _steering_section(result, meta, where, ks, squad, unit)
     if result.overlap:
         out += ["### Overlap of Top-10 sets (% of K)", "", "| pair | overlap |", "|---|---|"]
-        out += [f"| {name} | {value:.1f} |" for name, value in result.overlap.items()]
+        out += [f"| {name} | {value:.1f} |" for name, value in sorted(result.overlap.items())]
         out.append("")
     if result.curves:
         out += curves_markdown(CurveResult.from_dict(result.curves))
