@@ -27,6 +27,9 @@ Curves on a grid of fractions ``0 = f_0 < f_1 < ... < f_J = 1``, ``K_j = round(f
 * deletion: ``D_m(f_j) = Y_0 - Y(Top_m(K_j))``, the drop after zeroing the top ``K_j``;
 * sufficiency: ``S_m(f_j) = Y(A - Top_m(K_j))``, what the top ``K_j`` alone keep.
 
+The spliced positions are the run's: ``skip_first`` (each row's first token left unspliced unless
+``--splice-first``) holds for ``t*``, the scores and every edited forward, and is recorded in the result.
+
 Both ends are the same for every ranking (``D(0) = 0``, ``D(1) = Y_0 - Y(A) = Y_0 - S(0)``,
 ``S(1) = Y_0``); larger is better in between. The area of a curve ``C`` is the
 trapezoid rule over ``f``: ``AUC = sum_j (f_j - f_{j-1}) (C(f_{j-1}) + C(f_j)) / 2``.
@@ -139,6 +142,8 @@ class CurveResult:
     top: int
     """``k`` of the recall and the budget (at most ``a``)."""
     examples: tuple[ExampleCurves, ...]
+    skip_first: bool = True
+    """Each row's first token was left unspliced (``False``: ``--splice-first``, the authors' choice)."""
 
     def areas(self, name: str, method: str) -> list[float]:
         """``AUC`` of curve ``name`` (``deletion`` or ``sufficiency``) for ``method``, per example."""
@@ -192,6 +197,7 @@ class CurveResult:
             methods=tuple(data["methods"]),
             top=int(data["top"]),
             examples=examples,
+            skip_first=bool(data.get("skip_first", True)),  # older files: the curves always skipped it
         )
 
 
@@ -257,9 +263,11 @@ def _token_prob(logits: torch.Tensor, token: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_token(lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, *, layer: int, mode: Mode) -> int:
+def greedy_token(
+    lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, *, layer: int, mode: Mode, skip_first: bool = True
+) -> int:
     """``t*``: the greedy next token of the spliced model without edits (one row)."""
-    with splice(lm, sae, layer, mode=mode, record=False):
+    with splice(lm, sae, layer, mode=mode, record=False, skip_first=skip_first):
         out = lm.model(
             input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, logits_to_keep=1
         )
@@ -280,10 +288,12 @@ def faithfulness(
     top: int = 10,
     seed: int = 0,
     batch_size: int = 32,
+    skip_first: bool = True,
 ) -> CurveResult:
     """Deletion and sufficiency curves, estimate vs exact and budgets for each row of a left-padded batch.
 
     Each row is measured alone, without its padding, so its numbers do not depend on the batch.
+    ``skip_first`` leaves each row's first token unspliced, as in every other measurement of a run.
     """
     grid = check_grid(grid)
     unknown = [m for m in rankings if m not in RANKINGS]
@@ -306,10 +316,13 @@ def faithfulness(
             top=top,
             seed=seed + row,
             batch_size=batch_size,
+            skip_first=skip_first,
         )
         for row in range(input_ids.shape[0])
     )
-    return CurveResult(layer=layer, mode=mode, grid=grid, methods=methods, top=top, examples=examples)
+    return CurveResult(
+        layer=layer, mode=mode, grid=grid, methods=methods, top=top, examples=examples, skip_first=skip_first
+    )
 
 
 def example_curves(
@@ -325,13 +338,24 @@ def example_curves(
     top: int,
     seed: int,
     batch_size: int,
+    skip_first: bool = True,
 ) -> ExampleCurves:
     """Everything for one row (``ids``, ``mask``: ``[1, pos]``); see the module docstring."""
-    token = greedy_token(lm, sae, ids, mask, layer=layer, mode=mode)
+    token = greedy_token(lm, sae, ids, mask, layer=layer, mode=mode, skip_first=skip_first)
     objective = pinned_token_prob(token)
     base = list(dict.fromkeys("gradsae" if m == "gradsae_sum" else m for m in methods))
     by = score_methods(
-        lm, sae, ids, mask, objective, methods=base, layer=layer, mode=mode, seed=seed, ablation_batch=batch_size
+        lm,
+        sae,
+        ids,
+        mask,
+        objective,
+        methods=base,
+        layer=layer,
+        mode=mode,
+        seed=seed,
+        ablation_batch=batch_size,
+        skip_first=skip_first,
     )
     active = torch.nonzero(by["ablation"].mean_act[0] > 0).squeeze(-1)
     scores = {m: method_scores(by, m) for m in methods}
@@ -340,7 +364,8 @@ def example_curves(
     deletion_sets = {m: [orders[m][:k] for k in ks] for m in methods}
     sufficiency_sets = {m: [orders[m][k:] for k in ks] for m in methods}
     every = [s for sets in (deletion_sets, sufficiency_sets) for m in methods for s in sets[m]]
-    values = zeroed_objectives(lm, sae, compute_prefix(lm, ids, mask, layer), mask, objective, every, mode, batch_size)
+    prefix = compute_prefix(lm, ids, mask, layer)
+    values = zeroed_objectives(lm, sae, prefix, mask, objective, every, mode, batch_size, skip_first=skip_first)
     k = min(top, len(active))
     exact = orders["ablation"]
     return ExampleCurves(
@@ -384,8 +409,11 @@ def zeroed_objectives(
     sets: Sequence[Sequence[int]],
     mode: Mode,
     batch_size: int,
+    *,
+    skip_first: bool = True,
 ) -> dict[tuple[int, ...], float]:
-    """``Y(E)`` for each distinct set ``E`` of ``sets`` (zeroed at every position), ``batch_size`` sets a forward."""
+    """``Y(E)`` for each distinct set ``E`` of ``sets`` (zeroed at every spliced position), ``batch_size`` sets a
+    forward; ``skip_first`` as in the run."""
     unique = list(dict.fromkeys(_key(s) for s in sets))
     out: dict[tuple[int, ...], float] = {}
     for start in range(0, len(unique), batch_size):
@@ -393,7 +421,7 @@ def zeroed_objectives(
         copies = prefix.expand(len(chunk))
         edit = Edit(latents=padded(chunk).to(prefix.input_ids.device), op="zero", positions="all")
         with (
-            splice(lm, sae, prefix.layer, mode=mode, edits=[edit], record=False),
+            splice(lm, sae, prefix.layer, mode=mode, edits=[edit], record=False, skip_first=skip_first),
             replay_prefix(lm, copies),
             torch.no_grad(),
         ):
@@ -413,7 +441,14 @@ def kept_curves(lm: LoadedModel, sae: SAE, kept: Sequence[KeptExample], cfg: Exp
         ids, mask = answer_inputs(lm.tokenizer, [k.generation for k in rows], [k.step for k in rows])
         parts.append(
             faithfulness(
-                lm, sae, ids.to(lm.device), mask.to(lm.device), layer=cfg.layer, mode=cfg.mode, seed=cfg.seed + start
+                lm,
+                sae,
+                ids.to(lm.device),
+                mask.to(lm.device),
+                layer=cfg.layer,
+                mode=cfg.mode,
+                seed=cfg.seed + start,
+                skip_first=cfg.skip_first,
             )
         )
     first = parts[0]
@@ -424,6 +459,7 @@ def kept_curves(lm: LoadedModel, sae: SAE, kept: Sequence[KeptExample], cfg: Exp
         methods=first.methods,
         top=first.top,
         examples=tuple(ex for part in parts for ex in part.examples),
+        skip_first=cfg.skip_first,
     )
     return merged.to_dict()
 
