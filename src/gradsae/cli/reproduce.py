@@ -38,6 +38,7 @@ from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import DONOR_VALUES, STEER_POSITIONS, ExperimentConfig, KSpec
+from gradsae.experiments.controls import CONTROLS
 from gradsae.experiments.examples import ExampleRecorder
 from gradsae.experiments.journal import FOLDER, Journal, count_units
 from gradsae.experiments.report import render
@@ -93,6 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ablation", action="store_true", help="add the exact-ablation ranking (one forward per active latent: slow)"
+    )
+    parser.add_argument(
+        "--activation-controls",
+        action="store_true",
+        help="add two activation rankings as controls: at the answer position only, and over the positions whose "
+        "residual norm is below 10x the median (sink-excluded)",
     )
     parser.add_argument(
         "--ks", default="1,10,20,30,50%", help="values of K; 50%% = half the latents active at the last token"
@@ -168,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_format=args.prompt_format,
     )
     methods = ("gradsae", "activation", "random") + (("ablation",) if args.ablation else ())
+    methods += CONTROLS if getattr(args, "activation_controls", False) else ()
     out = Path(args.out)
     with ExitStack() as held:
         # under torchrun rank 0 holds the lock and writes; a refusal there is raised on every rank
