@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         timing["session_s"] = round(time.perf_counter() - start, 1)
         timing["total_s"] = round(earlier_seconds(out, restart=args.restart) + timing["session_s"], 1)
         if distributed.is_main():  # under torchrun every rank holds the same results; one writes them
-            recorder.dump().save(out)
+            recorder.dump().merged(out, [r.layer for r in results]).save(out)
             write_outputs(out, RunResults(config=meta, layers=tuple(results)), timing)
             print(f"wrote {args.out}/results.json, table.md and plots in {timing['session_s']:.0f} s")  # noqa: T201
     return 0
