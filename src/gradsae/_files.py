@@ -217,3 +217,30 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.~:/])/[^\s;,'\"`()\[\]]+")
+"""An absolute POSIX path inside running text (not the ``//`` of a URL, not ``a/b``)."""
+
+
+def relative_paths(text: str, folder: str | os.PathLike[str]) -> str:
+    """``text`` with every absolute path written relative to ``folder`` (``folder`` itself becomes ``.``), so a
+    committed document names no directory of the machine that wrote it."""
+    base = os.path.abspath(folder)
+    return _ABSOLUTE.sub(lambda m: os.path.relpath(m.group(0), base), text)
+
+
+def command_out(command: str) -> str | None:
+    """The value of ``--out`` in a recorded command line (``None`` without one)."""
+    import shlex
+
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    for i, word in enumerate(words):
+        if word == "--out" and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith("--out="):
+            return word.removeprefix("--out=")
+    return None

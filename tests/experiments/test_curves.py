@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,7 +138,60 @@ def test_round_trip_table_and_plot(setup, tmp_path):
     assert again == result
     assert set(data["summary"]) == set(result.methods)
     lines = curves_markdown(result)
-    assert sum(line.startswith("| ") for line in lines) == 1 + len(result.methods)
-    assert any(line.startswith("| exact ablation | 1.00 | 1.00 |") for line in lines)
+    assert sum(line.startswith("| ") for line in lines) == 2 * (1 + len(result.methods))  # two tables
+    assert any(line.startswith("| exact ablation | 1.00 [1.00, 1.00] |") for line in lines)
     path = plot_curves(result, tmp_path / "curves.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_log_area_by_hand():
+    from gradsae.experiments.curves import log_area
+
+    # points at K = 1, 10, 100 (100 > 50 is left out): trapezoid over ln K from 1 to 10, divided by ln 10
+    assert log_area([(0, 9.0), (1, 2.0), (10, 4.0), (100, 7.0)]) == pytest.approx(3.0)
+    assert log_area([(1, 2.0), (2, 2.0), (4, 5.0)]) == pytest.approx(
+        (2.0 * math.log(2) + 3.5 * math.log(2)) / math.log(4)
+    )
+    assert math.isnan(log_area([(1, 2.0)]))
+
+
+def test_new_figures_against_hand_computation(setup):
+    """Fixed K points, the random anchor's draws, Spearman variants and threshold budgets, from the scores."""
+    from scipy.stats import spearmanr
+
+    from gradsae.experiments.curves import LOG_KS, RANDOM_DRAWS, THRESHOLDS
+
+    lm, sae, ids, mask, result = setup
+    for row, ex in enumerate(result.examples):
+        a = ex.n_active
+        assert ex.fixed_ks == tuple(sorted({min(max(1, k), a) for k in LOG_KS}))
+        assert ex.random_draws == RANDOM_DRAWS
+        one = ids[row : row + 1][:, mask[row].bool()]
+        ones = torch.ones_like(one)
+        exact_order = _orders(lm, sae, one, ones, ex)
+        for j, k in enumerate(ex.fixed_ks):  # Y(top K zeroed) at the fixed K, exact ranking, by a plain forward
+            assert ex.deletion_at["ablation"][j] == pytest.approx(_p(lm, sae, one, ones, ex.token, exact_order[:k])[0])
+        effect = {c: ex.clean - _p(lm, sae, one, ones, ex.token, [c])[0] for c in exact_order}
+        for x, n, spent in zip(THRESHOLDS, ex.threshold_targets, ex.threshold_budget["ablation"], strict=True):
+            targets = [c for c in exact_order if abs(effect[c]) >= x * ex.clean]
+            assert n == len(targets)
+            by_size = sorted(exact_order, key=lambda c: (-effect[c], c))
+            assert spent == max((by_size.index(c) + 1 for c in targets), default=0)
+        acts = [float(effect[c]) for c in exact_order]
+        assert ex.spearman_abs["ablation"] == pytest.approx(spearmanr(acts, [abs(v) for v in acts]).statistic)
+    # the random anchor is the mean of its draws: normalised log area 0 for random, 1 for exact ablation
+    assert result.normalised_log_area("deletion", "random") == pytest.approx(0.0, abs=1e-12)
+    assert result.normalised_log_area("deletion", "ablation") == pytest.approx(1.0)
+    figure = result.metric("deletion_log", "gradsae")
+    assert figure.low <= figure.mean <= figure.high
+    assert result.metric("budget", "ablation").mean == pytest.approx(
+        np.mean([min(10, e.n_active) for e in result.examples])
+    )
+
+
+def _orders(lm, sae, ids, mask, ex):
+    """The exact-ablation order (descending effect, ties by index) by plain forwards."""
+    clean, acts, _ = _p(lm, sae, ids, mask, ex.token, [])
+    active = sorted(int(c) for c in torch.nonzero(acts.sum(0) > 0).squeeze(-1))
+    effect = {c: clean - _p(lm, sae, ids, mask, ex.token, [c])[0] for c in active}
+    return sorted(active, key=lambda c: (-effect[c], c))

@@ -233,9 +233,9 @@ def run_config(
 ) -> dict[str, object]:
     """The command and every setting, as JSON-able data."""
     return {
-        "command": command_line(args),
+        "command": _files.relative_paths(command_line(args), args.out),
         "model": lm.name,
-        "saes": labels,
+        "saes": {layer: _files.relative_paths(label, args.out) for layer, label in labels.items()},
         "layers": [int(layer) for layer in labels],
         "tokens": args.tokens,
         "n_task": args.n_task,

@@ -38,6 +38,7 @@ from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import DONOR_VALUES, STEER_POSITIONS, ExperimentConfig, KSpec
+from gradsae.experiments.controls import CONTROLS
 from gradsae.experiments.journal import FOLDER, Journal, count_units
 from gradsae.experiments.record import ExampleRecorder
 from gradsae.experiments.run import RESULTS, LayerResult, RunMeta, RunResults, run_layer
@@ -93,6 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ablation", action="store_true", help="add the exact-ablation ranking (one forward per active latent: slow)"
+    )
+    parser.add_argument(
+        "--activation-controls",
+        action="store_true",
+        help="add two activation rankings as controls: at the answer position only, and over the positions whose "
+        "residual norm is below 10x the median (sink-excluded)",
     )
     parser.add_argument(
         "--ks", default="1,10,20,30,50%", help="values of K; 50%% = half the latents active at the last token"
@@ -168,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_format=args.prompt_format,
     )
     methods = ("gradsae", "activation", "random") + (("ablation",) if args.ablation else ())
+    methods += CONTROLS if getattr(args, "activation_controls", False) else ()
     out = Path(args.out)
     with ExitStack() as held:
         # under torchrun rank 0 holds the lock and writes; a refusal there is raised on every rank
@@ -206,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         timing["session_s"] = round(time.perf_counter() - start, 1)
         timing["total_s"] = round(earlier_seconds(out, restart=args.restart) + timing["session_s"], 1)
         if distributed.is_main():  # under torchrun every rank holds the same results; one writes them
-            recorder.dump().save(out)
+            recorder.dump().merged(out, [r.layer for r in results]).save(out)
             write_outputs(out, RunResults(config=meta, layers=tuple(results)), timing)
             print(f"wrote {args.out}/results.json, table.md and plots in {timing['session_s']:.0f} s")  # noqa: T201
     return 0

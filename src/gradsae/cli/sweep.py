@@ -15,6 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from gradsae import _files
 from gradsae.cli import reproduce
 from gradsae.errors import GradSAEError
 from gradsae.report.sweep import load_runs, write_sweep
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     for one in runs:
         sys.stdout.write(f"sweep: task {one.task} -> {one.out}\n")
         reproduce.run(one)
-    path = write_sweep(args.out, load_runs(args.out, [Path(t).stem for t in tasks]), command=command_line(args))
+    command = _files.relative_paths(command_line(args), args.out)  # no directory of this machine in the page
+    path = write_sweep(args.out, load_runs(args.out, [Path(t).stem for t in tasks]), command=command)
     sys.stdout.write(f"wrote {path}\n")
     return 0
 

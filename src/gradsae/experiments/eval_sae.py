@@ -269,12 +269,16 @@ SET_TEXT = {
 def render_markdown(results: EvalSAEResults) -> str:
     """The tables a person reads: figures per SAE and set, then task accuracy."""
     c = results.config
+    out = _files.command_out(c["command"])  # older files recorded absolute paths: written relative to --out
+    rel = (lambda text: _files.relative_paths(text, out)) if out else (lambda text: text)
     lines = [
         "# SAE evaluation: three held-out sets and task accuracy",
         "",
-        f"Model `{c['model']}`; SAEs: " + "; ".join(f"layer {k}: {v}" for k, v in c["saes"].items()) + ".",
+        f"Model `{c['model']}`; SAEs (paths relative to this folder): "
+        + "; ".join(f"layer {k}: {rel(v)}" for k, v in c["saes"].items())
+        + ".",
         "",
-        f"Command: `{c['command']}`; wall time {_minutes(results.seconds)} "
+        f"Command: `{rel(c['command'])}`; wall time {_minutes(results.seconds)} "
         f"({c.get('threads', '?')} thread(s), {c.get('device', 'cpu')}).",
         "",
     ]

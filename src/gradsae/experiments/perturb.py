@@ -76,6 +76,13 @@ class Condition:
     """Steering only: exact match against the recipient's own gold answer."""
     per_example: tuple[float, ...] = ()
     """Exact match of each example (in kept / pair order), for paired comparisons."""
+    k_min: int | None = None
+    """Fewest latents edited in one example (``None`` in files written before it was recorded)."""
+    k_max: int | None = None
+    """Most latents edited in one example."""
+    removed_norm: float | None = None
+    """Mean over examples of ``sum_{c in set} H_c ||W_dec[c]||`` (``H_c`` the latent's mean activation over the
+    spliced positions at the answer step): a bound on the residual norm a masking condition removes."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Condition:
@@ -175,7 +182,8 @@ def run_perturbation(
         scores = [task.score(ex.example, gen.text) for ex, gen in zip(kept, gens, strict=True)]
         sets = all_sets[n]
         edit = "none" if n == 0 else "zero"
-        done = record(journal, keys[n], _condition(method, which, k, scores, sets, cfg, edit=edit))
+        removed = [ex.removed_norm(s) for ex, s in zip(kept, sets, strict=True)] if n else None
+        done = record(journal, keys[n], _condition(method, which, k, scores, sets, cfg, edit=edit, removed=removed))
         if on_answers is not None:
             on_answers("none" if n == 0 else f"{method}/{which}/{k}", [g.text for g in gens])
         return Condition.from_dict(done)
@@ -267,6 +275,7 @@ def _condition(
     *,
     edit: str = "zero",
     own: Sequence[Any] | None = None,
+    removed: Sequence[float] | None = None,
 ) -> Condition:
     return Condition(
         method=method,
@@ -279,6 +288,9 @@ def _condition(
         edit=edit,
         own=None if own is None else cfg.stat([s.exact for s in own]),
         per_example=tuple(float(s.exact) for s in scores),
+        k_min=min((len(s) for s in sets), default=0),
+        k_max=max((len(s) for s in sets), default=0),
+        removed_norm=None if removed is None else float(np.mean(removed)) if removed else 0.0,
     )
 
 

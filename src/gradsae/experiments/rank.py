@@ -27,10 +27,12 @@ from tqdm.auto import tqdm
 
 from gradsae import distributed
 from gradsae.experiments.config import ExperimentConfig, KSpec
+from gradsae.experiments.controls import CONTROLS, NOSINK, control_scores
 from gradsae.experiments.stats import spearman
 from gradsae.generate import Generation, answer_inputs, answer_step
 from gradsae.models import LoadedModel
 from gradsae.objectives import NextTokenProb
+from gradsae.prefix import compute_prefix
 from gradsae.sae import SAE
 from gradsae.scores import Scores, score_latents, score_methods
 from gradsae.tasks import Example, Task
@@ -49,6 +51,12 @@ class KeptExample:
     active_last: int
     donor_values: dict[str, dict[int, float]] = field(default_factory=dict)
     """Ranking method -> latent -> value injected when this example is a donor (clamped)."""
+    decoded_norm: dict[int, float] = field(default_factory=dict)
+    """Active latent -> ``H_c ||W_dec[c]||`` (``H_c``: mean activation over the spliced positions)."""
+
+    def removed_norm(self, latents: Sequence[int]) -> float:
+        """``sum_{c in latents} H_c ||W_dec[c]||``: a bound on the residual norm zeroing ``latents`` removes."""
+        return float(sum(self.decoded_norm.get(c, 0.0) for c in latents))
 
 
 def rank_examples(
@@ -68,6 +76,8 @@ def rank_examples(
     torchrun each batch is scored by one rank, and only that rank's hook sees it.
     """
     steps = [answer_step(lm.tokenizer, gen, task.answer_marker) for gen in gens]
+    scored = list(dict.fromkeys(["activation" if m in CONTROLS else m for m in cfg.methods]))
+    norms = sae.W_dec.detach().float().norm(dim=-1).cpu()
 
     def score_batch(start: int) -> _BatchRanks:
         rows = range(start, min(start + cfg.batch_size, len(examples)))
@@ -78,12 +88,13 @@ def rank_examples(
             ids,
             mask,
             NextTokenProb(),
-            methods=cfg.methods,
+            methods=scored,
             layer=cfg.layer,
             mode=cfg.mode,
             seed=[example_seed(cfg.seed, examples[i].id) for i in rows],
             skip_first=cfg.skip_first,
         )
+        by_method = _with_controls(lm, by_method, ids, mask, cfg)
         if on_batch is not None:
             on_batch(rows, ids, mask, by_method)  # on the rank that scores the batch
         offsets = range(len(rows))
@@ -93,6 +104,7 @@ def rank_examples(
             rankings=[{m: s.ranking(offset).tolist() for m, s in by_method.items()} for offset in offsets],
             active_last=[int(first.active_last[offset]) for offset in offsets],
             donor_values=[{m: _donor_values(s, offset, cfg) for m, s in by_method.items()} for offset in offsets],
+            decoded_norm=[_decoded_norm(first.mean_act[offset], norms) for offset in offsets],
             spearman=_estimate_vs_exact(lm, sae, ids, mask, ablation, cfg) if ablation is not None else [],
         )
 
@@ -108,10 +120,13 @@ def rank_examples(
     rankings = [r for b in batches for r in b.rankings]
     active_last = [a for b in batches for a in b.active_last]
     donor_values = [d for b in batches for d in b.donor_values]
+    decoded = [d for b in batches for d in b.decoded_norm]
     spearman = [rho for b in batches for rho in b.spearman]
     kept = [
-        KeptExample(example=ex, generation=gen, step=step, rankings=r, active_last=a, donor_values=d)
-        for ex, gen, step, r, a, d in zip(examples, gens, steps, rankings, active_last, donor_values, strict=True)
+        KeptExample(example=ex, generation=gen, step=step, rankings=r, active_last=a, donor_values=d, decoded_norm=n)
+        for ex, gen, step, r, a, d, n in zip(
+            examples, gens, steps, rankings, active_last, donor_values, decoded, strict=True
+        )
     ]
     diagnostics: dict[str, Any] = {"answer_steps": steps}
     if spearman:
@@ -139,7 +154,29 @@ class _BatchRanks:
     rankings: list[dict[str, list[int]]]
     active_last: list[int]
     donor_values: list[dict[str, dict[int, float]]]
+    decoded_norm: list[dict[int, float]]
     spearman: list[float]
+
+
+def _with_controls(
+    lm: LoadedModel, by_method: dict[str, Scores], ids: torch.Tensor, mask: torch.Tensor, cfg: ExperimentConfig
+) -> dict[str, Scores]:
+    """``by_method`` with the activation controls of ``cfg.methods`` added (:mod:`.controls`), in its order."""
+    wanted = [m for m in cfg.methods if m in CONTROLS]
+    if not wanted:
+        return by_method
+    residual = compute_prefix(lm, ids, mask, cfg.layer).residual if NOSINK in wanted else None
+    extra = {
+        m: control_scores(by_method["activation"], m, residual=residual, mask=mask, skip_first=cfg.skip_first)
+        for m in wanted
+    }
+    return {m: by_method[m] if m in by_method else extra[m] for m in cfg.methods}
+
+
+def _decoded_norm(mean_act: torch.Tensor, norms: torch.Tensor) -> dict[int, float]:
+    """Active latent -> ``H_c ||W_dec[c]||``."""
+    active = torch.nonzero(mean_act > 0).squeeze(-1).cpu()
+    return {int(c): float(mean_act[c].float().cpu() * norms[c]) for c in active}
 
 
 def _donor_values(scores: Scores, row: int, cfg: ExperimentConfig) -> dict[int, float]:

@@ -124,6 +124,17 @@ class ExampleDump:
     def layer(self, layer: int) -> LayerExamples | None:
         return next((part for part in self.layers if part.layer == layer), None)
 
+    def merged(self, folder: str | Path, layers: Sequence[int]) -> ExampleDump:
+        """This dump plus, for each of ``layers`` it lacks, that layer from ``<folder>/examples.json`` if the
+        file holds it (runs journaled before the examples were), in ``layers`` order."""
+        path = Path(folder) / EXAMPLES
+        try:
+            before = ExampleDump.load(path) if path.is_file() else ExampleDump(layers=())
+        except (ValueError, KeyError, TypeError):
+            before = ExampleDump(layers=())
+        parts = [self.layer(layer) or before.layer(layer) for layer in layers]
+        return ExampleDump(layers=tuple(part for part in parts if part is not None))
+
     def save(self, folder: str | Path) -> Path:
         """Write ``<folder>/examples.json`` atomically."""
         return _files.write_json(Path(folder) / EXAMPLES, dataclasses.asdict(self), sort_keys=False)
@@ -180,6 +191,10 @@ class ExampleRecorder:
         self._layers.append(part)
         self._pending, self._answers = {}, {}
         return part
+
+    def add(self, part: LayerExamples) -> None:
+        """Keep a layer finished by an earlier invocation (recalled from the journal)."""
+        self._layers.append(part)
 
     def dump(self) -> ExampleDump:
         return ExampleDump(layers=tuple(self._layers))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from gradsae import _files
 from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.curves import kept_curves
+from gradsae.experiments.record import LayerExamples
 from gradsae.experiments.journal import Journal, recall, record, unit_key
 from gradsae.experiments.perturb import Condition, decode, pick_donors, prompt_batches, run_perturbation, run_steering
 from gradsae.experiments.rank import overlap_stats, rank_examples
@@ -159,6 +160,8 @@ def run_layer(
     ``batched=False`` decodes the conditions one at a time (the reference path; the same results).
     """
     if (done := recall(journal, unit_key(cfg.layer, "layer"))) is not None:
+        if recorder is not None and (examples := recall(journal, unit_key(cfg.layer, "examples"))) is not None:
+            recorder.add(LayerExamples.from_dict(examples))  # examples.json keeps the recalled layer
         return LayerResult.from_dict(done)
     texts = [task.render(example, lm.tokenizer) for example in task.examples]
     batches = prompt_batches(lm, texts, cfg, reuse=False)
@@ -178,7 +181,7 @@ def run_layer(
         lm, sae, task, kept, kept_texts, cfg, journal, on_answers=on_answers, batched=batched
     )
     if recorder is not None:
-        recorder.finish(cfg.layer, kept, cfg.ks)
+        record(journal, unit_key(cfg.layer, "examples"), recorder.finish(cfg.layer, kept, cfg.ks))
     donors = pick_donors(kept, seed=cfg.seed)
     steering = run_steering(lm, sae, task, kept, kept_texts, donors, cfg, journal, batched=batched)
     result = LayerResult(

@@ -6,15 +6,35 @@
   95% percentile bootstrap interval that resamples examples (pairs stay together):
   the comparison the paper makes (GradSAE vs activation in one cell).
 * :func:`spearman`: Spearman's rank correlation (average ranks for ties).
+
+Exact tests and intervals for binary outcomes (exact match: 0 or 1 per example), where a
+percentile bootstrap undercovers at these counts (it returns ``[0, 0]`` for ``0 / 22``):
+
+* :func:`mcnemar`: paired binary outcomes ``a_i, b_i``; the discordant pairs ``n_10 = #{a=1, b=0}``
+  and ``n_01 = #{a=0, b=1}``; under ``H_0`` each discordant pair goes either way with probability 1/2, so
+  ``p = min(1, 2 sum_{j <= min(n_10, n_01)} C(n, j) / 2^n)`` with ``n = n_10 + n_01`` (two-sided exact,
+  ``scipy.stats.binomtest``); ``p = 1`` when no pair is discordant.
+* :func:`clopper_pearson`: the exact interval for ``x`` successes in ``n``:
+  ``[B(alpha/2; x, n-x+1), B(1-alpha/2; x+1, n-x)]`` (``B`` the beta quantile; 0 / 1 at the ends).
+* :func:`wilson`: ``(p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)``.
+* :func:`holm`: Holm's step-down adjustment of ``m`` p-values: sorted ``p_(1) <= ... <= p_(m)``,
+  ``q_(i) = min(1, max_{j <= i} (m - j + 1) p_(j))``; a cell is resolved at level ``alpha`` when
+  ``q <= alpha`` (family-wise error at most ``alpha``).
+* :func:`resolved`: how many cells are resolved after Holm, in which direction, and over how many
+  independent example sets (cells that share their examples count once).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+ALPHA = 0.05
+"""Level of every test and (``1 - ALPHA``) of every interval."""
 
 
 @dataclass(frozen=True)
@@ -54,3 +74,132 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     from scipy.stats import spearmanr
 
     return float(spearmanr(a.double().numpy(), b.double().numpy()).statistic)
+
+
+# -- exact tests and intervals for binary outcomes ----------------------------------------------------
+@dataclass(frozen=True)
+class McNemar:
+    """An exact McNemar test of paired binary outcomes ``a`` vs ``b``."""
+
+    a_only: int
+    """``n_10``: pairs where ``a`` succeeded and ``b`` did not."""
+    b_only: int
+    """``n_01``: pairs where ``b`` succeeded and ``a`` did not."""
+    p: float
+    """Two-sided exact p (binomial on the discordant pairs)."""
+
+
+def is_binary(values: Sequence[float]) -> bool:
+    """Every value is 0 or 1 (exact match), so the exact binomial statistics apply."""
+    return all(v in (0.0, 1.0) for v in values)
+
+
+def mcnemar(a: Sequence[float], b: Sequence[float]) -> McNemar:
+    """Exact two-sided McNemar test of paired binary outcomes (see the module docstring)."""
+    from scipy.stats import binomtest
+
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
+    if not (is_binary(a) and is_binary(b)):
+        raise ValueError("McNemar needs binary outcomes (0 or 1 per example)")
+    a_only = sum(1 for x, y in zip(a, b, strict=True) if x > y)
+    b_only = sum(1 for x, y in zip(a, b, strict=True) if x < y)
+    n = a_only + b_only
+    p = 1.0 if n == 0 else float(binomtest(a_only, n, 0.5, alternative="two-sided").pvalue)
+    return McNemar(a_only=a_only, b_only=b_only, p=min(1.0, p))
+
+
+def clopper_pearson(successes: int, n: int, *, alpha: float = ALPHA) -> tuple[float, float]:
+    """Exact ``1 - alpha`` interval of a proportion, as fractions (``nan`` for ``n = 0``)."""
+    from scipy.stats import beta
+
+    _check_counts(successes, n)
+    if n == 0:
+        return math.nan, math.nan
+    low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, n - successes + 1))
+    high = 1.0 if successes == n else float(beta.ppf(1 - alpha / 2, successes + 1, n - successes))
+    return low, high
+
+
+def wilson(successes: int, n: int, *, alpha: float = ALPHA) -> tuple[float, float]:
+    """Wilson score interval of a proportion, as fractions (``nan`` for ``n = 0``)."""
+    from scipy.stats import norm
+
+    _check_counts(successes, n)
+    if n == 0:
+        return math.nan, math.nan
+    z = float(norm.ppf(1 - alpha / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _check_counts(successes: int, n: int) -> None:
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
+
+
+def proportion(stat: Stat) -> Stat:
+    """A :class:`Stat` of a 0/1 outcome with its Clopper-Pearson interval instead of the bootstrap one.
+
+    The count is recovered from the mean (``x = round(mean n / 100)``); ``stat`` unchanged for ``n = 0``.
+    """
+    if stat.n == 0 or math.isnan(stat.mean):
+        return stat
+    successes = round(stat.mean * stat.n / 100)
+    low, high = clopper_pearson(successes, stat.n)
+    return Stat(mean=stat.mean, low=100 * low, high=100 * high, n=stat.n)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm step-down adjusted p-values, in the input order (``nan`` stays ``nan`` and is not counted)."""
+    known = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    m = len(known)
+    out = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(known):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Cells of a summary tested together: how many are resolved after Holm, and which way."""
+
+    cells: int
+    """Cells with a test (a p-value)."""
+    resolved: int
+    """Cells with Holm-adjusted ``p <= alpha``."""
+    negative: int
+    """Resolved cells whose difference is below 0."""
+    positive: int
+    """Resolved cells whose difference is above 0."""
+    example_sets: int
+    """Independent example sets behind the tested cells (cells sharing a set count once)."""
+    resolved_sets: int
+    """Example sets with at least one resolved cell."""
+
+
+def resolved(
+    pvalues: Sequence[float], signs: Sequence[float], example_sets: Sequence[str], *, alpha: float = ALPHA
+) -> Resolved:
+    """Count cells resolved after Holm over all tested cells (``nan`` p: untested, left out).
+
+    ``signs``: each cell's difference (its sign is the direction); ``example_sets``: a key per cell naming
+    the examples it was measured on (e.g. the task: error mode keeps the same examples at every layer).
+    """
+    if not len(pvalues) == len(signs) == len(example_sets):
+        raise ValueError("pvalues, signs and example_sets differ in length")
+    adjusted = holm(pvalues)
+    tested = [i for i, q in enumerate(adjusted) if not math.isnan(q)]
+    hits = [i for i in tested if adjusted[i] <= alpha]
+    return Resolved(
+        cells=len(tested),
+        resolved=len(hits),
+        negative=sum(1 for i in hits if signs[i] < 0),
+        positive=sum(1 for i in hits if signs[i] > 0),
+        example_sets=len({example_sets[i] for i in tested}),
+        resolved_sets=len({example_sets[i] for i in hits}),
+    )
