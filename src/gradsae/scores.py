@@ -48,13 +48,13 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from gradsae import oracle
 from gradsae.checks import check_inputs
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel, position_ids
 from gradsae.objectives import NextTokenProb, Objective
-from gradsae.prefix import Prefix, compute_prefix, replay_prefix
 from gradsae.sae import SAE
-from gradsae.splice import Edit, Mode, SparseActs, resolve_layer, splice
+from gradsae.splice import Mode, SparseActs, resolve_layer, splice
 
 Method = Literal["gradsae", "activation", "ablation", "random"]
 METHODS: tuple[str, ...] = ("gradsae", "activation", "ablation", "random")
@@ -427,9 +427,8 @@ def ablation_effects(
     """Exact ``Y - Y(latent c zeroed at every spliced position)`` per active latent, ``[batch, d_sae]``.
 
     A :class:`NextTokenProb` is pinned to ``run.token``, the clean greedy token, so
-    this is ``p_clean(y*) - p_edit(y*)``. Each batch of edited copies carries one
-    more copy with an empty edit (all padding) whose ``Y`` is the clean value:
-    baseline and edits go through the same prefix replay, splice and batch.
+    this is ``p_clean(y*) - p_edit(y*)``. Computed by :func:`gradsae.oracle.ablation_effects`
+    (only the columns from each latent's first active one, on the clean KV cache).
     ``skip_first`` must match the run's (see :func:`score_latents`).
     """
     effects = torch.zeros_like(run.mean_act)
@@ -440,13 +439,11 @@ def ablation_effects(
             continue
         ids = input_ids[row : row + 1]
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask[row : row + 1]
-        prefix = compute_prefix(lm, ids, mask, layer)
         fixed = _pinned(objective, run.token, row)
-        for start in range(0, len(latents), batch_size):
-            chunk = latents[start : start + batch_size]
-            edit = Edit(latents=torch.cat([chunk.new_full((1,), -1), chunk])[:, None])
-            y = _objective_with_edit(lm, sae, prefix, mask, fixed, edit, mode=mode, skip_first=skip_first)
-            effects[row, chunk] = (y[0] - y[1:]).to(effects.dtype)
+        y = oracle.ablation_effects(
+            lm, sae, ids, mask, fixed, latents, layer=layer, mode=mode, batch_size=batch_size, skip_first=skip_first
+        )
+        effects[row, latents] = y.to(effects.dtype)
     return effects
 
 
@@ -455,32 +452,6 @@ def _pinned(objective: Objective, token: torch.Tensor | None, row: int) -> Objec
     if isinstance(objective, NextTokenProb) and token is not None:
         return objective.pinned(int(token[row]))
     return objective
-
-
-def _objective_with_edit(
-    lm: LoadedModel,
-    sae: SAE,
-    prefix: Prefix,
-    attention_mask: torch.Tensor,
-    objective: Objective,
-    edit: Edit,
-    *,
-    mode: Mode,
-    skip_first: bool = True,
-) -> torch.Tensor:
-    """Objective of one input repeated once per row of ``edit.latents`` ``[m, n]``, each row edited.
-
-    Blocks ``0..l`` are not rerun: the prefix replays them (editing at ``l`` cannot change them).
-    """
-    m = torch.as_tensor(edit.latents).shape[0]
-    copies = prefix.expand(m)
-    ids, mask = copies.input_ids, attention_mask.expand(m, -1)
-    with (
-        splice(lm, sae, prefix.layer, mode=mode, edits=[edit], record=False, skip_first=skip_first),
-        replay_prefix(lm, copies),
-        torch.no_grad(),
-    ):
-        return objective_value(lm, ids, mask, objective)
 
 
 def random_scores(mean_act: torch.Tensor, *, seed: int | Sequence[int]) -> torch.Tensor:
