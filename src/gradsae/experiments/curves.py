@@ -67,6 +67,7 @@ import torch
 
 from gradsae import _files
 from gradsae.errors import GradSAEError
+from gradsae.estimators import ESTIMATORS
 from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.rank import KeptExample, padded
 from gradsae.experiments.stats import spearman
@@ -78,7 +79,10 @@ from gradsae.sae import SAE
 from gradsae.scores import Scores, objective_value, score_methods
 from gradsae.splice import Edit, Mode, resolve_layer, splice
 
-RANKINGS = ("gradsae", "gradsae_sum", "activation", "random", "ablation")
+DEFAULT_RANKINGS = ("gradsae", "gradsae_sum", "activation", "random", "ablation")
+RANKINGS = (*DEFAULT_RANKINGS, *ESTIMATORS)
+SUMMED = ("gradsae_sum", *ESTIMATORS)
+"""Rankings by ``sum_n a[n, c]`` of their per-token scores: first-order estimates of ``Y_0 - Y({c})``."""
 DEFAULT_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 CURVES = ("deletion", "sufficiency")
 NAMES = {
@@ -87,6 +91,8 @@ NAMES = {
     "activation": "activation",
     "random": "random",
     "ablation": "exact ablation",
+    "ig": "integrated gradients (sum)",
+    "relp": "RelP (sum)",
 }
 COLOURS = {
     "gradsae": "tab:red",
@@ -94,6 +100,8 @@ COLOURS = {
     "activation": "tab:blue",
     "random": "tab:gray",
     "ablation": "tab:green",
+    "ig": "tab:purple",
+    "relp": "tab:brown",
 }
 
 
@@ -275,11 +283,12 @@ def faithfulness(
     *,
     layer: int | None = None,
     mode: Mode = "error",
-    rankings: Sequence[str] = RANKINGS,
+    rankings: Sequence[str] = DEFAULT_RANKINGS,
     grid: Sequence[float] = DEFAULT_GRID,
     top: int = 10,
     seed: int = 0,
     batch_size: int = 32,
+    ig_steps: int = 10,
 ) -> CurveResult:
     """Deletion and sufficiency curves, estimate vs exact and budgets for each row of a left-padded batch.
 
@@ -306,6 +315,7 @@ def faithfulness(
             top=top,
             seed=seed + row,
             batch_size=batch_size,
+            ig_steps=ig_steps,
         )
         for row in range(input_ids.shape[0])
     )
@@ -325,13 +335,24 @@ def example_curves(
     top: int,
     seed: int,
     batch_size: int,
+    ig_steps: int = 10,
 ) -> ExampleCurves:
     """Everything for one row (``ids``, ``mask``: ``[1, pos]``); see the module docstring."""
     token = greedy_token(lm, sae, ids, mask, layer=layer, mode=mode)
     objective = pinned_token_prob(token)
     base = list(dict.fromkeys("gradsae" if m == "gradsae_sum" else m for m in methods))
     by = score_methods(
-        lm, sae, ids, mask, objective, methods=base, layer=layer, mode=mode, seed=seed, ablation_batch=batch_size
+        lm,
+        sae,
+        ids,
+        mask,
+        objective,
+        methods=base,
+        layer=layer,
+        mode=mode,
+        seed=seed,
+        ablation_batch=batch_size,
+        ig_steps=ig_steps,
     )
     active = torch.nonzero(by["ablation"].mean_act[0] > 0).squeeze(-1)
     scores = {m: method_scores(by, m) for m in methods}
@@ -358,9 +379,9 @@ def example_curves(
 
 def method_scores(by: dict[str, Scores], method: str) -> torch.Tensor:
     """``[d_sae]`` scores of ranking ``method`` for the one row of ``by``."""
-    if method != "gradsae_sum":
+    if method not in SUMMED:
         return by[method].per_latent[0]
-    grad = by["gradsae"]
+    grad = by["gradsae" if method == "gradsae_sum" else method]
     total = torch.zeros_like(grad.per_latent[0])
     return total.index_add_(0, grad.token_index[:, 2], grad.token_score.to(total.dtype))
 
@@ -413,7 +434,15 @@ def kept_curves(lm: LoadedModel, sae: SAE, kept: Sequence[KeptExample], cfg: Exp
         ids, mask = answer_inputs(lm.tokenizer, [k.generation for k in rows], [k.step for k in rows])
         parts.append(
             faithfulness(
-                lm, sae, ids.to(lm.device), mask.to(lm.device), layer=cfg.layer, mode=cfg.mode, seed=cfg.seed + start
+                lm,
+                sae,
+                ids.to(lm.device),
+                mask.to(lm.device),
+                layer=cfg.layer,
+                mode=cfg.mode,
+                seed=cfg.seed + start,
+                rankings=(*DEFAULT_RANKINGS, *(m for m in cfg.methods if m in ESTIMATORS)),
+                ig_steps=cfg.ig_steps,
             )
         )
     first = parts[0]

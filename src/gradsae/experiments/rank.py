@@ -82,6 +82,7 @@ def rank_examples(
             mode=cfg.mode,
             seed=cfg.seed + start,
             skip_first=cfg.skip_first,
+            ig_steps=cfg.ig_steps,
         )
         if on_batch is not None:
             on_batch(rows, ids, mask, by_method)  # on the rank that scores the batch
