@@ -10,10 +10,12 @@ same token).
 Removal. A baseline ``B [pos, d_sae]`` says what a removed latent is set to:
 
 * ``zero``: ``B = 0`` (the paper's and, until now, the only one);
-* ``mean``: ``B[n, c] = m_c``, the latent's mean activation over a held-out corpus
-  (``gradsae cards`` stores it as the cards' ``mean_act``);
+* ``mean``: ``B[n, c] = m_c``, the latent's mean activation over the spliced
+  tokens of a held-out corpus (:func:`mean_activations`; ``gradsae score
+  --baseline mean`` takes 32 held-out news sequences of 128 tokens);
 * ``counterfactual``: ``B[n, c]`` = the latent's value at position ``n`` of a
-  corrupted prompt of the same token length (feature-circuits' patching).
+  corrupted prompt of the same token length (feature-circuits' patching); its
+  objective can be :func:`logit_diff`, ``logit(clean answer) - logit(corrupted answer)``.
 
 Removing latent ``c`` sets ``H[n, c] := B[n, c]`` at every spliced position ``n``.
 In either splice mode that moves the residual by ``-Delta[:, c] W_dec[c]`` with
@@ -78,6 +80,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -85,7 +88,7 @@ from torch import nn
 
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel, block_output, position_ids, with_block_output
-from gradsae.objectives import Objective
+from gradsae.objectives import CustomObjective, Objective
 from gradsae.prefix import compute_prefix, replay_prefix
 from gradsae.sae import SAE
 from gradsae.splice import Mode, SparseActs, splice
@@ -200,6 +203,32 @@ def corrupted_latents(
             logits_to_keep=1,
         )
     return sp.latents[0].to_dense() * valid[:, :, None]
+
+
+def logit_diff(clean: int, corrupt: int) -> CustomObjective:
+    """``Y = logit(clean) - logit(corrupt)`` at the last position (feature-circuits' metric)."""
+    return CustomObjective(fn=partial(_logit_diff, clean=clean, corrupt=corrupt), keep=1)
+
+
+def _logit_diff(logits: torch.Tensor, clean: int, corrupt: int) -> torch.Tensor:
+    step = logits[:, -1].to(torch.promote_types(logits.dtype, torch.float32))
+    return step[:, clean] - step[:, corrupt]
+
+
+@torch.no_grad()
+def mean_activations(lm: LoadedModel, sae: SAE, ids: torch.Tensor, *, layer: int, batch: int = 8) -> torch.Tensor:
+    """``[d_sae]`` each latent's mean activation over the spliced tokens of ``ids`` ``[n, pos]`` (no padding)."""
+    total = torch.zeros(sae.cfg.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+    count = 0
+    for start in range(0, ids.shape[0], batch):
+        chunk = ids[start : start + batch]
+        mask = torch.ones_like(chunk)
+        with splice(lm, sae, layer) as sp:
+            lm.model(input_ids=chunk, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1)
+        found = sp.latents[0]
+        total.index_add_(0, found.index[:, 2], found.values.to(total.dtype))
+        count += int(sp.valid[0].sum())
+    return total / max(count, 1)
 
 
 # -- residual shifts at the splice (IG path, exact removal to a baseline) ----------------------------
