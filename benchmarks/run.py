@@ -26,6 +26,7 @@ Figures (``name: value``, with the target and whether it is met):
   runs it; otherwise it is read from ``runs/demo/timing.json``).
 * ``speedup_vs_nnsight`` / ``_131k``: the same scoring written with nnsight
   (dense latent gradient) / ours, with the benchmark's SAE and a 131k-latent one.
+* ``multilayer_cost``, ``ig_cost``, ``relp_cost``: :mod:`benchmarks.estimators` (issue 23).
 
 Times are medians of ``--repeats`` runs after a warm-up (the slow baselines:
 ``--slow-repeats`` runs, no warm-up). Everything goes to ``--out`` as JSON, with
@@ -63,6 +64,7 @@ from benchmarks.common import (  # noqa: E402
     text_batch,
     wide_sae,
 )
+from benchmarks.estimators import estimator_costs, multilayer_cost, shipped_saes  # noqa: E402
 from benchmarks.memory import peak_memory_overhead  # noqa: E402
 from benchmarks.scaling import scaling_figures  # noqa: E402
 from benchmarks.with_nnsight import speedup_vs_nnsight  # noqa: E402
@@ -93,7 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--skip",
         default="",
-        help="groups to leave out: score,score131k,score1m,reference,ablation,perturb,memory,scaling,demo,nnsight",
+        help="groups to leave out: score,score131k,score1m,reference,ablation,perturb,memory,scaling,demo,nnsight,"
+        "multilayer,estimators",
     )
     parser.set_defaults(short_prompts=len(SHORT_PROMPTS))
     args = parser.parse_args(argv)
@@ -146,6 +149,8 @@ def jobs(args: argparse.Namespace, lm: LoadedModel, sae: SAE, label: str) -> dic
         "scaling": lambda: scaling_figures(ROOT, repeats=min(args.repeats, 2), quick=args.quick, **child),
         "demo": lambda: core.demo_wall(args.demo, ROOT),
         "nnsight": lambda: [speedup_vs_nnsight(ROOT, wide=w, repeats=args.repeats, **child) for w in (False, True)],
+        "multilayer": lambda: multilayer_cost(lm, shipped_saes(lm, args.model), ids, mask, args.repeats),
+        "estimators": lambda: estimator_costs(lm, sae, ids, mask, args.layer, args.repeats),
     }
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,13 +51,23 @@ from safetensors.torch import load_file, save_file
 from gradsae import oracle
 from gradsae.checks import check_inputs
 from gradsae.errors import GradSAEError
+from gradsae.estimators import (
+    ESTIMATORS,
+    IG_STEPS,
+    Baseline,
+    dense_latents,
+    path_gradient,
+    relp_rules,
+    removal,
+    removal_effects,
+)
 from gradsae.models import LoadedModel, position_ids
 from gradsae.objectives import NextTokenProb, Objective
 from gradsae.sae import SAE
 from gradsae.splice import Mode, SparseActs, resolve_layer, splice
 
-Method = Literal["gradsae", "activation", "ablation", "random"]
-METHODS: tuple[str, ...] = ("gradsae", "activation", "ablation", "random")
+Method = Literal["gradsae", "activation", "ablation", "random", "ig", "relp"]
+METHODS: tuple[str, ...] = ("gradsae", "activation", "ablation", "random", *ESTIMATORS)
 Aggregation = Literal["paper", "signed", "abs", "sum", "last"]
 AGGREGATIONS: tuple[str, ...] = ("paper", "signed", "abs", "sum", "last")
 DOT_CHUNK = 16384
@@ -201,10 +211,14 @@ def score_methods(
     seed: int | Sequence[int] = 0,
     ablation_batch: int = 32,
     skip_first: bool = True,
+    ig_steps: int = IG_STEPS,
+    baseline: Baseline | None = None,
 ) -> dict[str, Scores]:
     """Several methods from one spliced forward (and one backward if ``gradsae`` is among them).
 
     ``skip_first``: as in :func:`score_latents` (default: the first real token is not spliced).
+    ``ig`` and ``relp`` and any ``baseline`` but zero: :mod:`gradsae.estimators` (the same baseline for
+    every estimator and the exact ``ablation``).
     """
     for method in methods:
         if method not in METHODS:
@@ -224,7 +238,26 @@ def score_methods(
         skip_first=skip_first,
     )
     out = {}
+    beyond = {"ig", "relp"} | ({"gradsae", "ablation"} if baseline is not None and not baseline.is_zero else set())
     for method in methods:
+        if method in beyond:
+            out[method] = estimated(
+                method,
+                lm,
+                sae,
+                input_ids,
+                attention_mask,
+                objective,
+                run,
+                aggregation,
+                layer=layer,
+                mode=mode,
+                skip_first=skip_first,
+                batch=ablation_batch,
+                ig_steps=ig_steps,
+                baseline=baseline,
+            )
+            continue
         if method == "gradsae":
             out[method] = scores_from_gradient(sae, run, aggregation)
             continue
@@ -248,6 +281,63 @@ def score_methods(
             token_score, per_latent = torch.zeros_like(run.values), random_scores(run.mean_act, seed=seed)
         out[method] = _scores(method, aggregation, per_latent, token_score, run)
     return out
+
+
+def estimated(
+    method: str,
+    lm: LoadedModel,
+    sae: SAE,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    objective: Objective,
+    run: SplicedRun,
+    aggregation: str,
+    *,
+    layer: int | None,
+    mode: Mode,
+    skip_first: bool,
+    batch: int,
+    ig_steps: int,
+    baseline: Baseline | None,
+) -> Scores:
+    """``ig``, ``relp``, or ``gradsae`` / ``ablation`` to a non-zero baseline (:mod:`gradsae.estimators`)."""
+    layer = resolve_layer(sae, layer)
+    rem = removal(
+        lm,
+        sae,
+        baseline or Baseline(),
+        run.index,
+        run.values,
+        run.valid,
+        attention_mask,
+        layer=layer,
+        mode=mode,
+        skip_first=skip_first,
+    )
+    moved = replace(run, index=rem.index, values=rem.delta)
+    pinned = [_pinned(objective, run.token, row) for row in range(ids.shape[0])]
+    if method == "ablation":
+        h = dense_latents(run.index, run.values, (*run.valid.shape, sae.cfg.d_sae))
+        effects = removal_effects(
+            lm, sae, ids, attention_mask, pinned, rem, h, run.valid, layer=layer, mode=mode, batch=batch
+        )
+        return _scores(method, aggregation, effects, torch.zeros_like(rem.delta), moved)
+    if method == "relp":
+        fixed = (
+            objective.pinned(run.token) if isinstance(objective, NextTokenProb) and run.token is not None else objective
+        )
+        with relp_rules(lm):
+            grad = forward_backward(
+                lm, sae, ids, attention_mask, fixed, layer=layer, mode=mode, grad=True, skip_first=skip_first
+            ).grad
+    elif method == "ig":
+        h = dense_latents(run.index, run.values, (*run.valid.shape, sae.cfg.d_sae))
+        grad = path_gradient(
+            lm, sae, ids, attention_mask, pinned, rem, h, run.valid, layer=layer, mode=mode, steps=ig_steps, batch=batch
+        )
+    else:
+        grad = run.grad
+    return replace(scores_from_gradient(sae, replace(moved, grad=grad), aggregation), method=method)
 
 
 def scores_from_gradient(sae: SAE, run: SplicedRun, aggregation: str = "paper") -> Scores:

@@ -37,6 +37,7 @@ from gradsae import _files, distributed
 from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
+from gradsae.estimators import ESTIMATORS, IG_STEPS
 from gradsae.experiments.config import DONOR_VALUES, STEER_POSITIONS, ExperimentConfig, KSpec
 from gradsae.experiments.controls import CONTROLS
 from gradsae.experiments.journal import FOLDER, Journal, count_units
@@ -101,6 +102,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="add two activation rankings as controls: at the answer position only, and over the positions whose "
         "residual norm is below 10x the median (sink-excluded)",
     )
+    parser.add_argument(
+        "--methods",
+        default=",".join(RANK_METHODS[:3]),
+        help=f"comma list of ranking methods, any of {', '.join(RANK_METHODS)} (ig: integrated gradients; relp: "
+        "RelP propagation; see gradsae.estimators); each also gets a faithfulness curve under --curves",
+    )
+    parser.add_argument("--ig-steps", type=int, default=IG_STEPS, help="integrated-gradients steps (method ig)")
     parser.add_argument(
         "--ks", default="1,10,20,30,50%", help="values of K; 50%% = half the latents active at the last token"
     )
@@ -174,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         metric=args.metric,
         prompt_format=args.prompt_format,
     )
-    methods = ("gradsae", "activation", "random") + (("ablation",) if args.ablation else ())
+    methods = parse_methods(args.methods) + (("ablation",) if args.ablation else ())
     methods += CONTROLS if getattr(args, "activation_controls", False) else ()
     out = Path(args.out)
     with ExitStack() as held:
@@ -206,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
                 keep_f1=args.keep_f1,
                 curves=args.curves,
                 curves_n=args.curves_n,
+                ig_steps=args.ig_steps,
             )
             began = time.perf_counter()
             sae = found.sae.to(sae_device(lm, found.layer, found.sae.cfg.hook_point))
@@ -220,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+RANK_METHODS = ("gradsae", "activation", "random", *ESTIMATORS)
+"""Ranking methods ``--methods`` accepts (``ablation`` is ``--ablation``)."""
 PAPER = {"mode": "replace", "splice_first": True, "keep_f1": 0.9, "steer_positions": "last", "donor_value": "score"}
 """The paper-exact preset: the authors' code's choices (docs/deviations.md lists each with our default)."""
 DEFAULTS = {
@@ -260,6 +271,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[tuple[KSpec, ...], list[i
     validate.at_least("--n", args.n, 1)
     validate.at_least("--batch-size", args.batch_size, 1)
     validate.at_least("--curves-n", args.curves_n, 1)
+    validate.at_least("--ig-steps", args.ig_steps, 1)
+    parse_methods(args.methods)
     validate.at_least("--max-new-tokens", args.max_new_tokens, 1)
     validate.at_least("--seed", args.seed, 0)
     validate.model_and_device(args.model, args.device, args.device_map)
@@ -289,6 +302,15 @@ def _one_k(part: str) -> KSpec:
     if part.isdigit() and int(part) > 0:
         return int(part)
     raise GradSAEError(f"--ks: {part!r} is neither a positive integer nor a percentage like 50%")
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``--methods``: a comma list of :data:`RANK_METHODS`, each once."""
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = not methods or any(m not in RANK_METHODS for m in methods)
+    if bad or len(set(methods)) < len(methods):
+        raise GradSAEError(f"--methods {text!r}: use a comma list of {', '.join(RANK_METHODS)}, each once")
+    return methods
 
 
 def parse_positions(text: str) -> tuple[str, ...]:

@@ -2,7 +2,12 @@
 
 Columns: latent id, mean activation over the prompt's positions, GradSAE
 influence (the chosen aggregation of ``H * dY/dH``), the latent's rank under the
-other method, and (with ``--ablation``) the exact effect of zeroing it.
+other method, and (with ``--ablation``) the exact effect of zeroing it; then the
+tokens each latent's decoder direction raises most (the logit lens of
+:func:`gradsae.experiments.cards.logit_lens`). The header names the token the
+objective reads. ``--methods ig,relp,...`` ranks by the first estimator named and
+shows each one's score (:mod:`gradsae.estimators`); ``--baseline`` says what a
+removed latent is set to (``--corrupt`` gives the counterfactual prompt).
 ``--html FILE`` also writes one self-contained page: the prompt's tokens coloured by
 a latent's per-token influence or activation, both top lists, and (``--cards``) cards.
 """
@@ -24,13 +29,18 @@ from gradsae import _files, distributed
 from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments
 from gradsae.errors import GradSAEError
+from gradsae.estimators import BASELINES, ESTIMATORS, IG_STEPS, Baseline, logit_diff, mean_activations
+from gradsae.experiments.cards import corpus_tokens, logit_lens
 from gradsae.experiments.record import LayerExamples, record_scores
-from gradsae.models import LoadedModel, load_model, sae_device
-from gradsae.objectives import objective_from_name
+from gradsae.models import LoadedModel, load_model, position_ids, sae_device
+from gradsae.objectives import Objective, objective_from_name
 from gradsae.pretrained import resolve_sae
 from gradsae.report.html import score_page
 from gradsae.sae import SAE, check_compatible
-from gradsae.scores import Scores, score_latents, score_methods
+from gradsae.scores import Scores, score_methods
+from gradsae.splice import splice
+
+SCORE_METHODS = ("gradsae", *ESTIMATORS)
 
 
 @dataclass(frozen=True)
@@ -41,8 +51,13 @@ class ScoreRow:
     activation: float
     influence: float
     rank_gradsae: int | None
+    """Rank under the first of ``--methods`` (GradSAE by default)."""
     rank_activation: int | None
     ablation: float | None
+    others: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Score under each further method of ``--methods``."""
+    lens: tuple[str, ...] = ()
+    """Tokens the latent's decoder direction raises most (logit lens)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,9 +78,10 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--objective",
         default="next-token",
-        choices=["next-token", "target", "label"],
+        choices=["next-token", "target", "label", "logit-diff"],
         help="next-token: p(greedy next token) (the paper's); target: log p(--target | prompt); "
-        "label: log p(--label | --labels) at the next token",
+        "label: log p(--label | --labels) at the next token; logit-diff: logit(clean greedy token) - "
+        "logit(--corrupt's greedy token) (feature-circuits' metric)",
     )
     parser.add_argument("--target", default=None, help="continuation for --objective target")
     parser.add_argument("--labels", default="", help="comma-separated label words for --objective label")
@@ -82,6 +98,24 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["paper", "signed", "abs", "sum", "last"],
         help="how per-token influence becomes per-latent (paper: mean of positive parts)",
     )
+    parser.add_argument(
+        "--methods",
+        default="gradsae",
+        help=f"comma list of estimators, any of {', '.join(SCORE_METHODS)}: the first ranks the table, each gets a "
+        "column (ig: integrated gradients; relp: RelP propagation; see gradsae.estimators)",
+    )
+    parser.add_argument("--ig-steps", type=int, default=IG_STEPS, help="integrated-gradients steps (method ig)")
+    parser.add_argument(
+        "--baseline",
+        default="zero",
+        choices=list(BASELINES),
+        help="what a removed latent is set to: zero; mean (its mean activation over the held-out news corpus); "
+        "counterfactual (its value on --corrupt); every estimator and --ablation use it",
+    )
+    parser.add_argument(
+        "--corrupt", default=None, help="corrupted prompt of the same token length (--baseline counterfactual)"
+    )
+    parser.add_argument("--lens", type=int, default=3, help="logit-lens tokens shown per latent (0: none)")
     parser.add_argument("--top", type=int, default=10, help="rows in the table")
     parser.add_argument("--ablation", action="store_true", help="also compute the exact ablation effect")
     parser.add_argument("--json", default=None, help="also write the table as JSON to this file")
@@ -115,6 +149,18 @@ def check_arguments(args: argparse.Namespace) -> None:
     else:
         read_prompts(args.prompts)
     validate.at_least("--top", args.top, 1)
+    validate.at_least("--ig-steps", args.ig_steps, 1)
+    validate.at_least("--lens", args.lens, 0)
+    parse_methods(args.methods)
+    needs_corrupt = args.baseline == "counterfactual" or args.objective == "logit-diff"
+    if needs_corrupt and args.corrupt is None:
+        raise GradSAEError("--baseline counterfactual and --objective logit-diff need --corrupt TEXT: pass one")
+    if args.corrupt is not None:
+        if not needs_corrupt:
+            raise GradSAEError("--corrupt applies to --baseline counterfactual or --objective logit-diff: drop it")
+        if args.prompts is not None:
+            raise GradSAEError("--corrupt pairs with one --prompt: drop --prompts")
+        validate.text("--corrupt", args.corrupt, fix="pass the corrupted prompt with --corrupt TEXT")
     validate.at_least("--layer", args.layer, 0)
     check_objective_options(args)
     validate.model_and_device(args.model, args.device, args.device_map)
@@ -139,6 +185,14 @@ def check_objective_options(args: argparse.Namespace) -> None:
             raise GradSAEError(f"--labels {args.labels!r} names a label twice: list each label once")
     elif args.labels or args.label is not None:
         raise GradSAEError("--labels and --label apply to --objective label only: drop them or pass --objective label")
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``--methods``: a comma list of :data:`SCORE_METHODS`, each once."""
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not methods or any(m not in SCORE_METHODS for m in methods) or len(set(methods)) < len(methods):
+        raise GradSAEError(f"--methods {text!r}: use a comma list of {', '.join(SCORE_METHODS)}, each once")
+    return methods
 
 
 def label_words(text: str) -> list[str]:
@@ -171,7 +225,7 @@ def run_score(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     reports = [
         _header(lm, label, layer, args, p, one.text, one.grad, seconds) for p, one in zip(prompts, scored, strict=True)
     ]
-    tables = [format_table(one.rows, args.top) for one in scored]
+    tables = [format_table(one.rows, args.top, parse_methods(args.methods)[0]) for one in scored]
     if args.html and distributed.is_main():
         page = scored[0].page
         assert page is not None
@@ -187,24 +241,86 @@ def run_score(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 
 def score_prompt(lm: LoadedModel, sae: SAE, layer: int, args: argparse.Namespace, prompt: str) -> Scored:
-    """One prompt: the text the model read, its GradSAE scores, the table's rows (and the page's data)."""
+    """One prompt: the text the model read, its scores, the table's rows (and the page's data)."""
     ids, mask, text = encode_one(lm, prompt, chat=not args.no_chat)
-    objective = objective_from_name(
-        args.objective, tokenizer=lm.tokenizer, target=args.target, labels=label_words(args.labels), label=args.label
-    )
+    corrupt = None if args.corrupt is None else encode_one(lm, args.corrupt, chat=not args.no_chat)[0]
+    if corrupt is not None and corrupt.shape != ids.shape:
+        raise GradSAEError(
+            f"--corrupt has {corrupt.shape[1]} tokens, the prompt {ids.shape[1]}: give a corrupted prompt of the "
+            "same token length (change a word for one of the same length)"
+        )
+    if args.objective == "logit-diff":
+        assert corrupt is not None
+        objective = logit_diff_objective(lm, sae, ids, mask, corrupt, layer=layer, mode=args.mode)
+    else:
+        objective = objective_from_name(
+            args.objective,
+            tokenizer=lm.tokenizer,
+            target=args.target,
+            labels=label_words(args.labels),
+            label=args.label,
+        )
     if args.objective == "target":
         ids, mask = append_target(lm, ids, args.target)
-    common = {"layer": layer, "mode": args.mode}
-    both = score_methods(
-        lm, sae, ids, mask, objective, methods=("gradsae", "activation"), aggregation=args.aggregation, **common
-    )
-    grad, act = both["gradsae"], both["activation"]
-    abl = score_latents(lm, sae, ids, mask, objective, method="ablation", **common) if args.ablation else None
+    methods = parse_methods(args.methods)
+    options = {
+        "layer": layer,
+        "mode": args.mode,
+        "ig_steps": args.ig_steps,
+        "baseline": removal_baseline(lm, sae, layer, args, corrupt),
+    }
+    asked = (*methods, "activation") + (("ablation",) if args.ablation else ())
+    by = score_methods(lm, sae, ids, mask, objective, methods=asked, aggregation=args.aggregation, **options)
+    grad, act = by[methods[0]], by["activation"]
     page = None
     if args.html:
-        record = record_scores(lm.tokenizer, ids, mask, both, top=args.top)
+        record = record_scores(
+            lm.tokenizer, ids, mask, {m: by[m] for m in ("gradsae", "activation") if m in by}, top=args.top
+        )
         page = dataclasses.asdict(LayerExamples(layer=layer, examples=(record,)))
-    return Scored(text=text, grad=grad, rows=table_rows(grad, act, abl, args.top), page=page)
+    rows = table_rows(grad, act, by.get("ablation"), args.top, others={m: by[m] for m in methods[1:]})
+    if args.lens:
+        rows = with_lens(lm, sae, rows, args.lens)
+    return Scored(text=text, grad=grad, rows=rows, page=page)
+
+
+def logit_diff_objective(
+    lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, corrupt: torch.Tensor, *, layer: int, mode: str
+) -> Objective:
+    """``logit(clean greedy token) - logit(corrupted greedy token)`` at the last position (spliced model)."""
+    tokens = []
+    for prompt in (ids, corrupt):
+        with splice(lm, sae, layer, mode=mode, record=False), torch.no_grad():  # type: ignore[arg-type]
+            out = lm.model(input_ids=prompt, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1)
+        tokens.append(int(out.logits[0, -1].argmax()))
+    if tokens[0] == tokens[1]:
+        raise GradSAEError(
+            f"the clean and corrupted prompts both continue with {lm.tokenizer.decode([tokens[0]])!r}: choose a "
+            "corrupted prompt whose answer differs"
+        )
+    return logit_diff(tokens[0], tokens[1])
+
+
+def removal_baseline(
+    lm: LoadedModel, sae: SAE, layer: int, args: argparse.Namespace, corrupt: torch.Tensor | None
+) -> Baseline:
+    """``--baseline`` as a :class:`Baseline` (the mean over 32 held-out news sequences of 128 tokens)."""
+    if args.baseline == "counterfactual":
+        return Baseline("counterfactual", corrupt_ids=corrupt)
+    if args.baseline == "mean":
+        corpus = corpus_tokens(lm.tokenizer, None, n_sequences=32, context=128).to(lm.device)
+        return Baseline("mean", mean=mean_activations(lm, sae, corpus, layer=layer))
+    return Baseline()
+
+
+def with_lens(lm: LoadedModel, sae: SAE, rows: list[ScoreRow], n: int) -> list[ScoreRow]:
+    """Each row with the ``n`` tokens its latent's decoder direction raises most."""
+    if not rows:
+        return rows
+    lens, _note = logit_lens(lm, sae, [r.latent for r in rows])
+    best = lens.topk(min(n, lens.shape[1]), dim=1).indices.tolist()
+    words = [tuple(lm.tokenizer.decode([t]) for t in tokens) for tokens in best]
+    return [dataclasses.replace(r, lens=w) for r, w in zip(rows, words, strict=True)]
 
 
 def read_prompts(path: str) -> list[str]:
@@ -265,8 +381,10 @@ def append_target(lm: LoadedModel, ids: torch.Tensor, target: str) -> tuple[torc
     return full, torch.ones_like(full)
 
 
-def table_rows(grad: Scores, act: Scores, abl: Scores | None, top: int) -> list[ScoreRow]:
-    """The union of both methods' top latents, in GradSAE order then activation order."""
+def table_rows(
+    grad: Scores, act: Scores, abl: Scores | None, top: int, *, others: dict[str, Scores] | None = None
+) -> list[ScoreRow]:
+    """The union of both methods' top latents, in ``grad``'s order then activation order."""
     g_rank = {int(c): i + 1 for i, c in enumerate(grad.ranking(0))}
     a_rank = {int(c): i + 1 for i, c in enumerate(act.ranking(0))}
     chosen = list(grad.ranking(0)[:top].tolist())
@@ -279,32 +397,45 @@ def table_rows(grad: Scores, act: Scores, abl: Scores | None, top: int) -> list[
             rank_gradsae=g_rank.get(c),
             rank_activation=a_rank.get(c),
             ablation=None if abl is None else float(abl.per_latent[0, c]),
+            others={m: float(s.per_latent[0, c]) for m, s in (others or {}).items()},
         )
         for c in chosen
     ]
 
 
-def format_table(rows: list[ScoreRow], top: int) -> str:
-    """Two side-by-side markdown tables: top by GradSAE, top by activation."""
+METHOD_NAMES = {"gradsae": "GradSAE", "ig": "integrated gradients", "relp": "RelP"}
+
+
+def format_table(rows: list[ScoreRow], top: int, method: str = "gradsae") -> str:
+    """Two side-by-side markdown tables: top by ``method`` (GradSAE by default), top by activation."""
+    name = METHOD_NAMES.get(method, method)
     by_grad = sorted([r for r in rows if r.rank_gradsae and r.rank_gradsae <= top], key=lambda r: r.rank_gradsae or 0)
     by_act = sorted(
         [r for r in rows if r.rank_activation and r.rank_activation <= top], key=lambda r: r.rank_activation or 0
     )
     ablate = any(r.ablation is not None for r in rows)
-    head = "| rank | latent | mean act | GradSAE influence | rank by {other} |" + (
-        " exact ablation |" if ablate else ""
+    extra = list(rows[0].others) if rows else []
+    lens = any(r.lens for r in rows)
+    head = (
+        f"| rank | latent | mean act | {name} {'influence' if method == 'gradsae' else 'score'} | rank by {{other}} |"
+        + "".join(f" {METHOD_NAMES.get(m, m)} |" for m in extra)
+        + (" exact ablation |" if ablate else "")
+        + (" logit lens (raises) |" if lens else "")
     )
-    rule = "|---:|---:|---:|---:|---:|" + ("---:|" if ablate else "")
+    rule = "|---:|---:|---:|---:|---:|" + "---:|" * len(extra) + ("---:|" if ablate else "") + ("---|" if lens else "")
     out = []
     for title, part, other in (
-        ("Top latents by GradSAE", by_grad, "activation"),
-        ("Top latents by activation (input side)", by_act, "GradSAE"),
+        (f"Top latents by {name}", by_grad, "activation"),
+        ("Top latents by activation (input side)", by_act, name),
     ):
         out += [f"## {title}", "", head.format(other=other), rule]
         for i, r in enumerate(part, 1):
             other_rank = r.rank_activation if other == "activation" else r.rank_gradsae
             line = f"| {i} | {r.latent} | {r.activation:.4g} | {r.influence:.4g} | {other_rank or '-'} |"
-            out.append(line + (f" {r.ablation:.4g} |" if ablate and r.ablation is not None else ""))
+            line += "".join(f" {r.others[m]:.4g} |" for m in extra)
+            line += f" {r.ablation:.4g} |" if ablate and r.ablation is not None else ""
+            line += f" {' '.join(repr(w) for w in r.lens)} |" if lens else ""
+            out.append(line)
         out.append("")
     overlap = len({r.latent for r in by_grad} & {r.latent for r in by_act})
     out.append(f"Overlap of the two top-{top} sets: {overlap}/{top}.")
@@ -326,9 +457,25 @@ def _header(
         [
             f"# gradsae score: {lm.name}, layer {layer}",
             f"- SAE: {label}",
-            f"- objective: {args.objective} (Y = {float(grad.objective[0]):.4g}); splice mode: {args.mode}; "
-            f"aggregation: {args.aggregation}",
+            f"- objective: {objective_words(lm, args, grad)} (Y = {float(grad.objective[0]):.4g}); "
+            f"splice mode: {args.mode}; aggregation: {args.aggregation}",
+            f"- estimator: {', '.join(parse_methods(args.methods))}"
+            + (f" ({args.ig_steps} steps)" if "ig" in args.methods else "")
+            + f"; removal baseline: {args.baseline}",
             f"- prompt: {prompt!r} ({n_tokens} tokens{' with chat template' if text != prompt else ''})",
             f"- latents active at the last token: {int(grad.active_last[0])}; wall time {seconds:.1f} s",
         ]
     )
+
+
+def objective_words(lm: LoadedModel, args: argparse.Namespace, grad: Scores) -> str:
+    """The objective with the token it reads, e.g. ``next-token p(' Paris')``."""
+    if args.objective == "next-token" and grad.token is not None:
+        return f"next-token p({lm.tokenizer.decode([int(grad.token[0])])!r})"
+    if args.objective == "target":
+        return f"target log p({args.target!r} | prompt)"
+    if args.objective == "label":
+        return f"label log p({args.label!r} | {', '.join(label_words(args.labels))})"
+    if args.objective == "logit-diff":
+        return f"logit-diff vs the greedy answer to {args.corrupt!r}"
+    return str(args.objective)

@@ -63,6 +63,8 @@ class ExperimentConfig:
     curves_n: int | None = None
     """Curves on the first ``curves_n`` kept examples only (``None``: all; each costs one forward per
     active latent)."""
+    ig_steps: int = 10
+    """Integrated-gradients steps for the ``ig`` method (:mod:`gradsae.estimators`)."""
 
     def __post_init__(self) -> None:
         bad = [p for p in self.steer_positions if p not in STEER_POSITIONS]

@@ -70,6 +70,7 @@ import torch
 
 from gradsae import _files
 from gradsae.errors import GradSAEError
+from gradsae.estimators import ESTIMATORS
 from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.rank import KeptExample, k_value, padded
 from gradsae.experiments.stats import Stat, spearman
@@ -81,7 +82,10 @@ from gradsae.sae import SAE
 from gradsae.scores import Scores, objective_value, score_methods
 from gradsae.splice import Edit, Mode, resolve_layer, splice
 
-RANKINGS = ("gradsae", "gradsae_sum", "activation", "random", "ablation")
+DEFAULT_RANKINGS = ("gradsae", "gradsae_sum", "activation", "random", "ablation")
+RANKINGS = (*DEFAULT_RANKINGS, *ESTIMATORS)
+SUMMED = ("gradsae_sum", *ESTIMATORS)
+"""Rankings by ``sum_n a[n, c]`` of their per-token scores: first-order estimates of ``Y_0 - Y({c})``."""
 DEFAULT_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 LOG_KS = (1, 2, 5, 10, 20, 50)
 """Absolute K measured in every example (besides the grid and the experiment's K): the log-K area's points."""
@@ -98,6 +102,8 @@ NAMES = {
     "activation": "activation",
     "random": "random",
     "ablation": "exact ablation",
+    "ig": "integrated gradients (sum)",
+    "relp": "RelP (sum)",
 }
 COLOURS = {
     "gradsae": "tab:red",
@@ -105,6 +111,8 @@ COLOURS = {
     "activation": "tab:blue",
     "random": "tab:gray",
     "ablation": "tab:green",
+    "ig": "tab:purple",
+    "relp": "tab:brown",
 }
 
 
@@ -447,7 +455,7 @@ def faithfulness(
     *,
     layer: int | None = None,
     mode: Mode = "error",
-    rankings: Sequence[str] = RANKINGS,
+    rankings: Sequence[str] = DEFAULT_RANKINGS,
     grid: Sequence[float] = DEFAULT_GRID,
     top: int = 10,
     seed: int = 0,
@@ -455,6 +463,7 @@ def faithfulness(
     skip_first: bool = True,
     experiment_ks: Sequence[dict[str, int]] | None = None,
     random_draws: int = RANDOM_DRAWS,
+    ig_steps: int = 10,
 ) -> CurveResult:
     """Deletion and sufficiency curves, estimate vs exact and budgets for each row of a left-padded batch.
 
@@ -487,6 +496,7 @@ def faithfulness(
             skip_first=skip_first,
             experiment_ks=None if experiment_ks is None else experiment_ks[row],
             random_draws=random_draws,
+            ig_steps=ig_steps,
         )
         for row in range(input_ids.shape[0])
     )
@@ -511,6 +521,7 @@ def example_curves(
     skip_first: bool = True,
     experiment_ks: dict[str, int] | None = None,
     random_draws: int = RANDOM_DRAWS,
+    ig_steps: int = 10,
 ) -> ExampleCurves:
     """Everything for one row (``ids``, ``mask``: ``[1, pos]``); see the module docstring."""
     token = greedy_token(lm, sae, ids, mask, layer=layer, mode=mode, skip_first=skip_first)
@@ -528,6 +539,7 @@ def example_curves(
         seed=seed,
         ablation_batch=batch_size,
         skip_first=skip_first,
+        ig_steps=ig_steps,
     )
     active = torch.nonzero(by["ablation"].mean_act[0] > 0).squeeze(-1)
     scores = {m: method_scores(by, m) for m in methods}
@@ -612,9 +624,9 @@ def top_by_size(effect: torch.Tensor, active: torch.Tensor, n: int = TOP_RHO) ->
 
 def method_scores(by: dict[str, Scores], method: str) -> torch.Tensor:
     """``[d_sae]`` scores of ranking ``method`` for the one row of ``by``."""
-    if method != "gradsae_sum":
+    if method not in SUMMED:
         return by[method].per_latent[0]
-    grad = by["gradsae"]
+    grad = by["gradsae" if method == "gradsae_sum" else method]
     total = torch.zeros_like(grad.per_latent[0])
     return total.index_add_(0, grad.token_index[:, 2], grad.token_score.to(total.dtype))
 
@@ -682,6 +694,8 @@ def kept_curves(lm: LoadedModel, sae: SAE, kept: Sequence[KeptExample], cfg: Exp
                 seed=cfg.seed + start,
                 skip_first=cfg.skip_first,
                 experiment_ks=[{str(k): k_value(k, ex) for k in cfg.ks} for ex in rows],
+                rankings=(*DEFAULT_RANKINGS, *(m for m in cfg.methods if m in ESTIMATORS)),
+                ig_steps=cfg.ig_steps,
             )
         )
     first = parts[0]

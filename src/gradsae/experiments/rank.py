@@ -93,6 +93,7 @@ def rank_examples(
             mode=cfg.mode,
             seed=[example_seed(cfg.seed, examples[i].id) for i in rows],
             skip_first=cfg.skip_first,
+            ig_steps=cfg.ig_steps,
         )
         by_method = _with_controls(lm, by_method, ids, mask, cfg)
         if on_batch is not None:
