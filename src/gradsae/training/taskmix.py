@@ -33,7 +33,8 @@ evaluation can draw (:func:`overlap_with_pools` checks it, and a test asserts it
   shorter than 3, hyphenated, or capitalised) with a listed form other than the lemma;
 * facts: contexts built as the task builds them (same sentence and question shapes) but
   with first names ranked 101 to :data:`NAME_RANKS` in the census lists (the task uses the top
-  100) and, as cities, the ASCII capitals of the training countries (the task uses the pool's).
+  100, nor the names of its shots) and, as cities, the ASCII capitals of the training countries
+  (the task uses the pool's) with no such name in them (``St. Peter Port`` is left out).
   No training context can equal an evaluation context: their name sets are disjoint.
 
 The task prompts' own few-shot items (``France -> Paris``, ``apple -> apples``, ...) are
@@ -122,7 +123,7 @@ def training_words(pos: str) -> tuple[tuple[str, str], ...]:
 @cache
 def training_names() -> tuple[str, ...]:
     """Census first names ranked 101 to :data:`NAME_RANKS` per sex, none of them a name the ``facts`` task uses."""
-    used = set(gen.first_names())
+    used = set(gen.first_names()) | {w for prompt, _ in gen.FACTS_SHOTS for w in re.findall(r"[A-Za-z]+", prompt)}
     lists = [
         gen._census_names(package_file(gen.NAMES[0], f"names/dist.{sex}.first", gen.NAMES[1]), NAME_RANKS)
         for sex in gen._SEXES
@@ -132,8 +133,15 @@ def training_names() -> tuple[str, ...]:
 
 
 def training_cities() -> tuple[str, ...]:
-    """ASCII capitals of the training countries (cities no ``facts`` row uses)."""
-    return tuple(sorted({capital for _, capital in training_countries() if capital.isascii()}))
+    """ASCII capitals of the training countries (cities no ``facts`` row uses) without a first name the task uses."""
+    used = set(gen.first_names())
+    return tuple(
+        sorted(
+            capital
+            for _, capital in training_countries()
+            if capital.isascii() and not set(re.findall(r"[A-Za-z]+", capital)) & used
+        )
+    )
 
 
 def items(task: str) -> tuple[Item, ...]:
