@@ -19,8 +19,8 @@ from gradsae.cli import validate
 from gradsae.cli.common import dataclass_arguments, parse_count, parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers, load_model
-from gradsae.training.activations import Corpus, Mixture, load_texts, split_heldout
 from gradsae.training import taskmix
+from gradsae.training.activations import Corpus, Mixture, load_texts, split_heldout
 from gradsae.training.chatmix import CHAT_SHARE, conversations, user_turns
 from gradsae.training.export import finish_run
 from gradsae.training.loop import CHECKPOINT, stop_on_sigint, train_saes

@@ -146,10 +146,7 @@ def training_cities() -> tuple[str, ...]:
 
 def items(task: str) -> tuple[Item, ...]:
     """The training items of a word task (``capitals``, ``plural``, ``past_tense``)."""
-    if task == "capitals":
-        pairs = training_countries()
-    else:
-        pairs = training_words("noun" if task == "plural" else "verb")
+    pairs = training_countries() if task == "capitals" else training_words("noun" if task == "plural" else "verb")
     return tuple(Item(x, y) for x, y in pairs)
 
 
