@@ -82,3 +82,12 @@ def test_three_way_mix_opens_a_third_of_sequences_with_each_kind() -> None:
     rows = [next(stream) for _ in range(36)]  # 24 framed = two epochs of the 12 framed documents
     firsts = Counter("news" if r[0] == BOS else "chat" if r[0] == ord("#") else "shot" for r in rows)
     assert firsts == {"news": 12, "chat": 12, "shot": 12}
+
+
+def test_the_model_card_states_the_mix() -> None:
+    from gradsae.training.export import _corpus_lines
+
+    (line,) = _corpus_lines({"corpus": "taskmix"})
+    sizes = taskmix.sizes()
+    assert "1/3 NewsArticles" in line and "1/2 news and 1/2 few-shot" in line
+    assert f"{sizes['plural']} nouns" in line and f"{sizes['facts_names']} first names" in line
