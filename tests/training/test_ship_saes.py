@@ -47,7 +47,7 @@ def test_ship_refuses_an_unfinished_run_or_an_unpinned_sae(tmp_path: Path) -> No
     saes, run = tmp_path / "saes", tmp_path / "run"
     _folder(saes / "layer_6", 1, 6)
     (run / "layer_6").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="lacks cfg.json"):
+    with pytest.raises(SystemExit, match=r"lacks cfg\.json"):
         ship.ship(run, saes, {})
     _folder(run / "layer_6", 2, 6)
     with pytest.raises(SystemExit, match="no pinned version"):
