@@ -4,6 +4,14 @@
 by ``gradsae train-sae``: ``smollm2-135m-instruct`` (the default model) at layers 6,
 15 and 24, ``gemma3-270m`` at layer 9. Each folder's ``README.md`` is its model card.
 Where none ships, callers get a clearly labelled random SAE instead.
+
+Every SAE that has shipped keeps a name, so that earlier results stay reproducible
+when newer SAEs replace them at the default path: ``--sae shipped:<name>`` (e.g.
+``shipped:k32``, the 4608-latent, k = 32 ``chatmix`` SAEs of SmolLM2) loads the SAE
+of that name at the layer asked for (:data:`SHIPPED_VERSIONS` pins each by its weights'
+SHA-256). It is looked for in ``saes/<model>/<name>/layer_<l>/`` (where a replaced
+version is moved) and then in ``saes/<model>/layer_<l>/`` (while it is the current one);
+the first folder whose weights have the pinned digest is used, and none is an error.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
@@ -30,6 +39,19 @@ SHIPPED_K = 32
 SHIPPED_FOLDER = "smollm2-135m-instruct"
 UNTRAINED = "UNTRAINED random SAE (no trained SAE ships for this model/layer yet)"
 
+
+SHIPPED_VERSIONS: dict[str, dict[str, dict[int, str]]] = {
+    SHIPPED_FOLDER: {
+        "k32": {
+            6: "da8447a5277fcb4bbe760c57ead4f41d5fb25e3736eb7bf6a1ab9ed81858384d",
+            15: "79b625544c3dca2ec0e92f4d6ee714acaa55dbf82f299f28862541e149d245db",
+            24: "2cebc5f4f26fcd92b769da09db1d71362093d91811dc11bb76085eb2865c8450",
+        },
+    },
+    "gemma3-270m": {"news": {9: "e88c9cda4385611a83c96d61001d2c220ca8f87abe08d203234394749a416efa"}},
+}
+"""``saes/`` folder -> version name -> layer -> SHA-256 of ``sae_weights.safetensors`` (module docstring)."""
+SHIPPED_PREFIX = "shipped:"
 
 SHIPPED_FOR: dict[str, tuple[str | None, ...]] = {SHIPPED_FOLDER: DEFAULT_NAMES, "gemma3-270m": GEMMA_NAMES}
 """Folder under ``saes/`` -> the ``--model`` names it serves."""
@@ -62,6 +84,45 @@ def _root(model: str | None) -> Path | None:
     return None if name is None else Path(str(resources.files("gradsae"))) / "saes" / name
 
 
+def is_version_spec(spec: str | Path | None) -> bool:
+    """Is ``spec`` a ``shipped:<name>`` version rather than a folder?"""
+    return isinstance(spec, str) and spec.startswith(SHIPPED_PREFIX)
+
+
+def check_version_spec(spec: str, layers: Sequence[int | None], model: str | None = None) -> None:
+    """Refuse an unknown ``shipped:<name>`` or a layer that version lacks (before any model loads)."""
+    name = spec.removeprefix(SHIPPED_PREFIX)
+    folders = [shipped_folder(model)] if shipped_folder(model) is not None else list(SHIPPED_VERSIONS)
+    known = {v: sorted(by_layer) for f in folders if f for v, by_layer in SHIPPED_VERSIONS.get(f, {}).items()}
+    if name not in known:
+        names = ", ".join(SHIPPED_PREFIX + v for v in known) or "none"
+        raise GradSAEError(f"--sae {spec}: no shipped SAEs of that name (known: {names}): pass one, or a folder")
+    for layer in layers:
+        use = DEFAULT_LAYER if layer is None else layer
+        if use not in known[name]:
+            have = ", ".join(str(n) for n in known[name])
+            raise GradSAEError(f"--sae {spec} has no SAE at layer {use} (it has layers {have}): pass one of those")
+
+
+def shipped_version_path(name: str, layer: int, model: str | None = None) -> Path:
+    """Folder of the shipped SAE version ``name`` at ``layer`` (module docstring); an error if none matches."""
+    folder = shipped_folder(model)
+    pinned = SHIPPED_VERSIONS.get(folder or "", {}).get(name, {}).get(layer)
+    if folder is None or pinned is None:
+        check_version_spec(SHIPPED_PREFIX + name, [layer], model)
+        raise GradSAEError(f"--sae {SHIPPED_PREFIX}{name} is for another model: pass a folder instead")
+    root = _root(model)
+    assert root is not None
+    for candidate in (root / name / f"layer_{layer}", root / f"layer_{layer}"):
+        weights = candidate / "sae_weights.safetensors"
+        if weights.is_file() and hashlib.sha256(weights.read_bytes()).hexdigest() == pinned:
+            return candidate
+    raise GradSAEError(
+        f"the shipped SAE {SHIPPED_PREFIX}{name} at layer {layer} is not in this install (no folder under {root} "
+        f"holds weights with sha256 {pinned[:12]}): reinstall gradsae, or pass the SAE's folder"
+    )
+
+
 class ResolvedSAE(NamedTuple):
     """What :func:`resolve_sae` found."""
 
@@ -82,8 +143,9 @@ def resolve_sae(
 ) -> ResolvedSAE:
     """The SAE to use, its layer, and a label saying what it is.
 
-    ``sae`` is a folder (any supported layout); ``None`` means the shipped SAE of
-    an embedded model at ``layer`` (default 6), else an untrained random SAE.
+    ``sae`` is a folder (any supported layout) or ``shipped:<name>``, a named shipped
+    version (module docstring); ``None`` means the shipped SAE of an embedded model at
+    ``layer`` (default 6), else an untrained random SAE.
     ``default_model`` says whether ``lm`` was loaded by an embedded model's name, so
     that its shipped SAEs apply (default: judged from ``lm.name``).
 
@@ -99,6 +161,9 @@ def resolve_sae(
 
 
 def _resolve(lm: LoadedModel, sae: str | None, layer: int | None, *, default_model: bool) -> ResolvedSAE:
+    if is_version_spec(sae):
+        assert sae is not None
+        return _version(lm, sae, DEFAULT_LAYER if layer is None else layer)
     if sae is not None:
         loaded = _wide(load_sae(sae))
         use = layer if layer is not None else loaded.cfg.hook_layer
@@ -114,6 +179,12 @@ def _resolve(lm: LoadedModel, sae: str | None, layer: int | None, *, default_mod
     log.warning("using an %s at layer %d", UNTRAINED, use)
     cfg = SAEConfig(d_in=lm.d_model, d_sae=8 * lm.d_model, activation="topk", k=SHIPPED_K, hook_layer=use)
     return ResolvedSAE(_wide(SAE.random(cfg, seed=0)), use, UNTRAINED)
+
+
+def _version(lm: LoadedModel, spec: str, layer: int) -> ResolvedSAE:
+    check_layers(lm, [layer])
+    path = shipped_version_path(spec.removeprefix(SHIPPED_PREFIX), layer, lm.name)
+    return ResolvedSAE(_wide(load_sae(path)), layer, f"{shipped_label(path)}, {spec}")
 
 
 def shipped_label(path: Path) -> str:

@@ -107,7 +107,7 @@ def dataclass_arguments(
             type=convert,
             default=f.default,
             dest=f.name,
-            help=(docs.get(f.name, "") + f" (default: {f.default})").strip(),
+            help=(docs.get(f.name, "") + f" (default: {f.default})").strip().replace("%", "%%"),  # argparse %-formats
         )
         added.append(f.name)
     return added

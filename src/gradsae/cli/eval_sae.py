@@ -3,7 +3,9 @@ accuracy with it spliced in; writes ``OUT/eval_sae.json`` and ``OUT/eval_sae.md`
 
 The sets are :mod:`gradsae.experiments.eval_sets`, the figures and the accuracy
 :mod:`gradsae.experiments.eval_sae`. Every argument, the tasks' data and the news
-corpus are checked before the model loads.
+corpus are checked before the model loads. Each finished unit is journaled in
+``OUT/journal/``: after Ctrl-C or ``kill -9`` the same command continues and writes the
+same ``eval_sae.json`` (``--restart`` discards the journal).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import argparse
 import logging
 import platform
 import shlex
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,14 +29,22 @@ from gradsae.experiments.eval_sae import (
     EvalSAEResults,
     SetFigures,
     card_section,
-    set_figures,
-    set_info,
+    journaled_set_figures,
+    sae_digest,
     task_accuracy,
     with_card_section,
 )
 from gradsae.experiments.eval_sets import chat_set, context_limit, generated_set, news_set, task_variants
+from gradsae.experiments.journal import FOLDER, Journal, count_units
 from gradsae.models import LoadedModel, check_layers, load_model
-from gradsae.pretrained import resolve_sae, shipped_folder, shipped_layers, shipped_sae_path
+from gradsae.pretrained import (
+    check_version_spec,
+    is_version_spec,
+    resolve_sae,
+    shipped_folder,
+    shipped_layers,
+    shipped_sae_path,
+)
 from gradsae.sae import SAE, check_compatible
 from gradsae.tasks import Task, check_prompt_lengths, load_task, with_prompt_format
 from gradsae.tasks.generated import SPECS
@@ -50,7 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--model", default=None, help="HF model folder or id, or a .gguf file (default: embedded SmolLM2-135M-Instruct)"
     )
-    add("--sae", default=None, help="SAE folder with {layer} in it (default: the shipped SAEs of the default model)")
+    add(
+        "--sae",
+        default=None,
+        help="SAE folder with {layer} in it, or shipped:NAME, SAEs that shipped under that name, e.g. shipped:k32 "
+        "(default: the shipped SAEs of the default model)",
+    )
     add("--layers", default="6,15,24", help="comma-separated layers, one SAE each (default: 6,15,24)")
     add("--out", required=True, help="output folder: eval_sae.json and eval_sae.md")
     add("--tokens", type=parse_count, default=8_000, help="counted tokens per held-out set, e.g. 8k (0: skip the sets)")
@@ -76,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write each layer's figures into its SAE folder's README.md (needs --sae; replaces that section)",
     )
+    add("--restart", action="store_true", help="discard an earlier run's journal in --out and measure everything anew")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,19 +117,23 @@ def run(args: argparse.Namespace) -> int:
         for task in tasks:
             check_prompt_lengths(lm, task)
         saes, labels = load_saes(lm, args, layers)
-        figures, sets = measure_sets(lm, saes, args, heldout, variants)
-        accuracy = [
-            a for task in tasks for a in task_accuracy(lm, saes, task, batch_size=args.batch_size, seed=args.seed)
-        ]
+        config = run_config(args, lm, labels, tasks, [v.name for v in variants])
+        journal = open_journal(out, config, saes, tasks, restart=args.restart)
+        figures, sets, seconds = measure_sets(lm, saes, args, heldout, variants, journal)
+        accuracy = []
+        for task in tasks:
+            accuracy += task_accuracy(lm, saes, task, batch_size=args.batch_size, seed=args.seed, journal=journal)
+        seconds += sum(_unit_seconds(journal, task.name, list(saes)) for task in tasks)
         results = EvalSAEResults(
-            config=run_config(args, lm, labels, tasks, [v.name for v in variants]),
+            config=config,
             sets=sets,
             figures=tuple(figures),
             accuracy=tuple(accuracy),
             versions=versions(),
-            seconds=round(time.perf_counter() - start, 1),
+            seconds=round(seconds, 1),
         )
         results.save(out)
+        log.info("this run took %.0f s", time.perf_counter() - start)
     if args.cards:
         write_cards(results, args.sae, layers)
     print(f"wrote {out}/eval_sae.json and eval_sae.md in {results.seconds:.0f} s")  # noqa: T201
@@ -119,8 +141,43 @@ def run(args: argparse.Namespace) -> int:
 
 
 def interrupted(args: argparse.Namespace) -> str:
-    """Nothing is written before the end."""
-    return f"nothing was written to {args.out} (the files are written at the end); run the same command again"
+    """What Ctrl-C leaves: the journaled units, and how to continue."""
+    n = count_units(args.out)
+    return f"{n} finished units are journaled in {Path(args.out) / FOLDER}; run the same command again to continue"
+
+
+def open_journal(
+    out: Path, config: dict[str, Any], saes: dict[int, SAE], tasks: list[Task], *, restart: bool
+) -> Journal:
+    """The run's journal (``--restart``: the old one discarded first); it refuses another run's units."""
+    if restart:
+        shutil.rmtree(out / FOLDER, ignore_errors=True)
+    return Journal.open(out, journal_config(config, saes, tasks))
+
+
+def journal_config(config: dict[str, Any], saes: dict[int, SAE], tasks: list[Task]) -> dict[str, Any]:
+    """What must match for a rerun to reuse finished units: every setting, the examples, the SAEs' weights.
+
+    The command line, the thread count and the versions are left out (they change no unit's value
+    beyond float rounding the fingerprint cannot see anyway).
+    """
+    import dataclasses
+    import hashlib
+
+    kept = {k: v for k, v in config.items() if k not in ("command", "threads")}
+    examples = {
+        t.name: hashlib.sha256(repr([dataclasses.astuple(e) for e in t.examples]).encode()).hexdigest() for t in tasks
+    }
+    return {**kept, "examples": examples, "sae_weights": {str(layer): sae_digest(sae) for layer, sae in saes.items()}}
+
+
+def _unit_seconds(journal: Journal, task: str, layers: list[int]) -> float:
+    from gradsae.experiments.journal import unit_key
+
+    keys = [unit_key("clean", task)] + [
+        unit_key("acc", task, layer, mode) for layer in layers for mode in ("replace", "error")
+    ]
+    return sum(float((journal.get(key) or {}).get("seconds", 0.0)) for key in keys)
 
 
 def check_arguments(args: argparse.Namespace) -> tuple[int, ...]:
@@ -140,7 +197,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[int, ...]:
     validate.model_and_device(args.model, args.device)
     validate.layers(layers, args.model, option="--layers")
     check_sae_option(args.sae, args.model, layers)
-    if args.cards and args.sae is None:
+    if args.cards and (args.sae is None or is_version_spec(args.sae)):
         raise GradSAEError("--cards writes into the SAE folders: pass --sae FOLDER (with {layer} in it)")
     validate.out_folder(args.out)
     return layers
@@ -158,6 +215,9 @@ def check_sae_option(spec: str | None, model: str | None, layers: tuple[int, ...
         return
     if spec.startswith("saelens:"):
         raise GradSAEError("--sae saelens:... is not supported here: pass a local SAE folder with {layer} in it")
+    if is_version_spec(spec):
+        check_version_spec(spec, list(layers), model)
+        return
     if len(layers) > 1 and "{layer}" not in spec:
         raise GradSAEError(f"--sae {spec} names one folder for {len(layers)} layers: put {{layer}} in the path")
     validate.sae_folders(spec, list(layers))
@@ -199,11 +259,16 @@ def load_saes(
 
 
 def measure_sets(
-    lm: LoadedModel, saes: dict[int, SAE], args: argparse.Namespace, heldout: list[str], variants: list[Task]
-) -> tuple[list[SetFigures], dict[str, dict[str, object]]]:
-    """Build each set, then measure every SAE on it."""
+    lm: LoadedModel,
+    saes: dict[int, SAE],
+    args: argparse.Namespace,
+    heldout: list[str],
+    variants: list[Task],
+    journal: Journal,
+) -> tuple[list[SetFigures], dict[str, dict[str, object]], float]:
+    """Build each set, then measure every SAE on it (journaled units reused); also the units' seconds."""
     if not args.tokens:
-        return [], {}
+        return [], {}, 0.0
     builders = {
         "news": lambda: news_set(lm.tokenizer, heldout, tokens=args.tokens, context=args.context),
         "chat": lambda: chat_set(lm.tokenizer, variants, tokens=args.tokens, limit=context_limit(lm)),
@@ -219,13 +284,13 @@ def measure_sets(
     }
     figures: list[SetFigures] = []
     sets: dict[str, dict[str, object]] = {}
+    total = 0.0
     for name, make in builders.items():
-        began = time.perf_counter()
-        evalset = make()
-        figures += set_figures(lm, saes, evalset, batch=args.batch_size)
-        sets[name] = set_info(evalset)
-        log.info("set %s: %d tokens in %.0f s", name, evalset.tokens, time.perf_counter() - began)
-    return figures, sets
+        found, sets[name], seconds = journaled_set_figures(lm, saes, name, make, batch=args.batch_size, journal=journal)
+        figures += found
+        total += seconds
+        log.info("set %s: %d tokens, %.0f s of measuring", name, sets[name]["tokens"], seconds)
+    return figures, sets, total
 
 
 def run_config(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from gradsae.cli import validate
 from gradsae.cli.common import dataclass_arguments, parse_count, parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers, load_model
+from gradsae.training import taskmix
 from gradsae.training.activations import Corpus, Mixture, load_texts, split_heldout
 from gradsae.training.chatmix import CHAT_SHARE, conversations, user_turns
 from gradsae.training.export import finish_run
@@ -50,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--corpus",
         default="news",
         help="news (embedded NewsArticles); chatmix (news + chat conversations in the model's template with its "
-        "own replies, see gradsae.training.chatmix); a .txt/.jsonl/.csv/.parquet file; or a HF dataset",
+        "own replies, see gradsae.training.chatmix); taskmix (news + chat + plain few-shot text in the generated "
+        "tasks' style from items no evaluation row uses, see gradsae.training.taskmix); "
+        "a .txt/.jsonl/.csv/.parquet file; or a HF dataset",
     )
     add("--column", default="text", help="text column of a .jsonl/.csv/.parquet/HF corpus")
     add("--split", default="train", help="split of a Hugging Face dataset")
@@ -82,14 +86,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    chatmix = args.corpus.lower() == CHATMIX
-    corpus = None if chatmix else args.corpus
+    mix = args.corpus.lower() if args.corpus.lower() in MIXES else None
+    corpus = None if mix else args.corpus
     train_texts, heldout = split_heldout(load_texts(corpus, column=args.column, split=args.split))
     out = Path(args.out)
     with _files.locked_folder(out, command="train-sae"):
         lm = load_model(args.model)
         check_layers(lm, cfg.layers)
-        corpus_in: Corpus = chat_mixture(lm, train_texts, out) if chatmix else train_texts
+        corpus_in: Corpus = MIXES[mix](lm, train_texts, out) if mix else train_texts
         if args.model_dtype != "float32":
             lm.model.to(getattr(torch, args.model_dtype))
         with stop_on_sigint() as should_stop:
@@ -126,6 +130,27 @@ def chat_mixture(lm: LoadedModel, news: list[str], out: Path) -> Mixture:
     """News documents and chat conversations (replies generated once, cached in ``out``)."""
     chats = conversations(lm, user_turns(), cache=out / "chat_replies.json")
     return Mixture(texts=tuple(news), framed=tuple(chats), framed_share=CHAT_SHARE)
+
+
+def task_mixture(lm: LoadedModel, news: list[str], out: Path) -> Mixture:
+    """News, chat conversations (with a chat template) and few-shot text (:mod:`gradsae.training.taskmix`)."""
+    if getattr(lm.tokenizer, "chat_template", None):
+        chats = conversations(lm, user_turns(), cache=out / "chat_replies.json")
+        docs = taskmix.few_shot_docs(len(chats))
+        return Mixture(texts=tuple(news), framed=(*chats, *docs), framed_share=taskmix.FRAMED_SHARE_CHAT)
+    docs = taskmix.few_shot_docs(taskmix.FEW_SHOT_DOCS)
+    return Mixture(
+        texts=tuple(news),
+        framed=tuple(docs),
+        framed_share=taskmix.FRAMED_SHARE_PLAIN,
+        framed_bos=taskmix.adds_bos(lm.tokenizer),
+    )
+
+
+MIXES: dict[str, Callable[[LoadedModel, list[str], Path], Mixture]] = {
+    CHATMIX: chat_mixture,
+    "taskmix": task_mixture,
+}
 
 
 def interrupted(args: argparse.Namespace) -> str:

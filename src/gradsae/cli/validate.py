@@ -17,6 +17,7 @@ from pathlib import Path
 from gradsae import _files
 from gradsae.errors import GradSAEError
 from gradsae.models import check_device, check_device_map, check_model_source
+from gradsae.pretrained import check_version_spec, is_version_spec
 from gradsae.sae import load_sae
 
 
@@ -72,6 +73,9 @@ def layers(values: Iterable[int | None], model: str | None, *, option: str) -> N
 def sae_folders(spec: str | None, values: Sequence[int | None]) -> None:
     """Load each SAE ``--sae`` names (``{layer}`` filled in) once, to refuse a bad one before the model loads."""
     if spec is None or spec.startswith("saelens:"):
+        return
+    if is_version_spec(spec):
+        check_version_spec(spec, values)
         return
     if "{layer}" in spec and any(layer is None for layer in values):
         raise GradSAEError(f"--sae {spec} has {{layer}} in it: pass --layer or --layers too")

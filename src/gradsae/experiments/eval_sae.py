@@ -26,24 +26,41 @@
 
 :class:`EvalSAEResults` holds everything and writes ``eval_sae.json`` and ``eval_sae.md``;
 :func:`card_section` is one layer's part of it, for that SAE's model card.
+
+Resuming (:mod:`gradsae.experiments.journal`): each finished unit is journaled under
+``<out>/journal/`` as soon as it is done: each set's token rows (``set-<name>``; the
+``generated`` set costs greedy decoding), each (set, layer) figure
+(``figures-<set>-<layer>``), each task's clean answers (``clean-<task>``, with their token
+ids, which ``error`` mode is checked against) and each (task, layer, mode) accuracy
+(``acc-<task>-<layer>-<mode>``). A rerun of the same command (the fingerprint covers every
+setting, the examples and the SAEs' weights) measures only the missing units and
+assembles ``eval_sae.json`` from the journaled values, so it writes what an uninterrupted
+run writes; :attr:`EvalSAEResults.seconds` is the measuring time summed over the units,
+whichever run measured them. Per-layer figures do not depend on which other SAEs share
+the pass (:func:`~gradsae.training.evaluate.evaluate_all` keeps them apart).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gradsae import _files
 from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.eval_sets import EvalSet
+from gradsae.experiments.journal import Journal, recall, unit_key
 from gradsae.experiments.perturb import decode, prompt_batches
 from gradsae.experiments.stats import Stat, stat
-from gradsae.generate import Generation
 from gradsae.models import LoadedModel
 from gradsae.sae import SAE
 from gradsae.splice import Mode
@@ -130,7 +147,7 @@ class EvalSAEResults:
     accuracy: tuple[Accuracy, ...]
     versions: dict[str, str]
     seconds: float
-    """Wall time of the command."""
+    """Measuring time: the seconds of every unit summed, across resumed runs (module docstring)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -212,19 +229,30 @@ def set_info(evalset: EvalSet) -> dict[str, Any]:
 
 # -- 2. task accuracy -------------------------------------------------------------
 def task_accuracy(
-    lm: LoadedModel, saes: dict[int, SAE], task: Task, *, batch_size: int = 16, seed: int = 0
+    lm: LoadedModel,
+    saes: dict[int, SAE],
+    task: Task,
+    *,
+    batch_size: int = 16,
+    seed: int = 0,
+    journal: Journal | None = None,
 ) -> list[Accuracy]:
-    """Clean, then per layer ``replace`` and ``error`` (both replaying one prefix of blocks ``0..l``)."""
+    """Clean, then per layer ``replace`` and ``error`` (both replaying one prefix of blocks ``0..l``).
+
+    Each of these units is taken from ``journal`` when it holds it, else measured and journaled.
+    """
     texts = [task.render(example, lm.tokenizer) for example in task.examples]
     first = ExperimentConfig(layer=min(saes) if saes else 0, batch_size=batch_size, seed=seed)
-    clean = decode(lm, prompt_batches(lm, texts, first, reuse=False), task, first, sae=None, edits_for=None)
-    out = [_accuracy(task, "clean", None, clean, clean, seed)]
+
+    def clean_unit() -> dict[str, Any]:
+        gens = decode(lm, prompt_batches(lm, texts, first, reuse=False), task, first, sae=None, edits_for=None)
+        ids = [list(g.token_ids) for g in gens]
+        return {"accuracy": _accuracy(task, "clean", None, [g.text for g in gens], ids, ids, seed), "token_ids": ids}
+
+    clean = journaled(journal, unit_key("clean", task.name), clean_unit)
+    out = [Accuracy.from_dict(clean["accuracy"])]
     for layer, sae in saes.items():
-        batches = prompt_batches(lm, texts, dataclasses.replace(first, layer=layer), reuse=True)
-        for mode in MODES:
-            cfg = ExperimentConfig(layer=layer, mode=mode, batch_size=batch_size, seed=seed)
-            gens = decode(lm, batches, task, cfg, sae=sae, edits_for=None)
-            out.append(_accuracy(task, mode, layer, gens, clean, seed))
+        out += _layer_accuracy(lm, sae, task, texts, dataclasses.replace(first, layer=layer), clean, journal)
         log.info("%s layer %d: %s", task.name, layer, " ".join(f"{a.condition} {a.exact.mean:.1f}" for a in out[-2:]))
     error = [a for a in out if a.condition == "error" and a.differs]
     for a in error:
@@ -234,19 +262,139 @@ def task_accuracy(
     return out
 
 
+def _layer_accuracy(
+    lm: LoadedModel,
+    sae: SAE,
+    task: Task,
+    texts: list[str],
+    cfg: ExperimentConfig,
+    clean: dict[str, Any],
+    journal: Journal | None,
+) -> list[Accuracy]:
+    """``replace`` and ``error`` at ``cfg.layer`` (the prefix of blocks is built only when a mode is missing)."""
+    keys = {mode: unit_key("acc", task.name, cfg.layer, mode) for mode in MODES}
+    batches = None
+    out = []
+    for mode in MODES:
+        unit = recall(journal, keys[mode])
+        if unit is None:
+            if batches is None:
+                batches = prompt_batches(lm, texts, cfg, reuse=True)
+            began = time.perf_counter()
+            gens = decode(lm, batches, task, dataclasses.replace(cfg, mode=mode), sae=sae, edits_for=None)
+            ids = [list(g.token_ids) for g in gens]
+            found = _accuracy(task, mode, cfg.layer, [g.text for g in gens], ids, clean["token_ids"], cfg.seed)
+            unit = store(journal, keys[mode], {"accuracy": found, "seconds": round(time.perf_counter() - began, 3)})
+        out.append(Accuracy.from_dict(unit["accuracy"]))
+    return out
+
+
 def _accuracy(
-    task: Task, condition: str, layer: int | None, gens: Sequence[Generation], clean: Sequence[Generation], seed: int
+    task: Task,
+    condition: str,
+    layer: int | None,
+    texts: Sequence[str],
+    token_ids: Sequence[Sequence[int]],
+    clean_ids: Sequence[Sequence[int]],
+    seed: int,
 ) -> Accuracy:
-    scores = [task.score(example, gen.text) for example, gen in zip(task.examples, gens, strict=True)]
+    scores = [task.score(example, text) for example, text in zip(task.examples, texts, strict=True)]
     return Accuracy(
         task=task.name,
         condition=condition,
         layer=layer,
         exact=stat([s.exact for s in scores], seed=seed, resamples=BOOTSTRAP),
         f1=stat([s.f1 for s in scores], seed=seed, resamples=BOOTSTRAP),
-        differs=sum(g.token_ids != c.token_ids for g, c in zip(gens, clean, strict=True)),
+        differs=sum(list(g) != list(c) for g, c in zip(token_ids, clean_ids, strict=True)),
         per_example=tuple(float(s.exact) for s in scores),
     )
+
+
+# -- journaled units -----------------------------------------------------------------
+def journaled(journal: Journal | None, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The unit ``key``: from ``journal`` when there, else ``compute()`` timed, stored and read back.
+
+    Dataclasses in the value become dicts; the value always takes a JSON round trip, so a
+    measured unit and a journaled one are the same data. ``seconds``: the time ``compute`` took.
+    """
+    found = recall(journal, key)
+    if found is not None:
+        return found
+    began = time.perf_counter()
+    value = compute()
+    return store(journal, key, {**value, "seconds": round(time.perf_counter() - began, 3)})
+
+
+def store(journal: Journal | None, key: str, value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` (dataclasses as dicts) journaled under ``key`` and read back; without a journal, a JSON round trip."""
+    plain = {k: dataclasses.asdict(v) if _is_instance(v) else v for k, v in value.items()}
+    return json.loads(json.dumps(plain)) if journal is None else journal.put(key, plain)
+
+
+def _is_instance(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def set_record(evalset: EvalSet) -> dict[str, Any]:
+    """An evaluation set as JSON-able data (:func:`set_from_record` restores it)."""
+    return {
+        "name": evalset.name,
+        "input_ids": evalset.input_ids.tolist(),
+        "attention_mask": evalset.attention_mask.tolist(),
+        "counted": evalset.counted.int().tolist(),
+        "sources": evalset.sources,
+    }
+
+
+def set_from_record(record: dict[str, Any]) -> EvalSet:
+    """The set :func:`set_record` stored."""
+    return EvalSet(
+        name=record["name"],
+        input_ids=torch.tensor(record["input_ids"], dtype=torch.long),
+        attention_mask=torch.tensor(record["attention_mask"], dtype=torch.long),
+        counted=torch.tensor(record["counted"], dtype=torch.bool),
+        sources=dict(record["sources"]),
+    )
+
+
+def journaled_set_figures(
+    lm: LoadedModel,
+    saes: dict[int, SAE],
+    name: str,
+    make: Callable[[], EvalSet],
+    *,
+    batch: int,
+    journal: Journal | None,
+) -> tuple[list[SetFigures], dict[str, Any], float]:
+    """Set ``name`` (built by ``make`` or journaled) and each SAE's figures on it, measuring only missing layers.
+
+    Returns the figures in the order of ``saes``, the set's info and the seconds of its units.
+    """
+    record = journaled(journal, unit_key("set", name), lambda: set_record(make()))
+    keys = {layer: unit_key("figures", name, layer) for layer in saes}
+    found = {layer: recall(journal, key) for layer, key in keys.items()}
+    missing = {layer: sae for layer, sae in saes.items() if found[layer] is None}
+    evalset = set_from_record(record)
+    if missing:
+        began = time.perf_counter()
+        measured = set_figures(lm, missing, evalset, batch=batch)
+        share = round((time.perf_counter() - began) / len(missing), 3)
+        for one in measured:
+            found[one.layer] = store(journal, keys[one.layer], {"figures": one, "seconds": share})
+    units = [found[layer] for layer in saes]
+    out = [SetFigures(**unit["figures"]) for unit in units if unit is not None]
+    seconds = float(record["seconds"]) + sum(float(unit["seconds"]) for unit in units if unit is not None)
+    return out, set_info(evalset), seconds
+
+
+def sae_digest(sae: SAE) -> str:
+    """SHA-256 of an SAE's parameters (names and bytes), for the journal's fingerprint."""
+    digest = hashlib.sha256()
+    state = sae.state()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 # -- the report --------------------------------------------------------------------

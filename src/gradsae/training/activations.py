@@ -98,6 +98,8 @@ class Mixture:
     framed: tuple[str, ...]
     framed_share: float
     """Share of sequences that are framed, in [0, 1]."""
+    framed_bos: bool = False
+    """Put BOS before each framed sequence's first document (as the experiments encode a plain prompt for Gemma)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.framed_share <= 1:
@@ -240,13 +242,16 @@ def sequences(
             raise GradSAEError("the corpus tokenises to nothing: pass a corpus with text in it")
 
 
-def framed_sequences(tokenizer: Any, docs: Sequence[str], *, context: int, seed: int = 0) -> Iterator[list[int]]:
-    """Endless ``context``-token sequences, each starting at a document of ``docs`` (no BOS added)."""
+def framed_sequences(
+    tokenizer: Any, docs: Sequence[str], *, context: int, seed: int = 0, bos: bool = False
+) -> Iterator[list[int]]:
+    """Endless ``context``-token sequences, each starting at a document of ``docs`` (after BOS if ``bos``)."""
     tokens: dict[int, list[int]] = {}
+    head = [tokenizer.bos_token_id] if bos else []
     for epoch in range(sys.maxsize):
         order = _doc_order(len(docs), seed + 7919, epoch, True)
         for j in range(len(order)):
-            row: list[int] = []
+            row: list[int] = list(head)
             for i in (order[(j + step) % len(order)] for step in range(len(order))):
                 if i not in tokens:
                     tokens[i] = tokenize(tokenizer, [docs[i]])[0]
@@ -261,7 +266,11 @@ def framed_sequences(tokenizer: Any, docs: Sequence[str], *, context: int, seed:
 def mixed_sequences(tokenizer: Any, mix: Mixture, *, context: int, seed: int = 0) -> Iterator[list[int]]:
     """Packed and framed sequences interleaved at ``mix.framed_share`` (module docstring)."""
     packed = sequences(tokenizer, mix.texts, context=context, seed=seed) if mix.framed_share < 1 else iter(())
-    framed = framed_sequences(tokenizer, mix.framed, context=context, seed=seed) if mix.framed_share > 0 else iter(())
+    framed = (
+        framed_sequences(tokenizer, mix.framed, context=context, seed=seed, bos=mix.framed_bos)
+        if mix.framed_share > 0
+        else iter(())
+    )
     share = mix.framed_share
     for i in range(sys.maxsize):
         yield next(framed) if math.floor((i + 1) * share) > math.floor(i * share) else next(packed)

@@ -121,8 +121,11 @@ def model_card(sae: SAE, recipe: dict[str, Any], result: EvalResult | None) -> s
 
 
 def _corpus_lines(recipe: dict[str, Any]) -> list[str]:
-    """What the ``chatmix`` corpus is made of (nothing for other corpora)."""
-    if str(recipe.get("corpus", "")).lower() != "chatmix":
+    """What the ``chatmix`` / ``taskmix`` corpus is made of (nothing for other corpora)."""
+    corpus = str(recipe.get("corpus", "")).lower()
+    if corpus == "taskmix":
+        return _taskmix_lines()
+    if corpus != "chatmix":
         return []
     from gradsae.training.chatmix import CHAT_SHARE, PER_SOURCE, REPLY_TOKENS, SOURCES
 
@@ -133,6 +136,22 @@ def _corpus_lines(recipe: dict[str, Any]) -> list[str]:
         "datasets, none of them a set the experiments evaluate on, wrapped in classification / question / summary "
         f"instructions) and the model's own greedy reply (at most {REPLY_TOKENS} tokens); "
         "see `gradsae.training.chatmix`. Position 0 is never trained on.",
+    ]
+
+
+def _taskmix_lines() -> list[str]:
+    from gradsae.training import taskmix
+
+    sizes = taskmix.sizes()
+    return [
+        "- Corpus `taskmix` (see `gradsae.training.taskmix`): by the sequences each kind opens, 1/3 NewsArticles "
+        "text (BOS + 127 tokens), 1/3 the `chatmix` chat conversations (a user turn and the model's own greedy "
+        "reply), 1/3 plain few-shot text in the generated tasks' formats (capitals, plural, past_tense, facts; "
+        "3 to 6 answered blocks each); without a chat template, 1/2 news and 1/2 few-shot text. Framed documents "
+        "open their sequence at position 0 as an experiment prompt does; position 0 is never trained on. The "
+        "few-shot items are the data the tasks' pools leave out, so no item is a row any evaluation can draw "
+        f"({sizes['capitals']} countries, {sizes['plural']} nouns, {sizes['past_tense']} verbs; facts with "
+        f"{sizes['facts_names']} first names and {sizes['facts_cities']} cities the facts task never uses).",
     ]
 
 
