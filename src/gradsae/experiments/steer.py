@@ -804,7 +804,8 @@ def run_steering(
     """The whole procedure of the module docstring: ``saes`` maps each layer of ``cfg.layers`` to (SAE, label)."""
     layers = cfg.layers or tuple(saes)
     judges = {
-        c.name: remember(journal, unit_key("judge", c.name), functools.partial(judge_check, lm, c, cfg)) for c in concepts
+        c.name: remember(journal, unit_key("judge", c.name), functools.partial(judge_check, lm, c, cfg))
+        for c in concepts
     }
     cells = []
     for layer in layers:
