@@ -32,7 +32,7 @@ from typing import Any
 from gradsae import _files
 from gradsae.cli.common import add_model_arguments, dataclass_arguments, parse_layers
 from gradsae.errors import GradSAEError
-from gradsae.experiments.journal import FOLDER, Journal
+from gradsae.experiments.journal import FOLDER, Journal, count_units
 from gradsae.experiments.steer import (
     CONCEPTS,
     DEFAULT_CONCEPTS,
@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         paths = render(SteerResult.load(out / "steering.json"), out, report=report)
     else:
         concepts = concepts_from(args)
+        wanted_layers(args)
         config_from(args, layers=())  # refuse bad options before loading anything
         with _files.locked_folder(out, command="steer"):
             start = time.perf_counter()
@@ -201,3 +202,14 @@ def run_steer(args: argparse.Namespace, concepts: list[Concept], out: Path) -> S
     journal = Journal.open(out, config)
     command = "gradsae " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "gradsae steer"
     return run_steering(lm, saes, concepts, cfg, command=command, journal=journal)
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves in ``--out``: the journaled units; the same command continues."""
+    if args.render_only:
+        return "nothing was written"
+    units = count_units(args.out)
+    return (
+        f"{units} finished units are journaled in {Path(args.out) / FOLDER}; rerun the same command to continue "
+        "(it writes the same steering.json as an uninterrupted run)"
+    )
