@@ -45,9 +45,13 @@ Scores (``[d_sae]``, larger = a better steering latent; pick with :func:`top_lat
   then unembedding) and score ``(1 - min_{t in T_c} rank_{p_c}(t) / V) * max_{t in T_c} p_c(t)``
   (rank 0 = the most likely token, ``V`` the vocabulary size).
 * :func:`delta_token_confidence`: ΔToken Confidence (Wang et al. 2025, arXiv 2510.03659):
-  how much amplifying the latent (the same intervention) changes the confidence of
-  the next-token distribution, ``max_v p_c(v) - max_v p_0(v)``, averaged over prompts
-  (``p_0``: no intervention).
+  "how much amplifying a feature changes the next token distribution" (the paper's
+  abstract), read here as the change of the next-token confidence (the top
+  probability) under the same amplification as Arad et al.'s,
+  ``max_v p_c(v) - max_v p_0(v)``, averaged over prompts (``p_0``: no intervention).
+  Only the abstract could be read where this was written, not the method section, so
+  the exact form (signed or absolute, the amplification, the prompts) is this
+  project's reading, and the steering report says so.
 * :func:`random_latents`: ``K`` latents drawn uniformly (seeded), the null.
 
 Norm-matched strength (:func:`norm_matched_values`): a set ``S`` with weights ``w``

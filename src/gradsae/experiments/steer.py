@@ -116,7 +116,8 @@ METHOD_NAMES = {
     "activation": "mean activation on the concept texts",
     "logit-lens": "logit-lens projection on the concept words (a stand-in, not Arad et al.'s output score)",
     "arad": "Arad et al. (2025) intervention output score, over the activation pool",
-    "dtc": "ΔToken Confidence (Wang et al. 2025, arXiv 2510.03659), over the activation pool",
+    "dtc": "ΔToken Confidence (Wang et al. 2025, arXiv 2510.03659) as read from its abstract: the change of the "
+    "top next-token probability under Arad et al.'s amplification, over the activation pool",
     "random": "random latents (several seeded draws)",
 }
 """What each selector is, as the report names it."""

@@ -333,8 +333,8 @@ def concept_section(result: SteerResult, name: str) -> list[str]:
             "",
             f"### layer {cell.layer}, seed {cell.seed}",
             "",
-            "| selector | alpha | eval success | vs unsteered (test, p) | eval perplexity | eval distinct-2 | "
-            "held-aside success by alpha | held-aside perplexity by alpha |",
+            "| selector | alpha | eval success | vs unsteered (test, uncorrected p) | eval perplexity | "
+            "eval distinct-2 | held-aside success by alpha | held-aside perplexity by alpha |",
             "|---|---|---|---|---|---|---|---|",
             f"| unsteered | 0 | {fmt(base.success)} | | {fmt(base.ppl, 2)} | {fmt(base.distinct)} | "
             f"{run.base('heldout').success.mean:.0f} | {run.base('heldout').ppl.mean:.2f} |",
