@@ -34,7 +34,32 @@ Scores (``[d_sae]``, larger = a better steering latent; pick with :func:`top_lat
       every latent alike and is dropped).
 
   The norm's ``1 / rms(x)`` depends on the residual, not on ``c``, and is dropped.
+* :func:`target_position_influence`: GradSAE scored on the target positions only:
+  ``mean_b (1/L_b) sum_{n in T_b} relu(H[b,n,c] dY_b/dH[b,n,c])`` where ``T_b`` are the
+  ``L_b`` positions whose next-token prediction is a target token (the last prompt
+  token and every target token but the last), not the chat scaffold before them.
+* :func:`arad_output_scores`: Arad et al. (EMNLP 2025)'s intervention-based output
+  score, as their code computes it: on a neutral prompt, add ``amp x max_c' H[last, c']``
+  to latent ``c`` at the last position (error mode), read the next-token distribution
+  ``p_c``, take the ``top_k`` logit-lens tokens ``T_c`` of ``W_dec[c]`` (final norm,
+  then unembedding) and score ``(1 - min_{t in T_c} rank_{p_c}(t) / V) * max_{t in T_c} p_c(t)``
+  (rank 0 = the most likely token, ``V`` the vocabulary size).
+* :func:`delta_token_confidence`: ΔToken Confidence (Wang et al. 2025, arXiv 2510.03659):
+  "how much amplifying a feature changes the next token distribution" (the paper's
+  abstract), read here as the change of the next-token confidence (the top
+  probability) under the same amplification as Arad et al.'s,
+  ``max_v p_c(v) - max_v p_0(v)``, averaged over prompts (``p_0``: no intervention).
+  Only the abstract could be read where this was written, not the method section, so
+  the exact form (signed or absolute, the amplification, the prompts) is this
+  project's reading, and the steering report says so.
 * :func:`random_latents`: ``K`` latents drawn uniformly (seeded), the null.
+
+Norm-matched strength (:func:`norm_matched_values`): a set ``S`` with weights ``w``
+(each latent's typical activation) has the direction ``u = sum_i w_i W_dec[c_i]``;
+the edit adds ``alpha * R * u / |u|`` with ``R`` the residual stream's typical norm
+at the layer (:func:`residual_norm`: the median token norm of the block output,
+each row's first token and padding left out), so every method's vector has the
+norm ``alpha * R`` whatever its latents.
 """
 
 from __future__ import annotations
@@ -48,7 +73,7 @@ from torch import nn
 
 from gradsae.errors import GradSAEError
 from gradsae.generate import encode_prompts, pad_id, pad_left
-from gradsae.models import LoadedModel, position_ids
+from gradsae.models import LoadedModel, block_output, position_ids
 from gradsae.objectives import NextTokenProb, Objective, TargetLogProb
 from gradsae.sae import SAE
 from gradsae.scores import score_latents
@@ -238,3 +263,135 @@ def steering_vector(
 def _encode(lm: LoadedModel, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     ids, mask = encode_prompts(lm.tokenizer, texts)
     return ids.to(lm.device), mask.to(lm.device)
+
+
+# -- norm-matched strength ----------------------------------------------------------
+@torch.no_grad()
+def residual_norm(lm: LoadedModel, texts: Sequence[str], *, layer: int) -> float:
+    """Median L2 norm of block ``layer``'s output over the tokens of ``texts`` (first token and padding left out)."""
+    ids, mask = _encode(lm, texts)
+    got: list[torch.Tensor] = []
+    handle = lm.layers[layer].register_forward_hook(lambda _m, _i, out: got.append(block_output(out).detach()))
+    try:
+        lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    valid = mask.bool().clone()
+    valid[torch.arange(len(valid)), valid.float().argmax(dim=1)] = False
+    return float(got[0].float().norm(dim=-1)[valid].median())
+
+
+def norm_matched_values(
+    sae: SAE, latents: torch.Tensor | Sequence[int], weights: torch.Tensor, norm: float
+) -> torch.Tensor:
+    """``[K]`` values whose add edit puts ``norm * u / |u|`` on the residual, ``u = sum_i w_i W_dec[c_i]``."""
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    direction = w @ sae.W_dec.detach().double().cpu()[torch.as_tensor(latents, dtype=torch.long)]
+    length = float(direction.norm())
+    if length == 0:
+        raise GradSAEError("the steering direction is zero: give the latents non-zero weights")
+    return (w * (float(norm) / length)).float()
+
+
+def norm_matched_edit(sae: SAE, latents: torch.Tensor | Sequence[int], weights: torch.Tensor, norm: float) -> Edit:
+    """The add edit of :func:`norm_matched_values` at every position of every pass."""
+    values = norm_matched_values(sae, latents, weights, norm)
+    return Edit(latents=torch.as_tensor(latents, dtype=torch.long), op="add", values=values, positions="all")
+
+
+# -- target positions ----------------------------------------------------------------
+def target_position_influence(
+    lm: LoadedModel, sae: SAE, prompts: Sequence[str], targets: Sequence[str], *, layer: int, mode: Mode = "error"
+) -> torch.Tensor:
+    """``[d_sae]`` GradSAE influence on ``log p(target | prompt)`` over the target-predicting positions only."""
+    ids, mask, lengths = target_rows(lm.tokenizer, prompts, targets)
+    objective = TargetLogProb(n_target=lengths)
+    scores = score_latents(lm, sae, ids.to(lm.device), mask.to(lm.device), objective, layer=layer, mode=mode)
+    width = ids.shape[1]
+    rows, pos, lat = scores.token_index.unbind(-1)
+    length = torch.as_tensor(lengths, device=rows.device)[rows]
+    inside = (pos >= width - 1 - length) & (pos <= width - 2)
+    weight = scores.token_score.clamp(min=0) * inside / length
+    total = torch.zeros(sae.cfg.d_sae, dtype=weight.dtype, device=weight.device).index_add(0, lat, weight)
+    return total / len(lengths)
+
+
+# -- intervention-based output scores (Arad et al.; ΔToken Confidence) -------------------
+ARAD_PROMPT = "From my experience,"
+"""The neutral sentence Arad et al.'s code amplifies each feature on."""
+
+
+def logit_lens_top_tokens(lm: LoadedModel, sae: SAE, latents: Sequence[int], k: int) -> torch.Tensor:
+    """``[len(latents), k]`` the ``k`` tokens each decoder row promotes most: unembed(final_norm(W_dec[c]))."""
+    rows = sae.W_dec.detach()[torch.as_tensor(list(latents), dtype=torch.long)].to(lm.device)
+    with torch.no_grad():
+        head = lm.model.get_output_embeddings()
+        normed = final_norm(lm)(rows.to(head.weight.dtype))
+        return head(normed).float().topk(k, dim=-1).indices.cpu()
+
+
+@torch.no_grad()
+def amplified_probs(
+    lm: LoadedModel, sae: SAE, prompt: str, latents: Sequence[int], *, layer: int, amp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p_0 [V], p [len(latents), V])``: next-token distributions without and with each latent amplified.
+
+    Amplified: ``amp x`` the largest latent activation at the last position is added
+    to the latent there (error mode: the residual gets that times ``W_dec[c]``).
+    """
+    ids, mask = _encode(lm, [prompt])
+    last = ids.shape[1] - 1
+    with splice(lm, sae, layer, mode="error") as state:
+        logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
+    acts = state.latents[0]
+    at_last = acts.values[acts.index[:, 1] == last]
+    top = float(at_last.max()) if len(at_last) else 0.0
+    p0 = logits[0, -1].double().softmax(-1).cpu()
+    n = len(latents)
+    edit = Edit(
+        latents=torch.as_tensor(list(latents), dtype=torch.long)[:, None],
+        op="add",
+        values=torch.full((n, 1), amp * top),
+        positions="last",
+    )
+    rows, row_mask = ids.repeat(n, 1), mask.repeat(n, 1)
+    with splice(lm, sae, layer, mode="error", edits=[edit], record=False):
+        out = lm.model(input_ids=rows, attention_mask=row_mask, position_ids=position_ids(row_mask), use_cache=False)
+    return p0, out.logits[:, -1].double().softmax(-1).cpu()
+
+
+def arad_output_scores(
+    lm: LoadedModel,
+    sae: SAE,
+    latents: Sequence[int],
+    *,
+    layer: int,
+    prompt: str = ARAD_PROMPT,
+    amp: float = 10.0,
+    top_k: int = 20,
+) -> torch.Tensor:
+    """``[len(latents)]`` Arad et al.'s output score of each latent (module docstring)."""
+    _, probs = amplified_probs(lm, sae, prompt, latents, layer=layer, amp=amp)
+    tokens = logit_lens_top_tokens(lm, sae, latents, top_k)
+    order = probs.argsort(dim=-1, descending=True, stable=True)
+    ranks = order.argsort(dim=-1, stable=True)
+    best_rank = ranks.gather(-1, tokens).min(dim=-1).values.double()
+    top_prob = probs.gather(-1, tokens).max(dim=-1).values.double()
+    return (1 - best_rank / probs.shape[-1]) * top_prob
+
+
+def delta_token_confidence(
+    lm: LoadedModel,
+    sae: SAE,
+    latents: Sequence[int],
+    *,
+    layer: int,
+    prompts: Sequence[str] = (ARAD_PROMPT,),
+    amp: float = 10.0,
+) -> torch.Tensor:
+    """``[len(latents)]`` ΔToken Confidence: ``mean_prompts max_v p_c(v) - max_v p_0(v)`` (module docstring)."""
+    total = torch.zeros(len(latents), dtype=torch.float64)
+    for prompt in prompts:
+        p0, probs = amplified_probs(lm, sae, prompt, latents, layer=layer, amp=amp)
+        total += probs.max(dim=-1).values.double() - float(p0.max())
+    return total / len(prompts)

@@ -1,8 +1,10 @@
-"""The steering evaluation: disjoint splits, alpha = 0 is the unsteered text, metrics, the alpha choice, a tiny run."""
+"""The steering evaluation: disjoint splits, selectors, metrics, the alpha choice, a tiny run, resuming, the freeze."""
 
 from __future__ import annotations
 
 import math
+import shutil
+from typing import Any
 
 import pytest
 import torch
@@ -10,26 +12,34 @@ import torch
 from gradsae.errors import GradSAEError
 from gradsae.experiments.concepts import (
     CONCEPTS,
+    DEFAULT_ALPHAS,
+    FREEZE,
     METHODS,
     NEUTRAL_PROMPTS,
+    NEUTRAL_TEXTS,
     Point,
     SteerConfig,
     SteerResult,
     choose_alpha,
-    concept_hits,
     distinct_n,
+    freeze_hash,
+    journal_config,
     mean_nll,
     pick_latents,
     run_steering,
+    second_seed,
+    selector_scores,
     split_prompts,
     steered_generations,
+    sweep_edit,
 )
+from gradsae.experiments.journal import Journal
 from gradsae.experiments.stats import Stat
+from gradsae.experiments.steer_judges import concept_hits
 from gradsae.generate import generate
 from gradsae.models import LoadedModel
-from gradsae.report.concepts import markdown, render
-from gradsae.steer import Concept, steering_edit
-from gradsae.tasks import Example, Task
+from gradsae.report.concepts import headline, markdown, render
+from gradsae.steer import Concept, arad_output_scores, top_latents
 from tests.helpers import char_lm, tiny_sae
 
 CONCEPT = Concept(
@@ -61,30 +71,57 @@ def test_splits_are_disjoint_and_eval_is_fixed():
         split_prompts(NEUTRAL_PROMPTS, n_seed=10, n_heldout=10, n_eval=10, seed=0)
 
 
-def test_alpha_zero_gives_the_unsteered_text(lively):
-    sae, cfg = tiny_sae(d_sae=48, layer=1, d_in=32), SteerConfig(batch_size=2)
+def test_norm_zero_gives_the_unsteered_text(lively):
+    sae = tiny_sae(d_sae=48, layer=1, d_in=32)
     texts = ["hello there", "a", "the quick brown fox"]
     plain = generate(lively, texts, max_new_tokens=12)
     zero = steered_generations(
-        lively, sae, texts, steering_edit([1, 5, 9], 0.0, torch.ones(3)), layer=1, cfg=cfg, budget=12
+        lively, sae, texts, sweep_edit(sae, [1, 5, 9], torch.ones(3), [0.0], 3), layer=1, budget=12
     )
     strong = steered_generations(
-        lively, sae, texts, steering_edit([1, 5, 9], 40.0, torch.ones(3)), layer=1, cfg=cfg, budget=12
+        lively, sae, texts, sweep_edit(sae, [1, 5, 9], torch.ones(3), [40.0], 3), layer=1, budget=12
     )
     assert [g.token_ids for g in zero] == [g.token_ids for g in plain]
     assert [g.token_ids for g in strong] != [g.token_ids for g in plain]  # the edit does act
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_each_method_returns_k_distinct_latents(lively, method):
+@pytest.mark.parametrize("method", [*METHODS[:-1], "random-0"])
+def test_each_selector_returns_k_distinct_latents(lively, method):
     sae = tiny_sae(d_sae=48, layer=1, d_in=32)
-    latents = pick_latents(lively, sae, CONCEPT, method, layer=1, k=6, seeds=["hi", "tell me"], cfg=SteerConfig())
+    cfg = SteerConfig(k=6, pool=10)
+    latents = pick_latents(lively, sae, CONCEPT, method, layer=1, seeds=["hi", "tell me"], cfg=cfg)
     assert latents.shape == (6,) and len(set(latents.tolist())) == 6
     assert int(latents.min()) >= 0 and int(latents.max()) < 48
 
 
+def test_arad_and_dtc_rank_the_activation_pool(lively):
+    sae = tiny_sae(d_sae=48, layer=1, d_in=32)
+    cfg = SteerConfig(k=3, pool=8)
+    seeds = ["hi", "tell me"]
+    pool = top_latents(selector_scores(lively, sae, CONCEPT, "activation", layer=1, seeds=seeds, cfg=cfg), 8)
+    arad = pick_latents(lively, sae, CONCEPT, "arad", layer=1, seeds=seeds, cfg=cfg)
+    dtc = pick_latents(lively, sae, CONCEPT, "dtc", layer=1, seeds=seeds, cfg=cfg)
+    assert set(arad.tolist()) <= set(pool.tolist()) and set(dtc.tolist()) <= set(pool.tolist())
+    scores = arad_output_scores(lively, sae, pool.tolist(), layer=1, amp=cfg.amplify)
+    assert arad.tolist() == pool[scores.argsort(descending=True, stable=True)[:3]].tolist()
+
+
+def test_random_draws_differ_by_draw_concept_and_seed(lively):
+    sae, cfg = tiny_sae(d_sae=48, layer=1, d_in=32), SteerConfig(k=6)
+    other = Concept(name="other", words=("x",))
+
+    def draw(concept: Concept, run: str, seed: int) -> list[int]:
+        return pick_latents(lively, sae, concept, run, layer=1, seeds=["hi"], cfg=cfg, seed=seed).tolist()
+
+    first = draw(CONCEPT, "random-0", 0)
+    assert first == draw(CONCEPT, "random-0", 0)
+    assert first != draw(CONCEPT, "random-1", 0) and first != draw(other, "random-0", 0)
+    assert first != draw(CONCEPT, "random-0", 1)
+    assert SteerConfig(random_draws=5).runs()[-5:] == tuple(f"random-{d}" for d in range(5))
+
+
 def test_text_metrics():
-    assert concept_hits("The Wedding, the brides and a groomsman; weddings!", ["wedding", "bride"]) == (3, 8)
+    assert concept_hits("The Wedding, the brides and a groomsman; weddings!", ["wedding", "weddings"]) == (2, 8)
     assert concept_hits("", ["a"]) == (0, 0)
     assert distinct_n([1, 2, 1, 2, 1, 2]) == pytest.approx(2 / 5)
     assert distinct_n([7]) == 1.0 and distinct_n([1, 2, 3, 4]) == 1.0
@@ -117,50 +154,95 @@ def test_choose_alpha_is_the_best_success_within_the_budget():
 
 
 def test_config_refuses_bad_values():
+    with pytest.raises(GradSAEError, match="pool"):
+        SteerConfig(k=8, pool=4)
+    with pytest.raises(GradSAEError, match="seeds"):
+        SteerConfig(seeds=(1, 1))
     with pytest.raises(GradSAEError, match="methods"):
         SteerConfig(methods=("gradsae", "magic"))
     with pytest.raises(GradSAEError, match="positive"):
         SteerConfig(alphas=(0.0, 1.0))
 
 
+TOPIC = Concept(name="topic", words=("ab", "e"), texts=("ab ab e",))
+
+
+def tiny_config(**changes: Any) -> SteerConfig:
+    base = {
+        "k": 3,
+        "alphas": (0.5, 4.0),
+        "n_seed": 2,
+        "n_heldout": 2,
+        "n_eval": 3,
+        "max_new_tokens": 6,
+        "resamples": 50,
+        "pool": 6,
+        "random_draws": 2,
+        "seeds": (0, 1),
+    }
+    return SteerConfig(**{**base, **changes})
+
+
 def test_tiny_run_saves_loads_and_renders(lively, tmp_path):
     sae = tiny_sae(d_sae=48, layer=1, d_in=32)
-    cfg = SteerConfig(
-        k=3, alphas=(1.0, 8.0), methods=METHODS, n_seed=2, n_heldout=2, n_eval=3, max_new_tokens=6, resamples=50
-    )
-    labels = ("negative", "positive")
-    task = Task(
-        "mini",
-        "{prompt} ok?",
-        tuple(
-            Example(id=str(i), prompt=t, answers=(lab,), label=lab)
-            for i, (t, lab) in enumerate([("good", labels[1]), ("bad", labels[0])])
-        ),
-        max_new_tokens=4,
-        metric="accuracy",
-        labels=labels,
-    )
-    topic = Concept(name="topic", words=("ab", "e"), texts=("ab ab e",))
-    result = run_steering(lively, sae, [topic, CONCEPT], cfg, sae_label="tiny", cost_task=task, command="test")
-    assert [len(run.methods) for run in result.concepts] == [4, 5]  # gradsae-label only for the sentiment concept
-    for run in result.concepts:
-        for method in run.methods:
-            assert len(method.points) == 2 * len(cfg.alphas) and len(method.latents) == 3
-            assert method.alpha in (0.0, *cfg.alphas)
-            assert all(math.isfinite(p.ppl.mean) and 0 <= p.success.mean <= 100 for p in method.points)
-    assert set(result.prompts["eval"]).isdisjoint(result.prompts["heldout"])
+    cfg = tiny_config()
+    result = run_steering(lively, {1: (sae, "tiny")}, [TOPIC, CONCEPT], cfg, command="test")
+    assert [(c.layer, c.seed) for c in result.cells] == [(1, 0), (1, 1)]
+    runs = cfg.runs()
+    assert runs == ("gradsae", "gradsae-target", "activation", "logit-lens", "arad", "dtc", "random-0", "random-1")
+    for cell in result.cells:
+        assert cell.resid_norm > 0 and set(cell.prompts["eval"]).isdisjoint(cell.prompts["heldout"])
+        for run in cell.concepts:
+            assert [m.method for m in run.methods] == list(runs)
+            for method in run.methods:
+                sweep = [p for p in method.points if p.split == "heldout"]
+                assert [p.alpha for p in sweep] == list(cfg.alphas) and len(method.latents) == 3
+                assert method.alpha in (0.0, *cfg.alphas)
+                assert (method.point(method.alpha, "eval") is not None) == (method.alpha > 0)
+                assert all(math.isfinite(p.ppl.mean) and 0 <= p.success.mean <= 100 for p in method.points)
+    assert set(result.judges) == {"topic", "abc"} and result.judges["topic"]["good"]
     paths = render(result, tmp_path)
     assert [p.name for p in paths] == ["steering.json", "steering.md", "steering.png"]
     loaded = SteerResult.load(tmp_path / "steering.json")
     assert loaded == result
     text = markdown(loaded)
-    assert "## Concept `topic`" in text and "vs GradSAE" in text and "logit-lens" in text
-    assert "ppl <= 10x" in text
+    assert "## `topic` (topic)" in text and "## Answer" in text and "Holm" in text and "logit-lens" in text
+    assert headline(loaded) in text
+
+
+def test_a_journaled_run_resumes_to_the_same_bytes(lively, tmp_path):
+    sae = tiny_sae(d_sae=48, layer=1, d_in=32)
+    cfg = tiny_config(seeds=(0,), random_draws=1)
+    config = journal_config(cfg, lively.name, {1: "tiny"}, [TOPIC])
+    whole = run_steering(lively, {1: (sae, "tiny")}, [TOPIC], cfg, journal=Journal.open(tmp_path / "a", config))
+    whole.save(tmp_path / "a.json")
+    units = sorted((tmp_path / "a" / "journal").glob("*.json"))
+    assert len(units) > 10
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for path in units[::3]:  # as if killed before these units finished
+        (tmp_path / "b" / "journal" / path.name).unlink()
+    again = run_steering(lively, {1: (sae, "tiny")}, [TOPIC], cfg, journal=Journal.open(tmp_path / "b", config))
+    again.save(tmp_path / "b.json")
+    assert (tmp_path / "b.json").read_bytes() == (tmp_path / "a.json").read_bytes()
+    plain = run_steering(lively, {1: (sae, "tiny")}, [TOPIC], cfg)  # without a journal: the same numbers
+    plain.save(tmp_path / "c.json")
+    assert (tmp_path / "c.json").read_bytes() == (tmp_path / "a.json").read_bytes()
+
+
+def test_freeze_record_matches_the_frozen_texts_and_draws_the_second_seed():
+    assert freeze_hash() == FREEZE["sha256"], "concepts, prompts, grid or selectors changed after the freeze"
+    assert SteerConfig().seeds == (0, second_seed()) and second_seed() == int(FREEZE["sha256"][:12], 16) % 10**6
+    assert SteerConfig().alphas == DEFAULT_ALPHAS and SteerConfig().methods == METHODS
 
 
 def test_builtin_concepts_are_well_formed():
-    assert {"weddings", "positive"} <= set(CONCEPTS)
+    assert [c.judge for c in CONCEPTS.values()].count(None) == 4  # four topics
+    assert {c.judge for c in CONCEPTS.values()} == {None, "positive", "negative"}  # two sentiments
     assert CONCEPTS["positive"].judge == "positive" and CONCEPTS["positive"].negatives
+    for concept in CONCEPTS.values():
+        if concept.judge is None:
+            assert all(concept_hits(t, concept.words)[0] for t in concept.texts)
+            assert not any(concept_hits(t, concept.words)[0] for t in (*NEUTRAL_TEXTS, *NEUTRAL_PROMPTS))
     assert all(c.texts for c in CONCEPTS.values())
 
 

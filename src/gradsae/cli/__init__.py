@@ -30,7 +30,7 @@ COMMANDS = {
     "report": ("report", "re-render a run's table and plots from its results.json"),
     "cards": ("cards", "feature cards: a latent's top contexts by activation and influence, logit lens, density"),
     "sweep": ("sweep", "reproduce over tasks x layers and write one consolidated sweep.md"),
-    "steer": ("steer", "steer generation toward a concept with latents each method picks; judge success and cost"),
+    "steer": ("steer", "steer generation toward a concept with latents each selector picks, at matched strength"),
 }
 
 

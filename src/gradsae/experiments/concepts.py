@@ -1,50 +1,71 @@
-"""Steer open-ended generation toward a concept; judge success, fluency and cost.
+"""Steer open-ended generation toward a concept, every selector at the same strength; judge success and fluency.
 
-For each :class:`~gradsae.steer.Concept` and each latent-choice method ``m``:
+For each SAE layer ``l`` and prompt seed ``s`` (a *cell*), each
+:class:`~gradsae.steer.Concept` and each latent selector ``m``:
 
-1. Prompts. :data:`NEUTRAL_PROMPTS` is shuffled once (``seed``) and cut into three
-   disjoint parts (:func:`split_prompts`): ``seed`` prompts (only for GradSAE's
-   scores), ``heldout`` prompts (only for choosing ``alpha``) and ``eval`` prompts
-   (only for the reported numbers). Each goes through the chat template.
-2. Latents: ``K`` per method (:func:`pick_latents`): ``gradsae`` (influence on
-   ``log p(concept text | seed prompt)``), ``gradsae-label`` (influence on the
-   judge's ``log p(label)`` read on the concept texts; sentiment concepts only),
-   ``activation`` (mean activation on the concept texts), ``logit-lens`` (decoder
-   rows projected on the concept words' tokens), ``random``. ``gradsae`` and
-   ``activation`` subtract the same scores on contrast texts: the concept's
-   negatives, else (``contrast="neutral"``, the default) :data:`NEUTRAL_TEXTS`.
-   Without a contrast both pick generic latents: on SmolLM2 layer 6 the same
-   latent (1352, typical activation ~70) tops both lists for every concept.
-3. Strength: latent ``c`` gets ``alpha * a_c`` added at every position of every
-   pass, ``a_c`` its mean non-zero activation on the reference texts (the seed
-   rows and the concept texts; latents that never fire there get the median).
+1. Prompts. :data:`NEUTRAL_PROMPTS` is shuffled once (``s``) and cut into three
+   disjoint parts (:func:`split_prompts`): ``seed`` prompts (only for the scores),
+   ``heldout`` prompts (only for choosing ``alpha``) and ``eval`` prompts (only
+   for the reported numbers), each through the chat template.
+2. Latents: ``K`` per selector (:func:`pick_latents`; see :data:`METHOD_NAMES`):
+   ``gradsae`` (the paper's aggregation of influence on ``log p(concept text |
+   seed prompt)`` over every position of prompt + target), ``gradsae-target`` (the
+   same influence over the target-predicting positions only), ``activation``
+   (mean activation on the concept texts), ``logit-lens`` (decoder rows projected
+   on the concept words' tokens: a stand-in for an output score, not Arad et al.'s),
+   ``arad`` (Arad et al. 2025's intervention output score) and ``dtc`` (ΔToken
+   Confidence, arXiv 2510.03659), both ranking the ``pool`` latents with the best
+   activation score, and ``random`` (``random_draws`` seeded draws, each its own run).
+   ``gradsae``, ``gradsae-target`` and ``activation`` subtract the same scores on
+   contrast texts (the concept's negatives, else :data:`NEUTRAL_TEXTS`).
+3. Strength, matched: the set's direction ``u = sum_i a_i W_dec[c_i]`` (``a_i`` the
+   latent's typical activation on the reference texts) is scaled to the norm
+   ``alpha x R`` (:func:`gradsae.steer.norm_matched_values`), ``R`` the residual
+   stream's median token norm at the layer on the held-aside prompts, and added at
+   every position of every pass. Every selector gets the same ``alpha`` grid.
 4. Generation: greedy, ``max_new_tokens`` per prompt, the SAE spliced in error mode.
-5. Per generation ``i`` (:func:`measure`), under the *unsteered* model:
-   ``success_i``: 1 if a concept word occurs (a word that starts with one of the
-   concept's words, case-insensitive), or for a sentiment concept the model's own
-   judgement ``p(label | text)`` on the SST-2 question (:func:`judge`);
-   ``rate_i``: concept words per word; ``nll_i``: mean ``-log p`` of the generated
-   tokens given the prompt; ``distinct_i``: distinct token bigrams / bigrams.
-   Perplexity is ``exp(mean_i nll_i)``.
+5. Per generation ``i`` (:func:`measure`), under the *unsteered* model: ``success_i``:
+   1 if a listed concept word occurs as a whole word
+   (:func:`gradsae.experiments.steer_judges.concept_hits`), or for a sentiment
+   concept the judge's ``P(label)`` summed over the label's spellings
+   (:func:`gradsae.experiments.steer_judges.sentiment_probs`); ``rate_i``: concept
+   words per word; ``nll_i``: mean ``-log p`` of the generated tokens given the
+   prompt; ``distinct_i``: distinct token bigrams / bigrams. Perplexity is
+   ``exp(mean_i nll_i)``.
 6. ``alpha`` (:func:`choose_alpha`), on the held-aside prompts only: the highest
-   held-aside success among the alphas whose held-aside perplexity is at most
+   held-aside success among the alphas with held-aside perplexity at most
    ``max_ppl_ratio`` x and distinct-2 at least ``min_distinct_ratio`` x the
-   unsteered ones; ``0`` (no steering) when none beats the unsteered success.
-7. Cost: SST-2 accuracy of the steered model at the chosen ``alpha``.
-8. Intervals: 95% percentile bootstrap over prompts (seeded).
+   unsteered ones (matched fluency); ``0`` when none beats no steering. The
+   evaluation prompts are generated at that alpha only.
+7. Judges are checked (:func:`judge_check`): a topic's words must match every
+   concept text and no neutral text; the sentiment judge must separate the
+   concept's texts from its negatives and emit label words it reads.
+
+Journal (:mod:`gradsae.experiments.journal`): each finished unit (the residual
+norm of a cell, a selector's latents, one selector x concept x alpha x split
+point) is stored as it finishes; a rerun of the same command reads them back and
+writes the same ``steering.json`` byte for byte. The held-aside sweep of one
+selector is generated as one batch (every alpha's rows), so a resumed run rebuilds
+any missing point from the same batch.
+
+Frozen before the second seed (:data:`FREEZE`): the concepts, prompts, texts,
+grid and selectors hash to ``FREEZE["sha256"]``; the second prompt seed is drawn
+from that hash (:func:`second_seed`), so it could not be chosen before them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import logging
 import math
 import random
-import re
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,36 +73,54 @@ import torch
 
 from gradsae import _files
 from gradsae.errors import GradSAEError
+from gradsae.experiments.journal import Journal, recall, unit_key
 from gradsae.experiments.stats import Stat
-from gradsae.generate import Generation, chat_text, encode_prompts, generate, pad_id, pad_left
+from gradsae.experiments.steer_judges import (
+    JUDGE_LABELS,
+    concept_hits,
+    emitted_labels,
+    label_masses,
+    label_variants,
+    sentiment_probs,
+)
+from gradsae.generate import Generation, chat_text, generate, pad_id, pad_left
 from gradsae.models import LoadedModel
-from gradsae.objectives import LabelLogProb, TargetLogProb, label_tokens
+from gradsae.objectives import TargetLogProb
 from gradsae.sae import SAE
 from gradsae.scores import objective_value
-from gradsae.splice import Edit, Mode, resolve_layer, splice
+from gradsae.splice import Edit, Mode, splice
 from gradsae.steer import (
     Concept,
+    arad_output_scores,
+    delta_token_confidence,
     latent_scales,
     logit_lens_scores,
     mean_activation,
-    mean_influence,
+    norm_matched_values,
     random_latents,
-    steering_edit,
+    residual_norm,
     target_influence,
+    target_position_influence,
     target_rows,
     top_latents,
     typical_activation,
     word_tokens,
 )
-from gradsae.tasks import Task, classification_template, load_task
 
 log = logging.getLogger(__name__)
 
-METHODS = ("gradsae", "gradsae-label", "activation", "logit-lens", "random")
-JUDGE_LABELS = ("negative", "positive")
-JUDGE_TEMPLATE = classification_template("Is the sentiment of this review", "Review", JUDGE_LABELS)
-"""The SST-2 question of :mod:`gradsae.tasks`, asked about a generated text."""
-
+METHODS = ("gradsae", "gradsae-target", "activation", "logit-lens", "arad", "dtc", "random")
+METHOD_NAMES = {
+    "gradsae": "GradSAE, the paper's aggregation (every position of prompt + target)",
+    "gradsae-target": "GradSAE on the target-predicting positions only",
+    "activation": "mean activation on the concept texts",
+    "logit-lens": "logit-lens projection on the concept words (a stand-in, not Arad et al.'s output score)",
+    "arad": "Arad et al. (2025) intervention output score, over the activation pool",
+    "dtc": "ΔToken Confidence (Wang et al. 2025, arXiv 2510.03659) as read from its abstract: the change of the "
+    "top next-token probability under Arad et al.'s amplification, over the activation pool",
+    "random": "random latents (several seeded draws)",
+}
+"""What each selector is, as the report names it."""
 NEUTRAL_PROMPTS = (
     "Tell me about your morning.",
     "Describe a place you like to visit.",
@@ -124,10 +163,56 @@ NEUTRAL_TEXTS = (
 )
 """Texts about nothing in particular: the contrast of a concept that has no negatives of its own."""
 
+POSITIVE_TEXTS = (
+    "I loved it; everything was wonderful and I am so happy.",
+    "What a great day: the food was delicious and the people were kind.",
+    "This is an excellent, delightful experience that I would gladly repeat.",
+    "I feel wonderful, grateful and full of joy.",
+)
+NEGATIVE_TEXTS = (
+    "I hated it; everything was awful and I am so unhappy.",
+    "What a terrible day: the food was disgusting and the people were rude.",
+    "This is a horrible, miserable experience that I would never repeat.",
+    "I feel awful, bitter and full of regret.",
+)
+
 CONCEPTS = {
+    "positive": Concept(
+        name="positive",
+        words=("good", "great", "love", "loved", "happy", "wonderful", "excellent", "amazing", "beautiful", "joy"),
+        texts=POSITIVE_TEXTS,
+        negatives=NEGATIVE_TEXTS,
+        judge="positive",
+    ),
+    "negative": Concept(
+        name="negative",
+        words=("bad", "awful", "terrible", "hate", "hated", "sad", "horrible", "miserable", "angry", "disgusting"),
+        texts=NEGATIVE_TEXTS,
+        negatives=POSITIVE_TEXTS,
+        judge="negative",
+    ),
     "weddings": Concept(
         name="weddings",
-        words=("wedding", "bride", "groom", "marriage", "married", "vows", "ceremony", "honeymoon"),
+        words=(
+            "wedding",
+            "weddings",
+            "bride",
+            "brides",
+            "bridal",
+            "groom",
+            "grooms",
+            "bridegroom",
+            "marriage",
+            "marriages",
+            "married",
+            "marry",
+            "marrying",
+            "vows",
+            "honeymoon",
+            "honeymoons",
+            "newlywed",
+            "newlyweds",
+        ),
         texts=(
             "The wedding was held in a small chapel, and the bride walked down the aisle to meet the groom.",
             "After the ceremony, the newly married couple cut the wedding cake and danced with their guests.",
@@ -137,17 +222,54 @@ CONCEPTS = {
     ),
     "football": Concept(
         name="football",
-        words=("football", "soccer", "goal", "match", "team", "striker", "referee", "stadium"),
+        words=(
+            "football",
+            "footballs",
+            "soccer",
+            "striker",
+            "strikers",
+            "referee",
+            "referees",
+            "stadium",
+            "stadiums",
+            "goalkeeper",
+            "goalkeepers",
+            "midfielder",
+            "midfielders",
+            "footballer",
+            "footballers",
+        ),
         texts=(
             "The striker scored a late goal and the whole stadium cheered for the team.",
             "The football match ended in a draw after the referee disallowed a goal.",
-            "Our team trained on the pitch every morning before the big match.",
-            "Fans filled the stadium to watch the football final.",
+            "The goalkeeper saved a penalty and the midfielders pushed forward.",
+            "Fans filled the stadium to watch the soccer final.",
         ),
     ),
     "ocean": Concept(
         name="ocean",
-        words=("ocean", "sea", "wave", "beach", "coral", "whale", "tide", "shore"),
+        words=(
+            "ocean",
+            "oceans",
+            "sea",
+            "seas",
+            "seaside",
+            "seashore",
+            "beach",
+            "beaches",
+            "coral",
+            "corals",
+            "whale",
+            "whales",
+            "tide",
+            "tides",
+            "shore",
+            "shores",
+            "dolphin",
+            "dolphins",
+            "reef",
+            "reefs",
+        ),
         texts=(
             "The waves of the ocean crashed against the shore as the tide came in.",
             "Whales and dolphins swim through the deep blue sea near the coral reef.",
@@ -155,63 +277,116 @@ CONCEPTS = {
             "The ocean smelled of salt, and the sound of the waves filled the air.",
         ),
     ),
-    "positive": Concept(
-        name="positive",
-        words=("good", "great", "love", "happy", "wonderful", "excellent", "amazing", "beautiful", "enjoy", "joy"),
+    "cooking": Concept(
+        name="cooking",
+        words=(
+            "cook",
+            "cooks",
+            "cooked",
+            "cooking",
+            "recipe",
+            "recipes",
+            "bake",
+            "baked",
+            "baking",
+            "oven",
+            "ovens",
+            "chef",
+            "chefs",
+            "ingredient",
+            "ingredients",
+            "simmer",
+            "simmered",
+            "flour",
+            "saucepan",
+            "roasted",
+        ),
         texts=(
-            "I loved it; everything was wonderful and I am so happy.",
-            "What a great day: the food was delicious and the people were kind.",
-            "This is an excellent, delightful experience that I would gladly repeat.",
-            "I feel wonderful, grateful and full of joy.",
+            "She chopped the onions, added the garlic and let the sauce simmer in the saucepan.",
+            "The chef baked fresh bread in the oven and roasted the vegetables.",
+            "Mix the flour and the other ingredients, then follow the recipe step by step.",
+            "He loves cooking dinner for friends and trying a new recipe every week.",
         ),
-        negatives=(
-            "I hated it; everything was awful and I am so unhappy.",
-            "What a terrible day: the food was disgusting and the people were rude.",
-            "This is a horrible, miserable experience that I would never repeat.",
-            "I feel awful, bitter and full of regret.",
-        ),
-        judge="positive",
     ),
 }
-"""Built-in concepts: three topics (target words) and one sentiment (positive vs negative texts)."""
+"""Built-in concepts: two sentiments (the model's own judge) and four topics (whole listed words)."""
+
+DEFAULT_CONCEPTS = tuple(CONCEPTS)
+DEFAULT_ALPHAS = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+def freeze_payload() -> dict[str, Any]:
+    """What was frozen before the second prompt seed was drawn: texts, prompts, grid, selectors."""
+    return {
+        "concepts": {name: dataclasses.asdict(c) for name, c in CONCEPTS.items()},
+        "neutral_prompts": list(NEUTRAL_PROMPTS),
+        "neutral_texts": list(NEUTRAL_TEXTS),
+        "alphas": list(DEFAULT_ALPHAS),
+        "methods": list(METHODS),
+        "k": 8,
+    }
+
+
+def freeze_hash() -> str:
+    """SHA-256 of :func:`freeze_payload` in canonical JSON."""
+    text = json.dumps(freeze_payload(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+FREEZE = {
+    "sha256": "ca698705bcdb27aac9f8eb64d86ee2ead683967d388907cf78dd207ffbb930ef",
+    "date": "2026-12-07 06:36 UTC",
+    "note": "concepts, prompts, contrast texts, alpha grid, K and selectors frozen; the second seed is drawn "
+    "from this hash, after the freeze",
+}
+"""The freeze record; ``tests`` check that the frozen payload still hashes to it."""
+
+
+def second_seed(sha: str = FREEZE["sha256"]) -> int:
+    """The second prompt seed, drawn from the freeze hash (an integer below 10^6)."""
+    return int(sha[:12], 16) % 1_000_000
 
 
 @dataclass(frozen=True)
 class SteerConfig:
-    """What to run: the latents, the strengths, the prompts and the fluency budget."""
+    """What to run: the selectors, the strengths, the prompts and the fluency budget."""
 
-    layer: int | None = None
-    """Decoder block the SAE is spliced at (default: the SAE's own)."""
+    layers: tuple[int, ...] = ()
+    """Decoder blocks to steer at, one SAE each (empty: the SAE's own)."""
     k: int = 8
-    """Latents added per method."""
-    alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
-    """Strengths swept, in units of each latent's typical (mean non-zero) activation."""
-    methods: tuple[str, ...] = ("gradsae", "activation", "logit-lens", "random")
-    """Latent-choice methods: any of gradsae, gradsae-label, activation, logit-lens, random."""
+    """Latents added per selector."""
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    """Strengths swept: the added vector's norm in units of the residual stream's median token norm at the layer."""
+    methods: tuple[str, ...] = METHODS
+    """Selectors: any of gradsae, gradsae-target, activation, logit-lens, arad, dtc, random."""
+    random_draws: int = 5
+    """Seeded draws of the random selector, each its own run."""
+    pool: int = 32
+    """Candidates (best activation scores) that arad and dtc rank by their output scores."""
+    amplify: float = 10.0
+    """Arad et al.'s amplification: this times the largest latent activation at the last position."""
     n_seed: int = 4
-    """Seed prompts GradSAE scores on."""
+    """Seed prompts the scores are computed on."""
     n_heldout: int = 6
-    """Held-aside prompts that choose alpha."""
+    """Held-aside prompts that choose alpha and set the residual norm."""
     n_eval: int = 12
     """Evaluation prompts that the numbers are reported on."""
     max_new_tokens: int = 24
     """Tokens generated per prompt."""
-    sst2_n: int = 16
-    """SST-2 examples for the cost (0: no cost measured)."""
     max_ppl_ratio: float = 2.0
     """Fluency budget: held-aside perplexity at most this times the unsteered one."""
     min_distinct_ratio: float = 0.8
     """Fluency budget: held-aside distinct-2 at least this times the unsteered one."""
     batch_size: int = 12
-    """Prompts per generation batch."""
-    seed: int = 0
-    """Seed of the prompt split, the random latents, the SST-2 sample and the bootstrap."""
+    """Texts per scoring batch (generation batches are one selector's rows)."""
+    seeds: tuple[int, ...] = (0, second_seed())
+    """Prompt seeds: each reshuffles the prompt split (and the random draws)."""
     resamples: int = 1000
     """Bootstrap resamples."""
-    mode: str = "error"
-    """Splice mode: error (the exact model plus the added vector) or replace."""
     contrast: str = "neutral"
     """Contrast for gradsae / activation when a concept has no negatives: neutral (built-in texts) or none."""
+    judge_margin: float = 0.2
+    """A sentiment judge is good when its P(label) on the concept texts beats the negatives' by this much."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -219,26 +394,35 @@ class SteerConfig:
             raise GradSAEError(f"unknown steering methods {unknown}: use any of {', '.join(METHODS)}")
         if not self.alphas or any(a <= 0 for a in self.alphas):
             raise GradSAEError(f"alphas must be positive (0, no steering, is always measured), got {self.alphas}")
-        if min(self.n_seed, self.n_heldout, self.n_eval, self.k, self.max_new_tokens) < 1:
-            raise GradSAEError("k, n_seed, n_heldout, n_eval and max_new_tokens must each be at least 1")
+        if min(self.n_seed, self.n_heldout, self.n_eval, self.k, self.max_new_tokens, self.random_draws) < 1:
+            raise GradSAEError("k, n_seed, n_heldout, n_eval, max_new_tokens and random_draws must each be >= 1")
+        if self.pool < self.k:
+            raise GradSAEError(f"--pool ({self.pool}) must be at least --k ({self.k})")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise GradSAEError(f"seeds must be distinct and at least one, got {self.seeds}")
         if self.contrast not in ("neutral", "none"):
             raise GradSAEError(f"unknown contrast {self.contrast!r}: use 'neutral' or 'none'")
-        if self.mode not in ("error", "replace"):
-            raise GradSAEError(f"unknown splice mode {self.mode!r}: use 'error' or 'replace'")
+
+    def runs(self) -> tuple[str, ...]:
+        """The selector runs: each method once, random once per draw (``random-0``, ...)."""
+        out: list[str] = []
+        for method in self.methods:
+            out += [f"random-{d}" for d in range(self.random_draws)] if method == "random" else [method]
+        return tuple(out)
 
 
 # -- results ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Point:
-    """One method at one strength on one prompt split."""
+    """One selector at one strength on one prompt split."""
 
     method: str
-    """Latent-choice method, or ``none`` (unsteered)."""
+    """Selector run, or ``none`` (unsteered)."""
     alpha: float
     split: str
     """``heldout`` or ``eval``."""
     success: Stat
-    """Concept presence (% of generations) or the judge's p(label) (x100)."""
+    """Concept presence (% of generations) or the judge's P(label) (x100)."""
     rate: Stat
     """Concept words per 100 words."""
     ppl: Stat
@@ -258,20 +442,18 @@ class Point:
 
 @dataclass(frozen=True)
 class MethodRun:
-    """One latent-choice method for one concept: its latents, sweep, chosen alpha and cost."""
+    """One selector run for one concept in one cell: its latents, held-aside sweep, chosen alpha, evaluation."""
 
     method: str
     latents: tuple[int, ...]
-    scales: tuple[float, ...]
-    """Typical activation ``a_c`` of each latent (the unit of alpha)."""
+    weights: tuple[float, ...]
+    """Typical activation ``a_c`` of each latent: the mix of the direction before it is scaled."""
     unfired: tuple[bool, ...]
-    """Latents that never fired on the reference texts (given the median scale)."""
+    """Latents that never fired on the reference texts (given the median weight)."""
     points: tuple[Point, ...]
-    """Held-aside and evaluation points for every alpha of the sweep."""
+    """Held-aside points for every alpha, then the evaluation point at the chosen alpha (if it is not 0)."""
     alpha: float
     """Chosen on the held-aside prompts; 0: no strength beat the unsteered model within the budget."""
-    cost: Stat | None
-    """SST-2 accuracy while steered at the chosen alpha."""
 
     def point(self, alpha: float, split: str) -> Point | None:
         return next((p for p in self.points if p.alpha == alpha and p.split == split), None)
@@ -279,22 +461,20 @@ class MethodRun:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodRun:
         return cls(
-            **{
-                **data,
-                "latents": tuple(data["latents"]),
-                "scales": tuple(data["scales"]),
-                "unfired": tuple(data["unfired"]),
-                "points": tuple(Point.from_dict(p) for p in data["points"]),
-                "cost": None if data["cost"] is None else Stat.from_dict(data["cost"]),
-            }
+            method=data["method"],
+            latents=tuple(data["latents"]),
+            weights=tuple(data["weights"]),
+            unfired=tuple(data["unfired"]),
+            points=tuple(Point.from_dict(p) for p in data["points"]),
+            alpha=data["alpha"],
         )
 
 
 @dataclass(frozen=True)
 class ConceptRun:
-    """Every method for one concept, with the unsteered points."""
+    """Every selector for one concept in one cell, with the unsteered points."""
 
-    concept: Concept
+    concept: str
     baseline: tuple[Point, ...]
     """Unsteered (alpha 0) on the held-aside and the evaluation prompts."""
     methods: tuple[MethodRun, ...]
@@ -302,49 +482,75 @@ class ConceptRun:
     def base(self, split: str) -> Point:
         return next(p for p in self.baseline if p.split == split)
 
+    def evaluated(self, method: MethodRun) -> Point:
+        """The evaluation point at the chosen alpha (the unsteered one for alpha 0)."""
+        return method.point(method.alpha, "eval") or self.base("eval")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ConceptRun:
-        concept = Concept(**_tuples(data["concept"]))
         return cls(
-            concept=concept,
+            concept=data["concept"],
             baseline=tuple(Point.from_dict(p) for p in data["baseline"]),
             methods=tuple(MethodRun.from_dict(m) for m in data["methods"]),
         )
 
 
 @dataclass(frozen=True)
+class Cell:
+    """One layer and one prompt seed."""
+
+    layer: int
+    seed: int
+    sae: str
+    prompts: dict[str, tuple[str, ...]]
+    """The ``seed``, ``heldout`` and ``eval`` prompts (before the chat template)."""
+    resid_norm: float
+    """``R``: median token norm of the residual at the layer on the held-aside prompts (alpha's unit)."""
+    concepts: tuple[ConceptRun, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Cell:
+        return cls(
+            layer=data["layer"],
+            seed=data["seed"],
+            sae=data["sae"],
+            prompts={k: tuple(v) for k, v in data["prompts"].items()},
+            resid_norm=data["resid_norm"],
+            concepts=tuple(ConceptRun.from_dict(c) for c in data["concepts"]),
+        )
+
+
+@dataclass(frozen=True)
 class SteerResult:
-    """A whole steering run; ``save`` / ``load`` as JSON."""
+    """A whole steering run; ``save`` / ``load`` as JSON (no wall time: a resumed run writes the same bytes)."""
 
     config: SteerConfig
     model: str
-    sae: str
-    layer: int
-    prompts: dict[str, tuple[str, ...]]
-    """The ``seed``, ``heldout`` and ``eval`` prompts (before the chat template)."""
-    concepts: tuple[ConceptRun, ...]
-    cost_unsteered: Stat | None
-    """SST-2 accuracy of the unsteered (spliced, unedited) model."""
-    wall_s: float
+    concepts: tuple[Concept, ...]
+    judges: dict[str, dict[str, Any]]
+    """Per concept, the judge check of :func:`judge_check`."""
+    cells: tuple[Cell, ...]
+    freeze: dict[str, str]
     command: str = ""
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Any) -> Any:
         return _files.write_json(path, dataclasses.asdict(self), sort_keys=False)
 
     @classmethod
-    def load(cls, path: str | Path) -> SteerResult:
+    def load(cls, path: str | Any) -> SteerResult:
         data = _files.read_json(path)
-        config = _tuples(data["config"])
-        cost = data["cost_unsteered"]
         return cls(
-            **{
-                **data,
-                "config": SteerConfig(**config),
-                "prompts": {k: tuple(v) for k, v in data["prompts"].items()},
-                "concepts": tuple(ConceptRun.from_dict(c) for c in data["concepts"]),
-                "cost_unsteered": None if cost is None else Stat.from_dict(cost),
-            }
+            config=SteerConfig(**_tuples(data["config"])),
+            model=data["model"],
+            concepts=tuple(Concept(**_tuples(c)) for c in data["concepts"]),
+            judges=data["judges"],
+            cells=tuple(Cell.from_dict(c) for c in data["cells"]),
+            freeze=data["freeze"],
+            command=data.get("command", ""),
         )
+
+    def concept(self, name: str) -> Concept:
+        return next(c for c in self.concepts if c.name == name)
 
 
 # -- prompts --------------------------------------------------------------------------
@@ -371,6 +577,32 @@ def split_prompts(
 
 
 # -- latents --------------------------------------------------------------------------
+def contrast_texts(concept: Concept, cfg: SteerConfig) -> tuple[str, ...]:
+    """The concept's negatives, else the neutral texts (``contrast="neutral"``), else none."""
+    return concept.negatives or (NEUTRAL_TEXTS if cfg.contrast == "neutral" else ())
+
+
+def random_seed(seed: int, concept: str, draw: int) -> int:
+    """The seed of one random draw: fixed by the prompt seed, the concept and the draw (never shared)."""
+    return zlib.crc32(f"{seed}/{concept}/{draw}".encode())
+
+
+def selector_scores(
+    lm: LoadedModel, sae: SAE, concept: Concept, method: str, *, layer: int, seeds: Sequence[str], cfg: SteerConfig
+) -> torch.Tensor:
+    """``[d_sae]`` the concept score of ``gradsae``, ``gradsae-target``, ``activation`` or ``logit-lens``."""
+    mode: Mode = "error"
+    negatives = contrast_texts(concept, cfg)
+    if method == "logit-lens":
+        return logit_lens_scores(lm, sae, word_tokens(lm.tokenizer, concept.words))
+    if method == "activation":
+        scores = mean_activation(lm, sae, concept.targets, layer=layer, mode=mode)
+        return scores - mean_activation(lm, sae, negatives, layer=layer, mode=mode) if negatives else scores
+    influence = target_influence if method == "gradsae" else target_position_influence
+    scores = influence(lm, sae, seeds, concept.targets, layer=layer, mode=mode)
+    return scores - influence(lm, sae, seeds, negatives, layer=layer, mode=mode) if negatives else scores
+
+
 def pick_latents(
     lm: LoadedModel,
     sae: SAE,
@@ -378,44 +610,24 @@ def pick_latents(
     method: str,
     *,
     layer: int,
-    k: int,
     seeds: Sequence[str],
     cfg: SteerConfig,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """``[k]`` distinct latents for ``concept`` by ``method`` (``seeds``: rendered seed prompts)."""
-    mode = _mode(cfg)
-    if method == "random":
-        return random_latents(sae.cfg.d_sae, k, seed=cfg.seed)
-    if method == "logit-lens":
-        return top_latents(logit_lens_scores(lm, sae, word_tokens(lm.tokenizer, concept.words)), k)
-    negatives = contrast_texts(concept, cfg)
-    if method == "activation":
-        scores = mean_activation(lm, sae, concept.targets, layer=layer, mode=mode)
-        if negatives:
-            scores = scores - mean_activation(lm, sae, negatives, layer=layer, mode=mode)
-        return top_latents(scores, k)
-    if method == "gradsae":
-        scores = target_influence(lm, sae, seeds, concept.targets, layer=layer, mode=mode)
-        if negatives:
-            scores = scores - target_influence(lm, sae, seeds, negatives, layer=layer, mode=mode)
-        return top_latents(scores, k)
-    if method == "gradsae-label":
-        return top_latents(_label_influence(lm, sae, concept, layer=layer, mode=mode), k)
-    raise ValueError(method)
-
-
-def contrast_texts(concept: Concept, cfg: SteerConfig) -> tuple[str, ...]:
-    """The concept's negatives, else the neutral texts (``contrast="neutral"``), else none."""
-    return concept.negatives or (NEUTRAL_TEXTS if cfg.contrast == "neutral" else ())
-
-
-def _label_influence(lm: LoadedModel, sae: SAE, concept: Concept, *, layer: int, mode: Mode) -> torch.Tensor:
-    """GradSAE on the judge's ``log p(label | labels)`` read on each concept text."""
-    if concept.judge is None:
-        raise GradSAEError(f"gradsae-label needs a sentiment concept (a judge label); {concept.name!r} has none")
-    ids, mask = encode_prompts(lm.tokenizer, judge_prompts(lm, concept.targets))
-    objective = LabelLogProb(label_tokens(lm.tokenizer, JUDGE_LABELS), target=JUDGE_LABELS.index(concept.judge))
-    return mean_influence(lm, sae, ids, mask, objective, layer=layer, mode=mode)
+    """``[k]`` distinct latents for ``concept`` by selector run ``method`` (``seeds``: rendered seed prompts)."""
+    if method.startswith("random-"):
+        draw = int(method.split("-")[1])
+        return random_latents(sae.cfg.d_sae, cfg.k, seed=random_seed(seed, concept.name, draw))
+    if method in ("arad", "dtc"):
+        pool = top_latents(selector_scores(lm, sae, concept, "activation", layer=layer, seeds=seeds, cfg=cfg), cfg.pool)
+        if method == "arad":
+            output = arad_output_scores(lm, sae, pool.tolist(), layer=layer, amp=cfg.amplify)
+        else:
+            output = delta_token_confidence(lm, sae, pool.tolist(), layer=layer, amp=cfg.amplify)
+        return pool[top_latents(output, cfg.k)]
+    if method in ("gradsae", "gradsae-target", "activation", "logit-lens"):
+        return top_latents(selector_scores(lm, sae, concept, method, layer=layer, seeds=seeds, cfg=cfg), cfg.k)
+    raise GradSAEError(f"unknown selector {method!r}: use one of {', '.join(METHODS)}")
 
 
 def reference_texts(lm: LoadedModel, concept: Concept, seeds: Sequence[str]) -> list[str]:
@@ -427,21 +639,19 @@ def reference_texts(lm: LoadedModel, concept: Concept, seeds: Sequence[str]) -> 
 
 # -- generation and metrics ----------------------------------------------------------------
 def steered_generations(
-    lm: LoadedModel, sae: SAE, texts: Sequence[str], edit: Edit | None, *, layer: int, cfg: SteerConfig, budget: int
+    lm: LoadedModel, sae: SAE, texts: Sequence[str], edit: Edit | None, *, layer: int, budget: int
 ) -> list[Generation]:
-    """Greedy continuations of rendered ``texts`` with ``edit`` on every pass (``None``: spliced, unedited)."""
-    with splice(lm, sae, layer, mode=_mode(cfg), edits=[edit] if edit is not None else [], record=False):
-        return generate(lm, texts, max_new_tokens=budget, batch_size=cfg.batch_size)
+    """Greedy continuations of rendered ``texts`` as one batch, ``edit`` on every pass (``None``: unedited)."""
+    with splice(lm, sae, layer, mode="error", edits=[edit] if edit is not None else [], record=False):
+        return generate(lm, texts, max_new_tokens=budget, batch_size=max(len(texts), 1))
 
 
-CONCEPT_WORD = re.compile(r"[a-z]+")
-
-
-def concept_hits(text: str, words: Sequence[str]) -> tuple[int, int]:
-    """``(hits, words)``: words of ``text`` that start with a concept word, and all its words."""
-    found = CONCEPT_WORD.findall(text.lower())
-    stems = tuple(w.lower() for w in words)
-    return sum(1 for w in found if w.startswith(stems)), len(found)
+def sweep_edit(sae: SAE, latents: Sequence[int], weights: torch.Tensor, norms: Sequence[float], rows: int) -> Edit:
+    """One batch, ``rows`` prompts per strength: row block ``j`` gets the vector of norm ``norms[j]``."""
+    values = torch.stack([norm_matched_values(sae, latents, weights, n) for n in norms])
+    values = values.repeat_interleave(rows, dim=0)
+    index = torch.as_tensor(list(latents), dtype=torch.long).expand(len(values), -1)
+    return Edit(latents=index, op="add", values=values, positions="all")
 
 
 def distinct_n(tokens: Sequence[int], n: int = 2) -> float:
@@ -463,23 +673,6 @@ def mean_nll(lm: LoadedModel, gens: Sequence[Generation], *, batch_size: int) ->
     return out
 
 
-def judge_prompts(lm: LoadedModel, texts: Sequence[str]) -> list[str]:
-    """Each text as the review of the SST-2 question, through the chat template."""
-    return [chat_text(JUDGE_TEMPLATE.replace("{prompt}", t.strip()), lm.tokenizer) for t in texts]
-
-
-@torch.no_grad()
-def judge(lm: LoadedModel, texts: Sequence[str], label: str, *, batch_size: int) -> list[float]:
-    """The model's own ``p(label | negative, positive)`` for each text as an SST-2 review."""
-    objective = LabelLogProb(label_tokens(lm.tokenizer, JUDGE_LABELS), target=JUDGE_LABELS.index(label))
-    prompts = judge_prompts(lm, texts)
-    out: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = encode_prompts(lm.tokenizer, prompts[start : start + batch_size])
-        out += objective_value(lm, ids.to(lm.device), mask.to(lm.device), objective).exp().tolist()
-    return out
-
-
 @dataclass(frozen=True)
 class Measured:
     """Per-generation metrics of one batch of generations."""
@@ -497,23 +690,18 @@ def measure(lm: LoadedModel, concept: Concept, gens: Sequence[Generation], *, ba
     if concept.judge is None:
         success = [float(h > 0) for h, _ in hits]
     else:
-        success = judge(lm, [g.text for g in gens], concept.judge, batch_size=batch_size)
+        success = sentiment_probs(lm, [g.text for g in gens], concept.judge, batch_size=batch_size)
     return Measured(
         success=success,
         rate=[h / max(n, 1) for h, n in hits],
         nll=mean_nll(lm, gens, batch_size=batch_size),
-        distinct=[distinct_n(_content(lm, g)) for g in gens],
+        distinct=[distinct_n(g.token_ids[:-1] if g.stopped else g.token_ids) for g in gens],
         texts=[g.text for g in gens],
     )
 
 
-def _content(lm: LoadedModel, gen: Generation) -> tuple[int, ...]:
-    """Generated ids without a final stop token."""
-    return gen.token_ids[:-1] if gen.stopped else gen.token_ids
-
-
 def make_point(method: str, alpha: float, split: str, m: Measured, cfg: SteerConfig) -> Point:
-    boot = {"seed": cfg.seed, "resamples": cfg.resamples}
+    boot = {"seed": 0, "resamples": cfg.resamples}
     return Point(
         method=method,
         alpha=alpha,
@@ -541,130 +729,253 @@ def bootstrap(
     return Stat(mean=scale * float(statistic(data)), low=scale * float(low), high=scale * float(high), n=len(data))
 
 
+def within_budget(point: Point, baseline: Point, cfg: SteerConfig) -> bool:
+    """Held-aside perplexity and distinct-2 within the fluency budget of the unsteered model's."""
+    fluent = point.ppl.mean <= cfg.max_ppl_ratio * baseline.ppl.mean
+    return fluent and point.distinct.mean >= cfg.min_distinct_ratio * baseline.distinct.mean
+
+
 def choose_alpha(heldout: Sequence[Point], baseline: Point, cfg: SteerConfig) -> float:
     """The held-aside alpha with the best success within the fluency budget; 0 when none beats no steering."""
     best = baseline
     for point in sorted(heldout, key=lambda p: p.alpha):
-        fluent = point.ppl.mean <= cfg.max_ppl_ratio * baseline.ppl.mean
-        varied = point.distinct.mean >= cfg.min_distinct_ratio * baseline.distinct.mean
-        if fluent and varied and point.success.mean > best.success.mean:
+        if within_budget(point, baseline, cfg) and point.success.mean > best.success.mean:
             best = point
     return best.alpha if best is not baseline else 0.0
 
 
-# -- cost --------------------------------------------------------------------------------
-def task_accuracy(lm: LoadedModel, sae: SAE, task: Task, edit: Edit | None, *, layer: int, cfg: SteerConfig) -> Stat:
-    """Accuracy (0-100, bootstrap interval) on ``task`` with ``edit`` on every pass."""
-    texts = [task.render(e, lm.tokenizer) for e in task.examples]
-    gens = steered_generations(lm, sae, texts, edit, layer=layer, cfg=cfg, budget=task.max_new_tokens)
-    right = [task.score(e, g.text).exact for e, g in zip(task.examples, gens, strict=True)]
-    return bootstrap(right, np.mean, scale=100, seed=cfg.seed, resamples=cfg.resamples)
+# -- judges ---------------------------------------------------------------------------------
+def judge_check(lm: LoadedModel, concept: Concept, cfg: SteerConfig) -> dict[str, Any]:
+    """Does the concept's judge work? Topic: its words match every concept text and no neutral text.
+
+    Sentiment: mean P(label) on the concept texts minus on its negatives (>= ``judge_margin``),
+    the label mass the variants hold, and the words the judge actually emits (all label variants?).
+    """
+    if concept.judge is None:
+        on_texts = [float(concept_hits(t, concept.words)[0] > 0) for t in concept.texts]
+        neutral = [*NEUTRAL_TEXTS, *NEUTRAL_PROMPTS]
+        on_neutral = [float(concept_hits(t, concept.words)[0] > 0) for t in neutral]
+        good = min(on_texts) == 1.0 and max(on_neutral) == 0.0
+        return {
+            "kind": "words",
+            "hit_texts": float(np.mean(on_texts)),
+            "hit_neutral": float(np.mean(on_neutral)),
+            "good": bool(good),
+        }
+    texts = list(concept.texts) + list(concept.negatives)
+    share = sentiment_probs(lm, texts, concept.judge, batch_size=cfg.batch_size)
+    mass = label_masses(lm, texts, batch_size=cfg.batch_size).sum(-1).tolist()
+    emitted = emitted_labels(lm, texts, batch_size=cfg.batch_size)
+    variants = {v.strip().lower() for label in JUDGE_LABELS for v in label_variants(label)}
+    n = len(concept.texts)
+    p_texts, p_negatives = float(np.mean(share[:n])), float(np.mean(share[n:]))
+    covered = float(np.mean([e in variants for e in emitted]))
+    good = p_texts - p_negatives >= cfg.judge_margin and covered == 1.0
+    return {
+        "kind": "sentiment",
+        "label": concept.judge,
+        "p_texts": p_texts,
+        "p_negatives": p_negatives,
+        "label_mass": float(np.mean(mass)),
+        "emitted": emitted,
+        "emitted_covered": covered,
+        "good": bool(good),
+    }
 
 
 # -- the run -----------------------------------------------------------------------------
+def remember(journal: Journal | None, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The journaled value of ``key``, else ``compute()`` stored under it; always as read back from JSON."""
+    if (done := recall(journal, key)) is not None:
+        return done
+    value = compute()
+    return journal.put(key, value) if journal is not None else json.loads(json.dumps(value))
+
+
 def run_steering(
     lm: LoadedModel,
-    sae: SAE,
+    saes: dict[int, tuple[SAE, str]],
     concepts: Sequence[Concept],
     cfg: SteerConfig,
     *,
-    sae_label: str = "",
-    cost_task: Task | None = None,
     prompts: Sequence[str] = NEUTRAL_PROMPTS,
     command: str = "",
+    journal: Journal | None = None,
 ) -> SteerResult:
-    """The whole procedure of the module docstring for every concept; ``cost_task`` defaults to SST-2."""
-    start = time.perf_counter()
-    layer = resolve_layer(sae, cfg.layer)
-    split = split_prompts(prompts, n_seed=cfg.n_seed, n_heldout=cfg.n_heldout, n_eval=cfg.n_eval, seed=cfg.seed)
-    rendered = {name: [chat_text(p, lm.tokenizer) for p in part] for name, part in split.items()}
-    if cost_task is None and cfg.sst2_n > 0:
-        cost_task = load_task("sst2", n=cfg.sst2_n, seed=cfg.seed)
-    sweep = Sweep(lm, sae, layer, cfg, rendered, cost_task)
-    unsteered = {s: sweep.generate(s, None) for s in ("heldout", "eval")}
-    cost = sweep.cost(None)
-    runs = [sweep.concept(concept, unsteered) for concept in concepts]
+    """The whole procedure of the module docstring: ``saes`` maps each layer of ``cfg.layers`` to (SAE, label)."""
+    layers = cfg.layers or tuple(saes)
+    judges = {
+        c.name: remember(journal, unit_key("judge", c.name), functools.partial(judge_check, lm, c, cfg))
+        for c in concepts
+    }
+    cells = []
+    for layer in layers:
+        sae, label = saes[layer]
+        for seed in cfg.seeds:
+            cells.append(CellRun(lm, sae, layer, seed, label, cfg, journal, tuple(prompts)).run(concepts))
     return SteerResult(
         config=cfg,
         model=lm.name,
-        sae=sae_label,
-        layer=layer,
-        prompts=split,
-        concepts=tuple(runs),
-        cost_unsteered=cost,
-        wall_s=time.perf_counter() - start,
+        concepts=tuple(concepts),
+        judges=judges,
+        cells=tuple(cells),
+        freeze=dict(FREEZE),
         command=command,
     )
 
 
 @dataclass
-class Sweep:
-    """The state shared by every concept of one run."""
+class CellRun:
+    """One layer and one prompt seed: every concept and selector, each unit journaled as it finishes."""
 
     lm: LoadedModel
     sae: SAE
     layer: int
+    seed: int
+    label: str
     cfg: SteerConfig
-    rendered: dict[str, list[str]]
-    cost_task: Task | None
+    journal: Journal | None
+    prompts: tuple[str, ...]
 
-    def generate(self, split: str, edit: Edit | None) -> list[Generation]:
-        budget = self.cfg.max_new_tokens
-        return steered_generations(
-            self.lm, self.sae, self.rendered[split], edit, layer=self.layer, cfg=self.cfg, budget=budget
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        self.split = split_prompts(
+            self.prompts, n_seed=cfg.n_seed, n_heldout=cfg.n_heldout, n_eval=cfg.n_eval, seed=self.seed
+        )
+        self.rendered = {name: [chat_text(p, self.lm.tokenizer) for p in part] for name, part in self.split.items()}
+        self._unsteered: dict[str, list[Generation]] = {}
+        self.norm = 0.0
+
+    def key(self, *parts: object) -> str:
+        return unit_key(self.layer, self.seed, *parts)
+
+    def run(self, concepts: Sequence[Concept]) -> Cell:
+        self.norm = float(
+            remember(
+                self.journal,
+                self.key("norm"),
+                lambda: {"norm": residual_norm(self.lm, self.rendered["heldout"], layer=self.layer)},
+            )["norm"]
+        )
+        runs = tuple(self.concept(concept) for concept in concepts)
+        return Cell(
+            layer=self.layer, seed=self.seed, sae=self.label, prompts=self.split, resid_norm=self.norm, concepts=runs
         )
 
-    def cost(self, edit: Edit | None) -> Stat | None:
-        if self.cost_task is None:
-            return None
-        return task_accuracy(self.lm, self.sae, self.cost_task, edit, layer=self.layer, cfg=self.cfg)
+    def unsteered(self, split: str) -> list[Generation]:
+        if split not in self._unsteered:
+            self._unsteered[split] = self.generate(split, None)
+        return self._unsteered[split]
 
-    def concept(self, concept: Concept, unsteered: dict[str, list[Generation]]) -> ConceptRun:
-        """Baseline points, then every method's latents, sweep, choice and cost."""
-        batch = self.cfg.batch_size
-        baseline = {
-            s: make_point("none", 0.0, s, measure(self.lm, concept, g, batch_size=batch), self.cfg)
-            for s, g in unsteered.items()
-        }
-        typical = typical_activation(
-            self.lm, self.sae, reference_texts(self.lm, concept, self.rendered["seed"]), layer=self.layer
+    def generate(self, split: str, edit: Edit | None, copies: int = 1) -> list[Generation]:
+        texts = self.rendered[split] * copies
+        return steered_generations(self.lm, self.sae, texts, edit, layer=self.layer, budget=self.cfg.max_new_tokens)
+
+    def point(self, concept: Concept, method: str, alpha: float, split: str, gens: Sequence[Generation]) -> Point:
+        measured = measure(self.lm, concept, gens, batch_size=self.cfg.batch_size)
+        return make_point(method, alpha, split, measured, self.cfg)
+
+    def baseline_point(self, concept: Concept, split: str) -> dict[str, Any]:
+        return dataclasses.asdict(self.point(concept, "none", 0.0, split, self.unsteered(split)))
+
+    def concept(self, concept: Concept) -> ConceptRun:
+        """Baseline points, then every selector run."""
+        baseline = tuple(
+            Point.from_dict(
+                remember(
+                    self.journal,
+                    self.key(concept.name, "none", 0, split),
+                    functools.partial(self.baseline_point, concept, split),
+                )
+            )
+            for split in ("heldout", "eval")
         )
-        methods = []
-        for method in self.cfg.methods:
-            if method == "gradsae-label" and concept.judge is None:
-                log.info("%s: gradsae-label skipped (not a sentiment concept)", concept.name)
-                continue
-            methods.append(self.method(concept, method, typical, baseline["heldout"]))
-        return ConceptRun(concept=concept, baseline=(baseline["heldout"], baseline["eval"]), methods=tuple(methods))
+        typical: list[torch.Tensor] = []
+        methods = tuple(self.method(concept, run, baseline[0], typical) for run in self.cfg.runs())
+        return ConceptRun(concept=concept.name, baseline=baseline, methods=methods)
 
-    def method(self, concept: Concept, method: str, typical: torch.Tensor, base: Point) -> MethodRun:
-        cfg, tick = self.cfg, time.perf_counter()
+    def choose(self, concept: Concept, run: str, typical: list[torch.Tensor]) -> dict[str, Any]:
+        """A selector's latents and their weights (typical activations on the reference texts)."""
+        tick = time.perf_counter()
+        if not typical:
+            refs = reference_texts(self.lm, concept, self.rendered["seed"])
+            typical.append(typical_activation(self.lm, self.sae, refs, layer=self.layer))
         latents = pick_latents(
-            self.lm, self.sae, concept, method, layer=self.layer, k=cfg.k, seeds=self.rendered["seed"], cfg=cfg
+            self.lm,
+            self.sae,
+            concept,
+            run,
+            layer=self.layer,
+            seeds=self.rendered["seed"],
+            cfg=self.cfg,
+            seed=self.seed,
         )
-        scales, unfired = latent_scales(typical, latents)
-        points = []
-        for alpha in cfg.alphas:
-            edit = steering_edit(latents, alpha, scales)
-            for split in ("heldout", "eval"):
-                measured = measure(self.lm, concept, self.generate(split, edit), batch_size=cfg.batch_size)
-                points.append(make_point(method, alpha, split, measured, cfg))
-        alpha = choose_alpha([p for p in points if p.split == "heldout"], base, cfg)
-        cost = self.cost(steering_edit(latents, alpha, scales)) if alpha > 0 else None
-        log.info("%s / %s: alpha %g chosen (%.0f s)", concept.name, method, alpha, time.perf_counter() - tick)
+        weights, unfired = latent_scales(typical[0], latents)
+        log.info(
+            "layer %d seed %d %s / %s: latents (%.0f s)",
+            self.layer,
+            self.seed,
+            concept.name,
+            run,
+            time.perf_counter() - tick,
+        )
+        return {
+            "latents": [int(c) for c in latents],
+            "weights": [float(w) for w in weights],
+            "unfired": [bool(u) for u in unfired],
+        }
+
+    def method(self, concept: Concept, run: str, base: Point, typical: list[torch.Tensor]) -> MethodRun:
+        cfg = self.cfg
+        chosen = remember(
+            self.journal, self.key(concept.name, run, "latents"), lambda: self.choose(concept, run, typical)
+        )
+        latents, weights = chosen["latents"], torch.tensor(chosen["weights"], dtype=torch.float64)
+        keys = {alpha: self.key(concept.name, run, alpha, "heldout") for alpha in cfg.alphas}
+        found = {alpha: recall(self.journal, key) for alpha, key in keys.items()}
+        if any(v is None for v in found.values()):
+            tick, rows = time.perf_counter(), len(self.rendered["heldout"])
+            edit = sweep_edit(self.sae, latents, weights, [a * self.norm for a in cfg.alphas], rows)
+            gens = self.generate("heldout", edit, copies=len(cfg.alphas))
+            for j, alpha in enumerate(cfg.alphas):
+                if found[alpha] is None:
+                    point = self.point(concept, run, alpha, "heldout", gens[j * rows : (j + 1) * rows])
+                    found[alpha] = remember(self.journal, keys[alpha], functools.partial(dataclasses.asdict, point))
+            log.info(
+                "layer %d seed %d %s / %s: held-aside sweep (%.0f s)",
+                self.layer,
+                self.seed,
+                concept.name,
+                run,
+                time.perf_counter() - tick,
+            )
+        points = [Point.from_dict(found[alpha]) for alpha in cfg.alphas]  # type: ignore[arg-type]
+        alpha = choose_alpha(points, base, cfg)
+        if alpha > 0:
+
+            def evaluate() -> dict[str, Any]:
+                edit = sweep_edit(self.sae, latents, weights, [alpha * self.norm], len(self.rendered["eval"]))
+                return dataclasses.asdict(self.point(concept, run, alpha, "eval", self.generate("eval", edit)))
+
+            points.append(Point.from_dict(remember(self.journal, self.key(concept.name, run, alpha, "eval"), evaluate)))
         return MethodRun(
-            method=method,
-            latents=tuple(int(c) for c in latents),
-            scales=tuple(float(a) for a in scales),
-            unfired=tuple(bool(u) for u in unfired),
+            method=run,
+            latents=tuple(latents),
+            weights=tuple(chosen["weights"]),
+            unfired=tuple(chosen["unfired"]),
             points=tuple(points),
             alpha=alpha,
-            cost=cost,
         )
 
 
-def _mode(cfg: SteerConfig) -> Mode:
-    return "replace" if cfg.mode == "replace" else "error"
+def journal_config(cfg: SteerConfig, model: str, saes: dict[int, str], concepts: Sequence[Concept]) -> dict[str, Any]:
+    """What fingerprints a steering run's journal: the config, the model, each layer's SAE and the concepts."""
+    return {
+        "steer": dataclasses.asdict(cfg),
+        "model": model,
+        "saes": {str(k): v for k, v in saes.items()},
+        "concepts": [dataclasses.asdict(c) for c in concepts],
+    }
 
 
 def _tuples(data: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,31 @@
+"""The committed steering report and the README's steering paragraph follow from the committed ``steering.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gradsae.experiments.concepts import SteerResult
+from gradsae.report.concepts import headline, markdown
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULT = ROOT / "docs" / "results" / "steering" / "steering.json"
+
+
+def _readme_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Steering open-ended generation")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_report_and_readme_are_generated_from_the_committed_json():
+    data = json.loads(RESULT.read_text())
+    section = " ".join(_readme_section().split())
+    if "cells" not in data:  # the earlier protocol's run: the README must not claim a result from it
+        assert "not yet measured under this protocol" in section
+        assert "Earlier protocol, superseded" in (ROOT / "docs" / "results" / "steering.md").read_text()
+        return
+    result = SteerResult.load(RESULT)
+    assert " ".join(headline(result).split()) in section
+    doc = ROOT / "docs" / "results" / "steering.md"
+    assert doc.read_text() == markdown(result, plot_path="steering/steering.png")
