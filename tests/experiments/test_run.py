@@ -11,7 +11,8 @@ import torch
 from gradsae.cli.reproduce import parse_ks, write_outputs
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import ExperimentConfig
-from gradsae.experiments.perturb import decode, pick_donors, prompt_batches, steering_edits
+from gradsae.experiments.decode import decode, prompt_batches
+from gradsae.experiments.perturb import pick_donors, steering_edits
 from gradsae.experiments.rank import KeptExample, chosen, k_value
 from gradsae.experiments.run import RunMeta, RunResults, run_layer
 from gradsae.generate import Generation, encode_prompts, generate_batch

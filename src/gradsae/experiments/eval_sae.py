@@ -40,8 +40,8 @@ from typing import Any
 
 from gradsae import _files
 from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.decode import decode, prompt_batches
 from gradsae.experiments.eval_sets import EvalSet
-from gradsae.experiments.perturb import decode, prompt_batches
 from gradsae.experiments.stats import Stat, stat
 from gradsae.generate import Generation
 from gradsae.models import LoadedModel

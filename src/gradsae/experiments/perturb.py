@@ -17,12 +17,12 @@ Each steering cell also reports how often the answer stayed the recipient's own.
 Blocks ``0..l`` of each prompt are computed once and replayed in every condition
 (:mod:`gradsae.prefix`): an edit at layer ``l`` cannot change them.
 
-Conditions are decoded a group at a time as one batch (:mod:`gradsae.experiments.batched`;
+Conditions are decoded a group at a time as one batch (:mod:`gradsae.experiments.decode`;
 masking: one ranking method's Top / Bottom K; steering: one position mode and method),
 and each finished condition is journaled (:mod:`gradsae.experiments.journal`). A group is
 recomputed whole unless all its conditions are journaled, so a resumed run decodes the same
 batches as an uninterrupted one. ``batched=False`` decodes condition by condition with
-:func:`decode` (the reference the tests compare against: the same answers).
+:func:`~gradsae.experiments.decode.decode` (the reference the tests compare against: the same answers).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,17 +37,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradsae import distributed
-from gradsae.experiments.batched import decode_conditions
 from gradsae.experiments.config import SETS, STEER_EDITS, ExperimentConfig, KSpec
+from gradsae.experiments.decode import EditsFor, PromptBatch, decode, decode_conditions, prompt_batches
 from gradsae.experiments.journal import Journal, recall, record, unit_key
 from gradsae.experiments.rank import KeptExample, chosen, padded
 from gradsae.experiments.stats import Stat
-from gradsae.generate import Generation, encode_prompts, generate_batch
+from gradsae.generate import Generation
 from gradsae.models import LoadedModel
-from gradsae.prefix import Prefix, compute_prefix, replay_prefix
 from gradsae.sae import SAE
-from gradsae.splice import Edit, splice
+from gradsae.splice import Edit
 from gradsae.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -89,62 +86,6 @@ class Condition:
                 "per_example": tuple(data.get("per_example", ())),
             }
         )
-
-
-EditsFor = Callable[[range], list[Edit]]
-
-
-@dataclass(frozen=True)
-class PromptBatch:
-    """A left-padded batch of prompts and (optionally) its blocks ``0..l`` precomputed."""
-
-    rows: range
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    prefix: Prefix | None
-
-
-def prompt_batches(lm: LoadedModel, texts: Sequence[str], cfg: ExperimentConfig, *, reuse: bool) -> list[PromptBatch]:
-    """Split ``texts`` into batches; with ``reuse``, run each once through blocks ``0..l``."""
-    out: list[PromptBatch] = []
-    for start in range(0, len(texts), cfg.batch_size):
-        rows = range(start, min(start + cfg.batch_size, len(texts)))
-        ids, mask = encode_prompts(lm.tokenizer, [texts[i] for i in rows])
-        ids, mask = ids.to(lm.device), mask.to(lm.device)
-        mine = len(out) % distributed.world_size() == distributed.rank()  # the rank that decodes this batch
-        prefix = compute_prefix(lm, ids, mask, cfg.layer) if reuse and mine else None
-        out.append(PromptBatch(rows=rows, input_ids=ids, attention_mask=mask, prefix=prefix))
-    return out
-
-
-def decode(
-    lm: LoadedModel,
-    batches: Sequence[PromptBatch],
-    task: Task,
-    cfg: ExperimentConfig,
-    *,
-    sae: SAE | None,
-    edits_for: EditsFor | None,
-    newest_only: bool = False,
-) -> list[Generation]:
-    """Greedy answers batch by batch; ``edits_for(rows)`` gives each batch's latent edits.
-
-    ``newest_only``: each pass edits only its last position and the KV cache keeps unedited
-    keys/values (the authors' uncached last-position steering); the edits must use ``positions="last"``.
-    """
-    budget = task.max_new_tokens
-
-    def one(batch: PromptBatch) -> list[Generation]:
-        if sae is None:
-            return generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget)
-        edits = edits_for(batch.rows) if edits_for else []
-        replay = replay_prefix(lm, batch.prefix) if batch.prefix is not None else nullcontext()
-        spliced = splice(lm, sae, cfg.layer, mode=cfg.mode, edits=edits, record=False, skip_first=cfg.skip_first)
-        with spliced as state, replay:
-            newest = state if newest_only and edits else None
-            return generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget, newest_only=newest)
-
-    return [gen for gens in distributed.map_items(one, batches) for gen in gens]  # batches sharded over ranks
 
 
 # -- experiment 1 ---------------------------------------------------------------------
@@ -197,7 +138,7 @@ class _Unit:
     key: str
     edits_for: EditsFor | None
     group: tuple[Any, ...] | str
-    """Conditions of one group are decoded as one batch (:mod:`gradsae.experiments.batched`)."""
+    """Conditions of one group are decoded as one batch (:mod:`gradsae.experiments.decode`)."""
     newest_only: bool = False
 
 

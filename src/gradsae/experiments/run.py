@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 from gradsae import _files
 from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.curves import kept_curves
+from gradsae.experiments.decode import decode, prompt_batches
 from gradsae.experiments.journal import Journal, recall, record, unit_key
-from gradsae.experiments.perturb import Condition, decode, pick_donors, prompt_batches, run_perturbation, run_steering
+from gradsae.experiments.perturb import Condition, pick_donors, run_perturbation, run_steering
 from gradsae.experiments.rank import overlap_stats, rank_examples
 from gradsae.experiments.stats import Stat
 from gradsae.models import LoadedModel
