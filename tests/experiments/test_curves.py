@@ -9,19 +9,10 @@ import pytest
 import torch
 
 from gradsae.errors import GradSAEError
-from gradsae.experiments.curves import (
-    CurveResult,
-    auc,
-    budget,
-    curves_markdown,
-    faithfulness,
-    full_order,
-    normalise,
-    pinned_token_prob,
-    plot_curves,
-    recall,
-)
+from gradsae.experiments.curves import budget, faithfulness, full_order, pinned_token_prob, recall
+from gradsae.experiments.results import CurveResult, auc, from_data, normalise
 from gradsae.models import position_ids
+from gradsae.report.curves import curves_markdown, plot_curves
 from gradsae.splice import Edit, splice
 from tests.helpers import padded_batch, tiny_lm, tiny_sae
 
@@ -133,7 +124,7 @@ def test_grid_must_run_from_zero_to_one(setup):
 def test_round_trip_table_and_plot(setup, tmp_path):
     *_, result = setup
     data = json.loads(json.dumps(result.to_dict()))
-    again = CurveResult.from_dict(data)
+    again = from_data(CurveResult, data)
     assert again == result
     assert set(data["summary"]) == set(result.methods)
     lines = curves_markdown(result)

@@ -24,7 +24,8 @@ from gradsae import _files, distributed
 from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments
 from gradsae.errors import GradSAEError
-from gradsae.experiments.record import LayerExamples, record_scores
+from gradsae.experiments.record import record_scores
+from gradsae.experiments.results import LayerExamples
 from gradsae.models import LoadedModel, load_model, sae_device
 from gradsae.objectives import objective_from_name
 from gradsae.pretrained import resolve_sae

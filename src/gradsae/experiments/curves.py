@@ -56,19 +56,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from functools import partial
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from gradsae import _files
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.rank import KeptExample, padded
+from gradsae.experiments.results import CurveResult, ExampleCurves
 from gradsae.experiments.stats import spearman
 from gradsae.generate import answer_inputs
 from gradsae.models import LoadedModel, position_ids
@@ -80,136 +77,9 @@ from gradsae.splice import Edit, Mode, resolve_layer, splice
 
 RANKINGS = ("gradsae", "gradsae_sum", "activation", "random", "ablation")
 DEFAULT_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
-CURVES = ("deletion", "sufficiency")
-NAMES = {
-    "gradsae": "GradSAE",
-    "gradsae_sum": "GradSAE (sum)",
-    "activation": "activation",
-    "random": "random",
-    "ablation": "exact ablation",
-}
-COLOURS = {
-    "gradsae": "tab:red",
-    "gradsae_sum": "tab:orange",
-    "activation": "tab:blue",
-    "random": "tab:gray",
-    "ablation": "tab:green",
-}
-
-
-@dataclass(frozen=True)
-class ExampleCurves:
-    """The curves and estimate-vs-exact figures of one example."""
-
-    token: int
-    """The pinned token ``t*``."""
-    clean: float
-    """``Y_0``."""
-    n_active: int
-    """``a``: latents active at some spliced position."""
-    ks: tuple[int, ...]
-    """``K_j = round(f_j a)`` for each grid point."""
-    deletion: dict[str, tuple[float, ...]]
-    """Ranking -> ``Y(Top_m(K_j))`` per grid point (the drop ``D`` is ``clean`` minus this)."""
-    sufficiency: dict[str, tuple[float, ...]]
-    """Ranking -> ``S_m(f_j) = Y(A - Top_m(K_j))`` per grid point."""
-    spearman: dict[str, float]
-    """Ranking -> Spearman's rho with the exact effects (``nan`` with fewer than 3 active latents)."""
-    recall: dict[str, float]
-    """Ranking -> top-``k`` recall of the exact top ``k``."""
-    budget: dict[str, int]
-    """Ranking -> exact ablations in its order needed to find the exact top ``k``."""
-
-    def curve(self, name: str, method: str) -> tuple[float, ...]:
-        """``D_m`` (``deletion``, as a drop) or ``S_m`` (``sufficiency``) per grid point."""
-        if name == "deletion":
-            return tuple(self.clean - y for y in self.deletion[method])
-        return self.sufficiency[method]
-
-
-@dataclass(frozen=True)
-class CurveResult:
-    """Faithfulness curves of every ranking on a set of examples at one layer."""
-
-    layer: int
-    mode: str
-    grid: tuple[float, ...]
-    """Fractions ``f_j`` of the active latents, from 0 to 1."""
-    methods: tuple[str, ...]
-    top: int
-    """``k`` of the recall and the budget (at most ``a``)."""
-    examples: tuple[ExampleCurves, ...]
-
-    def areas(self, name: str, method: str) -> list[float]:
-        """``AUC`` of curve ``name`` (``deletion`` or ``sufficiency``) for ``method``, per example."""
-        return [auc(self.grid, ex.curve(name, method)) for ex in self.examples]
-
-    def normalised_area(self, name: str, method: str) -> float:
-        """``N_m``: 1 = the exact-ablation ranking, 0 = the random one (see the module docstring)."""
-        if not self.examples:
-            return math.nan
-        low, high = sum(self.areas(name, "random")), sum(self.areas(name, "ablation"))
-        return normalise(sum(self.areas(name, method)), low, high)
-
-    def mean_curve(self, name: str, method: str) -> list[float]:
-        """The curve averaged over examples, per grid point."""
-        return [float(v) for v in np.mean([ex.curve(name, method) for ex in self.examples], axis=0)]
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Per ranking: normalised areas, and the mean Spearman, recall and budget over examples."""
-        out = {}
-        for method in self.methods:
-            rho = [ex.spearman[method] for ex in self.examples if not math.isnan(ex.spearman[method])]
-            out[method] = {
-                "deletion_area": self.normalised_area("deletion", method),
-                "sufficiency_area": self.normalised_area("sufficiency", method),
-                "spearman": float(np.mean(rho)) if rho else math.nan,
-                "recall": _mean([ex.recall[method] for ex in self.examples]),
-                "budget": _mean([float(ex.budget[method]) for ex in self.examples]),
-            }
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "summary": self.summary()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CurveResult:
-        examples = tuple(
-            ExampleCurves(
-                **{
-                    **ex,
-                    "ks": tuple(ex["ks"]),
-                    "deletion": {m: tuple(v) for m, v in ex["deletion"].items()},
-                    "sufficiency": {m: tuple(v) for m, v in ex["sufficiency"].items()},
-                }
-            )
-            for ex in data["examples"]
-        )
-        return cls(
-            layer=int(data["layer"]),
-            mode=str(data["mode"]),
-            grid=tuple(data["grid"]),
-            methods=tuple(data["methods"]),
-            top=int(data["top"]),
-            examples=examples,
-        )
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(np.mean(values)) if len(values) else math.nan
 
 
 # -- the maths --------------------------------------------------------------------------------------
-def auc(grid: Sequence[float], values: Sequence[float]) -> float:
-    """Trapezoid rule: ``sum_j (f_j - f_{j-1}) (C_{j-1} + C_j) / 2``."""
-    points = list(zip(grid, values, strict=True))
-    return float(sum((b - a) * (u + v) / 2 for (a, u), (b, v) in pairwise(points)))
-
-
-def normalise(area: float, random_area: float, ablation_area: float) -> float:
-    """``(area - random) / (ablation - random)``; ``nan`` when the last two are equal."""
-    span = ablation_area - random_area
-    return (area - random_area) / span if span != 0 else math.nan
 
 
 def full_order(score: torch.Tensor, active: torch.Tensor) -> list[int]:
@@ -426,53 +296,3 @@ def kept_curves(lm: LoadedModel, sae: SAE, kept: Sequence[KeptExample], cfg: Exp
         examples=tuple(ex for part in parts for ex in part.examples),
     )
     return merged.to_dict()
-
-
-# -- output ---------------------------------------------------------------------------------------------
-def curves_markdown(result: CurveResult) -> list[str]:
-    """A markdown section: one row per ranking (normalised areas, estimate vs exact, budget)."""
-    k = result.top
-    lines = [
-        f"### Faithfulness curves ({len(result.examples)} examples; objective p(pinned clean token))",
-        "",
-        f"Normalised areas: 1 = exact-ablation ranking, 0 = random. Spearman, top-{k} recall and the budget "
-        f"(exact ablations in that order until the exact top-{k} are found; mean active latents "
-        f"{_mean([float(ex.n_active) for ex in result.examples]):.0f}) are means over examples.",
-        "",
-        f"| ranking | deletion area | sufficiency area | Spearman vs exact | top-{k} recall | budget for top-{k} |",
-        "|---|---|---|---|---|---|",
-    ]
-    for method, row in result.summary().items():
-        cells = [row["deletion_area"], row["sufficiency_area"], row["spearman"], row["recall"]]
-        text = " | ".join("n/a" if math.isnan(v) else f"{v:.2f}" for v in cells)
-        lines.append(f"| {NAMES.get(method, method)} | {text} | {row['budget']:.1f} |")
-    return [*lines, ""]
-
-
-def plot_curves(result: CurveResult, path: str | Path) -> Path:
-    """Two panels (deletion drop, sufficiency) of the mean curves vs the fraction of active latents, as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    titles = {"deletion": "deletion: Y_0 - Y(top K zeroed)", "sufficiency": "sufficiency: Y(all but top K zeroed)"}
-    for ax, name in zip(axes, CURVES, strict=True):
-        for method in result.methods:
-            area = result.normalised_area(name, method)
-            label = f"{NAMES.get(method, method)} (area {area:.2f})"
-            ax.plot(result.grid, result.mean_curve(name, method), "-o", ms=3, color=COLOURS.get(method), label=label)
-        ax.set_xscale("symlog", linthresh=0.01)
-        ax.set_xlim(0, 1)
-        ax.set_title(f"layer {result.layer}: {titles[name]}")
-        ax.set_xlabel("fraction of active latents (K / a)")
-        ax.set_ylabel("drop in p(pinned token)" if name == "deletion" else "p(pinned token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    with _files.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path

@@ -41,7 +41,7 @@ from gradsae.experiments.config import SETS, STEER_EDITS, ExperimentConfig, KSpe
 from gradsae.experiments.decode import EditsFor, PromptBatch, decode, decode_conditions, prompt_batches
 from gradsae.experiments.journal import Journal, recall, record, unit_key
 from gradsae.experiments.rank import KeptExample, chosen, padded
-from gradsae.experiments.stats import Stat
+from gradsae.experiments.results import Condition, from_data
 from gradsae.generate import Generation
 from gradsae.models import LoadedModel
 from gradsae.sae import SAE
@@ -49,43 +49,6 @@ from gradsae.splice import Edit
 from gradsae.tasks import Task
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One cell of a table: a method, a set, a K, (for steering) a position mode."""
-
-    method: str
-    """Ranking method, or ``none`` for the unedited row."""
-    set: str
-    """``top``, ``bottom`` or ``-`` (no edit)."""
-    k: str
-    exact: Stat
-    """Exact match (accuracy) against the target: the gold answer, or the donor's gold when steering."""
-    f1: Stat
-    positions: str = ""
-    """Steering positions (see :data:`~gradsae.experiments.config.STEER_POSITIONS`); ``""`` for masking."""
-    mean_k: float = 0.0
-    """Average number of latents actually edited per example."""
-    edit: str = "zero"
-    """``zero`` (masking, or the zero-only floor), ``swap``, ``inject`` or ``none``."""
-    own: Stat | None = None
-    """Steering only: exact match against the recipient's own gold answer."""
-    per_example: tuple[float, ...] = ()
-    """Exact match of each example (in kept / pair order), for paired comparisons."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Condition:
-        own = data.get("own")
-        return cls(
-            **{
-                **data,
-                "exact": Stat.from_dict(data["exact"]),
-                "f1": Stat.from_dict(data["f1"]),
-                "own": None if own is None else Stat.from_dict(own),
-                "per_example": tuple(data.get("per_example", ())),
-            }
-        )
 
 
 # -- experiment 1 ---------------------------------------------------------------------
@@ -119,7 +82,7 @@ def run_perturbation(
         done = record(journal, keys[n], _condition(method, which, k, scores, sets, cfg, edit=edit))
         if on_answers is not None:
             on_answers("none" if n == 0 else f"{method}/{which}/{k}", [g.text for g in gens])
-        return Condition.from_dict(done)
+        return from_data(Condition, done)
 
     units = [
         _Unit(
@@ -172,7 +135,7 @@ def _run_units(
             if (done := recall(journal, units[n].key)) is None:
                 pending.append(n)
             else:
-                out[n] = Condition.from_dict(done)
+                out[n] = from_data(Condition, done)
         if not pending:
             continue
         if not batched:  # the reference: each condition alone, journaled as soon as it is done
@@ -304,7 +267,7 @@ def run_steering(
 
     def finish(n: int, gens: list[Generation]) -> Condition:
         done = record(journal, units[n].key, _steer_condition(task, kept, pairs, gens, cells[n], all_sets[n], cfg))
-        return Condition.from_dict(done)
+        return from_data(Condition, done)
 
     return _run_units(lm, sae, batches, task, cfg, units, finish, journal, batched=batched, experiment=2)
 
