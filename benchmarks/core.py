@@ -12,7 +12,7 @@
   (``aggregation="sum"``) and the exact effects.
 * ``perturb_condition_cost``: experiment 1's grid (Top and Bottom K by activation,
   K in :data:`PERTURB_KS`: 12 conditions, each zeroing a set of latents at every
-  position) decoded as one batch by :func:`gradsae.experiments.batched.decode_conditions`
+  position) decoded as one batch by :func:`gradsae.experiments.decode.decode_conditions`
   (blocks ``0..l`` of the prompt computed once and reused; rows stopped once the
   answer is final), per condition, over one plain forward of the same prompts (no
   cache, no SAE, logits at every position as ``model(ids)`` computes them); also
@@ -38,9 +38,8 @@ import torch
 
 from benchmarks.common import Figure, Timing, compare, ratio_figure
 from benchmarks.reference import agreement, our_pipeline, plain_decode, reference_pipeline, separate_pipeline
-from gradsae.experiments.batched import decode_conditions
 from gradsae.experiments.config import ExperimentConfig
-from gradsae.experiments.perturb import decode, prompt_batches
+from gradsae.experiments.decode import decode, decode_conditions, prompt_batches
 from gradsae.experiments.rank import padded
 from gradsae.experiments.stats import spearman
 from gradsae.models import LoadedModel, block_output, position_ids

@@ -23,11 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from gradsae.experiments.config import ExperimentConfig  # noqa: E402
-from gradsae.experiments.curves import curves_markdown, faithfulness, plot_curves  # noqa: E402
-from gradsae.experiments.perturb import decode, prompt_batches  # noqa: E402
+from gradsae.experiments.curves import faithfulness  # noqa: E402
+from gradsae.experiments.decode import decode, prompt_batches  # noqa: E402
 from gradsae.generate import answer_inputs, answer_step  # noqa: E402
 from gradsae.models import load_model  # noqa: E402
 from gradsae.pretrained import resolve_sae  # noqa: E402
+from gradsae.report.curves import curves_markdown, plot_curves  # noqa: E402
 from gradsae.tasks import load_task  # noqa: E402
 
 

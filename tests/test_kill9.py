@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 import gradsae
 from gradsae.experiments.journal import canonical
-from gradsae.experiments.run import RunResults
+from gradsae.experiments.results import RunResults
 from tests.tiny_files import tiny_run_files
 
 pytestmark = pytest.mark.slow

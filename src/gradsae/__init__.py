@@ -1,6 +1,6 @@
 """gradsae: find the SAE latents that drive a language model's output (GradSAE), prove it, steer with them.
 
-The public API (``import gradsae`` loads torch but not transformers; the rest loads on first use)::
+The public API (``import gradsae`` loads neither torch nor transformers; each name loads on first use)::
 
     from gradsae import load_model, resolve_sae, score_latents, NextTokenProb, splice, Edit
 
@@ -13,15 +13,30 @@ The public API (``import gradsae`` loads torch but not transformers; the rest lo
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+__version__ = importlib.metadata.version("gradsae")
+"""The installed distribution's version (``pyproject.toml``): the one version source."""
 
-# ``splice`` is both a submodule and the function exported here: bind the function now, so that a later
-# ``import gradsae.splice`` (which finds the module already loaded) cannot shadow it.
-from gradsae.splice import Edit, splice
+
+class _Package(types.ModuleType):
+    """``gradsae`` itself: ``splice`` is both a submodule and the function exported here, so when the
+    import system binds the submodule as an attribute (on its first import), the function is bound instead."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "splice" and isinstance(value, types.ModuleType):
+            value = value.splice
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 _EXPORTS = {
+    "splice": "gradsae.splice",
+    "Edit": "gradsae.splice",
     "load_model": "gradsae.models",
     "LoadedModel": "gradsae.models",
     "SAE": "gradsae.sae",
@@ -65,6 +80,7 @@ if TYPE_CHECKING:
     from gradsae.pretrained import ResolvedSAE, resolve_sae
     from gradsae.sae import SAE, SAEConfig, load_sae
     from gradsae.scores import Scores, score_latents
+    from gradsae.splice import Edit, splice
 
 
 def __getattr__(name: str) -> Any:

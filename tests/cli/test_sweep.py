@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gradsae.cli import main
-from gradsae.experiments.run import RunResults
+from gradsae.experiments.results import RunResults
 from gradsae.experiments.stats import paired_difference
 from gradsae.report.sweep import load_runs, sweep_markdown
 from tests.tiny_files import tiny_run_files

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from gradsae.cli.reproduce import write_outputs
-from gradsae.experiments.cards import CardSet, cards_path, compute_cards, run_latents
-from gradsae.experiments.record import ExampleDump, ExampleRecorder
-from gradsae.experiments.run import RunResults, run_layer
+from gradsae.experiments.cards import compute_cards, run_latents
+from gradsae.experiments.record import ExampleRecorder
+from gradsae.experiments.results import CardSet, ExampleDump, RunResults, cards_path
+from gradsae.experiments.run import run_layer
 from gradsae.models import LoadedModel
 from gradsae.report.html import write_run_page
 from gradsae.sae import SAE

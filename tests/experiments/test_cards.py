@@ -6,12 +6,8 @@ import pytest
 import torch
 
 from gradsae.cli import main
-from gradsae.experiments.cards import (
-    RANK_FROM,
-    CardSet,
-    cards_path,
-    final_norm_weight,
-)
+from gradsae.experiments.cards import RANK_FROM, final_norm_weight
+from gradsae.experiments.results import CardSet, cards_path
 from gradsae.models import residuals
 from gradsae.objectives import TargetLogProb
 from gradsae.scores import objective_value

@@ -10,19 +10,10 @@ import pytest
 import torch
 
 from gradsae.errors import GradSAEError
-from gradsae.experiments.curves import (
-    CurveResult,
-    auc,
-    budget,
-    curves_markdown,
-    faithfulness,
-    full_order,
-    normalise,
-    pinned_token_prob,
-    plot_curves,
-    recall,
-)
+from gradsae.experiments.curves import budget, faithfulness, full_order, pinned_token_prob, recall
+from gradsae.experiments.results import CurveResult, auc, from_data, normalise
 from gradsae.models import position_ids
+from gradsae.report.curves import curves_markdown, plot_curves
 from gradsae.splice import Edit, splice
 from tests.helpers import padded_batch, tiny_lm, tiny_sae
 
@@ -134,7 +125,7 @@ def test_grid_must_run_from_zero_to_one(setup):
 def test_round_trip_table_and_plot(setup, tmp_path):
     *_, result = setup
     data = json.loads(json.dumps(result.to_dict()))
-    again = CurveResult.from_dict(data)
+    again = from_data(CurveResult, data)
     assert again == result
     assert set(data["summary"]) == set(result.methods)
     lines = curves_markdown(result)
@@ -145,7 +136,7 @@ def test_round_trip_table_and_plot(setup, tmp_path):
 
 
 def test_log_area_by_hand():
-    from gradsae.experiments.curves import log_area
+    from gradsae.experiments.results import log_area
 
     # points at K = 1, 10, 100 (100 > 50 is left out): trapezoid over ln K from 1 to 10, divided by ln 10
     assert log_area([(0, 9.0), (1, 2.0), (10, 4.0), (100, 7.0)]) == pytest.approx(3.0)

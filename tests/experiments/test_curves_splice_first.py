@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradsae.experiments.curves import CurveResult, kept_curves
+from gradsae.experiments.curves import kept_curves
 from gradsae.experiments.rank import rank_examples
+from gradsae.experiments.results import CurveResult, from_data
 from gradsae.generate import answer_inputs
 from gradsae.models import position_ids
 from gradsae.splice import splice
@@ -27,7 +28,7 @@ def test_curves_pin_the_kept_answer_token_with_the_first_token_spliced(skip_firs
     kept, _ = rank_examples(lm, sae, task, kept_examples, kept_gens, cfg)
     assert kept
     curves = kept_curves(lm, sae, kept, cfg)
-    result = CurveResult.from_dict(curves)
+    result = from_data(CurveResult, curves)
     assert curves["skip_first"] is skip_first
     assert result.skip_first is skip_first
     for k, ex in zip(kept, result.examples, strict=True):
@@ -46,6 +47,6 @@ def _generations(lm, sae, cfg, task):
 
 
 def test_old_results_without_the_field_read_as_skipped():
-    assert CurveResult.from_dict(
-        {"layer": 0, "mode": "error", "grid": [0, 1], "methods": ["random"], "top": 1, "examples": []}
+    assert from_data(
+        CurveResult, {"layer": 0, "mode": "error", "grid": [0, 1], "methods": ["random"], "top": 1, "examples": []}
     ).skip_first

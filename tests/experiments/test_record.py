@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gradsae.experiments.record import ExampleDump, record_scores
+from gradsae.experiments.record import record_scores
+from gradsae.experiments.results import ExampleDump
 from gradsae.objectives import NextTokenProb
 from gradsae.scores import score_methods
 

@@ -11,9 +11,11 @@ import torch
 from gradsae.cli.reproduce import parse_ks, write_outputs
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import ExperimentConfig
-from gradsae.experiments.perturb import decode, pick_donors, prompt_batches, steering_edits
+from gradsae.experiments.decode import decode, prompt_batches
+from gradsae.experiments.perturb import pick_donors, steering_edits
 from gradsae.experiments.rank import KeptExample, chosen, k_value
-from gradsae.experiments.run import RunMeta, RunResults, run_layer
+from gradsae.experiments.results import RunMeta, RunResults, from_data
+from gradsae.experiments.run import run_layer
 from gradsae.generate import Generation, encode_prompts, generate_batch
 from gradsae.splice import Edit, apply_edits
 from gradsae.tasks import Example, Task
@@ -335,12 +337,12 @@ def mask_or_new(out, mask):
 
 
 def test_curves_flag_fills_results_table_and_plot(char_lm, sae, tmp_path):
-    from gradsae.experiments.curves import CurveResult
+    from gradsae.experiments.results import CurveResult
 
     cfg = _cfg(curves=True, ks=(1,), steer_positions=("last",))
     task, right = _half_right_task(char_lm, sae, cfg)
     result = run_layer(char_lm, sae, task, cfg)
-    curves = CurveResult.from_dict(result.curves)
+    curves = from_data(CurveResult, result.curves)
     assert len(curves.examples) == result.n_kept == right
     assert curves.normalised_area("deletion", "ablation") == pytest.approx(1.0)
     write_outputs(tmp_path, RunResults(config=_meta(cfg), layers=(result,)), {"total_s": 0.0})

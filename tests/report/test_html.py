@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from gradsae.cli import main
-from gradsae.experiments.record import EXAMPLES, LayerExamples, record_scores
+from gradsae.experiments.record import record_scores
+from gradsae.experiments.results import EXAMPLES, LayerExamples
 from gradsae.objectives import NextTokenProb
 from gradsae.report.html import REPORT, _curves, latent_rows, markdown_html, score_page
 from gradsae.report.tables import fmt

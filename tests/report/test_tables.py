@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from gradsae.experiments.run import RunResults
+from gradsae.experiments.results import RunResults
 from gradsae.report.tables import table_markdown
 
 

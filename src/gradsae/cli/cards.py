@@ -15,8 +15,8 @@ from pathlib import Path
 
 from gradsae.cli.common import add_model_arguments, parse_layers
 from gradsae.errors import GradSAEError
-from gradsae.experiments.cards import cards_path, compute_cards, corpus_tokens, run_latents
-from gradsae.experiments.record import EXAMPLES, ExampleDump, LayerExamples
+from gradsae.experiments.cards import compute_cards, corpus_tokens, run_latents
+from gradsae.experiments.results import EXAMPLES, ExampleDump, LayerExamples, cards_path
 from gradsae.models import load_model, sae_device
 from gradsae.pretrained import resolve_sae
 from gradsae.report.neuronpedia import SOURCE_SET, write_neuronpedia

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gradsae.cli import validate
 from gradsae.errors import GradSAEError
-from gradsae.experiments.run import RESULTS, RunResults
+from gradsae.experiments.results import RESULTS, RunResults
 from gradsae.report.html import write_run_page
 from gradsae.report.tables import render
 

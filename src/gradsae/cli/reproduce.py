@@ -42,7 +42,8 @@ from gradsae.experiments.config import DONOR_VALUES, STEER_POSITIONS, Experiment
 from gradsae.experiments.controls import CONTROLS
 from gradsae.experiments.journal import FOLDER, Journal, count_units
 from gradsae.experiments.record import ExampleRecorder
-from gradsae.experiments.run import RESULTS, LayerResult, RunMeta, RunResults, run_layer
+from gradsae.experiments.results import RESULTS, LayerResult, RunMeta, RunResults
+from gradsae.experiments.run import run_layer
 from gradsae.models import LoadedModel, check_layers, load_model, sae_device
 from gradsae.pretrained import ResolvedSAE, resolve_sae
 from gradsae.report.tables import render

@@ -31,7 +31,8 @@ from gradsae.cli.common import add_model_arguments
 from gradsae.errors import GradSAEError
 from gradsae.estimators import BASELINES, ESTIMATORS, IG_STEPS, Baseline, logit_diff, mean_activations
 from gradsae.experiments.cards import corpus_tokens, logit_lens
-from gradsae.experiments.record import LayerExamples, record_scores
+from gradsae.experiments.record import record_scores
+from gradsae.experiments.results import LayerExamples
 from gradsae.models import LoadedModel, load_model, position_ids, sae_device
 from gradsae.objectives import Objective, objective_from_name
 from gradsae.pretrained import resolve_sae

@@ -16,9 +16,6 @@ from pathlib import Path
 
 from gradsae import _files
 from gradsae.errors import GradSAEError
-from gradsae.models import check_device, check_device_map, check_model_source
-from gradsae.pretrained import check_version_spec, is_version_spec
-from gradsae.sae import load_sae
 
 
 def at_least(option: str, value: float | None, low: float, *, what: str = "") -> None:
@@ -40,6 +37,8 @@ def positive(option: str, value: float | None) -> None:
 def model_and_device(model: str | None, device: str = "cpu", device_map: str | None = None) -> None:
     """The ``--model`` source exists and is what it claims; ``--device`` names a device this machine has;
     ``--device-map`` is one accelerate knows."""
+    from gradsae.models import check_device, check_device_map, check_model_source  # torch: not for `report`
+
     check_device(device)
     check_device_map(device_map)
     check_model_source(model)
@@ -74,11 +73,15 @@ def sae_folders(spec: str | None, values: Sequence[int | None]) -> None:
     """Load each SAE ``--sae`` names (``{layer}`` filled in) once, to refuse a bad one before the model loads."""
     if spec is None or spec.startswith("saelens:"):
         return
+    from gradsae.pretrained import check_version_spec, is_version_spec  # torch: not for `report`
+
     if is_version_spec(spec):
         check_version_spec(spec, values)
         return
     if "{layer}" in spec and any(layer is None for layer in values):
         raise GradSAEError(f"--sae {spec} has {{layer}} in it: pass --layer or --layers too")
+    from gradsae.sae import load_sae  # torch: not for `report`
+
     for folder in dict.fromkeys(spec.replace("{layer}", str(layer)) for layer in values):
         load_sae(folder)
 

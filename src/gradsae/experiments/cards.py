@@ -31,19 +31,17 @@ writes the same cards in Neuronpedia's upload format.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradsae import _files
 from gradsae.errors import GradSAEError
-from gradsae.experiments.record import TRACED, LayerExamples, significant
+from gradsae.experiments.record import significant
+from gradsae.experiments.results import TRACED, CardSet, Context, FeatureCard, LayerExamples
 from gradsae.models import LoadedModel
 from gradsae.objectives import TargetLogProb
 from gradsae.sae import SAE
@@ -54,103 +52,6 @@ BEFORE, AFTER = 12, 4
 RANK_FROM = 2
 """First position a context's maximum may sit at (BOS and the token after it are left out)."""
 BINS = 24
-
-
-@dataclass(frozen=True)
-class Context:
-    """A window of one corpus sequence around the token where the latent peaks."""
-
-    sequence: int
-    """Index of the corpus sequence."""
-    start: int
-    """Position in that sequence of the window's first token."""
-    tokens: tuple[str, ...]
-    activation: tuple[float, ...]
-    influence: tuple[float, ...]
-    peak: int
-    """Index in ``tokens`` of the maximum that ranked this context."""
-    value: float
-    """That maximum (activation or influence)."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Context:
-        return cls(**{**data, **{k: tuple(data[k]) for k in ("tokens", "activation", "influence")}})
-
-
-@dataclass(frozen=True)
-class FeatureCard:
-    """One latent: corpus statistics, top contexts, logit lens, and where a run chose it."""
-
-    latent: int
-    density: float
-    """Share of corpus tokens (BOS excluded) where the latent is active."""
-    max_activation: float
-    mean_activation: float
-    """Mean activation over the tokens where it is active."""
-    mean_influence: float
-    """Mean signed influence over the tokens where it is active."""
-    hist_edges: tuple[float, ...]
-    """Bin edges of the histogram of nonzero activations."""
-    hist_counts: tuple[int, ...]
-    top_activation: tuple[Context, ...]
-    top_influence: tuple[Context, ...]
-    promoted: tuple[tuple[str, float], ...]
-    """Logit lens: tokens the decoder direction raises most, with ``v``."""
-    suppressed: tuple[tuple[str, float], ...]
-    logit_edges: tuple[float, ...]
-    """Bin edges of the histogram of ``v`` over the vocabulary."""
-    logit_counts: tuple[int, ...]
-    in_run: dict[str, tuple[str, ...]]
-    """Ranking method -> ids of the run's examples whose TopK holds the latent (empty without a run)."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FeatureCard:
-        pairs = ("promoted", "suppressed")
-        return cls(
-            **{
-                **data,
-                **{k: tuple(data[k]) for k in ("hist_edges", "hist_counts", "logit_edges", "logit_counts")},
-                **{k: tuple((str(t), float(v)) for t, v in data[k]) for k in pairs},
-                "top_activation": tuple(Context.from_dict(c) for c in data["top_activation"]),
-                "top_influence": tuple(Context.from_dict(c) for c in data["top_influence"]),
-                "in_run": {m: tuple(ids) for m, ids in data["in_run"].items()},
-            }
-        )
-
-
-@dataclass(frozen=True)
-class CardSet:
-    """Cards of several latents of one SAE, and how they were computed (``cards_layer{l}.json``)."""
-
-    model: str
-    layer: int
-    sae: str
-    """What SAE it is (the label ``resolve_sae`` gives)."""
-    corpus: str
-    n_sequences: int
-    context: int
-    """Tokens per corpus sequence, BOS included."""
-    objective: str
-    logit_lens: str
-    """What the logit lens computed (which norm weight, if any)."""
-    cards: tuple[FeatureCard, ...]
-
-    def card(self, latent: int) -> FeatureCard | None:
-        return next((c for c in self.cards if c.latent == latent), None)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the JSON file atomically."""
-        return _files.write_json(path, dataclasses.asdict(self), sort_keys=False)
-
-    @classmethod
-    def load(cls, path: str | Path) -> CardSet:
-        data = _files.read_json(path)
-        return cls(**{**data, "cards": tuple(FeatureCard.from_dict(c) for c in data["cards"])})
-
-
-def cards_path(folder: str | Path, layer: int) -> Path:
-    """Where a run keeps the cards of ``layer``."""
-    return Path(folder) / f"cards_layer{layer}.json"
 
 
 def run_latents(part: LayerExamples) -> list[int]:

@@ -57,9 +57,9 @@ import torch
 
 from gradsae import _files
 from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.decode import decode, prompt_batches
 from gradsae.experiments.eval_sets import EvalSet
 from gradsae.experiments.journal import Journal, recall, unit_key
-from gradsae.experiments.perturb import decode, prompt_batches
 from gradsae.experiments.stats import Stat, stat
 from gradsae.models import LoadedModel
 from gradsae.sae import SAE

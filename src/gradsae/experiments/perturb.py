@@ -17,12 +17,12 @@ Each steering cell also reports how often the answer stayed the recipient's own.
 Blocks ``0..l`` of each prompt are computed once and replayed in every condition
 (:mod:`gradsae.prefix`): an edit at layer ``l`` cannot change them.
 
-Conditions are decoded a group at a time as one batch (:mod:`gradsae.experiments.batched`;
+Conditions are decoded a group at a time as one batch (:mod:`gradsae.experiments.decode`;
 masking: one ranking method's Top / Bottom K; steering: one position mode and method),
 and each finished condition is journaled (:mod:`gradsae.experiments.journal`). A group is
 recomputed whole unless all its conditions are journaled, so a resumed run decodes the same
 batches as an uninterrupted one. ``batched=False`` decodes condition by condition with
-:func:`decode` (the reference the tests compare against: the same answers).
+:func:`~gradsae.experiments.decode.decode` (the reference the tests compare against: the same answers).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,120 +37,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradsae import distributed
-from gradsae.experiments.batched import decode_conditions
 from gradsae.experiments.config import SETS, STEER_EDITS, ExperimentConfig, KSpec
+from gradsae.experiments.decode import EditsFor, PromptBatch, decode, decode_conditions, prompt_batches
 from gradsae.experiments.journal import Journal, recall, record, unit_key
 from gradsae.experiments.rank import KeptExample, chosen, padded
-from gradsae.experiments.stats import Stat
-from gradsae.generate import Generation, encode_prompts, generate_batch
+from gradsae.experiments.results import Condition, from_data
+from gradsae.generate import Generation
 from gradsae.models import LoadedModel
-from gradsae.prefix import Prefix, compute_prefix, replay_prefix
 from gradsae.sae import SAE
-from gradsae.splice import Edit, splice
+from gradsae.splice import Edit
 from gradsae.tasks import Task
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One cell of a table: a method, a set, a K, (for steering) a position mode."""
-
-    method: str
-    """Ranking method, or ``none`` for the unedited row."""
-    set: str
-    """``top``, ``bottom`` or ``-`` (no edit)."""
-    k: str
-    exact: Stat
-    """Exact match (accuracy) against the target: the gold answer, or the donor's gold when steering."""
-    f1: Stat
-    positions: str = ""
-    """Steering positions (see :data:`~gradsae.experiments.config.STEER_POSITIONS`); ``""`` for masking."""
-    mean_k: float = 0.0
-    """Average number of latents actually edited per example."""
-    edit: str = "zero"
-    """``zero`` (masking, or the zero-only floor), ``swap``, ``inject`` or ``none``."""
-    own: Stat | None = None
-    """Steering only: exact match against the recipient's own gold answer."""
-    per_example: tuple[float, ...] = ()
-    """Exact match of each example (in kept / pair order), for paired comparisons."""
-    k_min: int | None = None
-    """Fewest latents edited in one example (``None`` in files written before it was recorded)."""
-    k_max: int | None = None
-    """Most latents edited in one example."""
-    removed_norm: float | None = None
-    """Mean over examples of ``sum_{c in set} H_c ||W_dec[c]||`` (``H_c`` the latent's mean activation over the
-    spliced positions at the answer step): a bound on the residual norm a masking condition removes."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Condition:
-        own = data.get("own")
-        return cls(
-            **{
-                **data,
-                "exact": Stat.from_dict(data["exact"]),
-                "f1": Stat.from_dict(data["f1"]),
-                "own": None if own is None else Stat.from_dict(own),
-                "per_example": tuple(data.get("per_example", ())),
-            }
-        )
-
-
-EditsFor = Callable[[range], list[Edit]]
-
-
-@dataclass(frozen=True)
-class PromptBatch:
-    """A left-padded batch of prompts and (optionally) its blocks ``0..l`` precomputed."""
-
-    rows: range
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    prefix: Prefix | None
-
-
-def prompt_batches(lm: LoadedModel, texts: Sequence[str], cfg: ExperimentConfig, *, reuse: bool) -> list[PromptBatch]:
-    """Split ``texts`` into batches; with ``reuse``, run each once through blocks ``0..l``."""
-    out: list[PromptBatch] = []
-    for start in range(0, len(texts), cfg.batch_size):
-        rows = range(start, min(start + cfg.batch_size, len(texts)))
-        ids, mask = encode_prompts(lm.tokenizer, [texts[i] for i in rows])
-        ids, mask = ids.to(lm.device), mask.to(lm.device)
-        mine = len(out) % distributed.world_size() == distributed.rank()  # the rank that decodes this batch
-        prefix = compute_prefix(lm, ids, mask, cfg.layer) if reuse and mine else None
-        out.append(PromptBatch(rows=rows, input_ids=ids, attention_mask=mask, prefix=prefix))
-    return out
-
-
-def decode(
-    lm: LoadedModel,
-    batches: Sequence[PromptBatch],
-    task: Task,
-    cfg: ExperimentConfig,
-    *,
-    sae: SAE | None,
-    edits_for: EditsFor | None,
-    newest_only: bool = False,
-) -> list[Generation]:
-    """Greedy answers batch by batch; ``edits_for(rows)`` gives each batch's latent edits.
-
-    ``newest_only``: each pass edits only its last position and the KV cache keeps unedited
-    keys/values (the authors' uncached last-position steering); the edits must use ``positions="last"``.
-    """
-    budget = task.max_new_tokens
-
-    def one(batch: PromptBatch) -> list[Generation]:
-        if sae is None:
-            return generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget)
-        edits = edits_for(batch.rows) if edits_for else []
-        replay = replay_prefix(lm, batch.prefix) if batch.prefix is not None else nullcontext()
-        spliced = splice(lm, sae, cfg.layer, mode=cfg.mode, edits=edits, record=False, skip_first=cfg.skip_first)
-        with spliced as state, replay:
-            newest = state if newest_only and edits else None
-            return generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget, newest_only=newest)
-
-    return [gen for gens in distributed.map_items(one, batches) for gen in gens]  # batches sharded over ranks
 
 
 # -- experiment 1 ---------------------------------------------------------------------
@@ -186,7 +83,7 @@ def run_perturbation(
         done = record(journal, keys[n], _condition(method, which, k, scores, sets, cfg, edit=edit, removed=removed))
         if on_answers is not None:
             on_answers("none" if n == 0 else f"{method}/{which}/{k}", [g.text for g in gens])
-        return Condition.from_dict(done)
+        return from_data(Condition, done)
 
     units = [
         _Unit(
@@ -205,7 +102,7 @@ class _Unit:
     key: str
     edits_for: EditsFor | None
     group: tuple[Any, ...] | str
-    """Conditions of one group are decoded as one batch (:mod:`gradsae.experiments.batched`)."""
+    """Conditions of one group are decoded as one batch (:mod:`gradsae.experiments.decode`)."""
     newest_only: bool = False
 
 
@@ -239,7 +136,7 @@ def _run_units(
             if (done := recall(journal, units[n].key)) is None:
                 pending.append(n)
             else:
-                out[n] = Condition.from_dict(done)
+                out[n] = from_data(Condition, done)
         if not pending:
             continue
         if not batched:  # the reference: each condition alone, journaled as soon as it is done
@@ -375,7 +272,7 @@ def run_steering(
 
     def finish(n: int, gens: list[Generation]) -> Condition:
         done = record(journal, units[n].key, _steer_condition(task, kept, pairs, gens, cells[n], all_sets[n], cfg))
-        return Condition.from_dict(done)
+        return from_data(Condition, done)
 
     return _run_units(lm, sae, batches, task, cfg, units, finish, journal, batched=batched, experiment=2)
 

@@ -20,131 +20,17 @@ the ``on_answers`` hook of :func:`~gradsae.experiments.perturb.run_perturbation`
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from gradsae import _files, distributed
+from gradsae import distributed
 from gradsae.experiments.config import KSpec
 from gradsae.experiments.rank import KeptExample, chosen
+from gradsae.experiments.results import TRACED, ExampleDump, ExampleRecord, LatentTrace, LayerExamples
 from gradsae.scores import Scores
-
-EXAMPLES = "examples.json"
-TRACED = ("gradsae", "activation")
-"""Ranking methods whose TopK sets are kept per example."""
-
-
-@dataclass(frozen=True)
-class LatentTrace:
-    """One latent's per-token values in one example, at the positions where it is active."""
-
-    latent: int
-    gradsae: float
-    """The latent's GradSAE score in this example (the run's aggregation of the influence)."""
-    mean_activation: float
-    """Its mean activation over the spliced positions (the activation ranking's score)."""
-    positions: tuple[int, ...]
-    """Indices into the example's ``tokens``."""
-    activation: tuple[float, ...]
-    """``H[n, c]`` at each position."""
-    influence: tuple[float, ...]
-    """``H[n, c] * dY/dH[n, c]`` at each position (signed)."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LatentTrace:
-        return cls(
-            latent=int(data["latent"]),
-            gradsae=float(data["gradsae"]),
-            mean_activation=float(data["mean_activation"]),
-            positions=tuple(data["positions"]),
-            activation=tuple(data["activation"]),
-            influence=tuple(data["influence"]),
-        )
-
-
-@dataclass(frozen=True)
-class ExampleRecord:
-    """One kept example: its tokens, answers, TopK sets and the per-token values of their latents."""
-
-    id: str
-    tokens: tuple[str, ...]
-    """The scored input, one string per token (special tokens included)."""
-    prompt_len: int
-    """Tokens of the prompt; the rest were generated before the answer step."""
-    answer: str
-    """The spliced model's generated text."""
-    gold: tuple[str, ...]
-    label: str | None
-    target: str
-    """The greedy token ``y*`` whose probability is the objective."""
-    objective: float
-    """``Y = p(y*)`` with the SAE spliced, no edits."""
-    top: dict[str, tuple[tuple[int, float], ...]]
-    """Method -> its TopK at the run's largest K: ``(latent, score)``, best first."""
-    traces: tuple[LatentTrace, ...]
-    """Per-token values of every latent in ``top``."""
-    masked: dict[str, str] = field(default_factory=dict)
-    """Masking condition ``method/set/K`` (or ``none``) -> the answer text under it."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ExampleRecord:
-        return cls(
-            **{
-                **data,
-                "tokens": tuple(data["tokens"]),
-                "gold": tuple(data["gold"]),
-                "top": {m: tuple((int(c), float(s)) for c, s in rows) for m, rows in data["top"].items()},
-                "traces": tuple(LatentTrace.from_dict(t) for t in data["traces"]),
-            }
-        )
-
-
-@dataclass(frozen=True)
-class LayerExamples:
-    """The kept examples of one layer."""
-
-    layer: int
-    examples: tuple[ExampleRecord, ...]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerExamples:
-        return cls(layer=int(data["layer"]), examples=tuple(ExampleRecord.from_dict(e) for e in data["examples"]))
-
-
-@dataclass(frozen=True)
-class ExampleDump:
-    """``examples.json``: one :class:`LayerExamples` per layer of the run."""
-
-    layers: tuple[LayerExamples, ...]
-
-    def layer(self, layer: int) -> LayerExamples | None:
-        return next((part for part in self.layers if part.layer == layer), None)
-
-    def merged(self, folder: str | Path, layers: Sequence[int]) -> ExampleDump:
-        """This dump plus, for each of ``layers`` it lacks, that layer from ``<folder>/examples.json`` if the
-        file holds it (runs journaled before the examples were), in ``layers`` order."""
-        path = Path(folder) / EXAMPLES
-        try:
-            before = ExampleDump.load(path) if path.is_file() else ExampleDump(layers=())
-        except (ValueError, KeyError, TypeError):
-            before = ExampleDump(layers=())
-        parts = [self.layer(layer) or before.layer(layer) for layer in layers]
-        return ExampleDump(layers=tuple(part for part in parts if part is not None))
-
-    def save(self, folder: str | Path) -> Path:
-        """Write ``<folder>/examples.json`` atomically."""
-        return _files.write_json(Path(folder) / EXAMPLES, dataclasses.asdict(self), sort_keys=False)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> ExampleDump:
-        """Read ``<folder>/examples.json`` (or the file itself)."""
-        path = Path(folder)
-        data = _files.read_json(path / EXAMPLES if path.is_dir() else path)
-        return cls(layers=tuple(LayerExamples.from_dict(part) for part in data["layers"]))
 
 
 @dataclass(frozen=True)

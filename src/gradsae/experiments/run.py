@@ -13,21 +13,16 @@ from the file, not from live objects.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradsae import _files
 from gradsae.experiments.config import ExperimentConfig
 from gradsae.experiments.curves import kept_curves
+from gradsae.experiments.decode import decode, prompt_batches
 from gradsae.experiments.journal import Journal, recall, record, unit_key
-from gradsae.experiments.perturb import Condition, decode, pick_donors, prompt_batches, run_perturbation, run_steering
+from gradsae.experiments.perturb import pick_donors, run_perturbation, run_steering
 from gradsae.experiments.rank import overlap_stats, rank_examples
-from gradsae.experiments.record import LayerExamples
-from gradsae.experiments.stats import Stat
+from gradsae.experiments.results import LayerExamples, LayerResult, from_data
 from gradsae.models import LoadedModel
 from gradsae.sae import SAE
 from gradsae.tasks import Task
@@ -36,111 +31,6 @@ if TYPE_CHECKING:
     from gradsae.experiments.record import ExampleRecorder
 
 log = logging.getLogger(__name__)
-
-RESULTS = "results.json"
-
-
-@dataclass(frozen=True)
-class LayerResult:
-    """Everything measured at one layer (``results.json`` holds one per layer)."""
-
-    layer: int
-    n_examples: int
-    n_kept: int
-    baseline: Stat
-    """Task score of the spliced model on all examples (before keeping the correct ones)."""
-    clean_baseline: Stat
-    """Task score of the model without the SAE, on the same examples."""
-    perturbation: tuple[Condition, ...]
-    steering: tuple[Condition, ...]
-    overlap: dict[str, float]
-    n_donor_pairs: int
-    diagnostics: dict[str, Any]
-    curves: dict[str, Any] = field(default_factory=dict)
-    """Faithfulness curves (``CurveResult.to_dict()``) when the run asked for them, else empty."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerResult:
-        return cls(
-            **{
-                **data,
-                "baseline": Stat.from_dict(data["baseline"]),
-                "clean_baseline": Stat.from_dict(data["clean_baseline"]),
-                "perturbation": tuple(Condition.from_dict(c) for c in data["perturbation"]),
-                "steering": tuple(Condition.from_dict(c) for c in data["steering"]),
-            }
-        )
-
-
-@dataclass(frozen=True)
-class RunMeta:
-    """How a run was made: ``results.json``'s ``config``."""
-
-    task: str
-    metric: str
-    model: str
-    n: int
-    """Examples drawn before keeping the correct ones."""
-    seed: int
-    mode: str
-    """Splice mode."""
-    methods: tuple[str, ...]
-    ks: tuple[str, ...]
-    steer_positions: tuple[str, ...]
-    sae_labels: dict[str, str]
-    """Layer (as a string) -> what SAE was used there."""
-    batch_size: int
-    max_new_tokens: int
-    objective: str
-    aggregation: str
-    versions: dict[str, str]
-    paper: bool = False
-    """Run with the paper-exact preset (``--paper``)."""
-    skip_first: bool = True
-    """Each prompt's first token left unspliced."""
-    keep_f1: float | None = None
-    """Kept: F1 at least this; ``None``: exact match."""
-    donor_value: str = "activation"
-    """What a donor latent is injected with."""
-    floors: bool = True
-    """Steering floors measured."""
-    curves: bool = False
-    """Faithfulness curves measured."""
-    curves_n: int | None = None
-    """Curves on the first this many kept examples (``None``: all)."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunMeta:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kept = {key: value for key, value in data.items() if key in names}
-        for key in ("methods", "ks", "steer_positions"):
-            kept[key] = tuple(kept[key])
-        return cls(**kept)
-
-
-@dataclass(frozen=True)
-class RunResults:
-    """A whole run: its metadata and one result per layer."""
-
-    config: RunMeta
-    layers: tuple[LayerResult, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"config": dataclasses.asdict(self.config), "layers": [dataclasses.asdict(r) for r in self.layers]}
-
-    def save(self, folder: str | Path) -> Path:
-        """Write ``<folder>/results.json`` atomically."""
-        return _files.write_text(Path(folder) / RESULTS, json.dumps(self.to_json(), indent=2, sort_keys=True))
-
-    @classmethod
-    def load(cls, folder: str | Path) -> RunResults:
-        """Read ``<folder>/results.json`` (or the file itself)."""
-        path = Path(folder)
-        data = _files.read_json(path / RESULTS if path.is_dir() else path)
-        return cls(
-            config=RunMeta.from_dict(data["config"]),
-            layers=tuple(LayerResult.from_dict(layer) for layer in data["layers"]),
-        )
 
 
 def run_layer(
@@ -161,8 +51,8 @@ def run_layer(
     """
     if (done := recall(journal, unit_key(cfg.layer, "layer"))) is not None:
         if recorder is not None and (examples := recall(journal, unit_key(cfg.layer, "examples"))) is not None:
-            recorder.add(LayerExamples.from_dict(examples))  # examples.json keeps the recalled layer
-        return LayerResult.from_dict(done)
+            recorder.add(from_data(LayerExamples, examples))  # examples.json keeps the recalled layer
+        return from_data(LayerResult, done)
     texts = [task.render(example, lm.tokenizer) for example in task.examples]
     batches = prompt_batches(lm, texts, cfg, reuse=False)
     clean = decode(lm, batches, task, cfg, sae=None, edits_for=None)
@@ -197,7 +87,7 @@ def run_layer(
         diagnostics=diagnostics,
         curves=curves,
     )
-    return LayerResult.from_dict(record(journal, unit_key(cfg.layer, "layer"), result))
+    return from_data(LayerResult, record(journal, unit_key(cfg.layer, "layer"), result))
 
 
 def _is_kept(score: Any, cfg: ExperimentConfig) -> bool:

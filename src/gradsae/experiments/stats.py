@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+from numpy.typing import ArrayLike
 
 ALPHA = 0.05
 """Level of every test and (``1 - ALPHA``) of every interval."""
@@ -69,11 +69,11 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, seed: int, resa
     return stat([x - y for x, y in zip(a, b, strict=True)], seed=seed, resamples=resamples)
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
+def spearman(a: ArrayLike, b: ArrayLike) -> float:
+    """Spearman rank correlation (average ranks for ties); ``a``, ``b``: anything numpy reads (CPU tensors too)."""
     from scipy.stats import spearmanr
 
-    return float(spearmanr(a.double().numpy(), b.double().numpy()).statistic)
+    return float(spearmanr(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)).statistic)
 
 
 # -- exact tests and intervals for binary outcomes ----------------------------------------------------

@@ -30,9 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gradsae import _files
-from gradsae.experiments.cards import CardSet, cards_path
-from gradsae.experiments.record import EXAMPLES, ExampleDump, LayerExamples
-from gradsae.experiments.run import RunResults
+from gradsae.experiments.results import EXAMPLES, CardSet, ExampleDump, LayerExamples, RunResults, cards_path
 from gradsae.report.tables import table_markdown
 
 REPORT = "report.html"

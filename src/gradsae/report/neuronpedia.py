@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gradsae import _files
-from gradsae.experiments.cards import CardSet, FeatureCard
+from gradsae.experiments.results import CardSet, FeatureCard
 
 SOURCE_SET = "gradsae-res"
 """Default source-set name: the source id is ``"{layer}-{source set}"``."""

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradsae import _files
-from gradsae.experiments.perturb import Condition
-from gradsae.experiments.run import LayerResult, RunResults
+from gradsae.experiments.results import Condition, LayerResult, RunResults
 from gradsae.experiments.stats import Stat
 from gradsae.report.tables import NAMES, fmt, paired_cell
 

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from gradsae import _files
-from gradsae.experiments.curves import CurveResult, curves_markdown, plot_curves
-from gradsae.experiments.perturb import Condition
-from gradsae.experiments.run import LayerResult, RunMeta, RunResults
+from gradsae.experiments.results import Condition, CurveResult, LayerResult, RunMeta, RunResults, from_data
 from gradsae.experiments.stats import Stat, paired_difference
+from gradsae.report.curves import curves_markdown, plot_curves
 
 BOOTSTRAP = 1000
 """Resamples for the paired-difference intervals (seeded by the run's seed)."""
@@ -107,7 +106,7 @@ def layer_section(result: LayerResult, meta: RunMeta) -> list[str]:
         out += [f"| {name} | {value:.1f} |" for name, value in sorted(result.overlap.items())]
         out.append("")
     if result.curves:
-        out += curves_markdown(CurveResult.from_dict(result.curves))
+        out += curves_markdown(from_data(CurveResult, result.curves))
     rho = result.diagnostics.get("spearman_gradsae_sum_vs_ablation")
     if rho:
         out += [
@@ -243,7 +242,7 @@ def plot_layer(result: LayerResult, meta: RunMeta, folder: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     if result.curves:
-        paths.append(plot_curves(CurveResult.from_dict(result.curves), folder / f"curves_layer{result.layer}.png"))
+        paths.append(plot_curves(from_data(CurveResult, result.curves), folder / f"curves_layer{result.layer}.png"))
     return paths
 
 

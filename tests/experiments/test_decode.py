@@ -7,10 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from gradsae.experiments import batched
-from gradsae.experiments.batched import decode_conditions, merged_edits
+from gradsae.experiments import decode as batched
 from gradsae.experiments.config import ExperimentConfig
-from gradsae.experiments.perturb import decode, prompt_batches
+from gradsae.experiments.decode import decode, decode_conditions, merged_edits, prompt_batches
 from gradsae.experiments.record import ExampleRecorder
 from gradsae.experiments.run import run_layer
 from gradsae.splice import Edit

@@ -1,4 +1,9 @@
-"""Decode many conditions of an experiment as one batch: rows = examples x conditions.
+"""Prompt batches and greedy decoding: condition by condition, or many conditions as one batch.
+
+:func:`prompt_batches` splits the prompts into left-padded batches (each with blocks
+``0..l`` precomputed when reused); :func:`decode` greedy-decodes them under one set of
+latent edits. :func:`decode_conditions` decodes many conditions of an experiment as one
+batch: rows = examples x conditions.
 
 Experiment 1 (and 2) decodes every prompt once per condition, each condition with
 its own latent edits. Here the ``B`` examples of a prompt batch under ``C``
@@ -23,7 +28,7 @@ conditions are ``C * B`` rows ``(condition, example)``, decoded ``max_rows`` at 
   stopped rows leave the batch, the KV cache and the edits;
 * logits are computed at each pass's last position only.
 
-The tokens are those of :func:`gradsae.experiments.perturb.decode` run condition by
+The tokens are those of :func:`decode` run condition by
 condition (rows do not interact; batched matrix products may round differently);
 with ``stop_when_answered`` each generation is a prefix of that one with the same
 parsed answer, hence the same score. Cost per condition: the prompt columns from
@@ -35,10 +40,10 @@ pass per prompt batch, shared by all conditions.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -50,6 +55,8 @@ from gradsae.generate import (
     Generation,
     cache_holding,
     cached_pass,
+    encode_prompts,
+    generate_batch,
     generation_of,
     greedy_tokens,
     keys_values,
@@ -57,13 +64,66 @@ from gradsae.generate import (
     stop_ids,
 )
 from gradsae.models import LoadedModel, position_ids
-from gradsae.prefix import replay_prefix
+from gradsae.prefix import Prefix, compute_prefix, replay_prefix
 from gradsae.sae import SAE
 from gradsae.splice import Edit, SparseActs, edit_rows, splice
 from gradsae.tasks import Task
 
-if TYPE_CHECKING:
-    from gradsae.experiments.perturb import EditsFor, PromptBatch
+EditsFor = Callable[[range], list[Edit]]
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """A left-padded batch of prompts and (optionally) its blocks ``0..l`` precomputed."""
+
+    rows: range
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prefix: Prefix | None
+
+
+def prompt_batches(lm: LoadedModel, texts: Sequence[str], cfg: ExperimentConfig, *, reuse: bool) -> list[PromptBatch]:
+    """Split ``texts`` into batches; with ``reuse``, run each once through blocks ``0..l``."""
+    out: list[PromptBatch] = []
+    for start in range(0, len(texts), cfg.batch_size):
+        rows = range(start, min(start + cfg.batch_size, len(texts)))
+        ids, mask = encode_prompts(lm.tokenizer, [texts[i] for i in rows])
+        ids, mask = ids.to(lm.device), mask.to(lm.device)
+        mine = len(out) % distributed.world_size() == distributed.rank()  # the rank that decodes this batch
+        prefix = compute_prefix(lm, ids, mask, cfg.layer) if reuse and mine else None
+        out.append(PromptBatch(rows=rows, input_ids=ids, attention_mask=mask, prefix=prefix))
+    return out
+
+
+def decode(
+    lm: LoadedModel,
+    batches: Sequence[PromptBatch],
+    task: Task,
+    cfg: ExperimentConfig,
+    *,
+    sae: SAE | None,
+    edits_for: EditsFor | None,
+    newest_only: bool = False,
+) -> list[Generation]:
+    """Greedy answers batch by batch; ``edits_for(rows)`` gives each batch's latent edits.
+
+    ``newest_only``: each pass edits only its last position and the KV cache keeps unedited
+    keys/values (the authors' uncached last-position steering); the edits must use ``positions="last"``.
+    """
+    budget = task.max_new_tokens
+
+    def one(batch: PromptBatch) -> list[Generation]:
+        if sae is None:
+            return generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget)
+        edits = edits_for(batch.rows) if edits_for else []
+        replay = replay_prefix(lm, batch.prefix) if batch.prefix is not None else nullcontext()
+        spliced = splice(lm, sae, cfg.layer, mode=cfg.mode, edits=edits, record=False, skip_first=cfg.skip_first)
+        with spliced as state, replay:
+            newest = state if newest_only and edits else None
+            return generate_batch(lm, batch.input_ids, batch.attention_mask, max_new_tokens=budget, newest_only=newest)
+
+    return [gen for gens in distributed.map_items(one, batches) for gen in gens]  # batches sharded over ranks
+
 
 MAX_ROWS = 128
 """Rows decoded at once (examples x conditions); bounds the KV cache and activations."""
@@ -85,7 +145,7 @@ def decode_conditions(
     """Generations of every example under every condition: ``out[c][i]``; see the module docstring.
 
     ``conditions_edits[c](rows)`` gives condition ``c``'s edits for a batch's rows
-    (``None``: no edit), as ``edits_for`` does for :func:`~gradsae.experiments.perturb.decode`.
+    (``None``: no edit), as ``edits_for`` does for :func:`decode`.
     """
     chunks = -(-len(conditions_edits) * max((len(b.rows) for b in batches), default=0) // max_rows)
     bar = tqdm(total=len(distributed.shard(batches)) * chunks, desc=desc, disable=None)
@@ -111,7 +171,7 @@ def decode_conditions(
         return [[out[c, i] for i in range(len(batch.rows))] for c in range(len(tables))]
 
     with bar:
-        per_batch = distributed.map_items(one, batches)  # batches sharded over ranks, as in perturb.decode
+        per_batch = distributed.map_items(one, batches)  # batches sharded over ranks, as in decode
     return [[gen for gens in per_batch for gen in gens[c]] for c in range(len(conditions_edits))]
 
 
