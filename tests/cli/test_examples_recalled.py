@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from gradsae.cli import main
-from gradsae.experiments.record import EXAMPLES
+from gradsae.experiments.results import EXAMPLES
 from tests.tiny_files import tiny_run_files
 
 

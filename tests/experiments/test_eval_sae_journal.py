@@ -64,8 +64,8 @@ def test_every_unit_is_journaled(reference: Path) -> None:
 def test_a_rerun_measures_only_the_missing_units_and_writes_the_same(
     files: Path, reference: Path, tmp_path: Path, drop: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "o"
-    shutil.copytree(reference, out)
+    out = tmp_path  # beside the reference run, so the SAE paths it records relative to --out read the same
+    shutil.copytree(reference, out, dirs_exist_ok=True)
     (out / "journal" / f"{drop}.json").unlink()
     (out / "eval_sae.json").unlink()
     measured: list[int] = []
@@ -79,8 +79,8 @@ def test_a_rerun_measures_only_the_missing_units_and_writes_the_same(
 
 
 def test_a_damaged_entry_is_recomputed(files: Path, reference: Path, tmp_path: Path) -> None:
-    out = tmp_path / "o"
-    shutil.copytree(reference, out)
+    out = tmp_path  # beside the reference run, so the SAE paths it records relative to --out read the same
+    shutil.copytree(reference, out, dirs_exist_ok=True)
     path = out / "journal" / "acc-plural-0-replace.json"
     entry = json.loads(path.read_text())
     entry["value"]["accuracy"]["exact"]["mean"] = 123.0  # checksum no longer matches
@@ -112,6 +112,6 @@ def test_another_run_s_journal_is_refused_and_restart_starts_over(
 
 def test_no_journal_left_means_the_same_as_before(files: Path, reference: Path, tmp_path: Path) -> None:
     """Without the journal (all units gone) the command measures everything again: the same output."""
-    out = tmp_path / "o"
+    out = tmp_path  # beside the reference run, so the SAE paths it records relative to --out read the same
     assert main(_argv(files, out)) == 0
     assert without_time(out) == without_time(reference)
