@@ -46,6 +46,7 @@ from gradsae.models import LoadedModel, check_layers, load_model, sae_device
 from gradsae.pretrained import ResolvedSAE, resolve_sae
 from gradsae.report.tables import render
 from gradsae.sae import check_compatible
+from gradsae.splice import MODES
 from gradsae.tasks import Task, check_prompt_lengths, load_task
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         default=None,
-        choices=["replace", "error"],
+        choices=MODES,
         help="splice mode: error (default: the model stays exact, masked latents lose their decoder share) or "
         "replace (the paper's: the residual becomes the reconstruction; on SmolLM2 it drops SST-2 accuracy to ~25%% "
         "and the kept examples may all share one label, leaving experiment 2 without donors)",
