@@ -42,10 +42,9 @@ from gradsae.experiments.journal import FOLDER, Journal, count_units
 from gradsae.experiments.record import ExampleRecorder
 from gradsae.experiments.results import RESULTS, LayerResult, RunMeta, RunResults
 from gradsae.experiments.run import run_layer
-from gradsae.models import LoadedModel, check_layers, load_model, sae_device
-from gradsae.pretrained import ResolvedSAE, resolve_sae
+from gradsae.models import LoadedModel, load_model, sae_device
+from gradsae.pretrained import ResolvedSAE, resolve_saes
 from gradsae.report.tables import render
-from gradsae.sae import check_compatible
 from gradsae.splice import MODES
 from gradsae.tasks import Task, check_prompt_lengths, load_task
 
@@ -296,14 +295,7 @@ def parse_positions(text: str) -> tuple[str, ...]:
 
 def resolve_all(lm: LoadedModel, args: argparse.Namespace, layers: list[int | None]) -> list[ResolvedSAE]:
     """The SAE of each layer, checked against the model before any computing."""
-    check_layers(lm, [layer for layer in layers if layer is not None])
-    out = []
-    for layer in layers:
-        folder = args.sae.replace("{layer}", str(layer)) if args.sae else None
-        found = resolve_sae(lm, folder, layer)
-        check_compatible(found.sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=found.layer)
-        out.append(found)
-    return out
+    return resolve_saes(lm, args.sae, layers)
 
 
 def open_journal(out: Path, meta: RunMeta, task: Task, saes: list[ResolvedSAE], *, restart: bool) -> Journal:
