@@ -38,3 +38,19 @@ def test_the_label_says_which_sae_shipped_there() -> None:
     digest = hashlib.sha256((path / "sae_weights.safetensors").read_bytes()).hexdigest()[:12]
     label = shipped_label(path)
     assert label.startswith(f"shipped SAE {SHIPPED_FOLDER}/layer_6 (") and f"sha256 {digest})" in label
+
+
+def test_resolve_saes_fills_the_layer_template_and_checks_each_sae(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from gradsae.errors import GradSAEError
+    from gradsae.pretrained import resolve_saes, sae_folder
+    from tests.helpers import tiny_lm, tiny_sae
+
+    assert sae_folder("saes/l{layer}", 3) == "saes/l3" and sae_folder("saes/l{layer}", None) == "saes/l{layer}"
+    assert sae_folder(None, 3) is None
+    lm = tiny_lm()
+    for layer in (0, 1):
+        tiny_sae(layer=layer, seed=layer).save(tmp_path / f"l{layer}")
+    found = resolve_saes(lm, str(tmp_path / "l{layer}"), [1, 0])
+    assert [f.layer for f in found] == [1, 0] and found[0].label != found[1].label
+    with pytest.raises(GradSAEError):
+        resolve_saes(lm, str(tmp_path / "l{layer}"), [0, 99])

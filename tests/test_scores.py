@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -165,6 +167,32 @@ def test_scores_save_load(tmp_path, lm, batch):
     scores = score_latents(lm, tiny_sae(), ids, mask, NextTokenProb())
     loaded = type(scores).load(scores.save(tmp_path / "s"))
     assert loaded.method == "gradsae" and torch.equal(loaded.per_latent, scores.per_latent)
+
+
+def test_scores_save_is_atomic_for_both_files(tmp_path, lm, batch, monkeypatch):
+    """A write that fails leaves the earlier ``.json`` and ``.safetensors`` whole and says so in one line."""
+    import os
+
+    from gradsae import _files
+    from gradsae.errors import GradSAEError
+
+    ids, mask = batch
+    scores = score_latents(lm, tiny_sae(), ids, mask, NextTokenProb())
+    path = scores.save(tmp_path / "s")
+    before = {suffix: path.with_suffix(suffix).read_bytes() for suffix in (".json", ".safetensors")}
+    real = os.replace
+
+    def full_disk(src, dst):
+        if str(dst).endswith(".json"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(_files.os, "replace", full_disk)
+    again = dataclasses.replace(scores, method="activation")
+    with pytest.raises(GradSAEError, match=r"s\.json"):
+        again.save(path)
+    assert path.with_suffix(".json").read_bytes() == before[".json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
 def test_target_and_label_objectives_by_hand(lm, batch):

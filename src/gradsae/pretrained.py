@@ -29,7 +29,7 @@ import torch
 from gradsae.embedded import GEMMA_NAMES
 from gradsae.errors import GradSAEError
 from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers
-from gradsae.sae import SAE, SAEConfig, load_sae
+from gradsae.sae import SAE, SAEConfig, check_compatible, load_sae
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,25 @@ def resolve_sae(
     found = _resolve(lm, None if sae is None else str(sae), layer, default_model=default_model)
     found.sae.requires_grad_(False)
     return found
+
+
+def sae_folder(spec: str | Path | None, layer: int | None) -> str | None:
+    """``spec`` with ``{layer}`` filled in (``None`` stays ``None``; so does the template when ``layer`` is)."""
+    if spec is None:
+        return None
+    return str(spec) if layer is None else str(spec).replace("{layer}", str(layer))
+
+
+def resolve_saes(lm: LoadedModel, spec: str | Path | None, layers: Sequence[int | None]) -> list[ResolvedSAE]:
+    """:func:`resolve_sae` for each of ``layers`` (``{layer}`` in ``spec`` filled in), each checked against the
+    model (its width and layer) before any computing."""
+    check_layers(lm, [layer for layer in layers if layer is not None])
+    out = []
+    for layer in layers:
+        found = resolve_sae(lm, sae_folder(spec, layer), layer)
+        check_compatible(found.sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=found.layer)
+        out.append(found)
+    return out
 
 
 def _resolve(lm: LoadedModel, sae: str | None, layer: int | None, *, default_model: bool) -> ResolvedSAE:

@@ -48,7 +48,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from gradsae import oracle
+from gradsae import _files, oracle
 from gradsae.checks import check_inputs
 from gradsae.errors import GradSAEError
 from gradsae.estimators import (
@@ -114,16 +114,15 @@ class Scores:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write ``<path>.safetensors`` + ``<path>.json``."""
+        """Write ``<path>.safetensors`` + ``<path>.json``, each atomically (:mod:`gradsae._files`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
         if self.token is not None:
             tensors["token"] = self.token.contiguous()
-        tmp = path.with_suffix(".safetensors.tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path.with_suffix(".safetensors"))
-        path.with_suffix(".json").write_text(json.dumps({"method": self.method, "aggregation": self.aggregation}))
+        with _files.atomic_path(path.with_suffix(".safetensors")) as tmp:
+            save_file(tensors, str(tmp))
+        meta = {"method": self.method, "aggregation": self.aggregation}
+        _files.write_text(path.with_suffix(".json"), json.dumps(meta))
         return path
 
     @classmethod

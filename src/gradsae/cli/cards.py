@@ -18,7 +18,7 @@ from gradsae.errors import GradSAEError
 from gradsae.experiments.cards import compute_cards, corpus_tokens, run_latents
 from gradsae.experiments.results import EXAMPLES, ExampleDump, LayerExamples, cards_path
 from gradsae.models import load_model, sae_device
-from gradsae.pretrained import resolve_sae
+from gradsae.pretrained import resolve_sae, sae_folder
 from gradsae.report.neuronpedia import SOURCE_SET, write_neuronpedia
 
 
@@ -63,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
     lm = load_model(args.model, device=args.device, device_map=args.device_map)
     ids = corpus_tokens(lm.tokenizer, args.corpus, n_sequences=args.sequences, context=args.context)
     for layer in layers:
-        folder = args.sae.replace("{layer}", str(layer)) if args.sae and layer is not None else args.sae
-        sae, used, label = resolve_sae(lm, folder, layer)
+        sae, used, label = resolve_sae(lm, sae_folder(args.sae, layer), layer)
         part = dump.layer(used) if dump else None
         latents = parse_layers(args.latents, option="--latents") if args.latents else _chosen(part, used)
         cards = compute_cards(

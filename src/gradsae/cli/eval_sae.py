@@ -36,16 +36,17 @@ from gradsae.experiments.eval_sae import (
 )
 from gradsae.experiments.eval_sets import chat_set, context_limit, generated_set, news_set, task_variants
 from gradsae.experiments.journal import FOLDER, Journal, count_units
-from gradsae.models import LoadedModel, check_layers, load_model
+from gradsae.models import LoadedModel, load_model
 from gradsae.pretrained import (
     check_version_spec,
     is_version_spec,
-    resolve_sae,
+    resolve_saes,
+    sae_folder,
     shipped_folder,
     shipped_layers,
     shipped_sae_path,
 )
-from gradsae.sae import SAE, check_compatible
+from gradsae.sae import SAE
 from gradsae.tasks import Task, check_prompt_lengths, load_task, with_prompt_format
 from gradsae.tasks.generated import SPECS
 from gradsae.training.activations import load_texts, split_heldout
@@ -226,7 +227,7 @@ def check_sae_option(spec: str | None, model: str | None, layers: tuple[int, ...
 def write_cards(results: EvalSAEResults, spec: str, layers: tuple[int, ...]) -> None:
     """Each SAE folder's ``README.md`` gets (or has replaced) its layer's eval-sae section."""
     for layer in layers:
-        card = Path(spec.replace("{layer}", str(layer))) / "README.md"
+        card = Path(str(sae_folder(spec, layer))) / "README.md"
         old = card.read_text() if card.exists() else f"# SAE at layer {layer}\n"
         _files.write_text(card, with_card_section(old, card_section(results, layer)))
         print(f"updated {card}")  # noqa: T201
@@ -247,12 +248,8 @@ def load_saes(
     lm: LoadedModel, args: argparse.Namespace, layers: tuple[int, ...]
 ) -> tuple[dict[int, SAE], dict[str, str]]:
     """The SAE of each layer (checked against the model) and what each is."""
-    check_layers(lm, layers)
     saes, labels = {}, {}
-    for layer in layers:
-        folder = args.sae.replace("{layer}", str(layer)) if args.sae else None
-        found = resolve_sae(lm, folder, layer)
-        check_compatible(found.sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=found.layer)
+    for found in resolve_saes(lm, args.sae, layers):
         saes[found.layer] = found.sae.to(lm.device)
         labels[str(found.layer)] = found.label
     return saes, labels

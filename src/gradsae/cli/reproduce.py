@@ -44,10 +44,10 @@ from gradsae.experiments.journal import FOLDER, Journal, count_units
 from gradsae.experiments.record import ExampleRecorder
 from gradsae.experiments.results import RESULTS, LayerResult, RunMeta, RunResults
 from gradsae.experiments.run import run_layer
-from gradsae.models import LoadedModel, check_layers, load_model, sae_device
-from gradsae.pretrained import ResolvedSAE, resolve_sae
+from gradsae.models import LoadedModel, load_model, sae_device
+from gradsae.pretrained import ResolvedSAE, resolve_saes
 from gradsae.report.tables import render
-from gradsae.sae import check_compatible
+from gradsae.splice import MODES
 from gradsae.tasks import Task, check_prompt_lengths, load_task
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         default=None,
-        choices=["replace", "error"],
+        choices=MODES,
         help="splice mode: error (default: the model stays exact, masked latents lose their decoder share) or "
         "replace (the paper's: the residual becomes the reconstruction; on SmolLM2 it drops SST-2 accuracy to ~25%% "
         "and the kept examples may all share one label, leaving experiment 2 without donors)",
@@ -325,14 +325,7 @@ def parse_positions(text: str) -> tuple[str, ...]:
 
 def resolve_all(lm: LoadedModel, args: argparse.Namespace, layers: list[int | None]) -> list[ResolvedSAE]:
     """The SAE of each layer, checked against the model before any computing."""
-    check_layers(lm, [layer for layer in layers if layer is not None])
-    out = []
-    for layer in layers:
-        folder = args.sae.replace("{layer}", str(layer)) if args.sae else None
-        found = resolve_sae(lm, folder, layer)
-        check_compatible(found.sae, d_model=lm.d_model, n_layers=lm.n_layers, layer=found.layer)
-        out.append(found)
-    return out
+    return resolve_saes(lm, args.sae, layers)
 
 
 def open_journal(out: Path, meta: RunMeta, task: Task, saes: list[ResolvedSAE], *, restart: bool) -> Journal:

@@ -39,7 +39,7 @@ from gradsae.pretrained import resolve_sae
 from gradsae.report.html import score_page
 from gradsae.sae import SAE, check_compatible
 from gradsae.scores import Scores, score_methods
-from gradsae.splice import splice
+from gradsae.splice import MODES, splice
 
 SCORE_METHODS = ("gradsae", *ESTIMATORS)
 
@@ -90,7 +90,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         default="error",
-        choices=["error", "replace"],
+        choices=MODES,
         help="error: exact model + latents (default); replace: the paper's reconstruction splice",
     )
     parser.add_argument(

@@ -19,6 +19,7 @@ from gradsae import _files
 from gradsae.cli import reproduce
 from gradsae.errors import GradSAEError
 from gradsae.report.sweep import load_runs, write_sweep
+from gradsae.splice import MODES
 from gradsae.tasks import load_task
 
 TASKS = "sst2,facts,capitals,past_tense"
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF model folder or id, or a .gguf file (default: embedded)")
     parser.add_argument("--sae", default=None, help="SAE folder with {layer} in it (default: shipped)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--mode", default=None, choices=["replace", "error"], help="splice mode (default: error)")
+    parser.add_argument("--mode", default=None, choices=MODES, help="splice mode (default: error)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward batch")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default: each task's)")
     parser.add_argument("--paper", action="store_true", help="the paper-exact preset of `gradsae reproduce`")
