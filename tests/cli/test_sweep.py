@@ -84,6 +84,8 @@ def test_table_reads_the_runs(swept: Path) -> None:
     assert f"{diff.mean:+.1f} [{diff.low:+.1f}, {diff.high:+.1f}]" in row
     assert "| other | 0 |" in text
     assert "## Faithfulness" in text and "## Wall time" in text
+    assert str(swept) not in text and str(swept.parent) not in text, "no directory of this machine in the page"
+    assert "--out ." in text and "## Summary" in text
 
 
 def test_rerun_resumes_and_rewrites_the_same_tables(files: Path, swept: Path) -> None:

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradsae import _files
+from gradsae.experiments.curves import CurveResult, fmt_metric, metric_title
 from gradsae.experiments.perturb import Condition
-from gradsae.experiments.report import NAMES, fmt, paired_cell
+from gradsae.experiments.report import NAMES, experiment_sentences, fmt_prop, k_header, ordered_ks, paired_cell
 from gradsae.experiments.run import LayerResult, RunResults
-from gradsae.experiments.stats import Stat
+from gradsae.experiments.stats import Stat, proportion
 
 SWEEP_TABLE = "sweep.md"
 CURVE_METHODS = ("gradsae", "gradsae_sum", "activation")
@@ -66,10 +67,11 @@ def sweep_markdown(runs: Sequence[SweepRun], *, command: str) -> str:
     out = [
         "# GradSAE sweep: tasks x layers",
         "",
-        f"Command: `{command}`",
+        f"Command (paths relative to this folder): `{command}`",
         "",
         *_setup_lines(runs),
         "",
+        *summary_lines(runs),
         *masking_table(runs, ks),
         *steering_table(runs, ks),
         *curves_table(runs),
@@ -79,10 +81,30 @@ def sweep_markdown(runs: Sequence[SweepRun], *, command: str) -> str:
 
 
 def _shared_ks(runs: Sequence[SweepRun]) -> list[str]:
+    """Every run's K, in increasing order of the K actually used (over all layers)."""
     ks: list[str] = []
     for run in runs:
         ks += [k for k in run.results.config.ks if k not in ks]
-    return ks
+    every = [c for run in runs for layer in run.results.layers for c in layer.perturbation]
+    return ordered_ks(every, ks)
+
+
+def _all_conditions(runs: Sequence[SweepRun]) -> list[Condition]:
+    return [c for run in runs for layer in run.results.layers for c in layer.perturbation]
+
+
+def summary_lines(runs: Sequence[SweepRun]) -> list[str]:
+    """``## Summary``: cells resolved after Holm over the sweep's cells, example sets, reversals, curves."""
+    triples = [(run.task, layer, run.results.config) for run in runs for layer in run.results.layers]
+    body = experiment_sentences(triples)
+    if not body:
+        return []
+    return ["## Summary (written from the numbers below)", "", *body, ""]
+
+
+def summary_markdown(runs: Sequence[SweepRun], *, command: str) -> str:
+    """The summary alone (``summary.md``)."""
+    return "\n".join(["# GradSAE sweep: summary", "", f"Command: `{command}`", "", *summary_lines(runs)]) + "\n"
 
 
 def _setup_lines(runs: Sequence[SweepRun]) -> list[str]:
@@ -95,8 +117,10 @@ def _setup_lines(runs: Sequence[SweepRun]) -> list[str]:
         labels = "; ".join(f"layer {k}: {v}" for k, v in meta.sae_labels.items())
         lines.append(f"- `{run.task}`: {meta.n} examples drawn, metric {meta.metric}; SAEs: {labels}")
     lines.append(
-        "- Cells: mean over kept examples [95% bootstrap interval]; `kept` = answered correctly with the SAE "
-        "spliced, the examples every perturbation starts from (score 100 before editing)."
+        "- Cells: share of kept examples [exact 95% Clopper-Pearson interval]; paired differences: points "
+        "[95% bootstrap interval], exact McNemar p; `kept` = answered correctly with the SAE spliced, the examples "
+        "every perturbation starts from (score 100 before editing). In error mode every layer of a task keeps the "
+        "same examples, so a task's cells share one example set."
     )
     return lines
 
@@ -113,14 +137,18 @@ def _find(conditions: Sequence[Condition], method: str, edit: str, k: str) -> Co
 
 
 def _mean(stat: Stat | None) -> str:
-    return "-" if stat is None or stat.n == 0 or math.isnan(stat.mean) else f"{stat.mean:.0f}"
+    return "-" if stat is None or stat.n == 0 or math.isnan(stat.mean) else f"{proportion(stat).mean:.0f}"
 
 
 def masking_table(runs: Sequence[SweepRun], ks: Sequence[str]) -> list[str]:
     """Experiment 1: model accuracy, kept n, TopK masking per ranking and the paired difference per K."""
+    every = _all_conditions(runs)
+    extra = [m for m in ("ablation", "activation_answer", "activation_nosink") if any(c.method == m for c in every)]
     head = ["task", "layer", "clean", "with SAE", "kept"]
     for k in ks:
-        head += [f"GradSAE K={k}", f"activation K={k}", f"random K={k}", f"GradSAE - activation K={k}"]
+        label = k_header(every, k)
+        head += [f"{NAMES[m]} {label}" for m in ("gradsae", "activation", "random", *extra)]
+        head += [f"GradSAE - activation {label}"]
     lines = [
         "## Experiment 1: zero the TopK latents (score vs the gold answer; 100 = unperturbed)",
         "",
@@ -129,10 +157,10 @@ def masking_table(runs: Sequence[SweepRun], ks: Sequence[str]) -> list[str]:
     ]
     for task, layer in _rows(runs):
         seed = next(r.results.config.seed for r in runs if r.task == task)
-        cells = [task, str(layer.layer), fmt(layer.clean_baseline), fmt(layer.baseline), str(layer.n_kept)]
+        cells = [task, str(layer.layer), fmt_prop(layer.clean_baseline), fmt_prop(layer.baseline), str(layer.n_kept)]
         for k in ks:
-            by = {m: _find(layer.perturbation, m, "zero", k) for m in ("gradsae", "activation", "random")}
-            cells += [fmt(c.exact) if c else "-" for c in by.values()]
+            by = {m: _find(layer.perturbation, m, "zero", k) for m in ("gradsae", "activation", "random", *extra)}
+            cells += [fmt_prop(c.exact) if c else "-" for c in by.values()]
             cells.append(paired_cell(by["gradsae"], by["activation"], seed=seed))
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
@@ -140,15 +168,19 @@ def masking_table(runs: Sequence[SweepRun], ks: Sequence[str]) -> list[str]:
 
 def steering_table(runs: Sequence[SweepRun], ks: Sequence[str]) -> list[str]:
     """Experiment 2: per ranking and K, the swap's success next to its zero-only floor; the no-edit row."""
+    every = _all_conditions(runs)
     head = ["task", "layer", "pairs", "no edit"]
     for k in ks:
-        head += [f"{NAMES[m]} K={k}" for m in ("gradsae", "activation", "random")]
+        label = k_header(every, k)
+        head += [f"{NAMES[m]} {label}" for m in ("gradsae", "activation", "random")]
+        head += [f"GradSAE swap - zero-only {label}"]
     lines = [
         "## Experiment 2: steer toward the donor (% of pairs whose answer became the donor's)",
         "",
         "Each cell is `swap / zero-only` (means): the swap zeroes the example's own TopK and injects the "
         "donor's; zero-only does the first half alone. Steering is the swap's rate above its zero-only "
-        "floor; `no edit` is the measured rate without any edit. Pairs with the same gold answer are not donors.",
+        "floor; `no edit` is the measured rate without any edit. Pairs with the same gold answer are not donors. "
+        "`GradSAE swap - zero-only`: paired difference in points [95% bootstrap interval], exact McNemar p.",
         "",
         "| " + " | ".join(head) + " |",
         "|---" * len(head) + "|",
@@ -161,42 +193,51 @@ def steering_table(runs: Sequence[SweepRun], ks: Sequence[str]) -> list[str]:
                 swap = _find(layer.steering, method, "swap", k)
                 zero = _find(layer.steering, method, "zero", k)
                 cells.append(f"{_mean(swap.exact if swap else None)} / {_mean(zero.exact if zero else None)}")
+            seed = next(r.results.config.seed for r in runs if r.task == task)
+            where = {c.positions for c in layer.steering if c.edit == "swap"}
+            first = sorted(where)[0] if where else ""
+            part = [c for c in layer.steering if c.positions == first]
+            cells.append(paired_cell(_find(part, "gradsae", "swap", k), _find(part, "gradsae", "zero", k), seed=seed))
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
 def curves_table(runs: Sequence[SweepRun]) -> list[str]:
-    """Faithfulness summary per task and layer (rows without curves are left out)."""
-    rows = [(task, layer) for task, layer in _rows(runs) if layer.curves]
+    """Faithfulness per task and layer, every figure with its 95% bootstrap interval over examples (rows
+    without curves are left out). Computed from each layer's stored curves, so older files get the new figures
+    they hold the data for."""
+    rows = [(task, CurveResult.from_dict(layer.curves)) for task, layer in _rows(runs) if layer.curves]
     if not rows:
         return []
-    head = ["task", "layer", "examples"]
-    for m in CURVE_METHODS:
-        name = CURVE_NAMES[m]
-        head += [f"{name} deletion", f"{name} sufficiency", f"{name} Spearman", f"{name} recall@10"]
+    names = [n for n in rows[0][1].metric_names() if all(n in r.metric_names() for _, r in rows)]
+    top = rows[0][1].top
     lines = [
         "## Faithfulness against exact ablation",
         "",
-        "Areas (deletion, sufficiency) are normalised over the examples (a ratio of sums): 0 = the random "
-        "ranking, 1 = the exact-ablation ranking; single-latent ablation is not the best order for "
-        "sufficiency, so a value far outside [0, 1] there says the random and exact curves nearly coincide. "
-        "Spearman (mean over examples): the ranking's score against the exact ablation effect over the "
-        "active latents, the clean greedy token held fixed; recall@10: share of the exact top-10 in the "
-        "ranking's top-10. `GradSAE` is the paper's score (mean over positions of relu(h dY/dh)); "
-        "`GradSAE sum` is the signed first-order estimate of the ablation effect (sum over positions).",
+        "Per ranking, mean over the examples [95% bootstrap interval over examples]. Deletion area: the mean "
+        "drop D(K) = Y_0 - Y(top K zeroed) over ln K for 1 <= K <= 50, normalised as a ratio of sums (0 = the "
+        "random anchor, averaged over its permutations; 1 = exact ablation). Sufficiency: S(K) / Y_0, the fraction "
+        "of Y_0 the top K alone keep (mean over ln K, and at the experiment's K). Spearman: the score against the "
+        "exact effect (signed, and its absolute value; all active latents, and the exact top-50). Budgets: exact "
+        "ablations taken in the ranking's order until the exact top-10 (or every latent whose |effect| is at least "
+        "the given share of Y_0) is found. `GradSAE` is the paper's score (mean over positions of relu(h dY/dh)); "
+        "`GradSAE sum` the signed first-order estimate (sum over positions). Files written before a figure existed "
+        "lack it (the linear grid's points then stand in for the log grid).",
         "",
-        "| " + " | ".join(head) + " |",
-        "|---" * len(head) + "|",
     ]
-    for task, layer in rows:
-        summary = layer.curves.get("summary", {})
-        cells = [task, str(layer.layer), str(len(layer.curves.get("examples", [])))]
-        for m in CURVE_METHODS:
-            s = summary.get(m, {})
-            cells += [_num(s.get("deletion_area")), _num(s.get("sufficiency_area"))]
-            cells += [_num(s.get("spearman"), 3), _num(s.get("recall"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return [*lines, ""]
+    for name in names:
+        head = ["task", "layer", "examples", *(CURVE_NAMES[m] for m in CURVE_METHODS), "random"]
+        lines += [f"### {metric_title(name, top)}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        digits = 0 if name.startswith("budget") else 2
+        for task, result in rows:
+            cells = [task, str(result.layer), str(len(result.examples))]
+            cells += [
+                fmt_metric(result.metric(name, m), digits) if m in result.methods else "-"
+                for m in (*CURVE_METHODS, "random")
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _num(value: float | None, digits: int = 2) -> str:
