@@ -123,3 +123,12 @@ def test_bad_task_refused_before_any_work(files: Path, tmp_path: Path, capsys, t
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_report_rerenders_a_finished_sweep_from_its_files(swept: Path) -> None:
+    before = (swept / "sweep.md").read_text()
+    assert main(["report", str(swept)]) == 0
+    assert (swept / "sweep.md").read_text() == before  # the same files give the same page, command included
+    summary = (swept / "summary.md").read_text()
+    assert "after Holm correction" in summary and "--out ." in summary
+    assert (swept / "task" / "summary.md").is_file()

@@ -32,6 +32,7 @@ from gradsae.experiments.run import LayerResult, RunResults
 from gradsae.experiments.stats import Stat, proportion
 
 SWEEP_TABLE = "sweep.md"
+SUMMARY = "summary.md"
 CURVE_METHODS = ("gradsae", "gradsae_sum", "activation")
 CURVE_NAMES = {**NAMES, "gradsae_sum": "GradSAE sum"}
 
@@ -56,12 +57,50 @@ def load_runs(folder: str | Path, tasks: Sequence[str]) -> list[SweepRun]:
     return runs
 
 
-def write_sweep(folder: str | Path, runs: Sequence[SweepRun], *, command: str) -> Path:
-    """Write ``<folder>/sweep.md`` (atomically)."""
-    return _files.write_text(Path(folder) / SWEEP_TABLE, sweep_markdown(runs, command=command))
+def write_sweep(folder: str | Path, runs: Sequence[SweepRun], *, command: str, origin: str | None = None) -> Path:
+    """Write ``<folder>/sweep.md`` and its summary ``<folder>/summary.md`` (each atomically).
+
+    ``origin``: the folder the sweep ran into; the model and SAE paths the runs recorded are written relative
+    to it (no directory of the machine that ran them in the page)."""
+    _files.write_text(Path(folder) / SUMMARY, summary_markdown(runs, command=command))
+    return _files.write_text(Path(folder) / SWEEP_TABLE, sweep_markdown(runs, command=command, origin=origin))
 
 
-def sweep_markdown(runs: Sequence[SweepRun], *, command: str) -> str:
+def sweep_tasks(folder: str | Path) -> list[str]:
+    """The task sub-folders of a finished sweep (each holds ``results.json``), in ``sweep.md``'s order when
+    it names them, else sorted."""
+    folder = Path(folder)
+    found = sorted(p.parent.name for p in folder.glob("*/results.json"))
+    table = folder / SWEEP_TABLE
+    if not table.is_file():
+        return found
+    text = table.read_text()
+    return sorted(found, key=lambda task: (text.find(f"`{task}`") < 0, text.find(f"`{task}`")))
+
+
+def recorded_command(folder: str | Path) -> str:
+    """The command line ``sweep.md`` recorded, with its paths relative to the folder (``""`` if none)."""
+    table = Path(folder) / SWEEP_TABLE
+    if not table.is_file():
+        return ""
+    command = _raw_command(table)
+    out = _files.command_out(command)
+    return _files.relative_paths(command, out) if out else command
+
+
+def recorded_origin(folder: str | Path) -> str | None:
+    """The ``--out`` of the command ``sweep.md`` recorded, when it was absolute (older pages), else ``None``."""
+    table = Path(folder) / SWEEP_TABLE
+    out = _files.command_out(_raw_command(table)) if table.is_file() else None
+    return out if out and Path(out).is_absolute() else None
+
+
+def _raw_command(table: Path) -> str:
+    line = next((x for x in table.read_text().splitlines() if x.startswith("Command")), "")
+    return line.split("`")[1] if line.count("`") >= 2 else ""
+
+
+def sweep_markdown(runs: Sequence[SweepRun], *, command: str, origin: str | None = None) -> str:
     """The whole ``sweep.md``: set-up, masking, steering, curves, wall times."""
     ks = _shared_ks(runs)
     out = [
@@ -69,7 +108,7 @@ def sweep_markdown(runs: Sequence[SweepRun], *, command: str) -> str:
         "",
         f"Command (paths relative to this folder): `{command}`",
         "",
-        *_setup_lines(runs),
+        *_setup_lines(runs, origin),
         "",
         *summary_lines(runs),
         *masking_table(runs, ks),
@@ -107,14 +146,15 @@ def summary_markdown(runs: Sequence[SweepRun], *, command: str) -> str:
     return "\n".join(["# GradSAE sweep: summary", "", f"Command: `{command}`", "", *summary_lines(runs)]) + "\n"
 
 
-def _setup_lines(runs: Sequence[SweepRun]) -> list[str]:
-    metas = {(r.results.config.model, r.results.config.mode, r.results.config.seed) for r in runs}
+def _setup_lines(runs: Sequence[SweepRun], origin: str | None = None) -> list[str]:
+    rel = (lambda text: _files.relative_paths(text, origin)) if origin else (lambda text: text)
+    metas = {(rel(r.results.config.model), r.results.config.mode, r.results.config.seed) for r in runs}
     lines = [
         f"- model / splice mode / seed: {', '.join(f'{m} / {mode} / {s}' for m, mode, s in sorted(metas))}",
     ]
     for run in runs:
         meta = run.results.config
-        labels = "; ".join(f"layer {k}: {v}" for k, v in meta.sae_labels.items())
+        labels = "; ".join(f"layer {k}: {rel(v)}" for k, v in meta.sae_labels.items())
         lines.append(f"- `{run.task}`: {meta.n} examples drawn, metric {meta.metric}; SAEs: {labels}")
     lines.append(
         "- Cells: share of kept examples [exact 95% Clopper-Pearson interval]; paired differences: points "
