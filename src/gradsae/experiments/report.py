@@ -494,32 +494,31 @@ class Cell:
     pair: Paired
 
 
-def count_sentence(cells: Sequence[Cell], *, better: str, worse: str, alpha: float = ALPHA) -> str:
-    """``a - b`` below 0 is ``better`` (e.g. "GradSAE's TopK hurts more"), above 0 ``worse``: the counts by
-    point estimate and after Holm over these cells, the example sets behind them, and every reversal."""
+def count_sentence(cells: Sequence[Cell], *, better: str, worse: str, sign: int = -1, alpha: float = ALPHA) -> str:
+    """``a - b`` with the ``sign`` of ``better`` (e.g. below 0: "GradSAE's TopK hurts more"), the other sign
+    ``worse``: the counts by point estimate and after Holm over these cells, the example sets behind them, and
+    every reversal with its paired difference (``a - b`` as the tables print it) and whether Holm resolves it."""
     if not cells:
         return ""
     tested = [c for c in cells if c.pair.test is not None]
     adjusted = holm([c.pair.test.p if c.pair.test is not None else math.nan for c in cells])
-    below = sum(1 for c in cells if c.pair.diff.mean < 0)
-    down = [
-        c for c, q in zip(cells, adjusted, strict=True) if not math.isnan(q) and q <= alpha and c.pair.diff.mean < 0
-    ]
-    up = [c for c, q in zip(cells, adjusted, strict=True) if not math.isnan(q) and q <= alpha and c.pair.diff.mean > 0]
+    resolved = [c for c, q in zip(cells, adjusted, strict=True) if not math.isnan(q) and q <= alpha]
+    good = [c for c in cells if sign * c.pair.diff.mean > 0]
+    bad = [c for c in cells if sign * c.pair.diff.mean < 0]
+    good_resolved = [c for c in resolved if c in good]
     sets = len({c.examples for c in cells})
     text = (
-        f"{better} in {below} of {len(cells)} cells by the point estimate and in {len(down)} of {len(tested)} "
-        f"after Holm correction over those cells (exact McNemar, family-wise {alpha:g}); the cells stand on "
-        f"{sets} independent example set{'s' if sets != 1 else ''}"
-        + (f" ({len({c.examples for c in down})} with a resolved cell)." if down else ".")
+        f"{better} in {len(good)} of {len(cells)} cells by the point estimate and in {len(good_resolved)} of "
+        f"{len(tested)} after Holm correction over those cells (exact McNemar, family-wise {alpha:g}); the cells "
+        f"stand on {sets} independent example set{'s' if sets != 1 else ''}"
+        + (f" ({len({c.examples for c in good_resolved})} with a resolved cell)." if good_resolved else ".")
     )
-    reversed_ = [c for c in cells if c.pair.diff.mean > 0]
-    if reversed_:
+    if bad:
         parts = []
-        for c in reversed_:
-            status = "resolved after Holm" if c in up else "not resolved"
+        for c in bad:
+            status = "resolved after Holm" if c in resolved else "not resolved"
             parts.append(f"{c.where}: {fmt_paired(c.pair)} ({status})")
-        text += f" Reversed ({worse}) in {len(reversed_)}: " + "; ".join(parts) + "."
+        text += f" Reversed ({worse}) in {len(bad)}: " + "; ".join(parts) + "."
     return text
 
 
@@ -582,24 +581,17 @@ def experiment_sentences(layers: Sequence[tuple[str, LayerResult, RunMeta]], *, 
         lines.append(f"- Random TopK keeps {min(randoms):.0f}-{max(randoms):.0f}% of the answers (every cell).")
     for method in ("gradsae", "activation", "random"):
         text = count_sentence(
-            [
-                Cell(where=c.where, examples=c.examples, pair=_negate(c.pair))
-                for c in cells(method, method, "swap", "zero")
-            ],
-            better=f"Experiment 2: the {NAMES[method]} swap moves more answers to the donor's than its zero-only floor",
+            cells(method, method, "swap", "zero"),
+            better=f"Experiment 2: the {NAMES[method]} swap moves more answers to the donor's than its zero-only "
+            "floor (swap - zero-only > 0)",
             worse="the floor moves more",
+            sign=+1,
         )
         if text:
             lines.append(f"- {text}")
     if curves:
         lines += [line for task, layer, _ in layers for line in _curve_sentences(task, layer, len(layers) > 1)]
     return lines
-
-
-def _negate(pair: Paired) -> Paired:
-    """``b - a`` from ``a - b`` (the McNemar p is symmetric)."""
-    d = pair.diff
-    return Paired(diff=Stat(mean=-d.mean, low=-d.high, high=-d.low, n=d.n), test=pair.test)
 
 
 def _curve_sentences(task: str, layer: LayerResult, multi: bool) -> list[str]:
