@@ -8,10 +8,13 @@ Per task and layer the table puts side by side what the run measured:
   examples; negative = GradSAE's latents matter more), with random TopK as the control;
 * experiment 2 at each K: the swap's rate to the donor's answer next to its zero-only floor
   (``swap / zero``), per ranking, and the no-edit row (all measured);
-* the faithfulness curves (when run with them, :mod:`gradsae.experiments.curves`): deletion and
-  sufficiency areas normalised so that 0 = the random ranking and 1 = the exact-ablation ranking,
-  Spearman against exact ablation over the active latents, and recall of the exact top-10 among each
-  ranking's top-10.
+* the faithfulness curves (when run with them, :mod:`gradsae.experiments.curves`): every figure of
+  :meth:`~gradsae.experiments.curves.CurveResult.metric` (deletion area over log K, sufficiency as the
+  fraction of ``Y_0`` kept, Spearman against the signed and absolute effect, recall, budgets) with its
+  95% bootstrap interval over examples;
+* a summary written from those numbers (:func:`summary_lines`): cells resolved after Holm correction
+  (exact McNemar per cell) over the sweep's cells, the independent example sets behind them (a task's
+  layers share one), and every reversal.
 
 Nothing is recomputed here: every figure is read from the runs' files, so
 ``gradsae sweep`` on a finished folder rewrites the same ``sweep.md``.
