@@ -84,6 +84,8 @@ def test_table_reads_the_runs(swept: Path) -> None:
     assert f"{diff.mean:+.1f} [{diff.low:+.1f}, {diff.high:+.1f}]" in row
     assert "| other | 0 |" in text
     assert "## Faithfulness" in text and "## Wall time" in text
+    assert str(swept) not in text and str(swept.parent) not in text, "no directory of this machine in the page"
+    assert "--out ." in text and "## Summary" in text
 
 
 def test_rerun_resumes_and_rewrites_the_same_tables(files: Path, swept: Path) -> None:
@@ -121,3 +123,12 @@ def test_bad_task_refused_before_any_work(files: Path, tmp_path: Path, capsys, t
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_report_rerenders_a_finished_sweep_from_its_files(swept: Path) -> None:
+    before = (swept / "sweep.md").read_text()
+    assert main(["report", str(swept)]) == 0
+    assert (swept / "sweep.md").read_text() == before  # the same files give the same page, command included
+    summary = (swept / "summary.md").read_text()
+    assert "after Holm correction" in summary and "--out ." in summary
+    assert (swept / "task" / "summary.md").is_file()

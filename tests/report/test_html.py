@@ -14,7 +14,7 @@ from gradsae.experiments.record import record_scores
 from gradsae.experiments.results import EXAMPLES, LayerExamples
 from gradsae.objectives import NextTokenProb
 from gradsae.report.html import REPORT, _curves, latent_rows, markdown_html, score_page
-from gradsae.report.tables import fmt
+from gradsae.report.tables import fmt_prop
 from gradsae.scores import score_methods
 from tests.cdp import Browser, chromium
 
@@ -31,7 +31,7 @@ def test_page_is_self_contained_and_carries_the_files(tiny_run):
     assert "<link" not in page and "@import" not in page and "url(" not in page
     assert page.count("data:image/png;base64,") == 2  # exp1 and exp2 plots
     result = tiny_run.results.layers[0]
-    assert fmt(result.baseline) in page  # the table's numbers, as table.md has them
+    assert fmt_prop(result.baseline) in page  # the table's numbers, as table.md has them
     assert '<table class="results">' in page
     data = _data(page)
     (layer,) = data["layers"]

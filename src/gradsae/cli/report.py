@@ -1,4 +1,7 @@
-"""``gradsae report RUN_DIR``: re-render ``table.md`` and the plots from ``results.json`` alone.
+"""``gradsae report RUN_DIR``: re-render ``table.md``, ``summary.md`` and the plots from ``results.json`` alone.
+
+On a finished ``gradsae sweep`` folder (task sub-folders with ``results.json``) it re-renders every task's
+pages, then ``sweep.md`` and ``summary.md`` (the command line as ``sweep.md`` recorded it, paths relative).
 
 ``--html`` also writes ``report.html``: one self-contained page (overview, examples
 coloured by influence or activation, latents with their feature cards) from the
@@ -15,6 +18,7 @@ from gradsae.cli import validate
 from gradsae.errors import GradSAEError
 from gradsae.experiments.results import RESULTS, RunResults
 from gradsae.report.html import write_run_page
+from gradsae.report.sweep import load_runs, recorded_command, recorded_origin, sweep_tasks, write_sweep
 from gradsae.report.tables import render
 
 
@@ -27,8 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Read ``results.json``, write ``table.md`` and the PNG plots next to it."""
     folder = Path(args.run_dir)
+    if not (folder / RESULTS).is_file() and sweep_tasks(folder):
+        return _sweep(folder, args)
     if not (folder / RESULTS).is_file():
-        raise GradSAEError(f"{folder / RESULTS} does not exist: pass a folder written by `gradsae reproduce`")
+        raise GradSAEError(
+            f"{folder / RESULTS} does not exist: pass a folder written by `gradsae reproduce` or `gradsae sweep`"
+        )
     try:
         results = RunResults.load(folder)
     except (ValueError, KeyError, TypeError) as exc:
@@ -40,6 +48,26 @@ def run(args: argparse.Namespace) -> int:
     if args.html:
         paths.append(write_run_page(folder, results, images=[p for p in paths if p.suffix == ".png"]))
     sys.stdout.write(f"wrote {', '.join(p.name for p in paths)} in {folder}\n")
+    return 0
+
+
+def _sweep(folder: Path, args: argparse.Namespace) -> int:
+    """A finished sweep: each task's pages, then ``sweep.md`` and ``summary.md``, all from the stored files."""
+    validate.out_folder(folder, option="RUN_DIR")
+    tasks = sweep_tasks(folder)
+    for task in tasks:
+        try:
+            results = RunResults.load(folder / task)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise GradSAEError(
+                f"{folder / task / RESULTS} is not a gradsae results file ({exc}): rerun the sweep"
+            ) from None
+        paths = render(folder / task, results)
+        if args.html:
+            write_run_page(folder / task, results, images=[p for p in paths if p.suffix == ".png"])
+    origin = recorded_origin(folder) or str(folder.resolve())
+    path = write_sweep(folder, load_runs(folder, tasks), command=recorded_command(folder), origin=origin)
+    sys.stdout.write(f"wrote the pages of {', '.join(tasks)}, {path.name} and summary.md in {folder}\n")
     return 0
 
 

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(f"sweep: task {one.task} -> {one.out}\n")
         reproduce.run(one)
     command = _files.relative_paths(command_line(args), args.out)  # no directory of this machine in the page
-    path = write_sweep(args.out, load_runs(args.out, [Path(t).stem for t in tasks]), command=command)
+    swept = load_runs(args.out, [Path(t).stem for t in tasks])
+    path = write_sweep(args.out, swept, command=command, origin=str(Path(args.out).resolve()))
     sys.stdout.write(f"wrote {path}\n")
     return 0
 

@@ -50,6 +50,23 @@ Estimate vs exact, per example over ``A`` (means over examples are reported):
 (1-based): how many exact ablations, taken in ``m``'s order, it takes to have
 found the exact top ``k`` (``k`` is perfect, ``a`` the worst).
 
+Figures reported (:meth:`CurveResult.metric`, each with a 95% bootstrap interval over examples):
+
+* besides the grid, ``D`` and ``S`` at fixed ``K`` in :data:`LOG_KS` and at the experiment's K
+  (``K = 50%`` is the example's own count), so the curves see the K the experiments edit;
+* the deletion area over ``ln K``: ``L_m = (1 / ln(K_b / K_a)) int_{K_a}^{K_b} D_m d ln K`` by the
+  trapezoid rule on the measured points with ``1 <= K <= KMAX = 50``, normalised as
+  ``(sum_i L_m,i - sum_i L_rand,i) / (sum_i L_abl,i - sum_i L_rand,i)`` (the linear area gave the region
+  ``f <= 0.02``, where K = 10-16 lives, 2% of the weight); the random anchor is the mean over
+  :data:`RANDOM_DRAWS` permutations (curves, recall and budget alike);
+* sufficiency as the fraction of ``Y_0`` kept, ``S_m(K) / Y_0`` (its mean over ``ln K``, and at the
+  experiment's K): no ratio to the random-vs-exact gap, which can vanish;
+* Spearman's rho of the scores against the signed effect ``e_c = Y_0 - Y({c})`` and against ``|e_c|``, over
+  all active latents and over the top :data:`TOP_RHO` (by ``e_c``, resp. ``|e_c|``): an unsigned score
+  (activation, the paper's relu score) can only be expected to follow ``|e_c|``;
+* threshold budgets (AtP*): ``max_{c : |e_c| >= x Y_0} rank_m(c)``, the exact ablations taken in ``m``'s
+  order to have found every latent whose effect is at least ``x`` of ``Y_0`` (``x`` in :data:`THRESHOLDS`).
+
 Cost per example: one forward and backward (the scores), ``a`` ablation forwards,
 and one forward per distinct edited set (at most ``2 J`` per ranking), all on the
 prompt only, batched, and each past block ``l`` only (:mod:`gradsae.prefix`).

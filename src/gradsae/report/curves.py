@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gradsae import _files
-from gradsae.experiments.results import CurveResult, _mean, stat_over
+from gradsae.experiments.results import KMAX, CurveResult, _mean, stat_over
 from gradsae.experiments.stats import Stat
 
 CURVES = ("deletion", "sufficiency")
@@ -117,7 +117,18 @@ def curve_summary_sentence(
             extra = f"; random {fmt_metric(result.metric(name, 'random'), 0)}"
         parts.append(f"{metric_title(name, result.top)}: {values}{extra}")
     mean_a = _mean([float(ex.n_active) for ex in result.examples])
-    return f"{len(result.examples)} examples, {mean_a:.0f} active latents on average; " + "; ".join(parts) + "."
+    draws = min((ex.random_draws for ex in result.examples), default=1)
+    head = (
+        f"{len(result.examples)} examples, {mean_a:.0f} active latents on average, random anchor averaged over "
+        f"{draws} permutation{'s' if draws != 1 else ''}"
+    )
+    if not any(ex.fixed_ks for ex in result.examples):
+        ks = sorted({k for ex in result.examples for k in ex.ks if 1 <= k <= KMAX})
+        span = f"K = {ks[0]}-{ks[-1]}" if ks else "no K"
+        head += (
+            f" (this file predates the log-K points: its areas use the linear grid's points with K <= {KMAX}, {span})"
+        )
+    return head + "; " + "; ".join(parts) + "."
 
 
 def plot_curves(result: CurveResult, path: str | Path) -> Path:

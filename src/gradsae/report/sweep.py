@@ -8,10 +8,13 @@ Per task and layer the table puts side by side what the run measured:
   examples; negative = GradSAE's latents matter more), with random TopK as the control;
 * experiment 2 at each K: the swap's rate to the donor's answer next to its zero-only floor
   (``swap / zero``), per ranking, and the no-edit row (all measured);
-* the faithfulness curves (when run with them, :mod:`gradsae.experiments.curves`): deletion and
-  sufficiency areas normalised so that 0 = the random ranking and 1 = the exact-ablation ranking,
-  Spearman against exact ablation over the active latents, and recall of the exact top-10 among each
-  ranking's top-10.
+* the faithfulness curves (when run with them, :mod:`gradsae.experiments.curves`): every figure of
+  :meth:`~gradsae.experiments.curves.CurveResult.metric` (deletion area over log K, sufficiency as the
+  fraction of ``Y_0`` kept, Spearman against the signed and absolute effect, recall, budgets) with its
+  95% bootstrap interval over examples;
+* a summary written from those numbers (:func:`summary_lines`): cells resolved after Holm correction
+  (exact McNemar per cell) over the sweep's cells, the independent example sets behind them (a task's
+  layers share one), and every reversal.
 
 Nothing is recomputed here: every figure is read from the runs' files, so
 ``gradsae sweep`` on a finished folder rewrites the same ``sweep.md``.
@@ -25,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradsae import _files
-from gradsae.experiments.results import Condition, LayerResult, RunResults
-from gradsae.experiments.stats import Stat
-from gradsae.report.tables import NAMES, fmt, paired_cell
+from gradsae.experiments.results import Condition, CurveResult, LayerResult, RunResults, from_data
+from gradsae.experiments.stats import Stat, proportion
+from gradsae.report.curves import fmt_metric, metric_title
+from gradsae.report.tables import NAMES, experiment_sentences, fmt_prop, k_header, ordered_ks, paired_cell
 
 SWEEP_TABLE = "sweep.md"
+SUMMARY = "summary.md"
 CURVE_METHODS = ("gradsae", "gradsae_sum", "activation")
 CURVE_NAMES = {**NAMES, "gradsae_sum": "GradSAE sum"}
 
@@ -54,21 +59,60 @@ def load_runs(folder: str | Path, tasks: Sequence[str]) -> list[SweepRun]:
     return runs
 
 
-def write_sweep(folder: str | Path, runs: Sequence[SweepRun], *, command: str) -> Path:
-    """Write ``<folder>/sweep.md`` (atomically)."""
-    return _files.write_text(Path(folder) / SWEEP_TABLE, sweep_markdown(runs, command=command))
+def write_sweep(folder: str | Path, runs: Sequence[SweepRun], *, command: str, origin: str | None = None) -> Path:
+    """Write ``<folder>/sweep.md`` and its summary ``<folder>/summary.md`` (each atomically).
+
+    ``origin``: the folder the sweep ran into; the model and SAE paths the runs recorded are written relative
+    to it (no directory of the machine that ran them in the page)."""
+    _files.write_text(Path(folder) / SUMMARY, summary_markdown(runs, command=command))
+    return _files.write_text(Path(folder) / SWEEP_TABLE, sweep_markdown(runs, command=command, origin=origin))
 
 
-def sweep_markdown(runs: Sequence[SweepRun], *, command: str) -> str:
+def sweep_tasks(folder: str | Path) -> list[str]:
+    """The task sub-folders of a finished sweep (each holds ``results.json``), in ``sweep.md``'s order when
+    it names them, else sorted."""
+    folder = Path(folder)
+    found = sorted(p.parent.name for p in folder.glob("*/results.json"))
+    table = folder / SWEEP_TABLE
+    if not table.is_file():
+        return found
+    text = table.read_text()
+    return sorted(found, key=lambda task: (text.find(f"`{task}`") < 0, text.find(f"`{task}`")))
+
+
+def recorded_command(folder: str | Path) -> str:
+    """The command line ``sweep.md`` recorded, with its paths relative to the folder (``""`` if none)."""
+    table = Path(folder) / SWEEP_TABLE
+    if not table.is_file():
+        return ""
+    command = _raw_command(table)
+    out = _files.command_out(command)
+    return _files.relative_paths(command, out) if out else command
+
+
+def recorded_origin(folder: str | Path) -> str | None:
+    """The ``--out`` of the command ``sweep.md`` recorded, when it was absolute (older pages), else ``None``."""
+    table = Path(folder) / SWEEP_TABLE
+    out = _files.command_out(_raw_command(table)) if table.is_file() else None
+    return out if out and Path(out).is_absolute() else None
+
+
+def _raw_command(table: Path) -> str:
+    line = next((x for x in table.read_text().splitlines() if x.startswith("Command")), "")
+    return line.split("`")[1] if line.count("`") >= 2 else ""
+
+
+def sweep_markdown(runs: Sequence[SweepRun], *, command: str, origin: str | None = None) -> str:
     """The whole ``sweep.md``: set-up, masking, steering, curves, wall times."""
     ks = _shared_ks(runs)
     out = [
         "# GradSAE sweep: tasks x layers",
         "",
-        f"Command: `{command}`",
+        f"Command (paths relative to this folder): `{command}`",
         "",
-        *_setup_lines(runs),
+        *_setup_lines(runs, origin),
         "",
+        *summary_lines(runs),
         *masking_table(runs, ks),
         *steering_table(runs, ks),
         *curves_table(runs),
@@ -78,24 +122,47 @@ def sweep_markdown(runs: Sequence[SweepRun], *, command: str) -> str:
 
 
 def _shared_ks(runs: Sequence[SweepRun]) -> list[str]:
+    """Every run's K, in increasing order of the K actually used (over all layers)."""
     ks: list[str] = []
     for run in runs:
         ks += [k for k in run.results.config.ks if k not in ks]
-    return ks
+    every = [c for run in runs for layer in run.results.layers for c in layer.perturbation]
+    return ordered_ks(every, ks)
 
 
-def _setup_lines(runs: Sequence[SweepRun]) -> list[str]:
-    metas = {(r.results.config.model, r.results.config.mode, r.results.config.seed) for r in runs}
+def _all_conditions(runs: Sequence[SweepRun]) -> list[Condition]:
+    return [c for run in runs for layer in run.results.layers for c in layer.perturbation]
+
+
+def summary_lines(runs: Sequence[SweepRun]) -> list[str]:
+    """``## Summary``: cells resolved after Holm over the sweep's cells, example sets, reversals, curves."""
+    triples = [(run.task, layer, run.results.config) for run in runs for layer in run.results.layers]
+    body = experiment_sentences(triples)
+    if not body:
+        return []
+    return ["## Summary (written from the numbers below)", "", *body, ""]
+
+
+def summary_markdown(runs: Sequence[SweepRun], *, command: str) -> str:
+    """The summary alone (``summary.md``)."""
+    return "\n".join(["# GradSAE sweep: summary", "", f"Command: `{command}`", "", *summary_lines(runs)]) + "\n"
+
+
+def _setup_lines(runs: Sequence[SweepRun], origin: str | None = None) -> list[str]:
+    rel = (lambda text: _files.relative_paths(text, origin)) if origin else (lambda text: text)
+    metas = {(rel(r.results.config.model), r.results.config.mode, r.results.config.seed) for r in runs}
     lines = [
         f"- model / splice mode / seed: {', '.join(f'{m} / {mode} / {s}' for m, mode, s in sorted(metas))}",
     ]
     for run in runs:
         meta = run.results.config
-        labels = "; ".join(f"layer {k}: {v}" for k, v in meta.sae_labels.items())
+        labels = "; ".join(f"layer {k}: {rel(v)}" for k, v in meta.sae_labels.items())
         lines.append(f"- `{run.task}`: {meta.n} examples drawn, metric {meta.metric}; SAEs: {labels}")
     lines.append(
-        "- Cells: mean over kept examples [95% bootstrap interval]; `kept` = answered correctly with the SAE "
-        "spliced, the examples every perturbation starts from (score 100 before editing)."
+        "- Cells: share of kept examples [exact 95% Clopper-Pearson interval]; paired differences: points "
+        "[95% bootstrap interval], exact McNemar p; `kept` = answered correctly with the SAE spliced, the examples "
+        "every perturbation starts from (score 100 before editing). In error mode every layer of a task keeps the "
+        "same examples, so a task's cells share one example set."
     )
     return lines
 
@@ -112,14 +179,18 @@ def _find(conditions: Sequence[Condition], method: str, edit: str, k: str) -> Co
 
 
 def _mean(stat: Stat | None) -> str:
-    return "-" if stat is None or stat.n == 0 or math.isnan(stat.mean) else f"{stat.mean:.0f}"
+    return "-" if stat is None or stat.n == 0 or math.isnan(stat.mean) else f"{proportion(stat).mean:.0f}"
 
 
 def masking_table(runs: Sequence[SweepRun], ks: Sequence[str]) -> list[str]:
     """Experiment 1: model accuracy, kept n, TopK masking per ranking and the paired difference per K."""
+    every = _all_conditions(runs)
+    extra = [m for m in ("ablation", "activation_answer", "activation_nosink") if any(c.method == m for c in every)]
     head = ["task", "layer", "clean", "with SAE", "kept"]
     for k in ks:
-        head += [f"GradSAE K={k}", f"activation K={k}", f"random K={k}", f"GradSAE - activation K={k}"]
+        label = k_header(every, k)
+        head += [f"{NAMES[m]} {label}" for m in ("gradsae", "activation", "random", *extra)]
+        head += [f"GradSAE - activation {label}"]
     lines = [
         "## Experiment 1: zero the TopK latents (score vs the gold answer; 100 = unperturbed)",
         "",
@@ -128,10 +199,10 @@ def masking_table(runs: Sequence[SweepRun], ks: Sequence[str]) -> list[str]:
     ]
     for task, layer in _rows(runs):
         seed = next(r.results.config.seed for r in runs if r.task == task)
-        cells = [task, str(layer.layer), fmt(layer.clean_baseline), fmt(layer.baseline), str(layer.n_kept)]
+        cells = [task, str(layer.layer), fmt_prop(layer.clean_baseline), fmt_prop(layer.baseline), str(layer.n_kept)]
         for k in ks:
-            by = {m: _find(layer.perturbation, m, "zero", k) for m in ("gradsae", "activation", "random")}
-            cells += [fmt(c.exact) if c else "-" for c in by.values()]
+            by = {m: _find(layer.perturbation, m, "zero", k) for m in ("gradsae", "activation", "random", *extra)}
+            cells += [fmt_prop(c.exact) if c else "-" for c in by.values()]
             cells.append(paired_cell(by["gradsae"], by["activation"], seed=seed))
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
@@ -139,15 +210,19 @@ def masking_table(runs: Sequence[SweepRun], ks: Sequence[str]) -> list[str]:
 
 def steering_table(runs: Sequence[SweepRun], ks: Sequence[str]) -> list[str]:
     """Experiment 2: per ranking and K, the swap's success next to its zero-only floor; the no-edit row."""
+    every = _all_conditions(runs)
     head = ["task", "layer", "pairs", "no edit"]
     for k in ks:
-        head += [f"{NAMES[m]} K={k}" for m in ("gradsae", "activation", "random")]
+        label = k_header(every, k)
+        head += [f"{NAMES[m]} {label}" for m in ("gradsae", "activation", "random")]
+        head += [f"GradSAE swap - zero-only {label}"]
     lines = [
         "## Experiment 2: steer toward the donor (% of pairs whose answer became the donor's)",
         "",
         "Each cell is `swap / zero-only` (means): the swap zeroes the example's own TopK and injects the "
         "donor's; zero-only does the first half alone. Steering is the swap's rate above its zero-only "
-        "floor; `no edit` is the measured rate without any edit. Pairs with the same gold answer are not donors.",
+        "floor; `no edit` is the measured rate without any edit. Pairs with the same gold answer are not donors. "
+        "`GradSAE swap - zero-only`: paired difference in points [95% bootstrap interval], exact McNemar p.",
         "",
         "| " + " | ".join(head) + " |",
         "|---" * len(head) + "|",
@@ -160,42 +235,51 @@ def steering_table(runs: Sequence[SweepRun], ks: Sequence[str]) -> list[str]:
                 swap = _find(layer.steering, method, "swap", k)
                 zero = _find(layer.steering, method, "zero", k)
                 cells.append(f"{_mean(swap.exact if swap else None)} / {_mean(zero.exact if zero else None)}")
+            seed = next(r.results.config.seed for r in runs if r.task == task)
+            where = {c.positions for c in layer.steering if c.edit == "swap"}
+            first = sorted(where)[0] if where else ""
+            part = [c for c in layer.steering if c.positions == first]
+            cells.append(paired_cell(_find(part, "gradsae", "swap", k), _find(part, "gradsae", "zero", k), seed=seed))
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
 def curves_table(runs: Sequence[SweepRun]) -> list[str]:
-    """Faithfulness summary per task and layer (rows without curves are left out)."""
-    rows = [(task, layer) for task, layer in _rows(runs) if layer.curves]
+    """Faithfulness per task and layer, every figure with its 95% bootstrap interval over examples (rows
+    without curves are left out). Computed from each layer's stored curves, so older files get the new figures
+    they hold the data for."""
+    rows = [(task, from_data(CurveResult, layer.curves)) for task, layer in _rows(runs) if layer.curves]
     if not rows:
         return []
-    head = ["task", "layer", "examples"]
-    for m in CURVE_METHODS:
-        name = CURVE_NAMES[m]
-        head += [f"{name} deletion", f"{name} sufficiency", f"{name} Spearman", f"{name} recall@10"]
+    names = [n for n in rows[0][1].metric_names() if all(n in r.metric_names() for _, r in rows)]
+    top = rows[0][1].top
     lines = [
         "## Faithfulness against exact ablation",
         "",
-        "Areas (deletion, sufficiency) are normalised over the examples (a ratio of sums): 0 = the random "
-        "ranking, 1 = the exact-ablation ranking; single-latent ablation is not the best order for "
-        "sufficiency, so a value far outside [0, 1] there says the random and exact curves nearly coincide. "
-        "Spearman (mean over examples): the ranking's score against the exact ablation effect over the "
-        "active latents, the clean greedy token held fixed; recall@10: share of the exact top-10 in the "
-        "ranking's top-10. `GradSAE` is the paper's score (mean over positions of relu(h dY/dh)); "
-        "`GradSAE sum` is the signed first-order estimate of the ablation effect (sum over positions).",
+        "Per ranking, mean over the examples [95% bootstrap interval over examples]. Deletion area: the mean "
+        "drop D(K) = Y_0 - Y(top K zeroed) over ln K for 1 <= K <= 50, normalised as a ratio of sums (0 = the "
+        "random anchor, averaged over its permutations; 1 = exact ablation). Sufficiency: S(K) / Y_0, the fraction "
+        "of Y_0 the top K alone keep (mean over ln K, and at the experiment's K). Spearman: the score against the "
+        "exact effect (signed, and its absolute value; all active latents, and the exact top-50). Budgets: exact "
+        "ablations taken in the ranking's order until the exact top-10 (or every latent whose |effect| is at least "
+        "the given share of Y_0) is found. `GradSAE` is the paper's score (mean over positions of relu(h dY/dh)); "
+        "`GradSAE sum` the signed first-order estimate (sum over positions). Files written before a figure existed "
+        "lack it (the linear grid's points then stand in for the log grid).",
         "",
-        "| " + " | ".join(head) + " |",
-        "|---" * len(head) + "|",
     ]
-    for task, layer in rows:
-        summary = layer.curves.get("summary", {})
-        cells = [task, str(layer.layer), str(len(layer.curves.get("examples", [])))]
-        for m in CURVE_METHODS:
-            s = summary.get(m, {})
-            cells += [_num(s.get("deletion_area")), _num(s.get("sufficiency_area"))]
-            cells += [_num(s.get("spearman"), 3), _num(s.get("recall"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return [*lines, ""]
+    for name in names:
+        head = ["task", "layer", "examples", *(CURVE_NAMES[m] for m in CURVE_METHODS), "random"]
+        lines += [f"### {metric_title(name, top)}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        digits = 0 if name.startswith("budget") else 2
+        for task, result in rows:
+            cells = [task, str(result.layer), str(len(result.examples))]
+            cells += [
+                fmt_metric(result.metric(name, m), digits) if m in result.methods else "-"
+                for m in (*CURVE_METHODS, "random")
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _num(value: float | None, digits: int = 2) -> str:
