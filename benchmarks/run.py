@@ -15,6 +15,8 @@ Figures (``name: value``, with the target and whether it is met):
   ``spearman_vs_ablation`` (first-order estimate vs exact effect). Target >= 50.
 * ``peak_memory_overhead_shipped`` / ``_131k`` / ``_1m``: peak working memory of
   scoring / of the plain forward + backward, each in a fresh process. Target <= 1.2.
+* ``oracle_cost``: one exact single-latent ablation (the curves' oracle) / one plain
+  forward of the same prompt (facts prompts; :mod:`benchmarks.oracle`). Target <= 0.5.
 * ``perturb_condition_cost``: experiment 1's conditions decoded as one batch
   (examples x conditions, each row stopped once its answer is final), per
   condition / one plain forward of the same prompts. Target <= (L - l) / L + 0.1.
@@ -66,6 +68,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.estimators import estimator_costs, multilayer_cost, shipped_saes  # noqa: E402
 from benchmarks.memory import peak_memory_overhead  # noqa: E402
+from benchmarks.oracle import facts_prompts, oracle_cost  # noqa: E402
 from benchmarks.scaling import scaling_figures  # noqa: E402
 from benchmarks.with_nnsight import speedup_vs_nnsight  # noqa: E402
 from gradsae.generate import encode_prompts  # noqa: E402
@@ -95,8 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--skip",
         default="",
-        help="groups to leave out: score,score131k,score1m,reference,ablation,perturb,memory,scaling,demo,nnsight,"
-        "multilayer,estimators",
+        help="groups to leave out: score,score131k,score1m,reference,ablation,oracle,perturb,memory,scaling,demo,"
+        "nnsight,multilayer,estimators",
     )
     parser.set_defaults(short_prompts=len(SHORT_PROMPTS))
     args = parser.parse_args(argv)
@@ -144,6 +147,7 @@ def jobs(args: argparse.Namespace, lm: LoadedModel, sae: SAE, label: str) -> dic
             lm, sae, ids[:rows], mask[:rows], args.layer, n_new=args.new_tokens, **timing
         ),
         "ablation": lambda: core.speedup_vs_ablation(lm, sae, short_ids, short_mask, args.layer, **timing),
+        "oracle": lambda: oracle_cost(lm, sae, facts_prompts(lm, args.short_prompts), args.layer, **timing),
         "perturb": lambda: perturb_figures(args, lm, sae),
         "memory": lambda: [peak_memory_overhead(ROOT, d_sae=d, label=label, **child) for d in (0, WIDE, WIDEST)],
         "scaling": lambda: scaling_figures(ROOT, repeats=min(args.repeats, 2), quick=args.quick, **child),

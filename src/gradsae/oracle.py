@@ -33,7 +33,11 @@ pass and ``f_c = min P_c``.
    forward runs the batch's rows from ``s = min f_c`` of the batch (rows whose
    ``f_c`` is later recompute a few unchanged columns, exactly).
 
-``Y_clean`` comes from one clean spliced pass (the one that fills the cache).
+``Y_clean`` is taken in each batched forward, from one more row that zeroes
+nothing (latent ``-1``), so that the subtraction cancels the rounding that the
+batch's path shares (the clean pass that fills the cache gives the same value
+up to rounding).
+
 Per latent, the cost is ``(T - s) / T * (L - l - 1) / L`` of a full forward
 plus the cached attention over the first ``s`` columns, against ``(L - l - 1) / L``
 for a prefix-replayed full pass. Memory per forward: ``batch_size`` copies of
@@ -93,7 +97,9 @@ def ablation_effects(
     """``[len(latents)]`` exact ``Y - Y(latent c zeroed at every spliced position)`` for one prompt ``[1, T]``.
 
     See the module docstring. ``objective`` is used as given (pin a ``NextTokenProb``
-    first); ``batch_size`` ablated copies run per forward.
+    first); ``batch_size`` ablated copies run per forward, with one more copy that
+    zeroes nothing: its ``Y`` is the clean value the batch's effects are taken from,
+    so that baseline and edits share one path and batch (and its rounding).
     """
     clean = clean_pass(lm, sae, input_ids, attention_mask, objective, layer=layer, mode=mode, skip_first=skip_first)
     starts = first_columns(clean, latents, keep=objective.keep)
@@ -102,8 +108,9 @@ def ablation_effects(
     for first in range(0, len(latents), max(1, batch_size)):
         chosen = order[first : first + batch_size]
         start = int(starts[chosen].min())
-        y = _ablated(lm, sae, clean, input_ids, attention_mask, objective, latents[chosen], start, mode=mode)
-        out[chosen] = clean.value - y
+        rows = torch.cat([latents.new_full((1,), -1), latents[chosen]])  # row 0: no latent zeroed
+        y = _ablated(lm, sae, clean, input_ids, attention_mask, objective, rows, start, mode=mode)
+        out[chosen] = y[0] - y[1:]
     return out
 
 
@@ -176,7 +183,7 @@ def _ablated(
     *,
     mode: Mode,
 ) -> torch.Tensor:
-    """``[m]`` ``Y`` with each of ``latents`` zeroed (one row each), columns ``start..`` run on the clean cache."""
+    """``[m]`` ``Y`` with ``latents[i]`` zeroed in row ``i`` (``-1``: none), columns ``start..`` on the clean cache."""
     m = len(latents)
     residual = ablated_residuals(sae, clean, latents, start, mode=mode)
     prefix = replace(clean.prefix.expand(m).columns(start), residual=residual)
