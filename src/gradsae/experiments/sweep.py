@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradsae import _files
+from gradsae.estimators import ESTIMATORS
 from gradsae.experiments.perturb import Condition
 from gradsae.experiments.report import NAMES, fmt, paired_cell
 from gradsae.experiments.run import LayerResult, RunResults
@@ -32,7 +33,7 @@ from gradsae.experiments.stats import Stat
 
 SWEEP_TABLE = "sweep.md"
 CURVE_METHODS = ("gradsae", "gradsae_sum", "activation")
-CURVE_NAMES = {**NAMES, "gradsae_sum": "GradSAE sum"}
+CURVE_NAMES = {**NAMES, "gradsae_sum": "GradSAE sum", "ig": "IG sum", "relp": "RelP sum"}
 
 
 @dataclass(frozen=True)
@@ -165,13 +166,20 @@ def steering_table(runs: Sequence[SweepRun], ks: Sequence[str]) -> list[str]:
     return [*lines, ""]
 
 
+def curve_methods(layers: Sequence[LayerResult]) -> tuple[str, ...]:
+    """:data:`CURVE_METHODS`, then each estimator of :mod:`gradsae.estimators` that some run measured."""
+    found = {m for layer in layers for m in layer.curves.get("summary", {})}
+    return (*CURVE_METHODS, *(m for m in ESTIMATORS if m in found))
+
+
 def curves_table(runs: Sequence[SweepRun]) -> list[str]:
     """Faithfulness summary per task and layer (rows without curves are left out)."""
     rows = [(task, layer) for task, layer in _rows(runs) if layer.curves]
     if not rows:
         return []
     head = ["task", "layer", "examples"]
-    for m in CURVE_METHODS:
+    methods = curve_methods([layer for _, layer in rows])
+    for m in methods:
         name = CURVE_NAMES[m]
         head += [f"{name} deletion", f"{name} sufficiency", f"{name} Spearman", f"{name} recall@10"]
     lines = [
@@ -191,7 +199,7 @@ def curves_table(runs: Sequence[SweepRun]) -> list[str]:
     for task, layer in rows:
         summary = layer.curves.get("summary", {})
         cells = [task, str(layer.layer), str(len(layer.curves.get("examples", [])))]
-        for m in CURVE_METHODS:
+        for m in methods:
             s = summary.get(m, {})
             cells += [_num(s.get("deletion_area")), _num(s.get("sufficiency_area"))]
             cells += [_num(s.get("spearman"), 3), _num(s.get("recall"))]
