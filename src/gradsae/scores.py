@@ -53,7 +53,6 @@ from gradsae.estimators import (
     ESTIMATORS,
     IG_STEPS,
     Baseline,
-    dense_latents,
     path_gradient,
     relp_rules,
     removal,
@@ -315,10 +314,10 @@ def estimated(
     )
     moved = replace(run, index=rem.index, values=rem.delta)
     pinned = [_pinned(objective, run.token, row) for row in range(ids.shape[0])]
+    clean = SparseActs(index=run.index, values=run.values, shape=(*run.valid.shape, sae.cfg.d_sae))
     if method == "ablation":
-        h = dense_latents(run.index, run.values, (*run.valid.shape, sae.cfg.d_sae))
         effects = removal_effects(
-            lm, sae, ids, attention_mask, pinned, rem, h, run.valid, layer=layer, mode=mode, batch=batch
+            lm, sae, ids, attention_mask, pinned, rem, clean, run.valid, layer=layer, mode=mode, batch=batch
         )
         return _scores(method, aggregation, effects, torch.zeros_like(rem.delta), moved)
     if method == "relp":
@@ -330,9 +329,19 @@ def estimated(
                 lm, sae, ids, attention_mask, fixed, layer=layer, mode=mode, grad=True, skip_first=skip_first
             ).grad
     elif method == "ig":
-        h = dense_latents(run.index, run.values, (*run.valid.shape, sae.cfg.d_sae))
         grad = path_gradient(
-            lm, sae, ids, attention_mask, pinned, rem, h, run.valid, layer=layer, mode=mode, steps=ig_steps, batch=batch
+            lm,
+            sae,
+            ids,
+            attention_mask,
+            pinned,
+            rem,
+            clean,
+            run.valid,
+            layer=layer,
+            mode=mode,
+            steps=ig_steps,
+            batch=batch,
         )
     else:
         grad = run.grad
