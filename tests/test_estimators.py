@@ -144,6 +144,9 @@ def test_relp_scores_are_delta_times_the_relp_gradient(model) -> None:
     grad = sp.leaves[0].grad @ sae.W_dec.T  # dense dY~/dH
     torch.testing.assert_close(by["relp"].per_latent, (h * grad).sum(dim=1), atol=1e-12, rtol=1e-9)
     assert not torch.allclose(by["relp"].per_latent, by["gradsae"].per_latent)
+    alone = score_methods(lm, sae, ids, mask, objective, methods=("relp", "activation"), aggregation="sum")
+    torch.testing.assert_close(alone["relp"].per_latent, by["relp"].per_latent, atol=1e-12, rtol=1e-9)  # one pass
+    torch.testing.assert_close(alone["activation"].per_latent, by["gradsae"].mean_act, atol=0, rtol=0)
 
 
 # -- baselines and the oracle ----------------------------------------------------------------------------

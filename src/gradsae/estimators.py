@@ -50,9 +50,9 @@ parts, ``signed`` mean, ``sum`` sum, ...; the curves use ``sum``):
   removal is a different quantity, and on the tiny model IG is no closer to it
   than first order (both converge as the removal shrinks, tested);
 * ``relp``, a RelP-style relevance propagation (arXiv 2508.21258; the rules below
-  are this module's reading of it, not a port of the authors' code): one backward in which the model's nonlinearities follow
-  layer-wise relevance rules instead of their Jacobians (the forward values are
-  unchanged, bit for bit):
+  are this module's reading of it, not a port of the authors' code): one backward
+  in which the model's nonlinearities follow layer-wise relevance rules instead
+  of their Jacobians (the forward values are unchanged, bit for bit):
 
   - RMSNorm: the ``1 / rms(x)`` factor is held constant (LN rule);
   - the MLP's gate nonlinearity ``act(a)`` passes ``act(a) / a`` (identity rule);

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -224,17 +225,19 @@ def score_methods(
     if aggregation not in AGGREGATIONS:
         raise GradSAEError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
     check_inputs(lm, input_ids, attention_mask)
-    run = forward_backward(
-        lm,
-        sae,
-        input_ids,
-        attention_mask,
-        objective,
-        layer=layer,
-        mode=mode,
-        grad="gradsae" in methods,
-        skip_first=skip_first,
-    )
+    relp_pass = "relp" in methods and "gradsae" not in methods  # RelP's rules leave the forward values as they are
+    with relp_rules(lm) if relp_pass else nullcontext():
+        run = forward_backward(
+            lm,
+            sae,
+            input_ids,
+            attention_mask,
+            objective,
+            layer=layer,
+            mode=mode,
+            grad="gradsae" in methods or relp_pass,
+            skip_first=skip_first,
+        )
     out = {}
     beyond = {"ig", "relp"} | ({"gradsae", "ablation"} if baseline is not None and not baseline.is_zero else set())
     for method in methods:
@@ -254,6 +257,7 @@ def score_methods(
                 batch=ablation_batch,
                 ig_steps=ig_steps,
                 baseline=baseline,
+                relp_grad=run.grad if relp_pass else None,
             )
             continue
         if method == "gradsae":
@@ -297,8 +301,12 @@ def estimated(
     batch: int,
     ig_steps: int,
     baseline: Baseline | None,
+    relp_grad: torch.Tensor | None = None,
 ) -> Scores:
-    """``ig``, ``relp``, or ``gradsae`` / ``ablation`` to a non-zero baseline (:mod:`gradsae.estimators`)."""
+    """``ig``, ``relp``, or ``gradsae`` / ``ablation`` to a non-zero baseline (:mod:`gradsae.estimators`).
+
+    ``relp_grad``: the RelP gradient when the main pass already ran under RelP's rules.
+    """
     layer = resolve_layer(sae, layer)
     rem = removal(
         lm,
@@ -320,7 +328,10 @@ def estimated(
             lm, sae, ids, attention_mask, pinned, rem, clean, run.valid, layer=layer, mode=mode, batch=batch
         )
         return _scores(method, aggregation, effects, torch.zeros_like(rem.delta), moved)
-    if method == "relp":
+    grad: torch.Tensor | None
+    if method == "relp" and relp_grad is not None:
+        grad = relp_grad  # the main pass ran under RelP's rules
+    elif method == "relp":
         fixed = (
             objective.pinned(run.token) if isinstance(objective, NextTokenProb) and run.token is not None else objective
         )
