@@ -27,17 +27,17 @@ def model() -> tuple:
     return tiny_lm(dtype=torch.float64, layers=3), tiny_sae(dtype=torch.float64, layer=1)
 
 
-def _y(lm, sae, ids, mask, objective, edits=(), layer=1):
-    """``Y`` with ``edits`` applied through the splice (error mode), no grad."""
-    with splice(lm, sae, layer, edits=list(edits), record=False), torch.no_grad():
+def _y(lm, sae, ids, mask, objective, edits=(), layer=1, mode="error"):
+    """``Y`` with ``edits`` applied through the splice, no grad."""
+    with splice(lm, sae, layer, mode=mode, edits=list(edits), record=False), torch.no_grad():
         out = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
     return objective(out.logits, ids)
 
 
-def _pinned(lm, sae, ids, mask):
+def _pinned(lm, sae, ids, mask, mode="error"):
     """``p(t*)`` at the last position with ``t*`` the spliced model's greedy token, per row."""
     logits_free = NextTokenProb()
-    with splice(lm, sae, 1, record=False), torch.no_grad():
+    with splice(lm, sae, 1, mode=mode, record=False), torch.no_grad():
         out = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
     return logits_free.pinned(logits_free.token(out.logits))
 
@@ -47,15 +47,18 @@ def _all_latents(rows: int) -> Edit:
 
 
 # -- integrated gradients -----------------------------------------------------------------------------
-def test_ig_completeness_shrinks_with_steps(model) -> None:
+@pytest.mark.parametrize("mode", ["error", "replace"])
+def test_ig_completeness_shrinks_with_steps(model, mode) -> None:
     """``sum a = Y(H) - Y(B)`` up to the midpoint error, which falls about as 1/N^2."""
     lm, sae = model
     ids, mask = padded_batch()
-    objective = _pinned(lm, sae, ids, mask)
-    target = _y(lm, sae, ids, mask, objective) - _y(lm, sae, ids, mask, objective, [_all_latents(2)])
+    objective = _pinned(lm, sae, ids, mask, mode)
+    clean = _y(lm, sae, ids, mask, objective, mode=mode)
+    target = clean - _y(lm, sae, ids, mask, objective, [_all_latents(2)], mode=mode)
     gaps = []
     for steps in (2, 8, 32):
-        ig = score_methods(lm, sae, ids, mask, objective, methods=("ig",), aggregation="sum", ig_steps=steps)["ig"]
+        options = {"aggregation": "sum", "ig_steps": steps, "mode": mode}
+        ig = score_methods(lm, sae, ids, mask, objective, methods=("ig",), **options)["ig"]
         total = ig.per_latent.sum(dim=1)
         gaps.append((total - target).abs().max().item())
     scale = target.abs().max().item()
@@ -141,18 +144,21 @@ def test_relp_scores_are_delta_times_the_relp_gradient(model) -> None:
     grad = sp.leaves[0].grad @ sae.W_dec.T  # dense dY~/dH
     torch.testing.assert_close(by["relp"].per_latent, (h * grad).sum(dim=1), atol=1e-12, rtol=1e-9)
     assert not torch.allclose(by["relp"].per_latent, by["gradsae"].per_latent)
+    alone = score_methods(lm, sae, ids, mask, objective, methods=("relp", "activation"), aggregation="sum")
+    torch.testing.assert_close(alone["relp"].per_latent, by["relp"].per_latent, atol=1e-12, rtol=1e-9)  # one pass
+    torch.testing.assert_close(alone["activation"].per_latent, by["gradsae"].mean_act, atol=0, rtol=0)
 
 
 # -- baselines and the oracle ----------------------------------------------------------------------------
-def test_zero_baseline_oracle_equals_the_sparse_ablation(model) -> None:
-    """The residual-shift oracle (``Baseline('zero')`` forced through it) equals :func:`ablation_effects`."""
+@pytest.mark.parametrize("mode", ["error", "replace"])
+def test_zero_baseline_oracle_equals_the_sparse_ablation(model, mode) -> None:
+    """The residual-shift oracle (a mean baseline of zeros goes through it) equals :func:`ablation_effects`."""
     lm, sae = model
     ids, mask = padded_batch()
-    objective = _pinned(lm, sae, ids, mask)
-    old = score_methods(lm, sae, ids, mask, objective, methods=("ablation",))["ablation"]
-    new = score_methods(
-        lm, sae, ids, mask, objective, methods=("ablation",), baseline=Baseline("mean", mean=torch.zeros(D_SAE))
-    )["ablation"]
+    objective = _pinned(lm, sae, ids, mask, mode)
+    old = score_methods(lm, sae, ids, mask, objective, methods=("ablation",), mode=mode)["ablation"]
+    zeros = Baseline("mean", mean=torch.zeros(D_SAE))
+    new = score_methods(lm, sae, ids, mask, objective, methods=("ablation",), baseline=zeros, mode=mode)["ablation"]
     torch.testing.assert_close(new.per_latent, old.per_latent, atol=1e-12, rtol=1e-9)
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -55,7 +56,6 @@ from gradsae.estimators import (
     ESTIMATORS,
     IG_STEPS,
     Baseline,
-    dense_latents,
     path_gradient,
     relp_rules,
     removal,
@@ -225,17 +225,19 @@ def score_methods(
     if aggregation not in AGGREGATIONS:
         raise GradSAEError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
     check_inputs(lm, input_ids, attention_mask)
-    run = forward_backward(
-        lm,
-        sae,
-        input_ids,
-        attention_mask,
-        objective,
-        layer=layer,
-        mode=mode,
-        grad="gradsae" in methods,
-        skip_first=skip_first,
-    )
+    relp_pass = "relp" in methods and "gradsae" not in methods  # RelP's rules leave the forward values as they are
+    with relp_rules(lm) if relp_pass else nullcontext():
+        run = forward_backward(
+            lm,
+            sae,
+            input_ids,
+            attention_mask,
+            objective,
+            layer=layer,
+            mode=mode,
+            grad="gradsae" in methods or relp_pass,
+            skip_first=skip_first,
+        )
     out = {}
     beyond = {"ig", "relp"} | ({"gradsae", "ablation"} if baseline is not None and not baseline.is_zero else set())
     for method in methods:
@@ -255,6 +257,7 @@ def score_methods(
                 batch=ablation_batch,
                 ig_steps=ig_steps,
                 baseline=baseline,
+                relp_grad=run.grad if relp_pass else None,
             )
             continue
         if method == "gradsae":
@@ -298,8 +301,12 @@ def estimated(
     batch: int,
     ig_steps: int,
     baseline: Baseline | None,
+    relp_grad: torch.Tensor | None = None,
 ) -> Scores:
-    """``ig``, ``relp``, or ``gradsae`` / ``ablation`` to a non-zero baseline (:mod:`gradsae.estimators`)."""
+    """``ig``, ``relp``, or ``gradsae`` / ``ablation`` to a non-zero baseline (:mod:`gradsae.estimators`).
+
+    ``relp_grad``: the RelP gradient when the main pass already ran under RelP's rules.
+    """
     layer = resolve_layer(sae, layer)
     rem = removal(
         lm,
@@ -315,13 +322,16 @@ def estimated(
     )
     moved = replace(run, index=rem.index, values=rem.delta)
     pinned = [_pinned(objective, run.token, row) for row in range(ids.shape[0])]
+    clean = SparseActs(index=run.index, values=run.values, shape=(*run.valid.shape, sae.cfg.d_sae))
     if method == "ablation":
-        h = dense_latents(run.index, run.values, (*run.valid.shape, sae.cfg.d_sae))
         effects = removal_effects(
-            lm, sae, ids, attention_mask, pinned, rem, h, run.valid, layer=layer, mode=mode, batch=batch
+            lm, sae, ids, attention_mask, pinned, rem, clean, run.valid, layer=layer, mode=mode, batch=batch
         )
         return _scores(method, aggregation, effects, torch.zeros_like(rem.delta), moved)
-    if method == "relp":
+    grad: torch.Tensor | None
+    if method == "relp" and relp_grad is not None:
+        grad = relp_grad  # the main pass ran under RelP's rules
+    elif method == "relp":
         fixed = (
             objective.pinned(run.token) if isinstance(objective, NextTokenProb) and run.token is not None else objective
         )
@@ -330,9 +340,19 @@ def estimated(
                 lm, sae, ids, attention_mask, fixed, layer=layer, mode=mode, grad=True, skip_first=skip_first
             ).grad
     elif method == "ig":
-        h = dense_latents(run.index, run.values, (*run.valid.shape, sae.cfg.d_sae))
         grad = path_gradient(
-            lm, sae, ids, attention_mask, pinned, rem, h, run.valid, layer=layer, mode=mode, steps=ig_steps, batch=batch
+            lm,
+            sae,
+            ids,
+            attention_mask,
+            pinned,
+            rem,
+            clean,
+            run.valid,
+            layer=layer,
+            mode=mode,
+            steps=ig_steps,
+            batch=batch,
         )
     else:
         grad = run.grad

@@ -23,7 +23,21 @@ from gradsae.splice import MODES
 from gradsae.tasks import load_task
 
 TASKS = "sst2,facts,capitals,past_tense"
-PASSED = ("model", "sae", "device", "seed", "n", "layers", "ks", "mode", "batch_size", "max_new_tokens", "curves_n")
+PASSED = (
+    "model",
+    "sae",
+    "device",
+    "seed",
+    "n",
+    "layers",
+    "ks",
+    "mode",
+    "batch_size",
+    "max_new_tokens",
+    "curves_n",
+    "methods",
+    "ig_steps",
+)
 """Options handed to each task's ``reproduce`` unchanged (flags are handled apart)."""
 
 
@@ -46,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--curves-n", type=int, default=8, help="curves on the first N kept examples of each task and layer (default 8)"
     )
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="ranking methods of each run, e.g. gradsae,activation,random,ig,relp (default: reproduce's); "
+        "each gets its rows in the faithfulness table",
+    )
+    parser.add_argument("--ig-steps", type=int, default=None, help="integrated-gradients steps (method ig)")
     parser.add_argument("--restart", action="store_true", help="discard earlier runs in OUT/<task> and start fresh")
 
 
@@ -96,7 +117,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts = ["gradsae", "sweep", "--tasks", args.tasks, "--layers", args.layers, "--ks", args.ks, "--n", str(args.n)]
     parts += [] if args.no_curves else ["--curves-n", str(args.curves_n)]
     parts += ["--out", str(args.out)]
-    parts += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("model", "sae", "mode") if getattr(args, k)]
+    named = ("model", "sae", "mode", "methods", "ig_steps")
+    parts += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in named if getattr(args, k)]
     parts += [f for f, on in (("--paper", args.paper), ("--no-curves", args.no_curves)) if on]
     return shlex.join(parts)
 

@@ -20,6 +20,9 @@ Rankings order ``A`` completely, ``r_m = (c_1, ..., c_a)``, by descending score
 * ``gradsae``: the paper's ``mean_n relu(H[n, c] dY/dH[n, c])``;
 * ``gradsae_sum``: ``sum_n H[n, c] dY/dH[n, c]``, the first-order estimate of ``Y_0 - Y({c})``;
 * ``activation``: ``mean_n H[n, c]``; ``random``: a seeded uniform score;
+* ``ig``, ``relp`` (when asked for: ``rankings=``, or the run's ``--methods``): ``sum_n a[n, c]`` of
+  integrated gradients (``ig_steps`` midpoint steps from zero) or of RelP's relevance
+  (:mod:`gradsae.estimators`), each an estimate of ``Y_0 - Y({c})`` like ``gradsae_sum``;
 * ``ablation``: the exact ``Y_0 - Y({c})`` (one forward per active latent).
 
 Curves on a grid of fractions ``0 = f_0 < f_1 < ... < f_J = 1``, ``K_j = round(f_j a)``:

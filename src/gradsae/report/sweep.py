@@ -36,7 +36,14 @@ from gradsae.report.tables import NAMES, experiment_sentences, fmt_prop, k_heade
 SWEEP_TABLE = "sweep.md"
 SUMMARY = "summary.md"
 CURVE_METHODS = ("gradsae", "gradsae_sum", "activation")
-CURVE_NAMES = {**NAMES, "gradsae_sum": "GradSAE sum"}
+CURVE_NAMES = {**NAMES, "gradsae_sum": "GradSAE sum", "ig": "IG sum", "relp": "RelP sum"}
+
+
+def curve_methods(results: Sequence[CurveResult]) -> tuple[str, ...]:
+    """:data:`CURVE_METHODS`, then every other estimator some run measured (``random`` and ``ablation`` are the
+    anchors, not columns), in the order the runs list them."""
+    extra = [m for r in results for m in r.methods if m not in (*CURVE_METHODS, "random", "ablation")]
+    return (*CURVE_METHODS, *dict.fromkeys(extra))
 
 
 @dataclass(frozen=True)
@@ -267,15 +274,15 @@ def curves_table(runs: Sequence[SweepRun]) -> list[str]:
         "lack it (the linear grid's points then stand in for the log grid).",
         "",
     ]
+    methods = curve_methods([r for _, r in rows])
     for name in names:
-        head = ["task", "layer", "examples", *(CURVE_NAMES[m] for m in CURVE_METHODS), "random"]
+        head = ["task", "layer", "examples", *(CURVE_NAMES.get(m, m) for m in methods), "random"]
         lines += [f"### {metric_title(name, top)}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         digits = 0 if name.startswith("budget") else 2
         for task, result in rows:
             cells = [task, str(result.layer), str(len(result.examples))]
             cells += [
-                fmt_metric(result.metric(name, m), digits) if m in result.methods else "-"
-                for m in (*CURVE_METHODS, "random")
+                fmt_metric(result.metric(name, m), digits) if m in result.methods else "-" for m in (*methods, "random")
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -1,0 +1,96 @@
+"""One cell of the estimator comparison (issue 23): faithfulness of each estimator against exact ablation.
+
+For one task and one layer: the examples the spliced model answers correctly (as ``gradsae reproduce``
+keeps them), the first ``--curves-n`` of them at their answer step, and for each ranking its Spearman
+against the exact single-latent ablation effects (over the active latents), its recall of the exact
+top-10 and the AtP* budget (:mod:`gradsae.experiments.curves`), plus each estimator's measured cost:
+wall time of scoring each example alone / that of one GradSAE score (= one forward + backward), medians
+over the examples, all on this machine in one process. Writes ``OUT/curves.json`` and ``OUT/table.md``.
+
+    python scripts/estimator_cell.py --task facts --layer 15 --n 16 --curves-n 6 --out runs/estimators/cell
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from gradsae.experiments.tasks import load_task
+
+from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.curves import CurveResult, curves_markdown, kept_curves
+from gradsae.experiments.perturb import decode, prompt_batches
+from gradsae.experiments.rank import KeptExample, rank_examples
+from gradsae.generate import answer_inputs
+from gradsae.models import LoadedModel, load_model
+from gradsae.objectives import NextTokenProb
+from gradsae.pretrained import resolve_sae
+from gradsae.sae import SAE
+from gradsae.scores import score_methods
+
+ESTIMATORS = ("gradsae", "ig", "relp", "ablation")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="facts")
+    parser.add_argument("--layer", type=int, default=15)
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--curves-n", type=int, default=6)
+    parser.add_argument("--ig-steps", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model()
+    sae, layer, label = resolve_sae(lm, None, args.layer, default_model=True)
+    task = load_task(args.task, n=args.n, seed=args.seed)
+    methods = ("gradsae", "activation", "random", "ig", "relp")
+    cfg = ExperimentConfig(
+        layer=layer, methods=methods, curves=True, curves_n=args.curves_n, ig_steps=args.ig_steps, seed=args.seed
+    )
+    texts = [task.render(example, lm.tokenizer) for example in task.examples]
+    gens = decode(lm, prompt_batches(lm, texts, cfg, reuse=False), task, cfg, sae=None, edits_for=None)
+    kept = [(ex, gen) for ex, gen in zip(task.examples, gens, strict=True) if task.score(ex, gen.text).exact == 1.0]
+    kept = kept[: args.curves_n]
+    ranked, _ = rank_examples(
+        lm, sae, task, [k[0] for k in kept], [k[1] for k in kept], ExperimentConfig(layer=layer, methods=("gradsae",))
+    )
+    began = time.perf_counter()
+    curves = kept_curves(lm, sae, ranked, cfg)
+    curves_s = time.perf_counter() - began
+    costs = estimator_costs(lm, sae, ranked, layer, args.ig_steps)
+    meta = {"task": args.task, "layer": layer, "sae": label, "n_drawn": args.n, "n_curved": len(ranked)}
+    (out / "curves.json").write_text(json.dumps({**meta, "curves": curves, "costs": costs, "curves_s": curves_s}))
+    result = CurveResult.from_dict(curves)
+    lines = [f"# Estimators at {args.task}, layer {layer} ({label})", "", *curves_markdown(result)]
+    lines += ["| estimator | cost (x one GradSAE score, median over examples) |", "|---|---|"]
+    lines += [f"| {m} | {costs[m]:.2f} |" for m in ESTIMATORS]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def estimator_costs(
+    lm: LoadedModel, sae: SAE, ranked: list[KeptExample], layer: int, ig_steps: int
+) -> dict[str, float]:
+    """Per estimator: median over examples of (its wall time / one GradSAE score's), one example at a time."""
+    ratios: dict[str, list[float]] = {m: [] for m in ESTIMATORS}
+    for example in ranked:
+        ids, mask = answer_inputs(lm.tokenizer, [example.generation], [example.step])
+        seconds = {}
+        for method in ESTIMATORS:
+            start = time.perf_counter()
+            score_methods(lm, sae, ids, mask, NextTokenProb(), methods=(method,), layer=layer, ig_steps=ig_steps)
+            seconds[method] = time.perf_counter() - start
+        for method in ESTIMATORS:
+            ratios[method].append(seconds[method] / seconds["gradsae"])
+    return {m: statistics.median(v) for m, v in ratios.items()}
+
+
+if __name__ == "__main__":
+    main()
