@@ -19,18 +19,19 @@ import sys
 import time
 from pathlib import Path
 
-from gradsae.experiments.tasks import load_task
-
 from gradsae.experiments.config import ExperimentConfig
-from gradsae.experiments.curves import CurveResult, curves_markdown, kept_curves
-from gradsae.experiments.perturb import decode, prompt_batches
+from gradsae.experiments.curves import kept_curves
+from gradsae.experiments.decode import decode, prompt_batches
 from gradsae.experiments.rank import KeptExample, rank_examples
+from gradsae.experiments.results import CurveResult, from_data
 from gradsae.generate import answer_inputs
 from gradsae.models import LoadedModel, load_model
 from gradsae.objectives import NextTokenProb
 from gradsae.pretrained import resolve_sae
+from gradsae.report.curves import curves_markdown
 from gradsae.sae import SAE
 from gradsae.scores import score_methods
+from gradsae.tasks import load_task
 
 ESTIMATORS = ("gradsae", "ig", "relp", "ablation")
 
@@ -67,7 +68,7 @@ def main() -> None:
     costs = estimator_costs(lm, sae, ranked, layer, args.ig_steps)
     meta = {"task": args.task, "layer": layer, "sae": label, "n_drawn": args.n, "n_curved": len(ranked)}
     (out / "curves.json").write_text(json.dumps({**meta, "curves": curves, "costs": costs, "curves_s": curves_s}))
-    result = CurveResult.from_dict(curves)
+    result = from_data(CurveResult, curves)
     lines = [f"# Estimators at {args.task}, layer {layer} ({label})", "", *curves_markdown(result)]
     lines += ["| estimator | cost (x one GradSAE score, median over examples) |", "|---|---|"]
     lines += [f"| {m} | {costs[m]:.2f} |" for m in ESTIMATORS]
