@@ -76,10 +76,10 @@ def test_norm_zero_gives_the_unsteered_text(lively):
     texts = ["hello there", "a", "the quick brown fox"]
     plain = generate(lively, texts, max_new_tokens=12)
     zero = steered_generations(
-        lively, sae, texts, sweep_edit(sae, [1, 5, 9], torch.ones(3), [0.0], 3), layer=1, budget=12
+        lively, sae, texts, sweep_edit(sae, [1, 5, 9], torch.ones(3), [0.0], rows=3), layer=1, budget=12
     )
     strong = steered_generations(
-        lively, sae, texts, sweep_edit(sae, [1, 5, 9], torch.ones(3), [40.0], 3), layer=1, budget=12
+        lively, sae, texts, sweep_edit(sae, [1, 5, 9], torch.ones(3), [40.0], rows=3), layer=1, budget=12
     )
     assert [g.token_ids for g in zero] == [g.token_ids for g in plain]
     assert [g.token_ids for g in strong] != [g.token_ids for g in plain]  # the edit does act

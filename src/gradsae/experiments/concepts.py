@@ -646,7 +646,7 @@ def steered_generations(
         return generate(lm, texts, max_new_tokens=budget, batch_size=max(len(texts), 1))
 
 
-def sweep_edit(sae: SAE, latents: Sequence[int], weights: torch.Tensor, norms: Sequence[float], rows: int) -> Edit:
+def sweep_edit(sae: SAE, latents: Sequence[int], weights: torch.Tensor, norms: Sequence[float], *, rows: int) -> Edit:
     """One batch, ``rows`` prompts per strength: row block ``j`` gets the vector of norm ``norms[j]``."""
     values = torch.stack([norm_matched_values(sae, latents, weights, n) for n in norms])
     values = values.repeat_interleave(rows, dim=0)
@@ -867,7 +867,7 @@ class CellRun:
             self._unsteered[split] = self.generate(split, None)
         return self._unsteered[split]
 
-    def generate(self, split: str, edit: Edit | None, copies: int = 1) -> list[Generation]:
+    def generate(self, split: str, edit: Edit | None, *, copies: int = 1) -> list[Generation]:
         texts = self.rendered[split] * copies
         return steered_generations(self.lm, self.sae, texts, edit, layer=self.layer, budget=self.cfg.max_new_tokens)
 
@@ -935,7 +935,7 @@ class CellRun:
         found = {alpha: recall(self.journal, key) for alpha, key in keys.items()}
         if any(v is None for v in found.values()):
             tick, rows = time.perf_counter(), len(self.rendered["heldout"])
-            edit = sweep_edit(self.sae, latents, weights, [a * self.norm for a in cfg.alphas], rows)
+            edit = sweep_edit(self.sae, latents, weights, [a * self.norm for a in cfg.alphas], rows=rows)
             gens = self.generate("heldout", edit, copies=len(cfg.alphas))
             for j, alpha in enumerate(cfg.alphas):
                 if found[alpha] is None:
@@ -954,7 +954,7 @@ class CellRun:
         if alpha > 0:
 
             def evaluate() -> dict[str, Any]:
-                edit = sweep_edit(self.sae, latents, weights, [alpha * self.norm], len(self.rendered["eval"]))
+                edit = sweep_edit(self.sae, latents, weights, [alpha * self.norm], rows=len(self.rendered["eval"]))
                 return dataclasses.asdict(self.point(concept, run, alpha, "eval", self.generate("eval", edit)))
 
             points.append(Point.from_dict(remember(self.journal, self.key(concept.name, run, alpha, "eval"), evaluate)))
