@@ -134,10 +134,12 @@ def run(args: argparse.Namespace) -> int:
             seconds=round(seconds, 1),
         )
         results.save(out)
-        log.info("this run took %.0f s", time.perf_counter() - start)
+    took = time.perf_counter() - start
     if args.cards:
         write_cards(results, args.sae, layers)
-    print(f"wrote {out}/eval_sae.json and eval_sae.md in {results.seconds:.0f} s")  # noqa: T201
+    print(  # noqa: T201
+        f"wrote {out}/eval_sae.json and eval_sae.md ({results.seconds:.0f} s measuring in all, {took:.0f} s this run)"
+    )
     return 0
 
 
