@@ -63,14 +63,26 @@ from benchmarks.common import (  # noqa: E402
     text_batch,
     wide_sae,
 )
+from benchmarks.dp import N_PROMPTS, dp_efficiency  # noqa: E402
 from benchmarks.memory import peak_memory_overhead  # noqa: E402
+from benchmarks.planning import plan_figures  # noqa: E402
 from benchmarks.scaling import scaling_figures  # noqa: E402
+from benchmarks.table import markdown  # noqa: E402
 from benchmarks.with_nnsight import speedup_vs_nnsight  # noqa: E402
 from gradsae.generate import encode_prompts  # noqa: E402
 from gradsae.models import LoadedModel, load_model  # noqa: E402
 from gradsae.sae import SAE  # noqa: E402
 
-QUICK = {"batch": 2, "seq": 32, "repeats": 2, "slow_repeats": 1, "new_tokens": 8, "gen_batch": 2, "short_prompts": 1}
+QUICK = {
+    "batch": 2,
+    "seq": 32,
+    "repeats": 2,
+    "slow_repeats": 1,
+    "new_tokens": 8,
+    "gen_batch": 2,
+    "short_prompts": 1,
+    "dp_prompts": 4,
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,8 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--skip",
         default="",
-        help="groups to leave out: score,score131k,score1m,reference,ablation,perturb,memory,scaling,demo,nnsight",
+        help="groups to leave out: score,score131k,score1m,reference,ablation,perturb,memory,scaling,demo,nnsight,dp",
     )
+    parser.add_argument("--dp-prompts", type=int, default=N_PROMPTS, help="prompts in the dp_efficiency file")
     parser.set_defaults(short_prompts=len(SHORT_PROMPTS))
     args = parser.parse_args(argv)
     if args.quick:
@@ -146,7 +159,35 @@ def jobs(args: argparse.Namespace, lm: LoadedModel, sae: SAE, label: str) -> dic
         "scaling": lambda: scaling_figures(ROOT, repeats=min(args.repeats, 2), quick=args.quick, **child),
         "demo": lambda: core.demo_wall(args.demo, ROOT),
         "nnsight": lambda: [speedup_vs_nnsight(ROOT, wide=w, repeats=args.repeats, **child) for w in (False, True)],
+        "dp": lambda: dp_efficiency(
+            ROOT, model=args.model, layer=args.layer, repeats=args.slow_repeats, n_prompts=args.dp_prompts
+        ),
     }
+
+
+def plan_check(
+    args: argparse.Namespace, lm: LoadedModel, sae: SAE, figures: dict[str, Figure], load_s: float
+) -> list[Figure]:
+    """``plan_error_*`` from the scaling table's rows; the costs behind ``--plan`` written (not in ``--quick``)."""
+    rows = figures["scaling_length"].extra["rows"] + figures.get("scaling_width", Figure("", None)).extra.get(
+        "rows", []
+    )
+    decode = figures.get("speedup_vs_reference")
+    rows_decoded = (args.gen_batch or args.batch) * args.new_tokens
+    step_s = decode.extra["plain_decode_s"] / rows_decoded if decode is not None else 0.0
+    meta = {
+        "model": lm.name,
+        "device": lm.device.type,
+        "threads": args.threads,
+        "cpu": machine_info()["cpu"],
+        "n_layers": lm.n_layers,
+        "layer": args.layer,
+        "d_in": lm.d_model,
+        "load_s": round(load_s, 2),
+        "step_s": step_s,
+        "shipped_d_sae": sae.cfg.d_sae,
+    }
+    return plan_figures(rows, root=ROOT, write=not args.quick and args.sae is None, **meta)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     began, load = time.perf_counter(), os.getloadavg()
     lm = load_model(args.model)
     sae, label = load_sae(lm, args.sae, args.layer, args.model)
+    load_s = time.perf_counter() - began
     print(f"model: {lm.name} ({lm.n_layers} layers); SAE: {label} (d_sae={sae.cfg.d_sae}, {sae.cfg.activation})")
     print(f"layer {args.layer}, batch {args.batch} x {args.seq} tokens, {args.threads} torch threads")
     figures: dict[str, Figure] = {}
@@ -170,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             result = job()
             for figure in result if isinstance(result, list) else [result]:
                 emit(figure)
+    if "scaling_length" in figures and figures["scaling_length"].value is not None:
+        for figure in plan_check(args, lm, sae, figures, load_s):
+            emit(figure)
     report = {
         "machine": machine_info(),
         "config": {**vars(args), "sae_label": label, "d_sae": sae.cfg.d_sae, "n_layers": lm.n_layers},
@@ -181,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"wrote {out} in {report['total_s']:.0f} s")
+    table = json.loads(out.read_text())
+    out.with_suffix(".md").write_text(markdown(table))
+    print(markdown(table))
+    print(f"wrote {out} and {out.with_suffix('.md')} in {report['total_s']:.0f} s")
     return 0
 
 

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import platform
 import shutil
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 from gradsae import _files, distributed
 from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments, parse_layers
+from gradsae.cli.plan import add_plan_argument, reproduce_plan
 from gradsae.errors import GradSAEError
 from gradsae.experiments.config import DONOR_VALUES, STEER_POSITIONS, ExperimentConfig, KSpec
 from gradsae.experiments.examples import ExampleRecorder
@@ -150,6 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="curves on the first N kept examples only (default: all; each costs one forward per active latent)",
     )
+    add_plan_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,6 +171,18 @@ def run(args: argparse.Namespace) -> int:
         prompt_format=args.prompt_format,
     )
     methods = ("gradsae", "activation", "random") + (("ablation",) if args.ablation else ())
+    if getattr(args, "plan", False):
+        if distributed.is_main():
+            cfg = ExperimentConfig(
+                layer=0,
+                methods=methods,
+                ks=ks,
+                steer_positions=positions,
+                batch_size=args.batch_size,
+                floors=not args.no_floors,
+            )
+            sys.stdout.write(reproduce_plan(args, task, cfg, lambda lm: resolve_all(lm, args, layers)))
+        return 0
     out = Path(args.out)
     with ExitStack() as held:
         # under torchrun rank 0 holds the lock and writes; a refusal there is raised on every rank
