@@ -17,12 +17,18 @@ which ``gradsae score --plan`` and ``gradsae reproduce --plan`` read.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Figure
 from benchmarks.scaling import LONG
-from gradsae.plan import Costs, fit_linear_quadratic, model_key, sae_mib, save_costs, score_seconds, work_mib
+from gradsae.plan import COSTS_ENV, Costs, fit_linear_quadratic, model_key, sae_mib, save_costs, score_seconds, work_mib
 
 TARGET = 0.25
 COSTS_PATH = Path("src") / "gradsae" / "costs.json"
@@ -55,7 +61,6 @@ def fit_costs(rows: list[dict[str, Any]], *, shipped_d_sae: int, **meta: Any) ->
         work_mib_per_token2_layer=q,
         base_mib=base,
         load_s=meta["load_s"],
-        step_s=meta.get("step_s", 0.0),
         cpu=meta.get("cpu", ""),
     )
 
@@ -87,7 +92,10 @@ def plan_figures(rows: list[dict[str, Any]], *, root: Path, write: bool, **meta:
     where = ""
     if write:
         full = fit_costs(rows, **meta)
-        where = f"; the fit to every row written to {save_costs(full, root / COSTS_PATH).relative_to(root)}"
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        source = f"benchmarks/run.py (planning.fit_costs on its scaling rows), {when}"
+        written = save_costs(full, root / COSTS_PATH, source=source)
+        where = f"; the fit to every row written to {written.relative_to(root)}"
     detail = f"costs fitted on {fitted[0]}..{fitted[-1]} tokens predict {'; '.join(shown)}{where}"
     extra = {"costs_held_out_fit": costs.__dict__, "time_errors": time_err, "memory_errors": mem_err}
     return [
@@ -107,3 +115,31 @@ def plan_figures(rows: list[dict[str, Any]], *, root: Path, write: bool, **meta:
             detail=f"{len(test)} held-out prompt(s); see plan_error_time",
         ),
     ]
+
+
+PREDICTED = re.compile(r"predicted wall time: ([0-9.]+) s")
+
+
+def reproduce_plan_figure(root: Path, demo: Figure, rows: list[dict[str, Any]], **meta: Any) -> Figure:
+    """``plan_error_reproduce``: ``gradsae reproduce --task sst2 --plan`` (these costs) against the demo timed now."""
+    name = "plan_error_reproduce"
+    costs = fit_costs(rows, **meta)
+    with tempfile.TemporaryDirectory() as tmp:
+        stored = save_costs(costs, Path(tmp) / "costs.json", source="this benchmark run")
+        env = {**os.environ, COSTS_ENV: str(stored), "PYTHONPATH": str(root / "src")}
+        cmd = [sys.executable, "-m", "gradsae", "reproduce", "--task", "sst2", "--out", str(Path(tmp) / "run")]
+        done = subprocess.run([*cmd, "--plan"], cwd=root, env=env, capture_output=True, text=True, check=False)
+    found = PREDICTED.search(done.stdout)
+    if done.returncode != 0 or found is None or demo.value is None:
+        why = (done.stderr.strip().splitlines() or ["no plan printed"])[-1] if found is None else "no demo timed"
+        return Figure(name, None, target=TARGET, detail=why)
+    predicted = float(found.group(1))
+    return Figure(
+        name,
+        abs(predicted / demo.value - 1),
+        target=TARGET,
+        floor=f"the demo's measured wall time, {demo.value:.0f} s",
+        detail=f"`gradsae reproduce --task sst2 --plan` predicts {predicted:.0f} s: an upper bound (every example "
+        "kept, every decode to --max-new-tokens, token-forwards costed as single prompts)",
+        extra={"predicted_s": predicted, "measured_s": demo.value},
+    )

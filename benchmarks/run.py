@@ -65,7 +65,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.dp import N_PROMPTS, dp_efficiency  # noqa: E402
 from benchmarks.memory import peak_memory_overhead  # noqa: E402
-from benchmarks.planning import plan_figures  # noqa: E402
+from benchmarks.planning import plan_figures, reproduce_plan_figure  # noqa: E402
 from benchmarks.scaling import scaling_figures  # noqa: E402
 from benchmarks.table import markdown  # noqa: E402
 from benchmarks.with_nnsight import speedup_vs_nnsight  # noqa: E402
@@ -172,9 +172,6 @@ def plan_check(
     rows = figures["scaling_length"].extra["rows"] + figures.get("scaling_width", Figure("", None)).extra.get(
         "rows", []
     )
-    decode = figures.get("speedup_vs_reference")
-    rows_decoded = (args.gen_batch or args.batch) * args.new_tokens
-    step_s = decode.extra["plain_decode_s"] / rows_decoded if decode is not None else 0.0
     meta = {
         "model": lm.name,
         "device": lm.device.type,
@@ -184,10 +181,13 @@ def plan_check(
         "layer": args.layer,
         "d_in": lm.d_model,
         "load_s": round(load_s, 2),
-        "step_s": step_s,
         "shipped_d_sae": sae.cfg.d_sae,
     }
-    return plan_figures(rows, root=ROOT, write=not args.quick and args.sae is None, **meta)
+    out = plan_figures(rows, root=ROOT, write=not args.quick and args.sae is None, **meta)
+    demo = figures.get("demo_wall_s")
+    if demo is not None and demo.value is not None and "measured now" in demo.detail:
+        out.append(reproduce_plan_figure(ROOT, demo, rows, **meta))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

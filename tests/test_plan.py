@@ -26,7 +26,6 @@ def costs(**kwargs: float) -> Costs:
         "work_mib_per_token2_layer": 1e-4,
         "base_mib": 500.0,
         "load_s": 2.0,
-        "step_s": 0.02,
     }
     values.update(kwargs)
     return Costs(**values)  # type: ignore[arg-type]
@@ -50,12 +49,30 @@ def test_score_plan_is_the_hand_computed_sum():
 
 def test_reproduce_plan_counts_the_passes():
     c = costs(encode_s_per_token_weight=0.0)
-    got = plan.plan_reproduce(c, [50], layer=3, d_in=8, d_sae=64, new_tokens=4, conditions=7, batch=2)
-    f = 0.01 * 50 + 1e-5 * 2500
-    # keep filter (2 F), ranking (1 + B/L) F, each condition (B + 1)/L F; 2 + C decodes of new_tokens steps
-    expected = 2.0 + f * (2 + (1 + 6 / 10) + 7 * 7 / 10) + 0.02 * 4 * (2 + 7)
-    assert got.seconds == pytest.approx(expected, rel=1e-12)
+    got = plan.plan_reproduce(
+        c, [50], layer=3, d_in=8, d_sae=64, new_tokens=4, masking=7, steering=5, steer_all=1, batch=2
+    )
+    f, a = 0.01 * 50 + 1e-5 * 2500, 0.01  # a prompt forward; one generated token (a token-forward)
+    keep = f + 4 * a
+    ranking = f * (1 + 6 / 10)
+    masking = 7 * (f * 7 / 10 + 4 * a)
+    steering = 4 * 2 * 4 * a + 1 * (f * 7 / 10 + 4 * a) + f  # 4 at the last position, 1 at every one, shared pass
+    assert got.seconds == pytest.approx(2.0 + keep + ranking + masking + steering, rel=1e-12)
     assert got.peak_mib == pytest.approx(500.0 + plan.sae_mib(8, 64) + 2 * 6 * (0.05 * 50 + 1e-4 * 2500))
+    replace = plan.plan_reproduce(
+        c,
+        [50],
+        layer=3,
+        d_in=8,
+        d_sae=64,
+        new_tokens=4,
+        masking=7,
+        steering=5,
+        steer_all=1,
+        batch=2,
+        spliced_decode=True,
+    )
+    assert replace.seconds == pytest.approx(got.seconds + keep, rel=1e-12)
 
 
 def test_fit_recovers_linear_and_quadratic_terms():

@@ -20,17 +20,19 @@ loaded process without the SAE (Python, torch, the model's weights); ``sae_mib``
 SAE's float32 weights. A run over many prompts (``score --prompts``) scores them one at
 a time: the times add up and the peak is the largest prompt's, plus ``load_s`` once.
 
-``gradsae reproduce`` (one layer, per example of ``P`` prompt tokens, ``g`` generated
-tokens at most, ``C`` conditions; token-forwards as counted in ``docs/scaling.md``)::
+``gradsae reproduce`` (one layer, per example of ``P`` prompt tokens, at most ``g``
+generated tokens, each a token-forward ``a``; token-forwards as counted in
+``docs/scaling.md``)::
 
-    time = load_s + sum_examples [ F(P) (2 + (1 + B / L) + C (B + 1) / L)
-                                   + 3 e P d_in d_sae + step_s g (2 + C) ]
+    keep filter   F(P) + g a                     (twice in replace mode)
+    ranking       F(P) (1 + B / L) + e P d_in d_sae
+    masking       per condition: F(P) (B + 1) / L + g a   (blocks 0..l reused)
+    steering      per condition at the last position: 2 g a (edited pass, unedited refill);
+                  at every position: as masking; plus one shared prompt pass
 
-(the keep filter's clean and spliced prompt passes, the ranking's forward and backward,
-each condition's blocks after ``l``; three spliced passes encode the prompt; the keep
-filter's two decodes and each condition's decode take up to ``g`` steps) with
-``step_s`` one batched decode step per row. An upper bound where examples are dropped
-by the keep filter or answer before ``g`` tokens.
+summed over the examples, plus ``load_s``. An upper bound: every example kept, every
+decode ``g`` tokens long (rows stop once answered, examples the model gets wrong are
+dropped, and batched rows cost less per token than the single prompts ``a`` comes from).
 """
 
 from __future__ import annotations
@@ -81,8 +83,6 @@ class Costs:
     """The loaded process without the SAE (Python, torch, the model)."""
     load_s: float
     """Start-up: loading the model and the SAE."""
-    step_s: float = 0.0
-    """One cached decode step, seconds per row (batched)."""
     cpu: str = ""
     """The CPU (or GPU) model the costs were measured on."""
 
@@ -158,22 +158,30 @@ def plan_reproduce(
     d_in: int,
     d_sae: int,
     new_tokens: int,
-    conditions: int,
+    masking: int,
+    steering: int,
+    steer_all: int = 0,
+    spliced_decode: bool = False,
     batch: int,
 ) -> Plan:
-    """``gradsae reproduce`` at one layer: keep filter, ranking, ``conditions`` decoded conditions per example.
+    """``gradsae reproduce`` at one layer, every example kept and every decode ``new_tokens`` long (an upper bound).
 
-    ``tokens``: each example's prompt length; ``new_tokens``: the most tokens a decode
-    generates (an upper bound: rows stop once answered); ``batch``: examples per batch
-    (the working memory of the ranking backward is that of ``batch`` prompts).
+    ``tokens``: each example's prompt length; ``masking`` / ``steering``: conditions per
+    example (``steer_all`` of the steering ones edit every position, the rest the last
+    only); ``spliced_decode``: the keep filter decodes once more with the SAE (replace
+    mode); ``batch``: examples per batch (the ranking backward holds ``batch`` prompts).
     """
     _check_tokens(tokens)
-    back = depth(costs.n_layers, layer)
-    per_prompt = 2 + (1 + back / costs.n_layers) + conditions * (back + 1) / costs.n_layers
+    back, n_layers, g = depth(costs.n_layers, layer), costs.n_layers, new_tokens
+    step = costs.forward_s_per_token  # one generated token of one row: one token-forward
     seconds = costs.load_s
     for n in tokens:
-        seconds += forward_s(costs, n) * per_prompt + costs.encode_s_per_token_weight * n * d_in * d_sae * 3
-        seconds += costs.step_s * new_tokens * (2 + conditions)
+        f = forward_s(costs, n)
+        decodes = (2 if spliced_decode else 1) * (f + g * step)
+        ranking = f * (1 + back / n_layers) + costs.encode_s_per_token_weight * n * d_in * d_sae
+        masked = masking * (f * (back + 1) / n_layers + g * step)
+        steered = (steering - steer_all) * 2 * g * step + steer_all * (f * (back + 1) / n_layers + g * step) + f
+        seconds += decodes + ranking + masked + steered
     longest = max(tokens)
     peak = costs.base_mib + sae_mib(d_in, d_sae) + batch * work_mib(costs, longest, layer=layer)
     return Plan(seconds=seconds, peak_mib=peak, tokens=tuple(tokens), costs=costs)
@@ -215,14 +223,14 @@ def stored_costs(path: str | Path | None = None) -> list[Costs]:
     return [Costs(**{k: v for k, v in entry.items() if k in names}) for entry in raw.get("costs", [])]
 
 
-def save_costs(costs: Costs, path: str | Path) -> Path:
-    """Add (or replace: same model, device and threads) ``costs`` in the JSON file ``path``."""
+def save_costs(costs: Costs, path: str | Path, *, source: str = "") -> Path:
+    """Add (or replace: same model, device and threads) ``costs`` in ``path``; ``source``: how they were measured."""
     path = Path(path)
     kept = [
         c for c in stored_costs(path) if (c.model, c.device, c.threads) != (costs.model, costs.device, costs.threads)
     ]
     entries: list[dict[str, Any]] = [asdict(c) for c in [*kept, costs]]
-    path.write_text(json.dumps({"costs": entries}, indent=2) + "\n")
+    path.write_text(json.dumps({"source": source, "costs": entries}, indent=2) + "\n")
     return path
 
 

@@ -51,7 +51,8 @@ def reproduce_plan(
     texts = [task.render(example, lm.tokenizer) for example in task.examples]
     tokens = [len(lm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
     costs = find_costs(lm.name, str(lm.device), torch.get_num_threads())
-    conditions = conditions_per_example(cfg)
+    masking, steering, steer_all = conditions_per_example(cfg)
+    conditions = masking + steering
     plans = [
         plan_reproduce(
             costs,
@@ -60,7 +61,10 @@ def reproduce_plan(
             d_in=found.sae.cfg.d_in,
             d_sae=found.sae.cfg.d_sae,
             new_tokens=task.max_new_tokens,
-            conditions=conditions,
+            masking=masking,
+            steering=steering,
+            steer_all=steer_all,
+            spliced_decode=cfg.mode == "replace",
             batch=cfg.batch_size,
         )
         for found in saes
@@ -73,8 +77,14 @@ def reproduce_plan(
     return total.text(what) + "\n" + note + "\n"
 
 
-def conditions_per_example(cfg: ExperimentConfig) -> int:
-    """Masking (Top and Bottom K per method, and K = 0) and steering conditions (with the floors, and no edit)."""
+def conditions_per_example(cfg: ExperimentConfig) -> tuple[int, int, int]:
+    """(masking, steering, steering at every position) conditions per example.
+
+    Masking: Top and Bottom K per method, and K = 0; steering: each cell of
+    :func:`~gradsae.experiments.perturb.steering_conditions`, and the no-edit floor.
+    """
     from gradsae.experiments.perturb import steering_conditions
 
-    return 2 * len(cfg.ks) * len(cfg.methods) + 1 + len(steering_conditions(cfg)) + (1 if cfg.floors else 0)
+    cells = steering_conditions(cfg)
+    every = sum(1 for cell in cells if cell[3] == "all")
+    return 2 * len(cfg.ks) * len(cfg.methods) + 1, len(cells) + (1 if cfg.floors else 0), every

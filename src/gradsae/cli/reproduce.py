@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
                 steer_positions=positions,
                 batch_size=args.batch_size,
                 floors=not args.no_floors,
+                mode=args.mode,
             )
             sys.stdout.write(reproduce_plan(args, task, cfg, lambda lm: resolve_all(lm, args, layers)))
         return 0
