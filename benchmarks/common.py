@@ -102,6 +102,8 @@ class Figure:
     """``<=``: lower is better (a cost); ``>=``: higher is better (a speedup)."""
     detail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    floor: str = ""
+    """What the value is measured against (a ratio's denominator, timed in the same run), in words."""
 
     @property
     def met(self) -> bool | None:
@@ -110,16 +112,21 @@ class Figure:
         return self.value <= self.target if self.better == "<=" else self.value >= self.target
 
     def line(self) -> str:
+        """``name: value | floor: ... | target: ... | met: ...`` and the detail."""
+        floor = self.floor or "-"
         if self.value is None:
-            return f"{self.name}: unavailable ({self.detail})"
-        text = f"{self.name}: {self.value:.3g}"
-        if self.target is not None:
-            text += f"  (target {self.better} {self.target:.3g}: {'met' if self.met else 'NOT met'})"
+            return f"{self.name}: unavailable | floor: {floor} | target: {self._target()} | met: - ({self.detail})"
+        met = "-" if self.met is None else "yes" if self.met else "NO"
+        text = f"{self.name}: {self.value:.3g} | floor: {floor} | target: {self._target()} | met: {met}"
         return text + (f"  [{self.detail}]" if self.detail else "")
+
+    def _target(self) -> str:
+        return "none (reported)" if self.target is None else f"{self.better} {self.target:.3g}"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "value": self.value,
+            "floor": self.floor,
             "target": self.target,
             "better": self.better,
             "met": self.met,
@@ -128,8 +135,10 @@ class Figure:
         }
 
 
-def ratio_figure(name: str, num: Timing, den: Timing, target: float, better: str, detail: str) -> Figure:
-    """``median(num) / median(den)`` with both medians and all runs kept."""
+def ratio_figure(
+    name: str, num: Timing, den: Timing, target: float | None, better: str, detail: str, floor: str = ""
+) -> Figure:
+    """``median(num) / median(den)`` with both medians and all runs kept; ``floor`` names the denominator."""
     return Figure(
         name=name,
         value=num.median / den.median,
@@ -137,6 +146,7 @@ def ratio_figure(name: str, num: Timing, den: Timing, target: float, better: str
         better=better,
         detail=detail,
         extra={"numerator_s": num.median, "denominator_s": den.median, "runs_s": [list(num.runs), list(den.runs)]},
+        floor=floor or f"{den.median:.3g} s",
     )
 
 

@@ -36,7 +36,7 @@ ORACLE_TARGET = 0.5
 
 def facts_prompts(lm: LoadedModel, n: int) -> list[torch.Tensor]:
     """``n`` prompts of the facts task as ``[1, pos]`` ids (the curves' inputs at the answer step)."""
-    from gradsae.experiments.tasks import load_task
+    from gradsae.tasks import load_task
 
     task = load_task("facts", n=n, seed=0)
     texts = [task.render(example, lm.tokenizer) for example in task.examples]

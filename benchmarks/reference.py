@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from gradsae.answer import generate_and_score
-from gradsae.generate import generate_batch
+from gradsae.generate import cached_pass, croppable_cache, generate_batch
 from gradsae.models import LoadedModel, block_output, position_ids
 from gradsae.objectives import NextTokenProb
 from gradsae.sae import SAE
@@ -157,6 +157,43 @@ def plain_decode(lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tenso
     del sae, layer
     with torch.no_grad():
         generate_batch(lm, ids, mask, max_new_tokens=n_new, stop=frozenset())
+
+
+def plain_decode_with_graph(
+    lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, layer: int, tokens: torch.Tensor
+) -> torch.Tensor:
+    """The floor of GradSAE from a generation's own passes: the plain model's cached decode, graph kept, one backward.
+
+    No splice. One cached pass per step with grad on (the prompt, then each of the
+    first ``n_new - 1`` tokens of ``tokens [batch, n_new]``, fed as a greedy decode
+    would feed them, so both sides see the same tokens), every pass's autograd graph
+    kept through the KV cache, the residual after block ``layer`` made a leaf in each
+    pass (parameters frozen, so the backward stops there, as ours does); then
+    ``Y = p(greedy token)`` at the last step is back-propagated once. Returns ``Y``.
+    """
+    leaves: list[torch.Tensor] = []
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
+        leaf = block_output(output).detach().requires_grad_(True)
+        leaves.append(leaf)
+        return (leaf, *output[1:]) if isinstance(output, tuple) else leaf
+
+    handle = lm.layers[layer].register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            cache = croppable_cache(lm.model)
+            positions, step = position_ids(mask), ids
+            for t in range(tokens.shape[1]):
+                logits, cache = cached_pass(lm.model, step, mask, positions, cache)
+                logits.detach().argmax(-1)  # the greedy choice a decode makes at every step
+                if t + 1 < tokens.shape[1]:
+                    step, positions = tokens[:, t : t + 1], positions[:, -1:] + 1
+                    mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+            y = NextTokenProb()(logits[:, None], ids)
+            y.sum().backward()
+    finally:
+        handle.remove()
+    return y.detach()
 
 
 def agreement(ours: Pipeline, reference: Pipeline) -> dict[str, Any]:

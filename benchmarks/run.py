@@ -1,16 +1,23 @@
-"""Benchmark of ``gradsae`` (issues 5 and 13): every figure measured side by side, in one run, on the same inputs.
+"""Benchmark of ``gradsae`` (issues 5, 13 and 21): every figure measured side by side, in one run, on the same inputs.
 
-Figures (``name: value``, with the target and whether it is met):
+Every figure is printed as ``name: value | floor: ... | target: ... | met: ...``: the
+floor is what the value is measured against, timed in the same run (a ratio's
+denominator). The same table goes to ``--out`` with ``.md`` (``benchmarks/results.md``).
 
-* ``score_overhead``: GradSAE scoring / the plain model's forward + backward to
-  the SAE layer (activation gradients only), same batch. Target <= 1.15.
-  ``score_overhead_131k`` / ``_1m``: the same with random TopK SAEs of 131,072 and
-  1,048,576 latents.
+* ``score_overhead_vs_floor`` (``_131k``, ``_1m``): GradSAE scoring / its floor, the
+  plain model's forward + backward to the SAE layer plus the SAE's dense encode (every
+  pre-activation and TopK, :func:`benchmarks.core.dense_encode`) timed alone on the same
+  batch's residuals. Target <= 1.10. Beside it ``score_overhead`` (vs the plain forward +
+  backward alone; target 1.15 for the shipped SAE only: a wide SAE's encoder costs more
+  than SmolLM2 itself) and the random TopK SAEs of 131,072 and 1,048,576 latents.
 * ``speedup_vs_reference``: the authors' pipeline (uncached greedy decoding with
   the SAE spliced, dense latent gradient at the last step) / ours (cached
   decoding under a grad splice and one backward through the decode's own passes),
   32 new tokens; ``reference_check`` says whether both gave the same tokens and
   scores. Target >= 10.
+* ``answer_overhead_vs_floor``: ours (``generate_and_score``) / the plain model's own
+  cached decode of the same tokens with the graph kept and one backward
+  (:func:`benchmarks.reference.plain_decode_with_graph`). Target <= 1.15.
 * ``speedup_vs_ablation``: exact ablation of every active latent / GradSAE, with
   ``spearman_vs_ablation`` (first-order estimate vs exact effect). Target >= 50.
 * ``peak_memory_overhead_shipped`` / ``_131k`` / ``_1m``: peak working memory of
@@ -22,13 +29,22 @@ Figures (``name: value``, with the target and whether it is met):
   condition / one plain forward of the same prompts. Target <= (L - l) / L + 0.1.
   ``_single``: one condition decoded alone, as before.
 * ``scaling_length`` / ``scaling_width``: the scaling table (time and peak memory
-  of scoring and of the plain forward + backward against 64..2048 tokens and
+  of scoring and of the plain forward + backward against 64..8192 tokens and
   4.6k..1M latents), summarised by the worst time ratio on each axis.
+* ``long_prompt_time`` / ``long_prompt_memory``: the table's 8192-token row (SmolLM2's
+  context): GradSAE / the plain forward + backward of the same prompt. Targets 1.15 / 1.3.
+* ``plan_error_time`` / ``plan_error_memory``: ``--plan``'s costs fitted without the
+  longest prompts predict them (:mod:`benchmarks.planning`); relative error, target 0.25.
+  The fit to every row is written to ``src/gradsae/costs.json`` (what ``--plan`` reads).
+  ``plan_error_reproduce`` (with ``--demo``): ``reproduce --plan`` against the demo.
 * ``demo_wall_s``: wall time of ``gradsae reproduce --task sst2`` (``--demo``
   runs it; otherwise it is read from ``runs/demo/timing.json``).
 * ``speedup_vs_nnsight`` / ``_131k``: the same scoring written with nnsight
   (dense latent gradient) / ours, with the benchmark's SAE and a 131k-latent one.
 * ``multilayer_cost``, ``ig_cost``, ``relp_cost``: :mod:`benchmarks.estimators` (issue 23).
+* ``dp_efficiency``: ``gradsae score --prompts`` under ``torchrun --nproc_per_node 2``
+  (one thread per rank) against one process with one thread, the same JSON required:
+  ``t(one) / (2 t(two))``. Target >= 0.8.
 
 Times are medians of ``--repeats`` runs after a warm-up (the slow baselines:
 ``--slow-repeats`` runs, no warm-up). Everything goes to ``--out`` as JSON, with
@@ -66,16 +82,28 @@ from benchmarks.common import (  # noqa: E402
     text_batch,
     wide_sae,
 )
+from benchmarks.dp import N_PROMPTS, dp_efficiency  # noqa: E402
 from benchmarks.estimators import estimator_costs, multilayer_cost, shipped_saes  # noqa: E402
 from benchmarks.memory import peak_memory_overhead  # noqa: E402
 from benchmarks.oracle import facts_prompts, oracle_cost  # noqa: E402
+from benchmarks.planning import plan_figures, reproduce_plan_figure  # noqa: E402
 from benchmarks.scaling import scaling_figures  # noqa: E402
+from benchmarks.table import markdown  # noqa: E402
 from benchmarks.with_nnsight import speedup_vs_nnsight  # noqa: E402
 from gradsae.generate import encode_prompts  # noqa: E402
 from gradsae.models import LoadedModel, load_model  # noqa: E402
 from gradsae.sae import SAE  # noqa: E402
 
-QUICK = {"batch": 2, "seq": 32, "repeats": 2, "slow_repeats": 1, "new_tokens": 8, "gen_batch": 2, "short_prompts": 1}
+QUICK = {
+    "batch": 2,
+    "seq": 32,
+    "repeats": 2,
+    "slow_repeats": 1,
+    "new_tokens": 8,
+    "gen_batch": 2,
+    "short_prompts": 1,
+    "dp_prompts": 4,
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -99,8 +127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--skip",
         default="",
         help="groups to leave out: score,score131k,score1m,reference,ablation,oracle,perturb,memory,scaling,demo,"
-        "nnsight,multilayer,estimators",
+        "nnsight,multilayer,estimators,dp",
     )
+    parser.add_argument("--dp-prompts", type=int, default=N_PROMPTS, help="prompts in the dp_efficiency file")
     parser.set_defaults(short_prompts=len(SHORT_PROMPTS))
     args = parser.parse_args(argv)
     if args.quick:
@@ -155,7 +184,35 @@ def jobs(args: argparse.Namespace, lm: LoadedModel, sae: SAE, label: str) -> dic
         "nnsight": lambda: [speedup_vs_nnsight(ROOT, wide=w, repeats=args.repeats, **child) for w in (False, True)],
         "multilayer": lambda: multilayer_cost(lm, shipped_saes(lm, args.model), ids, mask, args.repeats),
         "estimators": lambda: estimator_costs(lm, sae, ids, mask, args.layer, args.repeats),
+        "dp": lambda: dp_efficiency(
+            ROOT, model=args.model, layer=args.layer, repeats=args.slow_repeats, n_prompts=args.dp_prompts
+        ),
     }
+
+
+def plan_check(
+    args: argparse.Namespace, lm: LoadedModel, sae: SAE, figures: dict[str, Figure], load_s: float
+) -> list[Figure]:
+    """``plan_error_*`` from the scaling table's rows; the costs behind ``--plan`` written (not in ``--quick``)."""
+    rows = figures["scaling_length"].extra["rows"] + figures.get("scaling_width", Figure("", None)).extra.get(
+        "rows", []
+    )
+    meta = {
+        "model": lm.name,
+        "device": lm.device.type,
+        "threads": args.threads,
+        "cpu": machine_info()["cpu"],
+        "n_layers": lm.n_layers,
+        "layer": args.layer,
+        "d_in": lm.d_model,
+        "load_s": round(load_s, 2),
+        "shipped_d_sae": sae.cfg.d_sae,
+    }
+    out = plan_figures(rows, root=ROOT, write=not args.quick and args.sae is None, **meta)
+    demo = figures.get("demo_wall_s")
+    if demo is not None and demo.value is not None and "measured now" in demo.detail:
+        out.append(reproduce_plan_figure(ROOT, demo, rows, **meta))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     began, load = time.perf_counter(), os.getloadavg()
     lm = load_model(args.model)
     sae, label = load_sae(lm, args.sae, args.layer, args.model)
+    load_s = time.perf_counter() - began
     print(f"model: {lm.name} ({lm.n_layers} layers); SAE: {label} (d_sae={sae.cfg.d_sae}, {sae.cfg.activation})")
     print(f"layer {args.layer}, batch {args.batch} x {args.seq} tokens, {args.threads} torch threads")
     figures: dict[str, Figure] = {}
@@ -179,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             result = job()
             for figure in result if isinstance(result, list) else [result]:
                 emit(figure)
+    if "scaling_length" in figures and figures["scaling_length"].value is not None:
+        for figure in plan_check(args, lm, sae, figures, load_s):
+            emit(figure)
     report = {
         "machine": machine_info(),
         "config": {**vars(args), "sae_label": label, "d_sae": sae.cfg.d_sae, "n_layers": lm.n_layers},
@@ -190,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"wrote {out} in {report['total_s']:.0f} s")
+    table = json.loads(out.read_text())
+    out.with_suffix(".md").write_text(markdown(table))
+    print(markdown(table))
+    print(f"wrote {out} and {out.with_suffix('.md')} in {report['total_s']:.0f} s")
     return 0
 
 

@@ -7,7 +7,7 @@ run of each above the loaded baseline. Everything runs in one child process with
 glibc's fixed mmap threshold (see :mod:`benchmarks.memory`), so that the peaks
 follow live tensors.
 
-* length: one row of 64 .. 2048 tokens, the shipped SAE. Both costs should grow
+* length: one row of 64 .. 8192 tokens (SmolLM2's context), the shipped SAE. Both costs should grow
   linearly in tokens (attention adds a quadratic term, small at d_model 576);
 * width: the benchmark's batch, the shipped SAE (4608 latents) and random TopK SAEs
   of 16k, 131k and 1M latents (:func:`benchmarks.common.wide_sae`). The plain
@@ -25,33 +25,55 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import WIDE, WIDEST, Figure, child_parser, compare, load_sae, set_threads, text_batch, wide_sae
 from benchmarks.memory import FIXED_MMAP, peak_above_baseline
 
-LENGTHS = (64, 128, 256, 512, 1024, 2048)
+LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+"""One row each; 8192 is SmolLM2's context (the ``long_prompt`` figures read that row)."""
 WIDTHS = (0, 16384, WIDE, WIDEST)
 """``0``: the shipped SAE (4608 latents)."""
 TARGET = 1.15
+LONG = 4096
+"""From this many tokens a point runs once (timed and measured together) instead of ``repeats`` times."""
+LONG_TIME_TARGET = 1.15
+LONG_MEMORY_TARGET = 1.3
+"""``long_prompt_time`` / ``long_prompt_memory``: GradSAE / plain fwd+bwd on the longest prompt (issue 21)."""
 
 
 def point(lm: Any, sae: Any, ids: Any, mask: Any, layer: int, repeats: int) -> dict[str, Any]:
-    """Time and peak memory of scoring and of the plain forward + backward on one batch."""
+    """Time and peak memory of scoring and of the plain forward + backward on one batch.
+
+    From :data:`LONG` tokens on, each runs once, timed and measured in the same run
+    (no warm-up: the shorter rows before it warmed up; one run lasts minutes).
+    """
     from benchmarks.core import gradsae_scores, plain_forward_backward
 
     work = {
         "gradsae": lambda: gradsae_scores(lm, sae, ids, mask, layer),
         "plain": lambda: plain_forward_backward(lm, ids, mask, layer),
     }
-    times = compare(work, repeats)
-    peaks = {name: peak_above_baseline(fn)[1] for name, fn in work.items()}
+    measured: dict[str, tuple[int, int]] = {}
+    if ids.numel() >= LONG:
+        seconds = {}
+        for name, fn in work.items():
+            start = time.perf_counter()
+            measured[name] = peak_above_baseline(fn)
+            seconds[name] = time.perf_counter() - start
+    else:
+        times = compare(work, repeats)
+        seconds = {name: times[name].median for name in work}
+        measured = {name: peak_above_baseline(fn) for name, fn in work.items()}
+    peaks = {name: peak for name, (_base, peak) in measured.items()}
     return {
+        "baseline_mib": measured["gradsae"][0] / 1024,
         "tokens": int(mask.sum()),
         "d_sae": sae.cfg.d_sae,
-        "gradsae_s": times["gradsae"].median,
-        "plain_s": times["plain"].median,
+        "gradsae_s": seconds["gradsae"],
+        "plain_s": seconds["plain"],
         "gradsae_peak_mib": peaks["gradsae"] / 1024,
         "plain_peak_mib": peaks["plain"] / 1024,
     }
@@ -110,7 +132,30 @@ def scaling_figures(root: Path, *, repeats: int, quick: bool, **kwargs: Any) -> 
         ]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     print(table(rows), flush=True)
-    return [_axis_figure(rows, "length"), _axis_figure(rows, "width")]
+    return [_axis_figure(rows, "length"), _axis_figure(rows, "width"), *long_prompt_figures(rows)]
+
+
+def long_prompt_figures(rows: list[dict[str, Any]]) -> list[Figure]:
+    """``long_prompt_time`` and ``long_prompt_memory``: GradSAE / plain fwd+bwd on the longest prompt of the table."""
+    longest = max((r for r in rows if r["axis"] == "length"), key=lambda r: r["tokens"])
+    tokens, shape = longest["tokens"], f"one prompt of {longest['tokens']} tokens, d_sae={longest['d_sae']}"
+    time_figure = Figure(
+        "long_prompt_time",
+        longest["gradsae_s"] / longest["plain_s"],
+        target=LONG_TIME_TARGET,
+        floor=f"plain fwd+bwd of the same {tokens}-token prompt: {longest['plain_s']:.1f} s",
+        detail=f"gradsae {longest['gradsae_s']:.1f} s; {shape}; one run each",
+        extra={"row": longest},
+    )
+    memory_figure = Figure(
+        "long_prompt_memory",
+        longest["gradsae_peak_mib"] / max(longest["plain_peak_mib"], 1e-9),
+        target=LONG_MEMORY_TARGET,
+        floor=f"plain fwd+bwd peak above the loaded baseline: {longest['plain_peak_mib']:.0f} MiB",
+        detail=f"gradsae +{longest['gradsae_peak_mib']:.0f} MiB; {shape}; fixed mmap threshold",
+        extra={"row": longest},
+    )
+    return [time_figure, memory_figure]
 
 
 def _axis_figure(rows: list[dict[str, Any]], axis: str) -> Figure:

@@ -40,7 +40,7 @@ def test_curves_pin_the_kept_answer_token_with_the_first_token_spliced(skip_firs
 
 
 def _generations(lm, sae, cfg, task):
-    from gradsae.experiments.perturb import decode, prompt_batches
+    from gradsae.experiments.decode import decode, prompt_batches
 
     texts = [task.render(e, lm.tokenizer) for e in task.examples]
     return decode(lm, prompt_batches(lm, texts, cfg, reuse=False), task, cfg, sae=sae, edits_for=None)

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import platform
 import shutil
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 from gradsae import _files, distributed
 from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments, parse_layers
+from gradsae.cli.plan import add_plan_argument, reproduce_plan
 from gradsae.errors import GradSAEError
 from gradsae.estimators import ESTIMATORS, IG_STEPS
 from gradsae.experiments.config import DONOR_VALUES, STEER_POSITIONS, ExperimentConfig, KSpec
@@ -166,6 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="curves on the first N kept examples only (default: all; each costs one forward per active latent)",
     )
+    add_plan_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,6 +188,19 @@ def run(args: argparse.Namespace) -> int:
     )
     methods = parse_methods(args.methods) + (("ablation",) if args.ablation else ())
     methods += CONTROLS if getattr(args, "activation_controls", False) else ()
+    if getattr(args, "plan", False):
+        if distributed.is_main():
+            cfg = ExperimentConfig(
+                layer=0,
+                methods=methods,
+                ks=ks,
+                steer_positions=positions,
+                batch_size=args.batch_size,
+                floors=not args.no_floors,
+                mode=args.mode,
+            )
+            sys.stdout.write(reproduce_plan(args, task, cfg, lambda lm: resolve_all(lm, args, layers)))
+        return 0
     out = Path(args.out)
     with ExitStack() as held:
         # under torchrun rank 0 holds the lock and writes; a refusal there is raised on every rank

@@ -28,6 +28,7 @@ import torch
 from gradsae import _files, distributed
 from gradsae.cli import validate
 from gradsae.cli.common import add_model_arguments
+from gradsae.cli.plan import add_plan_argument, score_plan
 from gradsae.errors import GradSAEError
 from gradsae.estimators import BASELINES, ESTIMATORS, IG_STEPS, Baseline, logit_diff, mean_activations
 from gradsae.experiments.cards import corpus_tokens, logit_lens
@@ -122,11 +123,16 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="also write the table as JSON to this file")
     parser.add_argument("--html", default=None, help="also write a self-contained HTML page to this file")
     parser.add_argument("--cards", default=None, help="feature cards JSON (`gradsae cards`) to show in the --html page")
+    add_plan_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, score, print the report; then write ``--json`` (rank 0 only under torchrun)."""
     check_arguments(args)
+    if getattr(args, "plan", False):
+        if distributed.is_main():
+            sys.stdout.write(score_plan(args, lambda lm: prompt_tokens(lm, args)))
+        return 0
     report, table = run_score(args)
     if distributed.is_main():
         sys.stdout.write(report)
@@ -139,6 +145,17 @@ def run(args: argparse.Namespace) -> int:
 def interrupted(args: argparse.Namespace) -> str:
     """Scoring writes nothing until it is done."""
     return "nothing was written; run the command again"
+
+
+def prompt_tokens(lm: LoadedModel, args: argparse.Namespace) -> list[int]:
+    """Tokens each prompt of ``--prompt`` / ``--prompts`` is scored on (the chat template and ``--target`` included)."""
+    counts = []
+    for prompt in read_prompts(args.prompts) if args.prompts else [args.prompt]:
+        ids, _mask, _text = encode_one(lm, prompt, chat=not args.no_chat)
+        if args.objective == "target":
+            ids, _ = append_target(lm, ids, args.target)
+        counts.append(int(ids.shape[1]))
+    return counts
 
 
 def check_arguments(args: argparse.Namespace) -> None:

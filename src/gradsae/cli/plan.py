@@ -1,0 +1,90 @@
+"""``--plan`` of ``gradsae score`` and ``gradsae reproduce``: predicted wall time and peak memory, nothing run.
+
+The model and SAE are loaded (for their shapes and the tokenizer's token counts);
+nothing is scored, decoded or written. The prediction is :mod:`gradsae.plan`'s, from
+the per-token costs that ``benchmarks/run.py`` measured for the model on this kind
+of device (``src/gradsae/costs.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+from gradsae.experiments.config import ExperimentConfig
+from gradsae.models import LoadedModel, load_model
+from gradsae.plan import Plan, find_costs, plan_reproduce, plan_score
+from gradsae.pretrained import ResolvedSAE, resolve_sae
+from gradsae.tasks import Task
+
+
+def add_plan_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--plan`` flag."""
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the predicted wall time and peak memory (from the benchmark's measured per-token costs) "
+        "and exit without running",
+    )
+
+
+def score_plan(args: argparse.Namespace, prompt_tokens: Callable[[LoadedModel], list[int]]) -> str:
+    """``gradsae score --plan``: the prompts' token counts (``prompt_tokens(lm)``) through this model's costs."""
+    lm = load_model(args.model, device=args.device, device_map=args.device_map)
+    sae, layer, label = resolve_sae(lm, args.sae, args.layer)
+    costs = find_costs(lm.name, str(lm.device), torch.get_num_threads())
+    plan = plan_score(costs, prompt_tokens(lm), layer=layer, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae)
+    return plan.text(f"gradsae score, {lm.name}, layer {layer}, {label}") + "\n"
+
+
+def reproduce_plan(
+    args: argparse.Namespace,
+    task: Task,
+    cfg: ExperimentConfig,
+    saes_of: Callable[[LoadedModel], list[ResolvedSAE]],
+) -> str:
+    """``gradsae reproduce --plan``: every layer's SAE (``saes_of(lm)``), the task's prompts, ``cfg``'s conditions."""
+    lm = load_model(args.model, device=args.device, device_map=args.device_map)
+    saes = saes_of(lm)
+    texts = [task.render(example, lm.tokenizer) for example in task.examples]
+    tokens = [len(lm.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    costs = find_costs(lm.name, str(lm.device), torch.get_num_threads())
+    masking, steering, steer_all = conditions_per_example(cfg)
+    conditions = masking + steering
+    plans = [
+        plan_reproduce(
+            costs,
+            tokens,
+            layer=found.layer,
+            d_in=found.sae.cfg.d_in,
+            d_sae=found.sae.cfg.d_sae,
+            new_tokens=task.max_new_tokens,
+            masking=masking,
+            steering=steering,
+            steer_all=steer_all,
+            spliced_decode=cfg.mode == "replace",
+            batch=cfg.batch_size,
+        )
+        for found in saes
+    ]
+    seconds = sum(p.seconds for p in plans) - costs.load_s * (len(plans) - 1)
+    total = Plan(seconds=seconds, peak_mib=max(p.peak_mib for p in plans), tokens=tuple(tokens), costs=costs)
+    layers = ",".join(str(found.layer) for found in saes)
+    what = f"gradsae reproduce --task {args.task}, {lm.name}, layers {layers}, {conditions} conditions per example"
+    note = "- an upper bound: as if every example were kept and every decode ran to --max-new-tokens"
+    return total.text(what) + "\n" + note + "\n"
+
+
+def conditions_per_example(cfg: ExperimentConfig) -> tuple[int, int, int]:
+    """(masking, steering, steering at every position) conditions per example.
+
+    Masking: Top and Bottom K per method, and K = 0; steering: each cell of
+    :func:`~gradsae.experiments.perturb.steering_conditions`, and the no-edit floor.
+    """
+    from gradsae.experiments.perturb import steering_conditions
+
+    cells = steering_conditions(cfg)
+    every = sum(1 for cell in cells if cell[3] == "all")
+    return 2 * len(cfg.ks) * len(cfg.methods) + 1, len(cells) + (1 if cfg.floors else 0), every

@@ -1,0 +1,179 @@
+"""``--plan``: the cost arithmetic of :mod:`gradsae.plan`, its fit, and the CLI that prints it without running."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gradsae import plan
+from gradsae.cli import main
+from gradsae.plan import Costs
+from tests.helpers import save_tiny_hf, tiny_sae
+
+
+def costs(**kwargs: float) -> Costs:
+    values = {
+        "model": "m",
+        "device": "cpu",
+        "threads": 2,
+        "n_layers": 10,
+        "layer": 3,
+        "forward_s_per_token": 0.01,
+        "forward_s_per_token2": 1e-5,
+        "encode_s_per_token_weight": 1e-9,
+        "work_mib_per_token_layer": 0.05,
+        "work_mib_per_token2_layer": 1e-4,
+        "base_mib": 500.0,
+        "load_s": 2.0,
+    }
+    values.update(kwargs)
+    return Costs(**values)  # type: ignore[arg-type]
+
+
+def test_score_plan_is_the_hand_computed_sum():
+    c = costs()
+    tokens = [100, 300]
+    got = plan.plan_score(c, tokens, layer=5, d_in=8, d_sae=64)
+    back = (10 - 5 - 1) / 10
+
+    def one(n: int) -> float:  # F(n) (1 + B / L) + e n d_in d_sae, by hand
+        return (0.01 * n + 1e-5 * n * n) * (1 + back) + 1e-9 * n * 8 * 64
+
+    assert got.seconds == pytest.approx(2.0 + one(100) + one(300), rel=1e-12)
+    sae = (2 * 8 * 64 + 64 + 8) * 4 / 2**20
+    work = 4 * (0.05 * 300 + 1e-4 * 300**2)  # the longest prompt; 4 blocks after layer 5
+    assert got.peak_mib == pytest.approx(500.0 + sae + work, rel=1e-12)
+    assert "predicted wall time" in got.text("x") and "nothing was run" in got.text("x")
+
+
+def test_reproduce_plan_counts_the_passes():
+    c = costs(encode_s_per_token_weight=0.0)
+    got = plan.plan_reproduce(
+        c, [50], layer=3, d_in=8, d_sae=64, new_tokens=4, masking=7, steering=5, steer_all=1, batch=2
+    )
+    f, a = 0.01 * 50 + 1e-5 * 2500, 0.01  # a prompt forward; one generated token (a token-forward)
+    keep = f + 4 * a
+    ranking = f * (1 + 6 / 10)
+    masking = 7 * (f * 7 / 10 + 4 * a)
+    steering = 4 * 2 * 4 * a + 1 * (f * 7 / 10 + 4 * a) + f  # 4 at the last position, 1 at every one, shared pass
+    assert got.seconds == pytest.approx(2.0 + keep + ranking + masking + steering, rel=1e-12)
+    assert got.peak_mib == pytest.approx(500.0 + plan.sae_mib(8, 64) + 2 * 6 * (0.05 * 50 + 1e-4 * 2500))
+    replace = plan.plan_reproduce(
+        c,
+        [50],
+        layer=3,
+        d_in=8,
+        d_sae=64,
+        new_tokens=4,
+        masking=7,
+        steering=5,
+        steer_all=1,
+        batch=2,
+        spliced_decode=True,
+    )
+    assert replace.seconds == pytest.approx(got.seconds + keep, rel=1e-12)
+
+
+def test_fit_recovers_linear_and_quadratic_terms():
+    n = [64, 128, 512, 2048]
+    a, b = plan.fit_linear_quadratic(n, [3e-3 * x + 2e-7 * x * x for x in n])
+    assert a == pytest.approx(3e-3, rel=1e-9) and b == pytest.approx(2e-7, rel=1e-6)
+    a, b = plan.fit_linear_quadratic(n, [3e-3 * x - 1e-9 * x * x for x in n])  # a negative b is dropped
+    assert b == 0.0 and a > 0
+
+
+def test_benchmark_fit_predicts_rows_made_by_the_model():
+    """Rows generated from known costs are fitted back, and the plan predicts a held-out length."""
+    from benchmarks.planning import fit_costs, held_out, plan_figures
+
+    truth = costs(n_layers=30, layer=6, base_mib=900.0)
+    d_in, shipped = 16, 32
+
+    def row(axis: str, n: int, d_sae: int) -> dict[str, float | int | str]:
+        plain = plan.forward_s(truth, n) * (1 + 23 / 30)
+        return {
+            "axis": axis,
+            "tokens": n,
+            "d_sae": d_sae,
+            "plain_s": plain,
+            "gradsae_s": plain + truth.encode_s_per_token_weight * n * d_in * d_sae,
+            "gradsae_peak_mib": plan.work_mib(truth, n, layer=6),
+            "plain_peak_mib": plan.work_mib(truth, n, layer=6),
+            "baseline_mib": 900.0 + plan.sae_mib(d_in, shipped),
+        }
+
+    rows = [row("length", n, shipped) for n in (64, 256, 1024, 4096)] + [row("width", 512, 1 << 20)]
+    meta = {"model": "m", "device": "cpu", "threads": 2, "n_layers": 30, "layer": 6, "d_in": d_in, "load_s": 1.0}
+    fitted = fit_costs(rows, shipped_d_sae=shipped, **meta)
+    assert fitted.forward_s_per_token == pytest.approx(truth.forward_s_per_token, rel=1e-6)
+    assert fitted.encode_s_per_token_weight == pytest.approx(truth.encode_s_per_token_weight, rel=1e-6)
+    assert fitted.work_mib_per_token_layer == pytest.approx(truth.work_mib_per_token_layer, rel=1e-6)
+    assert fitted.base_mib == pytest.approx(900.0)
+    fit_rows, test = held_out(rows)
+    assert [r["tokens"] for r in test] == [4096] and len(fit_rows) == 4
+    figures = plan_figures(rows, root=None, write=False, shipped_d_sae=shipped, **meta)  # type: ignore[arg-type]
+    assert [f.name for f in figures] == ["plan_error_time", "plan_error_memory"]
+    assert all(f.value is not None and f.value < 1e-6 and f.met for f in figures)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    model = save_tiny_hf(root / "model", seed=1)
+    tiny_sae("topk", d_sae=48, seed=2).save(root / "sae")
+    return root, model
+
+
+def test_score_plan_prints_and_runs_nothing(saved, tmp_path, monkeypatch, capsys):
+    root, model = saved
+    stored = tmp_path / "costs.json"
+    plan.save_costs(costs(model=str(model), n_layers=2, layer=0), stored)
+    monkeypatch.setenv(plan.COSTS_ENV, str(stored))
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("--plan must not score")
+
+    monkeypatch.setattr("gradsae.cli.score.score_methods", refuse)
+    args = ["score", "--model", str(model), "--sae", str(root / "sae"), "--layer", "0", "--no-chat"]
+    assert main([*args, "--prompt", "hello there", "--plan", "--json", str(tmp_path / "out.json")]) == 0
+    out = capsys.readouterr().out
+    assert "# plan: gradsae score" in out and "predicted peak memory" in out
+    assert not (tmp_path / "out.json").exists()
+    tokens = int(out.split(" of ")[1].split(" tokens")[0])
+    expected = plan.plan_score(costs(model=str(model), n_layers=2, layer=0), [tokens], layer=0, d_in=16, d_sae=48)
+    assert f"{expected.seconds:.1f} s" in out
+
+
+def test_plan_without_measured_costs_is_one_line(saved, tmp_path, monkeypatch, capsys):
+    root, model = saved
+    monkeypatch.setenv(plan.COSTS_ENV, str(tmp_path / "none.json"))
+    code = main(["score", "--model", str(model), "--sae", str(root / "sae"), "--layer", "0", "--plan"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: no measured costs") and len(err.strip().splitlines()) == 1
+
+
+def test_saved_costs_replace_the_same_key(tmp_path):
+    path = tmp_path / "c.json"
+    plan.save_costs(costs(load_s=1.0), path)
+    plan.save_costs(costs(load_s=3.0), path)
+    plan.save_costs(costs(threads=1), path)
+    stored = json.loads(path.read_text())["costs"]
+    assert len(stored) == 2 and plan.find_costs("m", "cpu", 2, path=path).load_s == 3.0
+    assert plan.find_costs("m", "cpu:0", 1, path=path).threads == 1
+
+
+def test_reproduce_plan_prints_and_runs_nothing(saved, tmp_path, monkeypatch, capsys):
+    root, model = saved
+    stored = tmp_path / "costs.json"
+    plan.save_costs(costs(model=str(model), n_layers=2, layer=0), stored)
+    monkeypatch.setenv(plan.COSTS_ENV, str(stored))
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in ("abc", "hello there")))
+    args = ["reproduce", "--model", str(model), "--sae", str(root / "sae"), "--layer", "0", "--task", str(task)]
+    out_dir = tmp_path / "run"
+    assert main([*args, "--ks", "1,3", "--max-new-tokens", "4", "--out", str(out_dir), "--plan"]) == 0
+    out = capsys.readouterr().out
+    # masking: 2 sets x 2 K x 3 methods + K = 0; steering: 3 methods x 2 K x (swap, zero, inject; swap) + no edit
+    assert "# plan: gradsae reproduce" in out and "38 conditions per example" in out and "upper bound" in out
+    assert not out_dir.exists() or not any(out_dir.iterdir())
