@@ -105,8 +105,9 @@ def ablation_effects(
     starts = first_columns(clean, latents, keep=objective.keep)
     order = torch.argsort(starts, stable=True)
     out = torch.empty(len(latents), dtype=clean.value.dtype, device=clean.value.device)
-    for first in range(0, len(latents), max(1, batch_size)):
-        chosen = order[first : first + batch_size]
+    size = max(1, batch_size)
+    for first in range(0, len(latents), size):
+        chosen = order[first : first + size]
         start = int(starts[chosen].min())
         rows = torch.cat([latents.new_full((1,), -1), latents[chosen]])  # row 0: no latent zeroed
         y = _ablated(lm, sae, clean, input_ids, attention_mask, objective, rows, start, mode=mode)
