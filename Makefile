@@ -51,7 +51,7 @@ slow: setup
 
 bench: setup
 	$(PY) -m pip install -q -c constraints.txt nnsight==0.8.1 || echo "nnsight not installable: speedup_vs_nnsight will say unavailable"
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py --demo
 
 # The browser test opens report.html in headless Chromium; it skips (saying why) where none can be installed.
 chromium:
