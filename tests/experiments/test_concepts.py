@@ -34,8 +34,8 @@ from gradsae.experiments.concepts import (
     sweep_edit,
 )
 from gradsae.experiments.journal import Journal
+from gradsae.experiments.judges import concept_hits
 from gradsae.experiments.stats import Stat
-from gradsae.experiments.steer_judges import concept_hits
 from gradsae.generate import generate
 from gradsae.models import LoadedModel
 from gradsae.report.concepts import headline, markdown, render

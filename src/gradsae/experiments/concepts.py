@@ -26,9 +26,9 @@ For each SAE layer ``l`` and prompt seed ``s`` (a *cell*), each
 4. Generation: greedy, ``max_new_tokens`` per prompt, the SAE spliced in error mode.
 5. Per generation ``i`` (:func:`measure`), under the *unsteered* model: ``success_i``:
    1 if a listed concept word occurs as a whole word
-   (:func:`gradsae.experiments.steer_judges.concept_hits`), or for a sentiment
+   (:func:`gradsae.experiments.judges.concept_hits`), or for a sentiment
    concept the judge's ``P(label)`` summed over the label's spellings
-   (:func:`gradsae.experiments.steer_judges.sentiment_probs`); ``rate_i``: concept
+   (:func:`gradsae.experiments.judges.sentiment_probs`); ``rate_i``: concept
    words per word; ``nll_i``: mean ``-log p`` of the generated tokens given the
    prompt; ``distinct_i``: distinct token bigrams / bigrams. Perplexity is
    ``exp(mean_i nll_i)``.
@@ -74,8 +74,7 @@ import torch
 from gradsae import _files
 from gradsae.errors import GradSAEError
 from gradsae.experiments.journal import Journal, recall, unit_key
-from gradsae.experiments.stats import Stat
-from gradsae.experiments.steer_judges import (
+from gradsae.experiments.judges import (
     JUDGE_LABELS,
     concept_hits,
     emitted_labels,
@@ -83,6 +82,7 @@ from gradsae.experiments.steer_judges import (
     label_variants,
     sentiment_probs,
 )
+from gradsae.experiments.stats import Stat
 from gradsae.generate import Generation, chat_text, generate, pad_id, pad_left
 from gradsae.models import LoadedModel
 from gradsae.objectives import TargetLogProb

@@ -109,6 +109,38 @@ def mcnemar(a: Sequence[float], b: Sequence[float]) -> McNemar:
     return McNemar(a_only=a_only, b_only=b_only, p=min(1.0, p))
 
 
+def sign_flip_p(diffs: Sequence[float], *, seed: int = 0, resamples: int = 20000, exact_max: int = 16) -> float:
+    """Two-sided paired sign-flip permutation ``p`` of ``mean(diffs)``.
+
+    Under the null each difference ``d_i`` is as likely ``-d_i``: ``p`` is the share of the ``2^n`` sign
+    patterns whose ``|sum|`` reaches the observed one (exact when at most ``exact_max`` differences are
+    non-zero; otherwise ``resamples`` seeded patterns, ``p = (1 + hits) / (1 + resamples)``). On binary
+    outcomes the exact version is McNemar's exact test.
+    """
+    import itertools
+
+    d = np.asarray([x for x in diffs if x != 0], dtype=float)
+    if not len(d):
+        return 1.0
+    observed = abs(d.sum()) - 1e-12 * max(1.0, float(np.abs(d).sum()))
+    if len(d) <= exact_max:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+        return float(np.mean(np.abs(signs @ d) >= observed))
+    rng = np.random.default_rng(seed)
+    signs = rng.choice((-1.0, 1.0), size=(resamples, len(d)))
+    hits = int(np.sum(np.abs(signs @ d) >= observed))
+    return (1 + hits) / (1 + resamples)
+
+
+def paired_p(a: Sequence[float], b: Sequence[float], *, seed: int = 0) -> tuple[float, str]:
+    """``(p, test)``: the exact McNemar test when both samples are binary, else :func:`sign_flip_p`."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
+    if is_binary(a) and is_binary(b):
+        return mcnemar(a, b).p, "McNemar exact"
+    return sign_flip_p([x - y for x, y in zip(a, b, strict=True)], seed=seed), "sign-flip"
+
+
 def clopper_pearson(successes: int, n: int, *, alpha: float = ALPHA) -> tuple[float, float]:
     """Exact ``1 - alpha`` interval of a proportion, as fractions (``nan`` for ``n = 0``)."""
     from scipy.stats import beta

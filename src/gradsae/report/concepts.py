@@ -10,7 +10,7 @@ Everything here is computed from ``steering.json`` alone, so the text follows th
   interval over units.
 * Pairs: every two selectors, paired over units: the difference with its
   bootstrap interval, exact McNemar when both outcomes are binary, else the
-  sign-flip test (:mod:`gradsae.experiments.steer_stats`); Holm over all pairs.
+  sign-flip test (:mod:`gradsae.experiments.stats`); Holm over all pairs.
 * Headline (:func:`headline`): the selector with the largest gain is named the
   best only when it beats every other selector (Holm-adjusted ``p < 0.05``);
   otherwise the text says no selector is distinguishable.
@@ -38,8 +38,7 @@ from gradsae.experiments.concepts import (
     bootstrap,
     within_budget,
 )
-from gradsae.experiments.stats import Stat
-from gradsae.experiments.steer_stats import holm, paired_p
+from gradsae.experiments.stats import Stat, holm, paired_p
 
 COLORS = {
     "gradsae": "tab:red",

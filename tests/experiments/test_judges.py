@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from gradsae.experiments.steer_judges import (
+from gradsae.experiments.judges import (
     JUDGE_LABELS,
     concept_hits,
     judge_prompts,
@@ -18,7 +18,7 @@ from gradsae.experiments.steer_judges import (
     sentiment_probs,
     variant_tokens,
 )
-from gradsae.experiments.steer_stats import holm, mcnemar_exact, paired_p, sign_flip_p
+from gradsae.experiments.stats import holm, mcnemar, paired_p, sign_flip_p
 from gradsae.generate import encode_prompts
 from tests.helpers import char_lm
 
@@ -88,6 +88,11 @@ def test_real_judge_reads_the_labels_it_emits():
 
 
 # -- paired tests ------------------------------------------------------------------------------------------------
+def mcnemar_exact(b: int, c: int) -> float:
+    """McNemar's p from discordant counts, through the one implementation (pairs made to order)."""
+    return mcnemar([1.0] * b + [0.0] * c, [0.0] * b + [1.0] * c).p
+
+
 def test_mcnemar_exact_by_hand():
     assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)
     assert mcnemar_exact(1, 6) == pytest.approx(2 * (1 + 7) / 128)
