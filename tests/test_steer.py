@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from gradsae.generate import encode_prompts, generate_batch
+from gradsae.lens import folded_gain
 from gradsae.models import LoadedModel, block_output
 from gradsae.splice import splice
 from gradsae.steer import (
     Concept,
-    folded_gain,
     latent_scales,
     logit_lens_scores,
     random_latents,

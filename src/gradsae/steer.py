@@ -69,18 +69,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from gradsae.errors import GradSAEError
 from gradsae.generate import encode_prompts, pad_id, pad_left
+from gradsae.lens import lens_directions, top_tokens, unembedding
 from gradsae.models import LoadedModel, block_output, position_ids
 from gradsae.objectives import NextTokenProb, Objective, TargetLogProb
 from gradsae.sae import SAE
 from gradsae.scores import score_latents
 from gradsae.splice import Edit, Mode, splice
-
-FINAL_NORMS = ("model.norm", "model.final_layernorm", "model.language_model.norm", "transformer.ln_f")
-"""Where causal LMs keep the norm before the unembedding."""
 
 
 @dataclass(frozen=True)
@@ -187,39 +184,15 @@ def latent_scales(typical: torch.Tensor, latents: torch.Tensor) -> tuple[torch.T
     return torch.where(missing, fallback.to(scales.dtype), scales), missing
 
 
-def final_norm(lm: LoadedModel) -> nn.Module:
-    """The norm applied to the residual before the unembedding."""
-    for path in FINAL_NORMS:
-        module: Any = lm.model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if isinstance(module, nn.Module):
-            return module
-    raise GradSAEError(f"cannot find the final norm of {type(lm.model).__name__}: the logit-lens score needs it")
-
-
-def folded_gain(norm: nn.Module, d_model: int) -> tuple[torch.Tensor, bool]:
-    """``(g, centre)``: the per-channel gain of the final norm and whether it centres its input."""
-    weight = getattr(norm, "weight", None)
-    gain = torch.ones(d_model) if weight is None else weight.detach().float().cpu()
-    if "Gemma" in type(norm).__name__:  # Gemma's RMSNorm scales by (1 + weight)
-        gain = 1.0 + gain
-    return gain, isinstance(norm, nn.LayerNorm)
-
-
 def logit_lens_scores(lm: LoadedModel, sae: SAE, tokens: Sequence[int]) -> torch.Tensor:
-    """``[d_sae]`` centred logit-lens score of each decoder row on ``tokens`` (module docstring)."""
+    """``[d_sae]`` centred logit-lens score of each decoder row on ``tokens`` (module docstring; the lens is
+    :mod:`gradsae.lens`)."""
     if not tokens:
         raise GradSAEError("the logit-lens score needs at least one target token")
-    gain, centre = folded_gain(final_norm(lm), lm.d_model)
-    w_dec = sae.W_dec.detach().float().cpu()
-    if centre:
-        w_dec = w_dec - w_dec.mean(dim=-1, keepdim=True)
-    unembed = lm.model.get_output_embeddings().weight.detach().float().cpu()
+    directions, _note = lens_directions(lm, sae)
+    unembed = unembedding(lm)
     targets = unembed[torch.as_tensor(list(tokens))] - unembed.mean(dim=0)
-    return ((w_dec * gain) @ targets.T).mean(dim=-1)
+    return (directions @ targets.T).mean(dim=-1)
 
 
 def word_tokens(tokenizer: Any, words: Sequence[str]) -> tuple[int, ...]:
@@ -321,15 +294,6 @@ ARAD_PROMPT = "From my experience,"
 """The neutral sentence Arad et al.'s code amplifies each feature on."""
 
 
-def logit_lens_top_tokens(lm: LoadedModel, sae: SAE, latents: Sequence[int], k: int) -> torch.Tensor:
-    """``[len(latents), k]`` the ``k`` tokens each decoder row promotes most: unembed(final_norm(W_dec[c]))."""
-    rows = sae.W_dec.detach()[torch.as_tensor(list(latents), dtype=torch.long)].to(lm.device)
-    with torch.no_grad():
-        head = lm.model.get_output_embeddings()
-        normed = final_norm(lm)(rows.to(head.weight.dtype))
-        return head(normed).float().topk(k, dim=-1).indices.cpu()
-
-
 @torch.no_grad()
 def amplified_probs(
     lm: LoadedModel, sae: SAE, prompt: str, latents: Sequence[int], *, layer: int, amp: float
@@ -372,7 +336,7 @@ def arad_output_scores(
 ) -> torch.Tensor:
     """``[len(latents)]`` Arad et al.'s output score of each latent (module docstring)."""
     _, probs = amplified_probs(lm, sae, prompt, latents, layer=layer, amp=amp)
-    tokens = logit_lens_top_tokens(lm, sae, latents, top_k)
+    tokens = top_tokens(lm, sae, latents, top_k)
     order = probs.argsort(dim=-1, descending=True, stable=True)
     ranks = order.argsort(dim=-1, stable=True)
     best_rank = ranks.gather(-1, tokens).min(dim=-1).values.double()

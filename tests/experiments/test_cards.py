@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from gradsae.cli import main
-from gradsae.experiments.cards import RANK_FROM, final_norm_weight
+from gradsae.experiments.cards import RANK_FROM
 from gradsae.experiments.results import CardSet, cards_path
+from gradsae.lens import final_norm, folded_gain
 from gradsae.models import residuals
 from gradsae.objectives import TargetLogProb
 from gradsae.scores import objective_value
@@ -62,8 +63,10 @@ def test_influence_predicts_zeroing_the_latent_at_that_token(tiny_run):
 
 def test_logit_lens_applies_the_final_norm_weight(tiny_run):
     model = tiny_run.lm.model
-    gamma, name = final_norm_weight(model)
-    assert name == "model.norm" and gamma is not None
+    norm, name = final_norm(model)
+    assert name == "model.norm" and norm is not None
+    gamma, centre = folded_gain(norm, tiny_run.lm.d_model)
+    assert not centre
     assert "model.norm" in tiny_run.cards.logit_lens
     w_u = model.get_output_embeddings().weight.detach()
     for card in tiny_run.cards.cards:

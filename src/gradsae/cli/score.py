@@ -4,7 +4,7 @@ Columns: latent id, mean activation over the prompt's positions, GradSAE
 influence (the chosen aggregation of ``H * dY/dH``), the latent's rank under the
 other method, and (with ``--ablation``) the exact effect of zeroing it; then the
 tokens each latent's decoder direction raises most (the logit lens of
-:func:`gradsae.experiments.cards.logit_lens`). The header names the token the
+:func:`gradsae.lens.logit_lens`). The header names the token the
 objective reads. ``--methods ig,relp,...`` ranks by the first estimator named and
 shows each one's score (:mod:`gradsae.estimators`); ``--baseline`` says what a
 removed latent is set to (``--corrupt`` gives the counterfactual prompt).
@@ -31,9 +31,10 @@ from gradsae.cli.common import add_model_arguments
 from gradsae.cli.plan import add_plan_argument, score_plan
 from gradsae.errors import GradSAEError
 from gradsae.estimators import BASELINES, ESTIMATORS, IG_STEPS, Baseline, logit_diff, mean_activations
-from gradsae.experiments.cards import corpus_tokens, logit_lens
+from gradsae.experiments.cards import corpus_tokens
 from gradsae.experiments.record import record_scores
 from gradsae.experiments.results import LayerExamples
+from gradsae.lens import logit_lens
 from gradsae.models import LoadedModel, load_model, position_ids, sae_device
 from gradsae.objectives import Objective, objective_from_name
 from gradsae.pretrained import resolve_sae

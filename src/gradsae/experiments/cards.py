@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from gradsae.errors import GradSAEError
 from gradsae.experiments.record import significant
 from gradsae.experiments.results import TRACED, CardSet, Context, FeatureCard, LayerExamples
+from gradsae.lens import logit_lens
 from gradsae.models import LoadedModel
 from gradsae.objectives import TargetLogProb
 from gradsae.sae import SAE
@@ -137,46 +138,6 @@ def _corpus_traces(
         act[j, b, n] = by["activation"].token_score[keep].detach().float().cpu()
         inf[j, b, n] = by["gradsae"].token_score[keep].detach().float().cpu()
     return _Traces(activation=act, influence=inf)
-
-
-def logit_lens(lm: LoadedModel, sae: SAE, latents: list[int]) -> tuple[torch.Tensor, str]:
-    """``[n_latents, vocab]`` ``v = W_U (gamma * W_dec[c])`` and a sentence saying what was applied."""
-    head = lm.model.get_output_embeddings()
-    if head is None:
-        raise GradSAEError(f"{type(lm.model).__name__} has no output embedding: the logit lens needs one")
-    w_u = head.weight.detach().float()
-    directions = sae.W_dec.detach().float()[torch.as_tensor(latents)].to(w_u.device)
-    gamma, name = final_norm_weight(lm.model)
-    if gamma is not None:
-        directions = directions * gamma.to(w_u.device)
-        note = f"v = W_U (gamma * W_dec[c]), gamma = the final norm's weight ({name}); the RMS division is left out"
-    else:
-        note = "v = W_U W_dec[c] (the model has no final norm weight that could be found)"
-    return (directions @ w_u.T).cpu(), note
-
-
-NORM_PATHS = (
-    "model.norm",
-    "model.final_layernorm",
-    "transformer.ln_f",
-    "gpt_neox.final_layer_norm",
-    "model.decoder.final_layer_norm",
-    "model.language_model.norm",
-)
-
-
-def final_norm_weight(model: Any) -> tuple[torch.Tensor | None, str]:
-    """The final norm's per-channel scale and its module path; Gemma's norm scales by ``1 + weight``."""
-    for path in NORM_PATHS:
-        module = model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            if "Gemma" in type(module).__name__:
-                return 1.0 + weight.detach().float(), f"{path}, 1 + weight"
-            return weight.detach().float(), path
-    return None, ""
 
 
 def _card(
