@@ -82,7 +82,7 @@ from gradsae.experiments.judges import (
     label_variants,
     sentiment_probs,
 )
-from gradsae.experiments.stats import Stat
+from gradsae.experiments.stats import Stat, bootstrap
 from gradsae.generate import Generation, chat_text, generate, pad_id, pad_left
 from gradsae.models import LoadedModel
 from gradsae.objectives import TargetLogProb
@@ -714,19 +714,6 @@ def make_point(method: str, alpha: float, split: str, m: Measured, cfg: SteerCon
         nll_per_prompt=tuple(m.nll),
         texts=tuple(m.texts),
     )
-
-
-def bootstrap(
-    values: Sequence[float], statistic: Callable[[Any], float], *, seed: int, resamples: int, scale: float = 1.0
-) -> Stat:
-    """``scale * statistic(values)`` with a 95% percentile bootstrap interval over the values (seeded)."""
-    if not len(values):
-        return Stat(mean=float("nan"), low=float("nan"), high=float("nan"), n=0)
-    data = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    draws = [statistic(data[rng.integers(0, len(data), size=len(data))]) for _ in range(resamples)]
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return Stat(mean=scale * float(statistic(data)), low=scale * float(low), high=scale * float(high), n=len(data))
 
 
 def within_budget(point: Point, baseline: Point, cfg: SteerConfig) -> bool:

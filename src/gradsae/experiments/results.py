@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from gradsae import _files
-from gradsae.experiments.stats import Stat
+from gradsae.experiments.stats import Stat, bootstrap
 
 T = TypeVar("T")
 
@@ -391,25 +391,12 @@ def log_area(points: Sequence[tuple[int, float]], kmax: int = KMAX) -> float:
 
 def stat_over(values: Sequence[float]) -> Stat:
     """Mean of the non-``nan`` values with a 95% bootstrap interval over examples (``n`` counts them)."""
-    known = [v for v in values if not math.isnan(v)]
-    if not known:
-        return Stat(mean=math.nan, low=math.nan, high=math.nan, n=0)
-    data = np.asarray(known, dtype=float)
-    rng = np.random.default_rng(0)
-    means = data[rng.integers(0, len(data), size=(CURVE_BOOTSTRAP, len(data)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return Stat(mean=float(data.mean()), low=float(low), high=float(high), n=len(data))
+    return bootstrap([v for v in values if not math.isnan(v)], seed=0, resamples=CURVE_BOOTSTRAP)
 
 
 def _bootstrap_ratio(n: int, fn: Any) -> Stat:
     """``fn(all rows)`` with a 95% percentile interval of ``fn`` over resampled rows (``nan`` draws dropped)."""
-    if n == 0:
-        return Stat(mean=math.nan, low=math.nan, high=math.nan, n=0)
-    rng = np.random.default_rng(0)
-    draws = [fn(list(rng.integers(0, n, size=n))) for _ in range(CURVE_BOOTSTRAP)]
-    known = [d for d in draws if not math.isnan(d)]
-    low, high = np.percentile(known, [2.5, 97.5]) if known else (math.nan, math.nan)
-    return Stat(mean=float(fn(list(range(n)))), low=float(low), high=float(high), n=n)
+    return bootstrap(range(n), lambda rows: fn([int(i) for i in rows]), seed=0, resamples=CURVE_BOOTSTRAP)
 
 
 def _ratio_of_sums(parts: Sequence[Sequence[float]], rows: Sequence[int] | None) -> float:

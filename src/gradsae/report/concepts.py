@@ -35,10 +35,9 @@ from gradsae.experiments.concepts import (
     MethodRun,
     Point,
     SteerResult,
-    bootstrap,
     within_budget,
 )
-from gradsae.experiments.stats import Stat, holm, paired_p
+from gradsae.experiments.stats import Stat, bootstrap, holm, paired_p
 
 COLORS = {
     "gradsae": "tab:red",
