@@ -244,3 +244,19 @@ def command_out(command: str) -> str | None:
         if word.startswith("--out="):
             return word.removeprefix("--out=")
     return None
+
+
+def versions() -> dict[str, str]:
+    """What every result file records of the software that made it (gradsae's from ``importlib.metadata``)."""
+    import importlib.metadata
+    import platform
+
+    import torch
+    import transformers
+
+    return {
+        "gradsae": importlib.metadata.version("gradsae"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }

@@ -33,6 +33,7 @@ from typing import Any, overload
 import torch
 from torch import nn
 
+from gradsae import _files
 from gradsae.embedded import GEMMA_NAMES, gemma_gguf
 from gradsae.errors import GradSAEError
 
@@ -109,14 +110,7 @@ def cache_root() -> Path:
 
 def default_gguf() -> Path:
     """The GGUF file of the embedded default model."""
-    try:
-        dist = importlib.metadata.distribution(DEFAULT_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise GradSAEError(f"the default model's package is not installed: run `{DEFAULT_INSTALL}`") from None
-    path = Path(str(dist.locate_file(DEFAULT_GGUF)))
-    if not path.exists():
-        raise GradSAEError(f"{path} is missing from {DEFAULT_PACKAGE}: reinstall it with `{DEFAULT_INSTALL}`")
-    return path
+    return _files.package_file(DEFAULT_PACKAGE, DEFAULT_GGUF, DEFAULT_INSTALL)
 
 
 def load_model(

