@@ -367,3 +367,12 @@ def test_random_ranking_depends_on_the_example_not_its_batch(char_lm, sae):
     by_id = [{k.example.id: k.rankings["random"] for k in kept} for kept in runs]
     assert all(by_id[0][i] == by_id[1][i] for i in by_id[1]) and all(by_id[0][i] == by_id[2][i] for i in by_id[2])
     assert len({tuple(r) for r in by_id[0].values() if len(r) > 1}) > 1  # the rows do differ
+
+
+def test_the_recorded_objective_names_the_answer_marker_the_run_used() -> None:
+    """RunMeta's objective is read from the one used (a marker task says which marker opens the answer)."""
+    from gradsae.experiments.rank import objective_description
+
+    assert objective_description(None) == "p(greedy token) at the answer step"
+    marked = objective_description("[")
+    assert marked.startswith("p(greedy token) at the answer step") and "'['" in marked

@@ -42,6 +42,7 @@ from gradsae.estimators import ESTIMATORS, IG_STEPS
 from gradsae.experiments.config import DONOR_VALUES, STEER_POSITIONS, ExperimentConfig, KSpec
 from gradsae.experiments.controls import CONTROLS
 from gradsae.experiments.journal import FOLDER, Journal, count_units
+from gradsae.experiments.rank import objective_description
 from gradsae.experiments.record import ExampleRecorder
 from gradsae.experiments.results import RESULTS, LayerResult, RunMeta, RunResults
 from gradsae.experiments.run import run_layer
@@ -407,7 +408,7 @@ def run_meta(
         sae_labels=labels,
         batch_size=args.batch_size,
         max_new_tokens=task.max_new_tokens,
-        objective="p(greedy token) at the answer step",
+        objective=objective_description(task.answer_marker),
         paper=bool(args.paper),
         skip_first=not args.splice_first,
         keep_f1=args.keep_f1,

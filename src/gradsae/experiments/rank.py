@@ -59,6 +59,14 @@ class KeptExample:
         return float(sum(self.decoded_norm.get(c, 0.0) for c in latents))
 
 
+def objective_description(answer_marker: str | None) -> str:
+    """What ``Y`` is in :func:`rank_examples`, as ``results.json`` records it: the greedy token's probability at
+    the answer step (the first generated token holding ``answer_marker``, else the first generated token)."""
+    if answer_marker is None:
+        return "p(greedy token) at the answer step"
+    return f"p(greedy token) at the answer step (the first generated token holding {answer_marker!r}, else the first)"
+
+
 def rank_examples(
     lm: LoadedModel,
     sae: SAE,
