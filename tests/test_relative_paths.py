@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from gradsae import _files
@@ -18,9 +19,32 @@ def test_relative_paths_by_hand():
     assert _files.command_out("gradsae x --out=a/b") == "a/b" and _files.command_out("gradsae x") is None
 
 
+def _absolute(value: object) -> object:
+    """``value`` with its root-relative ``runs/`` paths written back as the absolute ones older files held."""
+    if isinstance(value, str):
+        return value.replace("runs/", "/work/runs/")
+    if isinstance(value, dict):
+        return {k: _absolute(v) for k, v in value.items()}
+    return value
+
+
 def test_committed_eval_sae_page_renders_without_absolute_paths():
-    results = EvalSAEResults.load(ROOT / "docs/results/eval_sae_shipped")
-    assert "/work/" in results.config["command"]  # the committed JSON has them
+    committed = EvalSAEResults.load(ROOT / "docs/results/eval_sae_shipped")
+    assert "/work/" not in committed.config["command"]  # the committed JSON names no machine path
+    results = dataclasses.replace(committed, config=_absolute(committed.config))  # as files written before
+    assert "/work/" in results.config["command"]
     page = render_markdown(results)
     assert "/work/" not in page
     assert "layer 6: ../saes/chatmix/layer_6" in page
+
+
+def test_no_committed_result_or_card_names_a_directory_of_the_machine_that_ran_it():
+    """Every file under docs/ and every shipped model card: no ``/work/`` path (older files were rewritten to
+    paths relative to the repository, ``runs/...``)."""
+    files = [
+        *(ROOT / "docs").rglob("*.md"),
+        *(ROOT / "docs").rglob("*.json"),
+        *(ROOT / "src/gradsae/saes").rglob("*.md"),
+    ]
+    found = [str(f.relative_to(ROOT)) for f in files if "/work/" in f.read_text(errors="ignore")]
+    assert not found, found
