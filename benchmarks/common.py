@@ -15,7 +15,8 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,3 +248,23 @@ def load_sae(lm: LoadedModel, sae: str | None, layer: int, model: str | None) ->
     loaded, _layer, label = resolve_sae(lm, sae, layer, default_model=model in DEFAULT_NAMES)
     loaded.requires_grad_(False)
     return loaded, label
+
+
+@contextmanager
+def residual_leaves(lm: LoadedModel, layer: int) -> Iterator[list[torch.Tensor]]:
+    """Within: the residual after block ``layer`` is made a leaf on every pass (parameters frozen, so a backward
+    stops there); yields the list of leaves, one per pass. The reference workloads' stand-in for our splice."""
+    from gradsae.models import block_output
+
+    leaves: list[torch.Tensor] = []
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
+        leaf = block_output(output).detach().requires_grad_(True)
+        leaves.append(leaf)
+        return (leaf, *output[1:]) if isinstance(output, tuple) else leaf
+
+    handle = lm.layers[layer].register_forward_hook(hook)
+    try:
+        yield leaves
+    finally:
+        handle.remove()

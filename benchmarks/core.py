@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import Figure, Timing, compare, ratio_figure
+from benchmarks.common import Figure, Timing, compare, ratio_figure, residual_leaves
 from benchmarks.reference import (
     agreement,
     our_pipeline,
@@ -75,19 +75,8 @@ PERTURB_KS = (1, 10, 20, 30, 40, 50)
 def plain_forward_backward(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
     """The plain model, forward then backward of ``p(greedy token)`` to the residual after ``layer``."""
     objective = NextTokenProb()
-    leaves: list[torch.Tensor] = []
-
-    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
-        leaf = block_output(output).detach().requires_grad_(True)
-        leaves.append(leaf)
-        return (leaf, *output[1:]) if isinstance(output, tuple) else leaf
-
-    handle = lm.layers[layer].register_forward_hook(hook)
-    try:
-        with torch.enable_grad():
-            objective_value(lm, ids, mask, objective).sum().backward()
-    finally:
-        handle.remove()
+    with residual_leaves(lm, layer) as leaves, torch.enable_grad():
+        objective_value(lm, ids, mask, objective).sum().backward()
     grad = leaves[0].grad
     assert grad is not None
     return grad

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import residual_leaves
 from gradsae.answer import generate_and_score
 from gradsae.generate import cached_pass, croppable_cache, generate_batch
 from gradsae.models import LoadedModel, block_output, position_ids
@@ -171,28 +172,17 @@ def plain_decode_with_graph(
     pass (parameters frozen, so the backward stops there, as ours does); then
     ``Y = p(greedy token)`` at the last step is back-propagated once. Returns ``Y``.
     """
-    leaves: list[torch.Tensor] = []
-
-    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
-        leaf = block_output(output).detach().requires_grad_(True)
-        leaves.append(leaf)
-        return (leaf, *output[1:]) if isinstance(output, tuple) else leaf
-
-    handle = lm.layers[layer].register_forward_hook(hook)
-    try:
-        with torch.enable_grad():
-            cache = croppable_cache(lm.model)
-            positions, step = position_ids(mask), ids
-            for t in range(tokens.shape[1]):
-                logits, cache = cached_pass(lm.model, step, mask, positions, cache)
-                logits.detach().argmax(-1)  # the greedy choice a decode makes at every step
-                if t + 1 < tokens.shape[1]:
-                    step, positions = tokens[:, t : t + 1], positions[:, -1:] + 1
-                    mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
-            y = NextTokenProb()(logits[:, None], ids)
-            y.sum().backward()
-    finally:
-        handle.remove()
+    with residual_leaves(lm, layer), torch.enable_grad():
+        cache = croppable_cache(lm.model)
+        positions, step = position_ids(mask), ids
+        for t in range(tokens.shape[1]):
+            logits, cache = cached_pass(lm.model, step, mask, positions, cache)
+            logits.detach().argmax(-1)  # the greedy choice a decode makes at every step
+            if t + 1 < tokens.shape[1]:
+                step, positions = tokens[:, t : t + 1], positions[:, -1:] + 1
+                mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        y = NextTokenProb()(logits[:, None], ids)
+        y.sum().backward()
     return y.detach()
 
 
