@@ -177,3 +177,40 @@ def test_reproduce_plan_prints_and_runs_nothing(saved, tmp_path, monkeypatch, ca
     # masking: 2 sets x 2 K x 3 methods + K = 0; steering: 3 methods x 2 K x (swap, zero, inject; swap) + no edit
     assert "# plan: gradsae reproduce" in out and "38 conditions per example" in out and "upper bound" in out
     assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_curves_plan_is_the_hand_computed_sum():
+    """Per example: the estimators' passes, one ablated pass past block l per active latent, and the
+    deletion / sufficiency sets of every order at every measured K."""
+    c = costs()
+    got = plan.curves_seconds(c, [100, 200], [40, 70], layer=5, orders=24, points=18, scores=2)
+    back, n_layers = 10 - 5 - 1, 10
+
+    def one(n: int, a: int) -> float:
+        f = 0.01 * n + 1e-5 * n**2
+        return 2 * f * (1 + back / n_layers) + a * f * back / n_layers + 2 * 24 * 18 * f * (back + 1) / n_layers
+
+    assert got == pytest.approx(one(100, 40) + one(200, 70))
+
+
+def test_reproduce_plan_with_curves_adds_them(saved, tmp_path, monkeypatch, capsys):
+    """The plan of a run with ``--curves`` was the same as without (the curves, most of such a run, were left
+    out): now it counts the active latents of the curve examples and adds the curves' cost."""
+    root, model = saved
+    stored = tmp_path / "costs.json"
+    plan.save_costs(costs(model=str(model), n_layers=2, layer=0), stored)
+    monkeypatch.setenv(plan.COSTS_ENV, str(stored))
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in ("abc", "hello there")))
+    args = ["reproduce", "--model", str(model), "--sae", str(root / "sae"), "--layer", "0", "--task", str(task)]
+    args += ["--ks", "1,3", "--max-new-tokens", "4", "--out", str(tmp_path / "run"), "--plan"]
+    assert main(args) == 0
+    without = capsys.readouterr().out
+    assert main([*args, "--curves", "--curves-n", "1"]) == 0
+    with_curves = capsys.readouterr().out
+
+    def seconds(out: str) -> float:
+        return float(out.split("predicted wall time: ")[1].split(" s")[0])
+
+    assert "curves on the first 1 examples" in with_curves and "curves" not in without.split("# plan")[1]
+    assert seconds(with_curves) > seconds(without)

@@ -33,6 +33,17 @@ generated tokens, each a token-forward ``a``; token-forwards as counted in
 summed over the examples, plus ``load_s``. An upper bound: every example kept, every
 decode ``g`` tokens long (rows stop once answered, examples the model gets wrong are
 dropped, and batched rows cost less per token than the single prompts ``a`` comes from).
+
+``--curves`` (:mod:`gradsae.experiments.curves`) adds, per curve example of ``P`` tokens with
+``a`` latents active (counted by encoding the prompt at layer ``l``), ``R`` orders (the
+rankings, plus the random anchor's extra permutations) and ``J`` measured K points::
+
+    scores        F(P) (1 + B / L) per estimator (integrated gradients: ig_steps of them)
+    exact oracle  a F(P) B / L        (each latent's ablated pass past block l; gradsae.oracle)
+    curve points  2 R J F(P) (B + 1) / L   (deletion and sufficiency sets, blocks 0..l reused)
+
+also an upper bound (the oracle starts each pass at the latent's first active column and
+batches latents; equal sets are evaluated once).
 """
 
 from __future__ import annotations
@@ -185,6 +196,30 @@ def plan_reproduce(
     longest = max(tokens)
     peak = costs.base_mib + sae_mib(d_in, d_sae) + batch * work_mib(costs, longest, layer=layer)
     return Plan(seconds=seconds, peak_mib=peak, tokens=tuple(tokens), costs=costs)
+
+
+def curves_seconds(
+    costs: Costs,
+    tokens: Sequence[int],
+    active: Sequence[int],
+    *,
+    layer: int,
+    orders: int,
+    points: int,
+    scores: int,
+) -> float:
+    """The faithfulness curves of examples of ``tokens`` tokens and ``active`` active latents (an upper bound).
+
+    ``orders``: rankings and random permutations; ``points``: K values measured per order (deletion and
+    sufficiency each); ``scores``: forward + backward passes of the estimators (see the module docstring).
+    """
+    back, n_layers = depth(costs.n_layers, layer), costs.n_layers
+    seconds = 0.0
+    for n, a in zip(tokens, active, strict=True):
+        f = forward_s(costs, n)
+        seconds += scores * f * (1 + back / n_layers) + a * f * back / n_layers
+        seconds += 2 * orders * points * f * (back + 1) / n_layers
+    return seconds
 
 
 def _check_tokens(tokens: Sequence[int]) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from gradsae.experiments.config import ExperimentConfig
 from gradsae.models import LoadedModel, load_model
-from gradsae.plan import Plan, find_costs, plan_reproduce, plan_score
+from gradsae.plan import Costs, Plan, curves_seconds, find_costs, plan_reproduce, plan_score
 from gradsae.pretrained import ResolvedSAE, resolve_sae
 from gradsae.tasks import Task
 
@@ -70,11 +70,49 @@ def reproduce_plan(
         for found in saes
     ]
     seconds = sum(p.seconds for p in plans) - costs.load_s * (len(plans) - 1)
+    notes = ["- an upper bound: as if every example were kept and every decode ran to --max-new-tokens"]
+    if cfg.curves:
+        n = len(texts) if cfg.curves_n is None else min(cfg.curves_n, len(texts))
+        curves = [curves_plan(lm, found, texts[:n], tokens[:n], cfg, costs) for found in saes]
+        seconds += sum(c for c, _ in curves)
+        counts = ", ".join(f"layer {found.layer}: {a}" for found, (_, a) in zip(saes, curves, strict=True))
+        notes.append(
+            f"- curves on the first {n} examples: {sum(c for c, _ in curves):.1f} s of it; mean active latents "
+            f"per prompt ({counts}) counted by encoding the prompts at each layer (a forward to the layer each)"
+        )
     total = Plan(seconds=seconds, peak_mib=max(p.peak_mib for p in plans), tokens=tuple(tokens), costs=costs)
     layers = ",".join(str(found.layer) for found in saes)
     what = f"gradsae reproduce --task {args.task}, {lm.name}, layers {layers}, {conditions} conditions per example"
-    note = "- an upper bound: as if every example were kept and every decode ran to --max-new-tokens"
-    return total.text(what) + "\n" + note + "\n"
+    return total.text(what) + "\n" + "\n".join(notes) + "\n"
+
+
+def curves_plan(
+    lm: LoadedModel, found: ResolvedSAE, texts: list[str], tokens: list[int], cfg: ExperimentConfig, costs: Costs
+) -> tuple[float, int]:
+    """(predicted seconds, mean active latents) of the faithfulness curves on ``texts`` at ``found``'s layer."""
+    from gradsae.estimators import ESTIMATORS
+    from gradsae.experiments.curves import DEFAULT_GRID, DEFAULT_RANKINGS, LOG_KS, RANDOM_DRAWS
+
+    active = [active_latents(lm, found, text, skip_first=cfg.skip_first) for text in texts]
+    estimators = [m for m in cfg.methods if m in ESTIMATORS]
+    orders = len(DEFAULT_RANKINGS) + len(estimators) + RANDOM_DRAWS - 1
+    points = len(DEFAULT_GRID) + len(LOG_KS) + len(cfg.ks)
+    scores = 2 + (cfg.ig_steps if "ig" in estimators else 0) + ("relp" in estimators)  # + the greedy token's pass
+    seconds = curves_seconds(costs, tokens, active, layer=found.layer, orders=orders, points=points, scores=scores)
+    return seconds, round(sum(active) / max(1, len(active)))
+
+
+@torch.no_grad()
+def active_latents(lm: LoadedModel, found: ResolvedSAE, text: str, *, skip_first: bool) -> int:
+    """Distinct latents active at some spliced position of ``text`` (blocks ``0..l`` and the encoder, once)."""
+    from gradsae.prefix import compute_prefix
+
+    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(lm.device)
+    prefix = compute_prefix(lm, ids, torch.ones_like(ids), found.layer)
+    z = prefix.residual[0, 1 if skip_first else 0 :]
+    sae = found.sae.to(z.device)
+    h = sae.encode(z.to(sae.W_enc.dtype))
+    return int((h > 0).any(dim=0).sum())
 
 
 def conditions_per_example(cfg: ExperimentConfig) -> tuple[int, int, int]:

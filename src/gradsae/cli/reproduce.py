@@ -198,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 floors=not args.no_floors,
                 mode=args.mode,
+                skip_first=not args.splice_first,
+                curves=args.curves,
+                curves_n=args.curves_n,
+                ig_steps=args.ig_steps,
             )
             sys.stdout.write(reproduce_plan(args, task, cfg, lambda lm: resolve_all(lm, args, layers)))
         return 0

@@ -88,9 +88,11 @@ import torch
 
 from gradsae.errors import GradSAEError
 from gradsae.estimators import ESTIMATORS
+from gradsae.experiments import journal as journaling
 from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.journal import Journal
 from gradsae.experiments.rank import KeptExample, k_value, padded
-from gradsae.experiments.results import CurveResult, ExampleCurves
+from gradsae.experiments.results import CurveResult, ExampleCurves, from_data
 from gradsae.experiments.stats import spearman
 from gradsae.generate import answer_inputs
 from gradsae.models import LoadedModel, position_ids
@@ -111,6 +113,8 @@ RANDOM_DRAWS = 20
 """Random permutations averaged into the random anchor."""
 TOP_RHO = 50
 """Spearman's rho is also taken over the exact top this many latents."""
+TOP_K = 10
+"""Recall and the top-``k`` budget are taken against the exact top this many latents."""
 THRESHOLDS = (0.05, 0.01)
 """Threshold budgets: find every latent whose exact ``|effect| >= x Y_0``."""
 
@@ -182,7 +186,7 @@ def faithfulness(
     mode: Mode = "error",
     rankings: Sequence[str] = DEFAULT_RANKINGS,
     grid: Sequence[float] = DEFAULT_GRID,
-    top: int = 10,
+    top: int = TOP_K,
     seed: int = 0,
     batch_size: int = 32,
     skip_first: bool = True,
@@ -399,38 +403,50 @@ def zeroed_objectives(
     return out
 
 
-def kept_curves(lm: LoadedModel, sae: SAE, kept: Sequence[KeptExample], cfg: ExperimentConfig) -> dict[str, Any]:
-    """The curves of the kept examples at their answer steps, as ``CurveResult.to_dict()`` (``{}`` if none)."""
+def kept_curves(
+    lm: LoadedModel,
+    sae: SAE,
+    kept: Sequence[KeptExample],
+    cfg: ExperimentConfig,
+    journal: Journal | None = None,
+) -> dict[str, Any]:
+    """The curves of the kept examples at their answer steps, as ``CurveResult.to_dict()`` (``{}`` if none).
+
+    Each example is measured alone (its numbers do not depend on the others: the random
+    permutations are seeded by its index in ``kept``) and, with a ``journal``, kept as a
+    unit of its own, so an interrupted run resumes from the next example.
+    """
     kept = kept[: cfg.curves_n] if cfg.curves_n is not None else kept
     if not kept:
         return {}
-    parts = []
-    for start in range(0, len(kept), cfg.batch_size):
-        rows = kept[start : start + cfg.batch_size]
-        ids, mask = answer_inputs(lm.tokenizer, [k.generation for k in rows], [k.step for k in rows])
-        parts.append(
-            faithfulness(
+    rankings = (*DEFAULT_RANKINGS, *(m for m in cfg.methods if m in ESTIMATORS))
+    examples: list[ExampleCurves] = []
+    for index, example in enumerate(kept):
+        key = journaling.unit_key(cfg.layer, "curve", index)
+        if (done := journaling.recall(journal, key)) is None:
+            ids, mask = answer_inputs(lm.tokenizer, [example.generation], [example.step])
+            measured = faithfulness(
                 lm,
                 sae,
                 ids.to(lm.device),
                 mask.to(lm.device),
                 layer=cfg.layer,
                 mode=cfg.mode,
-                seed=cfg.seed + start,
+                seed=cfg.seed + index,
                 skip_first=cfg.skip_first,
-                experiment_ks=[{str(k): k_value(k, ex) for k in cfg.ks} for ex in rows],
-                rankings=(*DEFAULT_RANKINGS, *(m for m in cfg.methods if m in ESTIMATORS)),
+                experiment_ks=[{str(k): k_value(k, example) for k in cfg.ks}],
+                rankings=rankings,
                 ig_steps=cfg.ig_steps,
             )
-        )
-    first = parts[0]
+            done = journaling.record(journal, key, measured.examples[0])
+        examples.append(from_data(ExampleCurves, done))
     merged = CurveResult(
-        layer=first.layer,
-        mode=first.mode,
-        grid=first.grid,
-        methods=first.methods,
-        top=first.top,
-        examples=tuple(ex for part in parts for ex in part.examples),
+        layer=resolve_layer(sae, cfg.layer),
+        mode=cfg.mode,
+        grid=check_grid(DEFAULT_GRID),
+        methods=tuple(dict.fromkeys([*rankings, "random", "ablation"])),
+        top=TOP_K,
+        examples=tuple(examples),
         skip_first=cfg.skip_first,
     )
     return merged.to_dict()

@@ -64,7 +64,7 @@ def run_layer(
     log.info("layer %d: %d of %d examples answered correctly with the SAE", cfg.layer, len(kept_examples), len(texts))
     on_batch = None if recorder is None else recorder.on_scores
     kept, diagnostics = rank_examples(lm, sae, task, kept_examples, kept_gens, cfg, on_batch=on_batch)
-    curves = kept_curves(lm, sae, kept, cfg) if cfg.curves else {}
+    curves = kept_curves(lm, sae, kept, cfg, journal) if cfg.curves else {}
     kept_texts = [text for text, ok in zip(texts, correct, strict=True) if ok]  # kept keeps kept_examples' order
     on_answers = None if recorder is None else recorder.on_answers
     perturbation = run_perturbation(

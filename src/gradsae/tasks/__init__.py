@@ -414,6 +414,7 @@ def generated_task(name: str) -> Task:
         max_new_tokens=spec.max_new_tokens,
         metric="squad",
         prompt_format=spec.default_format,
+        answer_marker=spec.answer_marker,
     )
 
 

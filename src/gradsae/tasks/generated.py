@@ -37,6 +37,13 @@ Tasks and data:
   cities: the ASCII capitals of ``capitals``; colours and objects: fixed lists
   here. Row ``j`` of context ``i`` has id ``facts-<i>-<j>``; contexts are drawn
   with ``random.Random(seed)``, so the same seed gives the same rows.
+* ``facts_result``: the ``facts`` rows with the shots answered in the paper's SQuAD
+  format ``Result = [[ answer ]]`` and ``answer_marker="["``: the answer is parsed
+  from the ``[[ ]]`` span and ``Y`` is read at the first generated token containing
+  ``[`` (the authors' objective: ``p`` of the format token, here `` [[``, two tokens
+  into the answer). A variant of the paper's SQuAD protocol: few-shot plain text
+  instead of its zero-shot instruction, which SmolLM2-135M does not follow (it never
+  writes ``[[`` zero-shot).
 """
 
 from __future__ import annotations
@@ -82,6 +89,8 @@ class TaskSpec:
     default_format: PromptFormat
     """The frozen format (the better one on the development sample, ``docs/results/task_formats.md``)."""
     max_new_tokens: int
+    answer_marker: str | None = None
+    """The answer (and ``Y``) opens at the first generated token containing this text; ``None``: the first."""
 
 
 # -- data files ---------------------------------------------------------------
@@ -273,9 +282,14 @@ FACTS_SHOTS = (
 )
 
 
-def facts_plain() -> str:
-    blocks = [f"{prompt}\nAnswer: {answer}" for prompt, answer in FACTS_SHOTS]
+def facts_plain(result_format: bool = False) -> str:
+    """The few-shot prompt; ``result_format`` writes each shot's answer as ``Result = [[ answer ]]``."""
+    blocks = [f"{prompt}\nAnswer: {_answer(answer, result_format)}" for prompt, answer in FACTS_SHOTS]
     return "\n\n".join([*blocks, "{prompt}\nAnswer:"])
+
+
+def _answer(answer: str, result_format: bool) -> str:
+    return f"Result = [[ {answer} ]]" if result_format else answer
 
 
 # -- the specs -------------------------------------------------------------------------
@@ -287,6 +301,9 @@ CAPITALS_PLAIN = few_shot(CAPITAL_SHOTS, "Country", "Capital")
 PLURAL_PLAIN = few_shot(PLURAL_SHOTS, "Singular", "Plural")
 PAST_PLAIN = few_shot(PAST_SHOTS, "Verb", "Past tense")
 FACTS_PLAIN = facts_plain()
+FACTS_RESULT_PLAIN = facts_plain(result_format=True)
+RESULT_MARKER = "["
+"""The authors' SQuAD objective reads ``p`` of the generated token that contains ``[``."""
 
 SPECS: dict[str, TaskSpec] = {
     "capitals": TaskSpec(
@@ -320,6 +337,15 @@ SPECS: dict[str, TaskSpec] = {
         chat=_chat("Answer the question with a few words copied from the text.", FACTS_PLAIN),
         default_format="plain",
         max_new_tokens=8,
+    ),
+    "facts_result": TaskSpec(
+        name="facts_result",
+        rows=facts_rows,
+        plain=FACTS_RESULT_PLAIN,
+        chat=_chat('Answer the question in this format: "Result = [[ answer ]]".', FACTS_RESULT_PLAIN),
+        default_format="plain",
+        max_new_tokens=12,
+        answer_marker=RESULT_MARKER,
     ),
 }
 """The generated tasks by name (``load_task`` resolves these names)."""
