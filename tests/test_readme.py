@@ -25,3 +25,16 @@ def test_readme_library_example_runs(capsys: pytest.CaptureFixture[str]) -> None
     exec(compile(python_blocks()[0], str(README), "exec"), namespace)
     assert len(namespace["top"]) == 10  # type: ignore[arg-type]
     assert "capital of France" in capsys.readouterr().out
+
+
+def test_the_readme_result_blocks_are_their_files() -> None:
+    """Every number in the README's result blocks comes from a committed results file (scripts/sync_readme.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sync_readme", README.parent / "scripts" / "sync_readme.py")
+    assert spec is not None and spec.loader is not None
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    text = README.read_text(encoding="utf-8")
+    assert all(f"<!-- {name}:start -->" in text for name in sync.BLOCKS)
+    assert sync.synced(text) == text, "a README result block is stale: run python scripts/sync_readme.py"

@@ -1,0 +1,101 @@
+"""Write the README's result blocks from the committed result files, so the README cannot drift from them.
+
+Each block sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``README.md`` and is
+rebuilt from files that the report code or the benchmark wrote:
+
+* ``demo``: the summary sentences of ``docs/results/demo_sst2_layer6/summary.md`` and the
+  experiment-1 table of its ``table.md``;
+* ``paper``: the summary sentences of ``docs/results/paper_sst2_layer6/summary.md``;
+* ``bench``: the table of ``benchmarks/results.md`` (``make bench``).
+
+    python scripts/sync_readme.py           # rewrite the blocks
+    python scripts/sync_readme.py --check   # exit 1 (naming the block) if a block differs from its files
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+def summary_bullets(path: Path) -> str:
+    """The bullet lines under the first ``## Summary`` heading of a generated ``summary.md``."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("## Summary"))
+    bullets = []
+    for line in lines[start + 1 :]:
+        if line.startswith("#"):
+            break
+        if line.startswith("- "):
+            bullets.append(line)
+    return "\n".join(bullets)
+
+
+def first_table_after(path: Path, heading: str) -> str:
+    """The first markdown table after the line starting with ``heading``."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    rows = []
+    for line in lines[start + 1 :]:
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            break
+    return "\n".join(rows)
+
+
+def demo() -> str:
+    folder = ROOT / "docs" / "results" / "demo_sst2_layer6"
+    table = first_table_after(folder / "table.md", "### Experiment 1")
+    return f"{table}\n\n{summary_bullets(folder / 'summary.md')}"
+
+
+def paper() -> str:
+    return summary_bullets(ROOT / "docs" / "results" / "paper_sst2_layer6" / "summary.md")
+
+
+def bench() -> str:
+    path = ROOT / "benchmarks" / "results.md"
+    if not path.is_file():
+        return "(no `benchmarks/results.md` yet: run `make bench`)"
+    return path.read_text(encoding="utf-8").strip()
+
+
+BLOCKS: dict[str, Callable[[], str]] = {"demo": demo, "paper": paper, "bench": bench}
+
+
+def synced(text: str) -> str:
+    """``text`` (the README) with every block rebuilt."""
+    for name, build in BLOCKS.items():
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no {start} ... {end} block")
+        block = f"{start}\n{build()}\n{end}"
+        text = pattern.sub(lambda _match, block=block: block, text)
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 if a block is stale")
+    args = parser.parse_args()
+    text = README.read_text(encoding="utf-8")
+    new = synced(text)
+    if args.check:
+        if new != text:
+            print("README.md: a result block differs from its files: run python scripts/sync_readme.py")  # noqa: T201
+            return 1
+        return 0
+    README.write_text(new, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
