@@ -66,19 +66,48 @@ def device(parser: Parser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 
+def layer(parser: Parser) -> None:
+    """``--layer``: one layer."""
+    parser.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help=config_help("layer", after="(default: the SAE's own, else 6)"),
+    )
+
+
+def device_map(parser: Parser) -> None:
+    """``--device-map``."""
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        help="spread a model too large for one device over the visible ones (accelerate), e.g. auto",
+    )
+
+
+def model_arguments(parser: Parser) -> None:
+    """``--model``, ``--sae``, ``--layer``, ``--device``, ``--device-map``: one model, one SAE."""
+    model(parser)
+    sae(parser)
+    layer(parser)
+    device(parser)
+    device_map(parser)
+
+
 def layers(parser: Parser, *, default: str | None, help: str) -> None:
     """``--layers``: a comma list, parsed by :func:`gradsae.cli.common.parse_layers`."""
     parser.add_argument("--layers", default=default, help=help)
 
 
-def out(parser: Parser, *, help: str, default: str | None = None) -> None:
-    """``--out``: required unless given a ``default``."""
-    parser.add_argument("--out", required=default is None, default=default, help=help)
+def out(parser: Parser, *, help: str, default: str | None = None, required: bool = False) -> None:
+    """``--out``."""
+    parser.add_argument("--out", required=required, default=default, help=help)
 
 
-def seed(parser: Parser, *, help: str = "seed for sampling, donors, random ranking, bootstrap") -> None:
-    """``--seed``."""
-    parser.add_argument("--seed", type=int, default=0, help=help)
+def seed(parser: Parser, *, help: str | None = None) -> None:
+    """``--seed`` (default help: :attr:`ExperimentConfig.seed`'s, which also draws the task's examples)."""
+    text = help or config_help("seed", after="It also draws the task's examples.")
+    parser.add_argument("--seed", type=int, default=field_default("seed"), help=text)
 
 
 def restart(parser: Parser, *, help: str) -> None:
@@ -119,6 +148,10 @@ def mode(parser: Parser, *, default: str | None = None, after: str = "") -> None
     parser.add_argument("--mode", default=default, choices=MODES, help=config_help("mode", after=after))
 
 
+SPLICE_FIRST = "also splice (and mask) each prompt's first token: skip_first false (unset: the preset's). skip_first:"
+NO_FLOORS = "skip the steering floors: floors false. floors:"
+
+
 def splice_first(parser: Parser) -> None:
     """``--splice-first``: :attr:`SpliceSpec.skip_first` set to ``False`` (unset: the preset's)."""
     parser.add_argument(
@@ -127,7 +160,7 @@ def splice_first(parser: Parser) -> None:
         action="store_const",
         const=False,
         default=None,
-        help=config_help("skip_first", before="also splice (and mask) each prompt's first token. Unset:"),
+        help=config_help("skip_first", before=SPLICE_FIRST),
     )
 
 
@@ -170,7 +203,12 @@ def keep_f1(parser: Parser) -> None:
 
 def no_floors(parser: Parser) -> None:
     """``--no-floors``: :attr:`ExperimentConfig.floors` set to ``False``."""
-    parser.add_argument("--no-floors", dest="floors", action="store_false", help=config_help("floors", before="skip:"))
+    parser.add_argument(
+        "--no-floors",
+        dest="floors",
+        action="store_false",
+        help=config_help("floors", before=NO_FLOORS),
+    )
 
 
 def curves(parser: Parser) -> None:

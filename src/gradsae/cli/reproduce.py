@@ -31,7 +31,7 @@ from typing import Any
 
 from gradsae import distributed
 from gradsae.cli import options, validate
-from gradsae.cli.common import add_model_arguments, parse_layers
+from gradsae.cli.common import parse_layers
 from gradsae.cli.plan import add_plan_argument, reproduce_plan
 from gradsae.errors import GradSAEError
 from gradsae.experiments import run as experiment
@@ -52,14 +52,14 @@ MODE_NOTE = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``gradsae reproduce``."""
-    add_model_arguments(parser)
+    options.model_arguments(parser)
     parser.add_argument(
         "--task",
         default="sst2",
         help="sst2, news, squad (with --squad FILE), capitals, plural, past_tense, facts, "
         "or a .jsonl/.csv file with prompt/answer columns",
     )
-    options.out(parser, help="output folder")
+    options.out(parser, required=True, help="output folder")
     options.n(
         parser,
         default=48,

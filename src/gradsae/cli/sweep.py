@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.layers(parser, default="6,15,24", help="comma-separated layers (default: 6,15,24)")
     options.ks(parser, default="10,50%")
     options.n(parser, default=32, help="examples drawn per task before keeping the correct ones")
-    options.out(parser, help="output folder: one sub-folder per task, and sweep.md")
+    options.out(parser, required=True, help="output folder: one sub-folder per task, and sweep.md")
     options.seed(parser)
     options.model(parser)
     options.sae(parser, help="SAE folder with {layer} in it (default: shipped)")

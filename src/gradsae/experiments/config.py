@@ -38,8 +38,7 @@ class SpliceSpec:
     """Decoder block whose output the SAE reads (and is spliced after)."""
     mode: Mode = "error"
     """Splice mode: error (the model stays exact, masked latents lose their decoder share) or replace (the
-    paper's: the residual becomes the reconstruction; on SmolLM2 it drops SST-2 accuracy to ~25% and the kept
-    examples may all share one label, leaving experiment 2 without donors)."""
+    paper's: the residual becomes the reconstruction, so the model's outputs change)."""
     skip_first: bool = True
     """Leave each prompt's first token (the attention sink) unspliced, since SAEs trained without position 0
     reconstruct it badly; ``False`` splices (and masks) every position, as the authors' code does."""
@@ -52,7 +51,7 @@ class ExperimentConfig:
     splice: SpliceSpec
     """Where and how the SAE is spliced."""
     methods: tuple[str, ...] = ("gradsae", "activation", "random")
-    """Ranking methods (add ``ablation`` for the exact effect; slow)."""
+    """Ranking methods, in order (ablation: the exact effect, one forward per active latent; slow)."""
     ks: tuple[KSpec, ...] = DEFAULT_KS
     """Values of K; 50% is half the latents active at the last token."""
     steer_positions: tuple[str, ...] = ("last",)
@@ -78,11 +77,11 @@ class ExperimentConfig:
     reuse_prefix: bool = True
     """Compute blocks ``0..l`` of each prompt once for all masking / steering conditions."""
     curves: bool = False
-    """Also measure faithfulness curves (deletion / sufficiency; :mod:`gradsae.experiments.curves`)."""
+    """Also measure faithfulness curves (deletion / sufficiency; see gradsae.experiments.curves)."""
     curves_n: int | None = None
     """Curves on the first N kept examples only (``None``: all; each costs one forward per active latent)."""
     ig_steps: int = 10
-    """Integrated-gradients steps (method ig; :mod:`gradsae.estimators`)."""
+    """Integrated-gradients steps (method ig; see gradsae.estimators)."""
 
     def __post_init__(self) -> None:
         bad = [p for p in self.steer_positions if p not in STEER_POSITIONS]
