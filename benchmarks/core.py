@@ -46,7 +46,7 @@ from benchmarks.reference import (
     separate_pipeline,
     spliced_positions,
 )
-from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.config import ExperimentConfig, SpliceSpec
 from gradsae.experiments.decode import decode, decode_conditions, prompt_batches
 from gradsae.experiments.rank import padded
 from gradsae.experiments.stats import spearman
@@ -308,7 +308,7 @@ def perturb_condition_cost(lm: LoadedModel, sae: SAE, task: Task, layer: int, *,
     decode gives every condition's answers (the generations stop once the answer is final).
     """
     texts = [task.render(example, lm.tokenizer) for example in task.examples]
-    cfg = ExperimentConfig(layer=layer, batch_size=len(texts))
+    cfg = ExperimentConfig(splice=SpliceSpec(layer=layer), batch_size=len(texts))
     reused = prompt_batches(lm, texts, cfg, reuse=True)
     fresh = prompt_batches(lm, texts, cfg, reuse=False)
     ids, mask = fresh[0].input_ids, fresh[0].attention_mask

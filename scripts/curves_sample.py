@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from gradsae.experiments.config import ExperimentConfig  # noqa: E402
+from gradsae.experiments.config import ExperimentConfig, SpliceSpec  # noqa: E402
 from gradsae.experiments.curves import faithfulness  # noqa: E402
 from gradsae.experiments.decode import decode, prompt_batches  # noqa: E402
 from gradsae.generate import answer_inputs, answer_step  # noqa: E402
@@ -45,7 +45,7 @@ def main() -> None:
     lm = load_model()
     sae, layer, label = resolve_sae(lm, None, args.layer, default_model=True)
     task = load_task(args.task, n=48, seed=0)
-    cfg = ExperimentConfig(layer=layer, batch_size=16)
+    cfg = ExperimentConfig(splice=SpliceSpec(layer=layer), batch_size=16)
     texts = [task.render(e, lm.tokenizer) for e in task.examples]
     gens = decode(lm, prompt_batches(lm, texts, cfg, reuse=False), task, cfg, sae=sae, edits_for=None)
     kept = [(e, g) for e, g in zip(task.examples, gens, strict=True) if task.score(e, g.text).exact == 1.0]

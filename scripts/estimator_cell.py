@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.config import ExperimentConfig, SpliceSpec
 from gradsae.experiments.curves import kept_curves
 from gradsae.experiments.decode import decode, prompt_batches
 from gradsae.experiments.rank import KeptExample, rank_examples
@@ -54,14 +54,24 @@ def main() -> None:
     task = load_task(args.task, n=args.n, seed=args.seed)
     methods = ("gradsae", "activation", "random", "ig", "relp")
     cfg = ExperimentConfig(
-        layer=layer, methods=methods, curves=True, curves_n=args.curves_n, ig_steps=args.ig_steps, seed=args.seed
+        splice=SpliceSpec(layer=layer),
+        methods=methods,
+        curves=True,
+        curves_n=args.curves_n,
+        ig_steps=args.ig_steps,
+        seed=args.seed,
     )
     texts = [task.render(example, lm.tokenizer) for example in task.examples]
     gens = decode(lm, prompt_batches(lm, texts, cfg, reuse=False), task, cfg, sae=None, edits_for=None)
     kept = [(ex, gen) for ex, gen in zip(task.examples, gens, strict=True) if task.score(ex, gen.text).exact == 1.0]
     kept = kept[: args.curves_n]
     ranked, _ = rank_examples(
-        lm, sae, task, [k[0] for k in kept], [k[1] for k in kept], ExperimentConfig(layer=layer, methods=("gradsae",))
+        lm,
+        sae,
+        task,
+        [k[0] for k in kept],
+        [k[1] for k in kept],
+        ExperimentConfig(splice=SpliceSpec(layer=layer), methods=("gradsae",)),
     )
     began = time.perf_counter()
     curves = kept_curves(lm, sae, ranked, cfg)

@@ -25,9 +25,9 @@ import pytest
 import torch
 
 import gradsae.cli.eval_sae
-import gradsae.cli.reproduce
 import gradsae.cli.score
 import gradsae.cli.train_sae
+import gradsae.experiments.run
 import gradsae.models
 from gradsae import _files
 from gradsae.cli import main
@@ -41,7 +41,7 @@ from gradsae.tasks import load_task
 from tests.helpers import CharTokenizer, tiny_sae
 from tests.tiny_files import tiny_model, tiny_tokenizer
 
-LOADERS = (gradsae.models, gradsae.cli.score, gradsae.cli.reproduce, gradsae.cli.train_sae, gradsae.cli.eval_sae)
+LOADERS = (gradsae.models, gradsae.cli.score, gradsae.experiments.run, gradsae.cli.train_sae, gradsae.cli.eval_sae)
 
 
 @dataclass(frozen=True)

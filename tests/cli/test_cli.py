@@ -57,21 +57,39 @@ def test_prompt_longer_than_context_is_refused():
 
 def test_paper_preset_fills_unset_options_and_explicit_flags_win():
     from gradsae.cli import build_parser
-    from gradsae.cli.reproduce import apply_preset
+    from gradsae.cli.reproduce import config_of
 
-    parse = build_parser().parse_args
-    args = parse(["reproduce", "--out", "x", "--paper"])
-    apply_preset(args)
-    assert (args.mode, args.splice_first, args.keep_f1, args.steer_positions, args.donor_value) == (
-        "replace",
-        True,
-        0.9,
-        "last",
-        "score",
-    )
-    args = parse(["reproduce", "--out", "x", "--paper", "--mode", "error", "--keep-f1", "1.0"])
-    apply_preset(args)
-    assert (args.mode, args.keep_f1, args.splice_first) == ("error", 1.0, True)
-    args = parse(["reproduce", "--out", "x"])
-    apply_preset(args)
-    assert (args.mode, args.splice_first, args.keep_f1, args.donor_value) == ("error", False, None, "activation")
+    def config(*argv: str):
+        cfg = config_of(build_parser().parse_args(["reproduce", "--out", "x", *argv]))
+        return cfg.mode, cfg.skip_first, cfg.keep_f1, cfg.steer_positions, cfg.donor_value
+
+    assert config("--paper") == ("replace", False, 0.9, ("last",), "score")
+    assert config("--paper", "--mode", "error", "--keep-f1", "1.0") == ("error", False, 1.0, ("last",), "score")
+    assert config() == ("error", True, None, ("last",), "activation")
+
+
+def test_preset_is_an_instance_that_fills_only_what_is_unset():
+    """``PAPER`` and ``DEFAULT`` are :class:`Preset` instances; each option given explicitly wins over either."""
+    import dataclasses
+
+    from gradsae.cli import build_parser
+    from gradsae.cli.reproduce import config_of
+    from gradsae.experiments.config import DEFAULT, PAPER, ExperimentConfig, Preset, SpliceSpec
+
+    assert isinstance(PAPER, Preset) and isinstance(DEFAULT, Preset)
+    plain = ExperimentConfig(splice=SpliceSpec(layer=0))
+    assert {f.name: getattr(plain, f.name) for f in dataclasses.fields(Preset)} == dataclasses.asdict(DEFAULT)
+    every = ["--mode", "error", "--keep-f1", "0.5", "--steer-positions", "all,last", "--donor-value", "activation"]
+    for preset in ([], ["--paper"]):
+        cfg = config_of(build_parser().parse_args(["reproduce", "--out", "x", *preset, *every]))
+        assert (cfg.mode, cfg.keep_f1, cfg.steer_positions, cfg.donor_value) == (
+            "error",
+            0.5,
+            ("all", "last"),
+            "activation",
+        )
+        assert cfg.skip_first is not bool(preset), "--splice-first unset: the preset's"
+    for preset in ([], ["--paper"]):
+        cfg = config_of(build_parser().parse_args(["reproduce", "--out", "x", *preset, "--splice-first"]))
+        assert cfg.skip_first is False
+        assert cfg.mode == ("replace" if preset else "error"), "only --splice-first was given"

@@ -132,3 +132,50 @@ def test_report_rerenders_a_finished_sweep_from_its_files(swept: Path) -> None:
     summary = (swept / "summary.md").read_text()
     assert "after Holm correction" in summary and "--out ." in summary
     assert (swept / "task" / "summary.md").is_file()
+
+
+class _SeenError(Exception):
+    """Raised by a spy once it has seen what it needs."""
+
+
+@pytest.mark.parametrize(
+    ("sweep_flags", "reproduce_flags", "run"),
+    [
+        ([], ["--curves", "--curves-n", "2"], True),
+        (["--paper", "--no-curves", "--mode", "error"], ["--paper", "--mode", "error"], False),
+    ],
+)
+def test_sweep_hands_each_task_to_run_task_as_reproduce_would(
+    files: Path, swept: Path, tmp_path: Path, monkeypatch, sweep_flags, reproduce_flags, run
+) -> None:
+    """No argv round trip and no ``reproduce.run``: the sweep builds each task's :class:`TaskRun`, equal to the
+    one ``gradsae reproduce`` builds from the same settings, and hands it to ``run_task``."""
+    from gradsae.cli import build_parser, reproduce, sweep
+
+    specs = []
+    real = sweep.run_task
+
+    def spy(spec, **kw):
+        specs.append(spec)
+        if not run:
+            raise _SeenError
+        return real(spec, **kw)
+
+    def refuse(_args):
+        raise AssertionError("sweep called reproduce.run")
+
+    monkeypatch.setattr(sweep, "run_task", spy)
+    monkeypatch.setattr(reproduce, "run", refuse)
+    task = str(files / "task.jsonl")
+    argv = ["sweep", "--tasks", task, "--layers", "0", "--n", "8", "--curves-n", "2", "--out", str(tmp_path)]
+    if run:
+        assert main([*argv, *_common(files), *sweep_flags]) == 0
+    else:
+        with pytest.raises(_SeenError):
+            sweep.run(build_parser().parse_args([*argv, *_common(files), *sweep_flags]))
+    (spec,) = specs
+    argv = ["reproduce", "--task", task, "--layers", "0", "--n", "8", "--out", str(tmp_path / "task")]
+    plain = build_parser().parse_args([*argv, *_common(files), *reproduce_flags])
+    assert spec == reproduce.task_run(plain, task=plain.task, out=plain.out)
+    if run:  # the same file as the sweep fixture's, which equals a plain reproduce's (test above)
+        assert (tmp_path / "task" / "results.json").read_text() == (swept / "task" / "results.json").read_text()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradsae.experiments import decode as batched
-from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.config import ExperimentConfig, SpliceSpec
 from gradsae.experiments.decode import decode, decode_conditions, merged_edits, prompt_batches
 from gradsae.experiments.record import ExampleRecorder
 from gradsae.experiments.run import run_layer
@@ -71,7 +71,7 @@ def _task(labels=None, max_new_tokens=6):
     ],
 )
 def test_same_generations_as_one_condition_at_a_time(char_lm, sae, mode, where, reuse, monkeypatch):
-    cfg = ExperimentConfig(layer=0, mode=mode, batch_size=3)
+    cfg = ExperimentConfig(splice=SpliceSpec(layer=0, mode=mode), batch_size=3)
     task = _task()
     texts = [task.render(e, char_lm.tokenizer) for e in task.examples]
     batches = prompt_batches(char_lm, texts, cfg, reuse=reuse)
@@ -97,7 +97,7 @@ def test_same_generations_as_one_condition_at_a_time(char_lm, sae, mode, where, 
 
 
 def test_stopping_when_answered_keeps_every_answer(char_lm, sae):
-    cfg = ExperimentConfig(layer=0, mode="replace", batch_size=4)
+    cfg = ExperimentConfig(splice=SpliceSpec(layer=0, mode="replace"), batch_size=4)
     plain = _task()
     texts = [plain.render(e, char_lm.tokenizer) for e in plain.examples]
     batches = prompt_batches(char_lm, texts, cfg, reuse=True)
@@ -155,9 +155,7 @@ def test_pipeline_batched_equals_one_condition_at_a_time(char_lm, sae, mode, ski
     """Both experiments (masking; steering at every position mode, with the floors) give the same per-example
     outcomes, statistics and recorded answers batched as condition by condition with ``decode``."""
     cfg = ExperimentConfig(
-        layer=0,
-        mode=mode,
-        skip_first=skip_first,
+        splice=SpliceSpec(layer=0, mode=mode, skip_first=skip_first),
         ks=(1, 3, "50%"),
         steer_positions=("last", "cumulative", "all"),
         batch_size=3,

@@ -16,7 +16,7 @@ import gradsae.experiments.perturb as perturb
 from gradsae import _files
 from gradsae.cli import main
 from gradsae.errors import GradSAEError
-from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.config import ExperimentConfig, SpliceSpec
 from gradsae.experiments.journal import FOLDER, Journal, count_units, unit_key
 from gradsae.experiments.run import run_layer
 from gradsae.tasks import Example, Task
@@ -81,7 +81,9 @@ class _StopError(Exception):
 def test_interrupted_layer_resumes_to_the_same_result(tmp_path, monkeypatch):
     """Condition by condition (the reference path): a cut after 8 conditions reruns only the rest."""
     lm, sae = helpers.char_lm(seed=3), helpers.tiny_sae("topk", d_sae=48, seed=2)
-    cfg = ExperimentConfig(layer=0, ks=(1, "50%"), steer_positions=("last",), batch_size=3, bootstrap=50)
+    cfg = ExperimentConfig(
+        splice=SpliceSpec(layer=0), ks=(1, "50%"), steer_positions=("last",), batch_size=3, bootstrap=50
+    )
     task = _task(lm, sae, cfg)
     plain = run_layer(lm, sae, task, cfg, batched=False)
     whole = run_layer(lm, sae, task, cfg, Journal.open(tmp_path / "a", {"run": 1}), batched=False)
@@ -114,7 +116,9 @@ def test_interrupted_layer_resumes_to_the_same_result(tmp_path, monkeypatch):
 def test_interrupted_batched_layer_resumes_to_the_same_result(tmp_path, monkeypatch):
     """Group by group (the batched path): a cut in the third group reruns only the unfinished groups."""
     lm, sae = helpers.char_lm(seed=3), helpers.tiny_sae("topk", d_sae=48, seed=2)
-    cfg = ExperimentConfig(layer=0, ks=(1, "50%"), steer_positions=("last",), batch_size=3, bootstrap=50)
+    cfg = ExperimentConfig(
+        splice=SpliceSpec(layer=0), ks=(1, "50%"), steer_positions=("last",), batch_size=3, bootstrap=50
+    )
     task = _task(lm, sae, cfg)
     plain = run_layer(lm, sae, task, cfg)
     assert run_layer(lm, sae, task, cfg, batched=False) == plain, "batched and one at a time agree"

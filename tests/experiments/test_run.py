@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from gradsae.cli.reproduce import parse_ks, write_outputs
+from gradsae.cli.options import parse_ks
+from gradsae.cli.reproduce import write_outputs
 from gradsae.errors import GradSAEError
-from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.config import ExperimentConfig, SpliceSpec
 from gradsae.experiments.decode import decode, prompt_batches
 from gradsae.experiments.perturb import pick_donors, steering_edits
 from gradsae.experiments.rank import KeptExample, chosen, k_value
@@ -58,8 +59,9 @@ def _half_right_task(lm, sae, cfg):
 
 
 def _cfg(**kw):
-    base = {"layer": 0, "mode": "replace", "ks": (1, 3, "50%"), "batch_size": 3, "bootstrap": 50}
-    return ExperimentConfig(**(base | kw))
+    splice = {"layer": 0, "mode": "replace"} | {k: kw.pop(k) for k in ("layer", "mode", "skip_first") if k in kw}
+    base = {"ks": (1, 3, "50%"), "batch_size": 3, "bootstrap": 50}
+    return ExperimentConfig(splice=SpliceSpec(**splice), **(base | kw))
 
 
 def test_correct_example_filter_and_full_run(char_lm, sae):
@@ -315,7 +317,7 @@ def test_splice_first_masks_the_first_token_too(char_lm, sae):
         return [Edit(latents=torch.tensor([everything] * len(rows)), positions="all")]
 
     def run(skip_first):
-        c = dataclasses.replace(cfg, skip_first=skip_first)
+        c = cfg.spliced(skip_first=skip_first)
         return [g.token_ids for g in decode(char_lm, batches, task, c, sae=sae, edits_for=zero_all)]
 
     ids, mask = encode_prompts(char_lm.tokenizer, texts)

@@ -12,7 +12,7 @@ from gradsae.cli import build_parser, reproduce
 from gradsae.errors import GradSAEError
 from gradsae.tasks import generated, load_task
 from gradsae.tasks.generated import SPECS, facts_rows
-from tests.helpers import CharTokenizer, char_lm
+from tests.helpers import CharTokenizer
 
 GENERATED = tuple(SPECS)
 
@@ -98,20 +98,11 @@ def test_user_task_in_plain_format_is_not_templated(tmp_path) -> None:
 def test_metric_flag_makes_a_classification_task(tmp_path, monkeypatch) -> None:
     path = tmp_path / "cls.csv"
     path.write_text("prompt,answer\n" + "".join(f"text {i},{'yes' if i % 2 else 'no'}\n" for i in range(6)))
-    seen = {}
-
-    def stop(_lm: object, task: object) -> None:
-        seen["task"] = task
-        raise GradSAEError("stop here")
-
-    monkeypatch.setattr(reproduce, "load_model", lambda *a, **k: char_lm())
-    monkeypatch.setattr(reproduce, "check_prompt_lengths", stop)
     argv = ["reproduce", "--out", str(tmp_path / "o"), "--task", str(path), "--n", "4"]
     for metric, labels in (("accuracy", ("no", "yes")), ("squad", None)):
         args = build_parser().parse_args([*argv, "--metric", metric])
-        with pytest.raises(GradSAEError, match="stop here"):
-            reproduce.run(args)
-        assert seen["task"].metric == metric and seen["task"].labels == labels
-    assert seen["task"].examples[0].label is None
+        task = reproduce.task_run(args, task=args.task, out=args.out).task  # what the run would load
+        assert task.metric == metric and task.labels == labels
+    assert task.examples[0].label is None
     with pytest.raises(GradSAEError, match="drop --metric"):
         load_task("capitals", n=1, metric="accuracy")

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gradsae.cli.common import add_model_arguments, parse_layers
+from gradsae.cli import options
+from gradsae.cli.common import parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.experiments.cards import compute_cards, corpus_tokens, run_latents
 from gradsae.experiments.results import EXAMPLES, ExampleDump, LayerExamples, cards_path
@@ -24,12 +25,12 @@ from gradsae.report.neuronpedia import SOURCE_SET, write_neuronpedia
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``gradsae cards``."""
-    add_model_arguments(parser)
+    options.model_arguments(parser)
     parser.add_argument("--latents", default=None, help="comma-separated latent ids, e.g. 12,80,4001")
     parser.add_argument(
         "--run", default=None, help="a folder written by `gradsae reproduce`: describe every latent its TopK sets hold"
     )
-    parser.add_argument("--out", default=None, help="output JSON (default with --run: RUN_DIR/cards_layer{l}.json)")
+    options.out(parser, help="output JSON (default with --run: RUN_DIR/cards_layer{l}.json)")
     parser.add_argument("--corpus", default="news", help="text corpus (held-out documents are used): news or a file")
     parser.add_argument("--sequences", type=int, default=64, help="corpus sequences to scan")
     parser.add_argument("--context", type=int, default=64, help="tokens per corpus sequence, BOS included")

@@ -1,4 +1,6 @@
-"""Argument helpers shared by the commands: model options, layer lists, counts, and dataclass-driven options.
+"""Argument helpers shared by the commands: layer lists, counts, and dataclass-driven options.
+
+The options several commands share are in :mod:`gradsae.cli.options`, one helper each.
 
 :func:`dataclass_arguments` turns a frozen config dataclass into ``--options``: one
 per field, the field's default as the default, the docstring under the field as
@@ -19,30 +21,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from gradsae.errors import GradSAEError
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--sae``, ``--layer``, ``--device``: shared by the commands."""
-    parser.add_argument(
-        "--model", default=None, help="HF model folder or id, or a .gguf file (default: embedded SmolLM2-135M-Instruct)"
-    )
-    parser.add_argument(
-        "--sae",
-        default=None,
-        help="SAE folder: SAELens, sparsify or Gemma Scope layout; {layer} in it becomes the layer (default: shipped)",
-    )
-    parser.add_argument(
-        "--layer",
-        type=int,
-        default=None,
-        help="decoder block whose output the SAE reads (default: the SAE's own, else 6)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument(
-        "--device-map",
-        default=None,
-        help="spread a model too large for one device over the visible ones (accelerate), e.g. auto",
-    )
 
 
 def parse_layers(text: str, *, option: str = "--layers") -> tuple[int, ...]:

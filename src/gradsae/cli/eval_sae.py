@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from gradsae import _files
-from gradsae.cli import validate
+from gradsae.cli import options, validate
 from gradsae.cli.common import parse_count, parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.experiments.eval_sae import (
@@ -59,33 +59,28 @@ KNOWN_TASKS = ("sst2", "news", *SPECS)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``gradsae eval-sae``."""
     add = parser.add_argument
-    add(
-        "--model", default=None, help="HF model folder or id, or a .gguf file (default: embedded SmolLM2-135M-Instruct)"
-    )
-    add(
-        "--sae",
-        default=None,
+    options.model(parser)
+    options.sae(
+        parser,
         help="SAE folder with {layer} in it, or shipped:NAME, SAEs that shipped under that name, e.g. shipped:k32 "
         "(default: the shipped SAEs of the default model)",
     )
-    add("--layers", default="6,15,24", help="comma-separated layers, one SAE each (default: 6,15,24)")
-    add("--out", required=True, help="output folder: eval_sae.json and eval_sae.md")
+    options.layers(parser, default="6,15,24", help="comma-separated layers, one SAE each (default: 6,15,24)")
+    options.out(parser, required=True, help="output folder: eval_sae.json and eval_sae.md")
     add("--tokens", type=parse_count, default=8_000, help="counted tokens per held-out set, e.g. 8k (0: skip the sets)")
     add("--n-task", type=int, default=64, help="examples per task for the accuracy (0: skip it)")
     add(
         "--tasks", default=TASKS, help=f"comma-separated tasks for the chat prompts and the accuracy (default: {TASKS})"
     )
-    add("--seed", type=int, default=0, help="seed that draws the task examples and the bootstrap (default: 0)")
+    options.seed(parser, help="seed that draws the task examples and the bootstrap (default: 0)")
     add("--context", type=int, default=128, help="tokens per news sequence, BOS included (default: 128, as trained)")
     add("--new-tokens", type=int, default=48, help="greedy tokens per continuation in the generated set")
     add("--opening", type=int, default=16, help="tokens of each news opening the generated set continues")
     add("--batch-size", type=int, default=16, help="sequences per forward batch")
-    add("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    add("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small machine)")
-    add(
-        "--prompt-format",
-        choices=("chat", "plain"),
-        default=None,
+    options.device(parser)
+    options.threads(parser)
+    options.prompt_format(
+        parser,
         help="render every task in this format (default: each task's own; plain for a model without a chat template)",
     )
     add(
@@ -93,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write each layer's figures into its SAE folder's README.md (needs --sae; replaces that section)",
     )
-    add("--restart", action="store_true", help="discard an earlier run's journal in --out and measure everything anew")
+    options.restart(parser, help="discard an earlier run's journal in --out and measure everything anew")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,8 +26,7 @@ from typing import Any
 import torch
 
 from gradsae import _files, distributed
-from gradsae.cli import validate
-from gradsae.cli.common import add_model_arguments
+from gradsae.cli import options, validate
 from gradsae.cli.plan import add_plan_argument, score_plan
 from gradsae.errors import GradSAEError
 from gradsae.estimators import BASELINES, ESTIMATORS, IG_STEPS, Baseline, logit_diff, mean_activations
@@ -41,7 +40,7 @@ from gradsae.pretrained import resolve_sae
 from gradsae.report.html import score_page
 from gradsae.sae import SAE, check_compatible
 from gradsae.scores import Scores, score_methods
-from gradsae.splice import MODES, splice
+from gradsae.splice import splice
 
 SCORE_METHODS = ("gradsae", *ESTIMATORS)
 
@@ -65,7 +64,7 @@ class ScoreRow:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``gradsae score``."""
-    add_model_arguments(parser)
+    options.model_arguments(parser)
     add_score_arguments(parser)
 
 
@@ -89,12 +88,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=None, help="continuation for --objective target")
     parser.add_argument("--labels", default="", help="comma-separated label words for --objective label")
     parser.add_argument("--label", default=None, help="the label to score for --objective label")
-    parser.add_argument(
-        "--mode",
-        default="error",
-        choices=MODES,
-        help="error: exact model + latents (default); replace: the paper's reconstruction splice",
-    )
+    options.mode(parser, default="error")
     parser.add_argument(
         "--aggregation",
         default="paper",
@@ -107,7 +101,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma list of estimators, any of {', '.join(SCORE_METHODS)}: the first ranks the table, each gets a "
         "column (ig: integrated gradients; relp: RelP propagation; see gradsae.estimators)",
     )
-    parser.add_argument("--ig-steps", type=int, default=IG_STEPS, help="integrated-gradients steps (method ig)")
+    options.ig_steps(parser, default=IG_STEPS)
     parser.add_argument(
         "--baseline",
         default="zero",

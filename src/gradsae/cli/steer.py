@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from gradsae import _files
-from gradsae.cli.common import add_model_arguments, dataclass_arguments, parse_layers
+from gradsae.cli import options
+from gradsae.cli.common import dataclass_arguments, parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.experiments.concepts import (
     CONCEPTS,
@@ -51,8 +52,8 @@ OUTPUTS = ("steering.json", "steering.md", "steering.png", "timing.json")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``gradsae steer``."""
-    add_model_arguments(parser)
-    parser.add_argument("--out", default="runs/steer", help="output folder (default: runs/steer)")
+    options.model_arguments(parser)
+    options.out(parser, default="runs/steer", help="output folder (default: runs/steer)")
     parser.add_argument(
         "--concept",
         action="append",
@@ -68,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concept-file", default=None, help="JSON: one concept object, or a list of them")
     parser.add_argument("--render-only", action="store_true", help="re-render --out/steering.json; run nothing")
     parser.add_argument("--report", default=None, help="where the markdown goes (default: --out/steering.md)")
-    parser.add_argument("--restart", action="store_true", help="discard an earlier run in --out and start fresh")
+    options.restart(parser, help="discard an earlier run in --out and start fresh")
     dataclass_arguments(parser, SteerConfig, types={"alphas": str, "methods": str, "layers": str, "seeds": str})
 
 

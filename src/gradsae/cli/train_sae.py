@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from gradsae import _files
-from gradsae.cli import validate
+from gradsae.cli import options, validate
 from gradsae.cli.common import dataclass_arguments, parse_count, parse_layers
 from gradsae.errors import GradSAEError
 from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers, load_model
@@ -46,8 +46,8 @@ NOT_OPTIONS = ("layers", "model_name", "corpus")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``gradsae train-sae``."""
     add = parser.add_argument
-    add("--model", default=None, help="model name, folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
-    add("--layers", default="6", help="comma-separated layers, e.g. 6,15,24 (one SAE each, trained together)")
+    options.model(parser)
+    options.layers(parser, default="6", help="comma-separated layers, e.g. 6,15,24 (one SAE each, trained together)")
     add(
         "--corpus",
         default="news",
@@ -58,13 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--column", default="text", help="text column of a .jsonl/.csv/.parquet/HF corpus")
     add("--split", default="train", help="split of a Hugging Face dataset")
-    add("--out", default="runs/sae", help="output folder: layer_<l>/ per SAE, plus checkpoint.pt")
+    options.out(parser, default="runs/sae", help="output folder: layer_<l>/ per SAE, plus checkpoint.pt")
     dataclass_arguments(parser, TrainConfig, skip=NOT_OPTIONS, types=COUNTS)
     add("--model-dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the model while training")
     add("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="dtype of the saved SAEs")
     add("--eval-tokens", type=parse_count, default=32_768, help="held-out tokens for evaluation (0: skip)")
     add("--eval-batch", type=int, default=16, help="sequences per forward pass in evaluation")
-    add("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small machine)")
+    options.threads(parser)
     add("--no-progress", action="store_true", help="hide the progress bar")
 
 

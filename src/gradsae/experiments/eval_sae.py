@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from gradsae import _files
-from gradsae.experiments.config import ExperimentConfig
+from gradsae.experiments.config import ExperimentConfig, SpliceSpec
 from gradsae.experiments.decode import decode, prompt_batches
 from gradsae.experiments.eval_sets import EvalSet
 from gradsae.experiments.journal import Journal, recall, unit_key
@@ -242,7 +242,7 @@ def task_accuracy(
     Each of these units is taken from ``journal`` when it holds it, else measured and journaled.
     """
     texts = [task.render(example, lm.tokenizer) for example in task.examples]
-    first = ExperimentConfig(layer=min(saes) if saes else 0, batch_size=batch_size, seed=seed)
+    first = ExperimentConfig(splice=SpliceSpec(layer=min(saes) if saes else 0), batch_size=batch_size, seed=seed)
 
     def clean_unit() -> dict[str, Any]:
         gens = decode(lm, prompt_batches(lm, texts, first, reuse=False), task, first, sae=None, edits_for=None)
@@ -252,7 +252,7 @@ def task_accuracy(
     clean = journaled(journal, unit_key("clean", task.name), clean_unit)
     out = [Accuracy.from_dict(clean["accuracy"])]
     for layer, sae in saes.items():
-        out += _layer_accuracy(lm, sae, task, texts, dataclasses.replace(first, layer=layer), clean, journal)
+        out += _layer_accuracy(lm, sae, task, texts, first.spliced(layer=layer), clean, journal)
         log.info("%s layer %d: %s", task.name, layer, " ".join(f"{a.condition} {a.exact.mean:.1f}" for a in out[-2:]))
     error = [a for a in out if a.condition == "error" and a.differs]
     for a in error:
@@ -281,7 +281,7 @@ def _layer_accuracy(
             if batches is None:
                 batches = prompt_batches(lm, texts, cfg, reuse=True)
             began = time.perf_counter()
-            gens = decode(lm, batches, task, dataclasses.replace(cfg, mode=mode), sae=sae, edits_for=None)
+            gens = decode(lm, batches, task, cfg.spliced(mode=mode), sae=sae, edits_for=None)
             ids = [list(g.token_ids) for g in gens]
             found = _accuracy(task, mode, cfg.layer, [g.text for g in gens], ids, clean["token_ids"], cfg.seed)
             unit = store(journal, keys[mode], {"accuracy": found, "seconds": round(time.perf_counter() - began, 3)})
