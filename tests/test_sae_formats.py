@@ -171,10 +171,10 @@ def test_resid_pre_error_mode_is_exact_and_its_gradient_is_at_the_block_input(lm
 def test_resid_pre_scores_run_and_a_prefix_replay_through_its_block_is_refused(lm, tmp_path):
     sae = _resid_pre_sae(tmp_path, 1)
     ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(4))
-    scores = score_latents(lm, sae, ids, None, NextTokenProb(), method="gradsae")
+    scores = score_latents(lm, sae, ids, NextTokenProb(), method="gradsae")
     assert (scores.per_latent != 0).any()
     # The ablation baseline replays blocks 0..1 from a cache, which would skip the splice at block 1's input.
-    _refused("prefix", score_latents, lm, sae, ids, None, NextTokenProb(), method="ablation")
+    _refused("prefix", score_latents, lm, sae, ids, NextTokenProb(), method="ablation")
 
 
 @pytest.mark.parametrize(

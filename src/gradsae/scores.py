@@ -141,59 +141,68 @@ class Scores:
 _TENSORS = ("per_latent", "token_index", "token_score", "mean_act", "last_act", "active_last", "objective")
 
 
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How :func:`score_latents` and :func:`score_methods` splice, aggregate and estimate (shared by both)."""
+
+    layer: int | None = None
+    """Decoder block the SAE is spliced after; ``None``: the SAE's own ``hook_layer``."""
+    mode: Mode = "error"
+    """Splice mode: ``error`` (the output is exactly unchanged) or ``replace`` (the paper's)."""
+    aggregation: Aggregation = "paper"
+    """Per-token scores to per-latent ones: ``paper``, ``signed``, ``abs``, ``sum`` or ``last`` (module docstring)."""
+    skip_first: bool = True
+    """Leave each row's first real token unspliced (no latents, not counted in means); ``False``: the paper's code."""
+    seed: int | Sequence[int] = 0
+    """Seed of the ``random`` scores: one for the batch, or one per row (a row's scores then ignore its neighbours)."""
+    ablation_batch: int = 32
+    """Forwards batched together by the exact ``ablation`` and the estimators' interpolation steps."""
+    ig_steps: int = IG_STEPS
+    """Midpoint steps of integrated gradients (``ig``)."""
+    baseline: Baseline | None = None
+    """What a removed latent is set to (:mod:`gradsae.estimators`); ``None``: zero."""
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise GradSAEError(f"unknown aggregation {self.aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+
+
+Inputs = Mapping[str, Any] | torch.Tensor
+"""The tokenizer's output (``input_ids``, optional ``attention_mask``; left-padded), or ``input_ids`` alone."""
+
+
 def score_latents(
     lm: LoadedModel,
     sae: SAE,
-    inputs: Mapping[str, Any] | torch.Tensor,
-    *args: Any,
+    inputs: Inputs,
+    objective: Objective,
+    *,
     method: Method = "gradsae",
-    layer: int | None = None,
-    mode: Mode = "error",
-    aggregation: Aggregation = "paper",
-    seed: int = 0,
-    ablation_batch: int = 32,
-    skip_first: bool = True,
+    options: ScoreOptions = ScoreOptions(),
 ) -> Scores:
-    """Score every latent for a batch of (left-padded) inputs; see the module docstring.
+    """Score every latent for a batch of (left-padded) inputs with one ``method``; see the module docstring.
 
-    Call as ``score_latents(lm, sae, enc, objective)`` with the tokenizer's output
-    ``enc`` (a mapping with ``input_ids`` and optionally ``attention_mask``), or as
-    ``score_latents(lm, sae, input_ids, attention_mask, objective)``.
-    ``skip_first`` leaves each row's first real token unspliced (no latents, not
-    counted in means); ``False`` splices it too, as the paper's code does.
+    ``inputs``: the tokenizer's output (a mapping with ``input_ids`` and optionally
+    ``attention_mask``) or a ``[batch, pos]`` tensor of ids without padding.
     """
-    input_ids, attention_mask, objective = _call_inputs(lm, inputs, args)
-    return score_methods(
-        lm,
-        sae,
-        input_ids,
-        attention_mask,
-        objective,
-        methods=(method,),
-        layer=layer,
-        mode=mode,
-        aggregation=aggregation,
-        seed=seed,
-        ablation_batch=ablation_batch,
-        skip_first=skip_first,
-    )[method]
+    input_ids, attention_mask = split_inputs(lm, inputs)
+    return score_methods(lm, sae, input_ids, attention_mask, objective, methods=(method,), options=options)[method]
 
 
-def _call_inputs(
-    lm: LoadedModel, inputs: Mapping[str, Any] | torch.Tensor, args: tuple[Any, ...]
-) -> tuple[torch.Tensor, torch.Tensor | None, Objective]:
-    """``(input_ids, attention_mask, objective)`` from either calling form of :func:`score_latents`."""
+def split_inputs(lm: LoadedModel, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(input_ids, attention_mask)`` on the model's device from :data:`Inputs`."""
     if isinstance(inputs, torch.Tensor):
-        if len(args) != 2:
-            raise GradSAEError("score_latents(lm, sae, input_ids, attention_mask, objective): pass all three")
-        ids, mask, objective = inputs, args[0], args[1]
+        ids, mask = inputs, None
+    elif isinstance(inputs, Mapping) and "input_ids" in inputs:
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     else:
-        if len(args) != 1 or "input_ids" not in inputs:
-            raise GradSAEError("score_latents(lm, sae, enc, objective): enc is the tokenizer's output with input_ids")
-        ids, mask, objective = inputs["input_ids"], inputs.get("attention_mask"), args[0]
+        raise GradSAEError(
+            "score_latents(lm, sae, inputs, objective): inputs is the tokenizer's output (with input_ids) "
+            "or a tensor of input_ids"
+        )
     ids = torch.as_tensor(ids, device=lm.device)
     mask = None if mask is None else torch.as_tensor(mask, device=lm.device)
-    return ids, mask, objective
+    return ids, mask
 
 
 def score_methods(
@@ -204,27 +213,25 @@ def score_methods(
     objective: Objective,
     *,
     methods: Sequence[str],
-    layer: int | None = None,
-    mode: Mode = "error",
-    aggregation: Aggregation = "paper",
-    seed: int | Sequence[int] = 0,
-    ablation_batch: int = 32,
-    skip_first: bool = True,
-    ig_steps: int = IG_STEPS,
-    baseline: Baseline | None = None,
+    options: ScoreOptions = ScoreOptions(),
 ) -> dict[str, Scores]:
     """Several methods from one spliced forward (and one backward if ``gradsae`` is among them).
 
-    ``skip_first``: as in :func:`score_latents` (default: the first real token is not spliced).
-    ``ig`` and ``relp`` and any ``baseline`` but zero: :mod:`gradsae.estimators` (the same baseline for
-    every estimator and the exact ``ablation``).
+    ``ig`` and ``relp`` and any ``options.baseline`` but zero: :mod:`gradsae.estimators` (the same baseline
+    for every estimator and the exact ``ablation``).
     """
+    if not isinstance(objective, Objective):
+        raise TypeError(
+            f"objective must be one of gradsae.objectives' objectives (NextTokenProb, ...), not "
+            f"{type(objective).__name__}: call score_latents(lm, sae, inputs, objective, options=ScoreOptions(...))"
+        )
+    if not isinstance(options, ScoreOptions):
+        raise TypeError(f"options must be a ScoreOptions, not {type(options).__name__}")
     for method in methods:
         if method not in METHODS:
             raise GradSAEError(f"unknown scoring method {method!r}: use one of {', '.join(METHODS)}")
-    if aggregation not in AGGREGATIONS:
-        raise GradSAEError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
     check_inputs(lm, input_ids, attention_mask)
+    o = options
     relp_pass = "relp" in methods and "gradsae" not in methods  # RelP's rules leave the forward values as they are
     with relp_rules(lm) if relp_pass else nullcontext():
         run = forward_backward(
@@ -233,12 +240,13 @@ def score_methods(
             input_ids,
             attention_mask,
             objective,
-            layer=layer,
-            mode=mode,
+            layer=o.layer,
+            mode=o.mode,
             grad="gradsae" in methods or relp_pass,
-            skip_first=skip_first,
+            skip_first=o.skip_first,
         )
     out = {}
+    baseline = o.baseline
     beyond = {"ig", "relp"} | ({"gradsae", "ablation"} if baseline is not None and not baseline.is_zero else set())
     for method in methods:
         if method in beyond:
@@ -250,18 +258,18 @@ def score_methods(
                 attention_mask,
                 objective,
                 run,
-                aggregation,
-                layer=layer,
-                mode=mode,
-                skip_first=skip_first,
-                batch=ablation_batch,
-                ig_steps=ig_steps,
+                o.aggregation,
+                layer=o.layer,
+                mode=o.mode,
+                skip_first=o.skip_first,
+                batch=o.ablation_batch,
+                ig_steps=o.ig_steps,
                 baseline=baseline,
                 relp_grad=run.grad if relp_pass else None,
             )
             continue
         if method == "gradsae":
-            out[method] = scores_from_gradient(sae, run, aggregation)
+            out[method] = scores_from_gradient(sae, run, o.aggregation)
             continue
         if method == "activation":
             token_score, per_latent = run.values, run.mean_act
@@ -274,14 +282,14 @@ def score_methods(
                 attention_mask,
                 objective,
                 run,
-                layer=layer,
-                mode=mode,
-                batch_size=ablation_batch,
-                skip_first=skip_first,
+                layer=o.layer,
+                mode=o.mode,
+                batch_size=o.ablation_batch,
+                skip_first=o.skip_first,
             )
         else:
-            token_score, per_latent = torch.zeros_like(run.values), random_scores(run.mean_act, seed=seed)
-        out[method] = _scores(method, aggregation, per_latent, token_score, run)
+            token_score, per_latent = torch.zeros_like(run.values), random_scores(run.mean_act, seed=o.seed)
+        out[method] = _scores(method, o.aggregation, per_latent, token_score, run)
     return out
 
 
