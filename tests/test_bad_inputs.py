@@ -34,7 +34,7 @@ from gradsae.cli import main
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel, load_model
 from gradsae.objectives import NextTokenProb, label_tokens
-from gradsae.sae import load_sae
+from gradsae.sae_formats import load_sae, save_sae
 from gradsae.scores import ScoreOptions, score_latents
 from gradsae.splice import Edit, splice
 from gradsae.tasks import load_task
@@ -321,22 +321,22 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _saes(d: Path) -> None:
-    tiny_sae("topk", layer=0).save(d / "sae")
-    tiny_sae("topk", layer=0).save(d / "l0")
-    tiny_sae(d_in=8, layer=0).save(d / "sae-wide")
+    save_sae(tiny_sae("topk", layer=0), d / "sae")
+    save_sae(tiny_sae("topk", layer=0), d / "l0")
+    save_sae(tiny_sae(d_in=8, layer=0), d / "sae-wide")
     for name, value in (("sae-nan", float("nan")), ("sae-inf", float("inf"))):
         sae = tiny_sae(layer=0)
         with torch.no_grad():
             sae.W_dec[3, 2] = value
-        sae.save(d / name)
-    tiny_sae(layer=0).save(d / "sae-dsae")
+        save_sae(sae, d / name)
+    save_sae(tiny_sae(layer=0), d / "sae-dsae")
     cfg = json.loads((d / "sae-dsae" / "cfg.json").read_text())
     (d / "sae-dsae" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 32}))
-    tiny_sae(layer=0).save(d / "sae-pickle")
+    save_sae(tiny_sae(layer=0), d / "sae-pickle")
     marker = d / "UNPICKLED"
     payload = pickle.dumps({"W_enc": _Tripwire(str(marker))})
     (d / "sae-pickle" / "sae_weights.safetensors").write_bytes(payload)
-    tiny_sae(layer=0).save(d / "sae-badcfg")
+    save_sae(tiny_sae(layer=0), d / "sae-badcfg")
     (d / "sae-badcfg" / "cfg.json").write_text("{not json")
 
 

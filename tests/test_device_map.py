@@ -9,6 +9,7 @@ import torch
 from gradsae.cli import main
 from gradsae.models import load_model, sae_device
 from gradsae.objectives import NextTokenProb
+from gradsae.sae_formats import save_sae
 from gradsae.scores import ScoreOptions, score_latents
 from tests.helpers import save_tiny_hf, tiny_lm, tiny_sae
 
@@ -30,7 +31,7 @@ def test_device_map_load_scores_as_the_plain_load(tmp_path):
     )
     assert torch.allclose(a.per_latent, b.per_latent, rtol=1e-5, atol=1e-9)
     out = tmp_path / "out.json"
-    tiny_sae("topk", layer=1).save(tmp_path / "sae")
+    save_sae(tiny_sae("topk", layer=1), tmp_path / "sae")
     argv = ["score", "--model", str(folder), "--sae", str(tmp_path / "sae"), "--prompt", "hi", "--no-chat"]
     assert main([*argv, "--device-map", "auto", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["rows"]

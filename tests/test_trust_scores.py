@@ -9,6 +9,7 @@ from gradsae.errors import GradSAEError
 from gradsae.models import block_output, position_ids
 from gradsae.objectives import NextTokenProb, TargetLogProb
 from gradsae.pretrained import resolve_sae
+from gradsae.sae_formats import save_sae
 from gradsae.scores import ScoreOptions, Scores, score_latents, score_methods
 from gradsae.splice import Edit, apply_edits, splice
 from tests.helpers import tiny_lm, tiny_sae
@@ -121,7 +122,7 @@ def lm16():
 
 def _resolved(lm, sae, tmp_path):
     """``sae`` saved and loaded back through the CLI's path (:func:`resolve_sae`)."""
-    resolved, layer, _ = resolve_sae(lm, str(sae.save(tmp_path / "sae")), 0, default_model=False)
+    resolved, layer, _ = resolve_sae(lm, str(save_sae(sae, tmp_path / "sae")), 0, default_model=False)
     assert layer == 0
     return resolved
 

@@ -41,7 +41,8 @@ _EXPORTS = {
     "LoadedModel": "gradsae.models",
     "SAE": "gradsae.sae",
     "SAEConfig": "gradsae.sae",
-    "load_sae": "gradsae.sae",
+    "load_sae": "gradsae.sae_formats",
+    "save_sae": "gradsae.sae_formats",
     "resolve_sae": "gradsae.pretrained",
     "ResolvedSAE": "gradsae.pretrained",
     "NextTokenProb": "gradsae.objectives",
@@ -71,6 +72,7 @@ __all__ = [
     "load_model",
     "load_sae",
     "resolve_sae",
+    "save_sae",
     "score_latents",
     "splice",
 ]
@@ -80,7 +82,8 @@ if TYPE_CHECKING:
     from gradsae.models import LoadedModel, load_model
     from gradsae.objectives import CustomObjective, LabelLogProb, NextTokenProb, TargetLogProb
     from gradsae.pretrained import ResolvedSAE, resolve_sae
-    from gradsae.sae import SAE, SAEConfig, load_sae
+    from gradsae.sae import SAE, SAEConfig
+    from gradsae.sae_formats import load_sae, save_sae
     from gradsae.scores import ScoreOptions, Scores, score_latents
     from gradsae.splice import Edit, splice
 
