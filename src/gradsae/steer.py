@@ -65,7 +65,6 @@ norm ``alpha * R`` whatever its latents.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,32 +77,6 @@ from gradsae.objectives import NextTokenProb, Objective, TargetLogProb
 from gradsae.sae import SAE
 from gradsae.scores import ScoreOptions, score_latents
 from gradsae.splice import Edit, Mode, splice
-
-
-@dataclass(frozen=True)
-class Concept:
-    """What to steer toward: words that show it, texts that express it, optionally its opposite."""
-
-    name: str
-    words: tuple[str, ...]
-    """Words whose presence in generated text shows the concept; also the logit-lens target tokens."""
-    texts: tuple[str, ...] = ()
-    """Texts that express the concept (GradSAE targets, activation texts); empty: the words joined."""
-    negatives: tuple[str, ...] = ()
-    """Texts of the opposite concept; when given, their scores are subtracted (a contrast)."""
-    judge: str | None = None
-    """A sentiment label (``positive`` / ``negative``): success is the model's own judgement; ``None``: words."""
-
-    def __post_init__(self) -> None:
-        if not self.words:
-            raise GradSAEError(f"concept {self.name!r} has no words: pass at least one target word")
-        if self.judge not in (None, "positive", "negative"):
-            raise GradSAEError(f"unknown judge label {self.judge!r}: use positive, negative or none")
-
-    @property
-    def targets(self) -> tuple[str, ...]:
-        """The texts, else the words joined by commas."""
-        return self.texts or (", ".join(self.words),)
 
 
 # -- scores -------------------------------------------------------------------------
