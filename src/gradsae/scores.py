@@ -23,7 +23,7 @@ greedy token of this spliced, unedited run (a constant for the gradient).
 Spliced positions: every real (non-padding) token except, by default, each row's
 first (``skip_first=True``): SAEs trained without position 0 reconstruct the
 attention sink badly. The paper's code splices and averages over every position,
-BOS included: pass ``skip_first=False`` for that.
+BOS included: pass ``ScoreOptions(skip_first=False)`` for that.
 
 Baselines: ``activation`` scores ``mean_n H[b, n, c]`` (the paper's input-side
 ranking); ``ablation`` is the exact ``Y(H) - Y(H with latent c zeroed at every
@@ -32,6 +32,10 @@ p_edit(y*)``), one forward per active latent, the clean ``Y`` taken in the same
 batched, prefix-replayed forward with an empty edit; ``random`` gives each
 active latent a seeded uniform score (one seed for the batch, or one per row: then a
 row's scores do not depend on the rows beside it).
+
+Entry points: ``score_latents(lm, sae, inputs, objective, *, method, options)`` (one method; ``inputs`` the
+tokenizer's output or a tensor of ids) and ``score_methods(lm, sae, input_ids, attention_mask, objective, *,
+methods, options)`` (several from one pass); ``options`` is one frozen :class:`ScoreOptions` for both.
 
 Dtypes: latents, latent gradients and scores are in the SAE's dtype (float32
 for a half-precision model), ``Y`` in at least float32.
@@ -231,7 +235,6 @@ def score_methods(
         if method not in METHODS:
             raise GradSAEError(f"unknown scoring method {method!r}: use one of {', '.join(METHODS)}")
     check_inputs(lm, input_ids, attention_mask)
-    o = options
     relp_pass = "relp" in methods and "gradsae" not in methods  # RelP's rules leave the forward values as they are
     with relp_rules(lm) if relp_pass else nullcontext():
         run = forward_backward(
@@ -240,14 +243,15 @@ def score_methods(
             input_ids,
             attention_mask,
             objective,
-            layer=o.layer,
-            mode=o.mode,
+            layer=options.layer,
+            mode=options.mode,
             grad="gradsae" in methods or relp_pass,
-            skip_first=o.skip_first,
+            skip_first=options.skip_first,
         )
     out = {}
-    baseline = o.baseline
-    beyond = {"ig", "relp"} | ({"gradsae", "ablation"} if baseline is not None and not baseline.is_zero else set())
+    beyond = {"ig", "relp"} | (
+        {"gradsae", "ablation"} if options.baseline is not None and not options.baseline.is_zero else set()
+    )
     for method in methods:
         if method in beyond:
             out[method] = estimated(
@@ -258,18 +262,12 @@ def score_methods(
                 attention_mask,
                 objective,
                 run,
-                o.aggregation,
-                layer=o.layer,
-                mode=o.mode,
-                skip_first=o.skip_first,
-                batch=o.ablation_batch,
-                ig_steps=o.ig_steps,
-                baseline=baseline,
+                options,
                 relp_grad=run.grad if relp_pass else None,
             )
             continue
         if method == "gradsae":
-            out[method] = scores_from_gradient(sae, run, o.aggregation)
+            out[method] = scores_from_gradient(sae, run, options.aggregation)
             continue
         if method == "activation":
             token_score, per_latent = run.values, run.mean_act
@@ -282,14 +280,14 @@ def score_methods(
                 attention_mask,
                 objective,
                 run,
-                layer=o.layer,
-                mode=o.mode,
-                batch_size=o.ablation_batch,
-                skip_first=o.skip_first,
+                layer=options.layer,
+                mode=options.mode,
+                batch_size=options.ablation_batch,
+                skip_first=options.skip_first,
             )
         else:
-            token_score, per_latent = torch.zeros_like(run.values), random_scores(run.mean_act, seed=o.seed)
-        out[method] = _scores(method, o.aggregation, per_latent, token_score, run)
+            token_score, per_latent = torch.zeros_like(run.values), random_scores(run.mean_act, seed=options.seed)
+        out[method] = _scores(method, options.aggregation, per_latent, token_score, run)
     return out
 
 
@@ -301,25 +299,20 @@ def estimated(
     attention_mask: torch.Tensor | None,
     objective: Objective,
     run: SplicedRun,
-    aggregation: str,
+    options: ScoreOptions,
     *,
-    layer: int | None,
-    mode: Mode,
-    skip_first: bool,
-    batch: int,
-    ig_steps: int,
-    baseline: Baseline | None,
     relp_grad: torch.Tensor | None = None,
 ) -> Scores:
     """``ig``, ``relp``, or ``gradsae`` / ``ablation`` to a non-zero baseline (:mod:`gradsae.estimators`).
 
     ``relp_grad``: the RelP gradient when the main pass already ran under RelP's rules.
     """
-    layer = resolve_layer(sae, layer)
+    layer, mode, batch = resolve_layer(sae, options.layer), options.mode, options.ablation_batch
+    aggregation, skip_first = options.aggregation, options.skip_first
     rem = removal(
         lm,
         sae,
-        baseline or Baseline(),
+        options.baseline or Baseline(),
         run.index,
         run.values,
         run.valid,
@@ -359,7 +352,7 @@ def estimated(
             run.valid,
             layer=layer,
             mode=mode,
-            steps=ig_steps,
+            steps=options.ig_steps,
             batch=batch,
         )
     else:
