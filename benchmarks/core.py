@@ -53,7 +53,7 @@ from gradsae.experiments.stats import spearman
 from gradsae.models import LoadedModel, block_output, position_ids
 from gradsae.objectives import NextTokenProb
 from gradsae.sae import SAE
-from gradsae.scores import Scores, objective_value, score_latents
+from gradsae.scores import ScoreOptions, Scores, objective_value, score_latents
 from gradsae.splice import Edit
 from gradsae.tasks import Task
 
@@ -86,7 +86,8 @@ def gradsae_scores(
     lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int, aggregation: str = "paper"
 ) -> Scores:
     """``score_latents(..., NextTokenProb(), method="gradsae")`` in the library's default mode."""
-    return score_latents(lm, sae, ids, mask, NextTokenProb(), layer=layer, aggregation=aggregation)  # type: ignore[arg-type]
+    options = ScoreOptions(layer=layer, aggregation=aggregation)  # type: ignore[arg-type]
+    return score_latents(lm, sae, {"input_ids": ids, "attention_mask": mask}, NextTokenProb(), options=options)
 
 
 def plain_forward(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
@@ -255,7 +256,14 @@ def speedup_vs_ablation(
     results: dict[str, Scores] = {}
 
     def run(method: str) -> None:
-        results[method] = score_latents(lm, sae, ids, mask, NextTokenProb(), layer=layer, method=method)  # type: ignore[arg-type]
+        results[method] = score_latents(
+            lm,
+            sae,
+            {"input_ids": ids, "attention_mask": mask},
+            NextTokenProb(),
+            method=method,  # type: ignore[arg-type]
+            options=ScoreOptions(layer=layer),
+        )
 
     times = compare(
         {"ablation": lambda: run("ablation"), "gradsae": lambda: run("gradsae")},
@@ -287,7 +295,14 @@ def activation_rankings(
     lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, layer: int
 ) -> list[list[int]]:
     """Each row's active latents, most active first (the latents a condition would zero)."""
-    scores = score_latents(lm, sae, ids, mask, NextTokenProb(), method="activation", layer=layer)
+    scores = score_latents(
+        lm,
+        sae,
+        {"input_ids": ids, "attention_mask": mask},
+        NextTokenProb(),
+        method="activation",
+        options=ScoreOptions(layer=layer),
+    )
     return [scores.ranking(row).tolist() for row in range(ids.shape[0])]
 
 

@@ -44,14 +44,25 @@ def multilayer_cost(
     """``score_layers`` at every layer of ``saes`` / a single-layer score at the shallowest."""
     from gradsae.multilayer import score_layers
     from gradsae.objectives import NextTokenProb
-    from gradsae.scores import score_latents
+    from gradsae.scores import ScoreOptions, score_latents
 
     layers = sorted(saes)
     first = layers[0]
     fns = {
         "together": lambda: score_layers(lm, saes, ids, mask, NextTokenProb()),
-        "single": lambda: score_latents(lm, saes[first], ids, mask, NextTokenProb(), layer=first),
-        "each": lambda: [score_latents(lm, s, ids, mask, NextTokenProb(), layer=lay) for lay, s in saes.items()],
+        "single": lambda: score_latents(
+            lm,
+            saes[first],
+            {"input_ids": ids, "attention_mask": mask},
+            NextTokenProb(),
+            options=ScoreOptions(layer=first),
+        ),
+        "each": lambda: [
+            score_latents(
+                lm, s, {"input_ids": ids, "attention_mask": mask}, NextTokenProb(), options=ScoreOptions(layer=lay)
+            )
+            for lay, s in saes.items()
+        ],
     }
     times = compare(fns, repeats)
     detail = (
@@ -68,10 +79,12 @@ def estimator_costs(
 ) -> list[Figure]:
     """``ig`` and ``relp`` against one GradSAE score, same batch."""
     from gradsae.objectives import NextTokenProb
-    from gradsae.scores import score_methods
+    from gradsae.scores import ScoreOptions, score_methods
 
     def run(method: str) -> None:
-        score_methods(lm, sae, ids, mask, NextTokenProb(), methods=(method,), layer=layer, ig_steps=ig_steps)
+        score_methods(
+            lm, sae, ids, mask, NextTokenProb(), methods=(method,), options=ScoreOptions(layer=layer, ig_steps=ig_steps)
+        )
 
     times = compare({m: (lambda m=m: run(m)) for m in ("gradsae", "ig", "relp")}, repeats)
     base = f"one GradSAE score {times['gradsae'].median:.3f} s, batch {tuple(ids.shape)}, layer {layer}"

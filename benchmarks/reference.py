@@ -37,7 +37,7 @@ from gradsae.generate import cached_pass, croppable_cache, generate_batch
 from gradsae.models import LoadedModel, block_output, position_ids
 from gradsae.objectives import NextTokenProb
 from gradsae.sae import SAE
-from gradsae.scores import score_latents
+from gradsae.scores import ScoreOptions, score_latents
 from gradsae.splice import splice
 
 
@@ -149,7 +149,13 @@ def separate_pipeline(
     tokens = torch.tensor([g.token_ids for g in gens], dtype=torch.long)
     prefix = torch.cat([ids, tokens[:, :-1]], dim=1)
     prefix_mask = torch.cat([mask, mask.new_ones(len(mask), n_new - 1)], dim=1)
-    scores = score_latents(lm, sae, prefix, prefix_mask, NextTokenProb(), layer=layer, mode="replace")
+    scores = score_latents(
+        lm,
+        sae,
+        {"input_ids": prefix, "attention_mask": prefix_mask},
+        NextTokenProb(),
+        options=ScoreOptions(layer=layer, mode="replace"),
+    )
     return Pipeline(tokens=tokens, scores=scores.per_latent)
 
 

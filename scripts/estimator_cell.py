@@ -30,7 +30,7 @@ from gradsae.objectives import NextTokenProb
 from gradsae.pretrained import resolve_sae
 from gradsae.report.curves import curves_markdown
 from gradsae.sae import SAE
-from gradsae.scores import score_methods
+from gradsae.scores import ScoreOptions, score_methods
 from gradsae.tasks import load_task
 
 ESTIMATORS = ("gradsae", "ig", "relp")
@@ -101,7 +101,15 @@ def estimator_costs(
         seconds = {}
         for method in ESTIMATORS:
             start = time.perf_counter()
-            score_methods(lm, sae, ids, mask, NextTokenProb(), methods=(method,), layer=layer, ig_steps=ig_steps)
+            score_methods(
+                lm,
+                sae,
+                ids,
+                mask,
+                NextTokenProb(),
+                methods=(method,),
+                options=ScoreOptions(layer=layer, ig_steps=ig_steps),
+            )
             seconds[method] = time.perf_counter() - start
         for method in ESTIMATORS:
             ratios[method].append(seconds[method] / seconds["gradsae"])

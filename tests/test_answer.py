@@ -8,7 +8,7 @@ import torch
 from gradsae.answer import generate_and_score
 from gradsae.generate import answer_inputs, generate_batch
 from gradsae.objectives import NextTokenProb
-from gradsae.scores import score_latents
+from gradsae.scores import ScoreOptions, score_latents
 from gradsae.splice import splice
 from tests.helpers import CharTokenizer, padded_batch, tiny_lm, tiny_sae
 
@@ -41,7 +41,13 @@ def test_equals_decode_then_score(mode, steps, stop, skip_first):
     assert gens == expected_gens
     chosen = [min(STEPS[steps](g), len(g.token_ids) - 1) if STEPS[steps] else 0 for g in gens]
     a_ids, a_mask = answer_inputs(lm.tokenizer, gens, chosen)
-    expected = score_latents(lm, sae, a_ids, a_mask, NextTokenProb(), layer=0, mode=mode, skip_first=skip_first)
+    expected = score_latents(
+        lm,
+        sae,
+        {"input_ids": a_ids, "attention_mask": a_mask},
+        NextTokenProb(),
+        options=ScoreOptions(layer=0, mode=mode, skip_first=skip_first),
+    )
     assert torch.equal(scores.token_index, expected.token_index)
     assert torch.allclose(scores.per_latent, expected.per_latent, rtol=1e-8, atol=1e-14)
     assert torch.allclose(scores.token_score, expected.token_score, rtol=1e-8, atol=1e-14)
@@ -60,7 +66,13 @@ def test_float32_equals_decode_then_score(mode):
     gens, scores = generate_and_score(lm, sae, ids, mask, max_new_tokens=5, step_of=STEPS["varied"], layer=0, mode=mode)
     chosen = [min(STEPS["varied"](g), len(g.token_ids) - 1) for g in gens]
     a_ids, a_mask = answer_inputs(lm.tokenizer, gens, chosen)
-    expected = score_latents(lm, sae, a_ids, a_mask, NextTokenProb(), layer=0, mode=mode)
+    expected = score_latents(
+        lm,
+        sae,
+        {"input_ids": a_ids, "attention_mask": a_mask},
+        NextTokenProb(),
+        options=ScoreOptions(layer=0, mode=mode),
+    )
     assert torch.equal(scores.token_index, expected.token_index)
     scale = expected.per_latent.abs().max()
     assert scale > 0

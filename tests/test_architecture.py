@@ -6,6 +6,7 @@
   functions and under ``if TYPE_CHECKING:`` count.
 * Only :data:`PARSERS` import ``argparse``.
 * :data:`LIGHT`: modules that load neither torch nor transformers (checked in a fresh interpreter).
+* :data:`KEPT_OUT`: what a module must not import (the maths of an SAE apart from its files).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ HEAVY = ("torch", "transformers")
 LIGHT = ("gradsae", "gradsae.cli.report", "gradsae.report")
 """These modules, and every module inside a package among them (``gradsae.report``; ``gradsae`` itself counts
 as one module), load none of :data:`HEAVY`: ``import gradsae``, the ``report`` command, the report package."""
-LIGHT_PENDING = ("gradsae.report.concepts",)
-"""Still heavy: the concept-steering result types live in ``experiments/concepts.py`` (issue 20, not done)."""
+KEPT_OUT = {"gradsae.sae": ("gradsae.sae_formats", "gradsae._files", "safetensors", "numpy", "json")}
+"""``sae`` is the SAE's maths (config, encode, decode); every file format lives in the core module ``sae_formats``."""
 
 
 def module_name(path: Path, base: Path) -> str:
@@ -131,9 +132,18 @@ def test_only_the_cli_parses_arguments() -> None:
     assert not users
 
 
+def test_kept_out_imports() -> None:
+    mods = modules("gradsae")
+    found = {name: imports(mods[name], name, set(mods)) for name in KEPT_OUT}
+    wrong = {
+        name: sorted(m for m in found[name] if m.split(".")[0] in banned or m in banned)
+        for name, banned in KEPT_OUT.items()
+    }
+    assert not any(wrong.values()), wrong
+
+
 def test_light_modules_load_no_torch() -> None:
     light = [n for n in modules("gradsae") if n in LIGHT or n.startswith(tuple(f"{m}." for m in LIGHT[1:]))]
-    light = [n for n in light if n not in LIGHT_PENDING]
     code = (
         f"import importlib, sys; [importlib.import_module(m) for m in {light!r}]; "
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"

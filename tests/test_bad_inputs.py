@@ -33,9 +33,9 @@ from gradsae import _files
 from gradsae.cli import main
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel, load_model
-from gradsae.objectives import label_tokens
-from gradsae.sae import load_sae
-from gradsae.scores import score_latents
+from gradsae.objectives import NextTokenProb, label_tokens
+from gradsae.sae_formats import load_sae, save_sae
+from gradsae.scores import ScoreOptions, score_latents
 from gradsae.splice import Edit, splice
 from gradsae.tasks import load_task
 from tests.helpers import CharTokenizer, tiny_sae
@@ -250,10 +250,11 @@ def _lm() -> LoadedModel:
     return LoadedModel(model=tiny_model().requires_grad_(False), tokenizer=tok, name="tiny")
 
 
-def _score(ids: Any, mask: Any = None, **kw: Any) -> Any:
-    from gradsae.objectives import NextTokenProb
-
-    return score_latents(_lm(), tiny_sae(layer=0), ids, mask, NextTokenProb(), **kw)
+def _score(ids: Any, mask: Any = None, method: Any = "gradsae", **options: Any) -> Any:
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    return score_latents(
+        _lm(), tiny_sae(layer=0), inputs, NextTokenProb(), method=method, options=ScoreOptions(**options)
+    )
 
 
 IDS = torch.tensor([[1, 5, 6, 7]])
@@ -271,9 +272,9 @@ LIB = [
     Lib("score_latents-method", lambda d: _score(IDS, method="best"), ("unknown scoring method",)),
     Lib("score_latents-aggregation", lambda d: _score(IDS, aggregation="max"), ("unknown aggregation",)),
     Lib(
-        "score_latents-encoding-and-mask",
-        lambda d: _score({"input_ids": IDS}),
-        ("score_latents(lm, sae, enc, objective)", "tokenizer's output"),
+        "score_latents-inputs-without-ids",
+        lambda d: score_latents(_lm(), tiny_sae(layer=0), {"ids": IDS}, NextTokenProb()),
+        ("score_latents(lm, sae, inputs, objective)", "tokenizer's output"),
     ),
     Lib("score_latents-1d-ids", lambda d: _score(IDS[0]), ("[batch, pos]", "ids[None]")),
     Lib("score_latents-float-ids", lambda d: _score(IDS.float()), ("integer token ids",)),
@@ -320,22 +321,22 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _saes(d: Path) -> None:
-    tiny_sae("topk", layer=0).save(d / "sae")
-    tiny_sae("topk", layer=0).save(d / "l0")
-    tiny_sae(d_in=8, layer=0).save(d / "sae-wide")
+    save_sae(tiny_sae("topk", layer=0), d / "sae")
+    save_sae(tiny_sae("topk", layer=0), d / "l0")
+    save_sae(tiny_sae(d_in=8, layer=0), d / "sae-wide")
     for name, value in (("sae-nan", float("nan")), ("sae-inf", float("inf"))):
         sae = tiny_sae(layer=0)
         with torch.no_grad():
             sae.W_dec[3, 2] = value
-        sae.save(d / name)
-    tiny_sae(layer=0).save(d / "sae-dsae")
+        save_sae(sae, d / name)
+    save_sae(tiny_sae(layer=0), d / "sae-dsae")
     cfg = json.loads((d / "sae-dsae" / "cfg.json").read_text())
     (d / "sae-dsae" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 32}))
-    tiny_sae(layer=0).save(d / "sae-pickle")
+    save_sae(tiny_sae(layer=0), d / "sae-pickle")
     marker = d / "UNPICKLED"
     payload = pickle.dumps({"W_enc": _Tripwire(str(marker))})
     (d / "sae-pickle" / "sae_weights.safetensors").write_bytes(payload)
-    tiny_sae(layer=0).save(d / "sae-badcfg")
+    save_sae(tiny_sae(layer=0), d / "sae-badcfg")
     (d / "sae-badcfg" / "cfg.json").write_text("{not json")
 
 

@@ -9,7 +9,8 @@ import torch
 from gradsae.cli import main
 from gradsae.models import load_model, sae_device
 from gradsae.objectives import NextTokenProb
-from gradsae.scores import score_latents
+from gradsae.sae_formats import save_sae
+from gradsae.scores import ScoreOptions, score_latents
 from tests.helpers import save_tiny_hf, tiny_lm, tiny_sae
 
 
@@ -18,11 +19,19 @@ def test_device_map_load_scores_as_the_plain_load(tmp_path):
     plain, mapped = load_model(folder), load_model(folder, device_map="auto")  # one CPU: everything on it
     ids, mask = plain.tokenizer(["hello there"], return_tensors="pt").values()
     sae = tiny_sae("topk", layer=1)
-    a = score_latents(plain, sae, ids, mask, NextTokenProb(), layer=1)
-    b = score_latents(mapped, sae.to(sae_device(mapped, 1)), ids.to(mapped.device), mask, NextTokenProb(), layer=1)
+    a = score_latents(
+        plain, sae, {"input_ids": ids, "attention_mask": mask}, NextTokenProb(), options=ScoreOptions(layer=1)
+    )
+    b = score_latents(
+        mapped,
+        sae.to(sae_device(mapped, 1)),
+        {"input_ids": ids.to(mapped.device), "attention_mask": mask},
+        NextTokenProb(),
+        options=ScoreOptions(layer=1),
+    )
     assert torch.allclose(a.per_latent, b.per_latent, rtol=1e-5, atol=1e-9)
     out = tmp_path / "out.json"
-    tiny_sae("topk", layer=1).save(tmp_path / "sae")
+    save_sae(tiny_sae("topk", layer=1), tmp_path / "sae")
     argv = ["score", "--model", str(folder), "--sae", str(tmp_path / "sae"), "--prompt", "hi", "--no-chat"]
     assert main([*argv, "--device-map", "auto", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["rows"]

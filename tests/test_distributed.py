@@ -14,6 +14,7 @@ from gradsae import distributed
 from gradsae.cli import main
 from gradsae.generate import generate
 from gradsae.models import load_model
+from gradsae.sae_formats import save_sae
 from tests.helpers import save_tiny_hf, tiny_sae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def files(tmp_path_factory):
     """A saved tiny model and tokenizer, a random SAE, a task file half of whose answers the model gives."""
     root = tmp_path_factory.mktemp("dist")
     model = save_tiny_hf(root / "model", seed=3)
-    tiny_sae("topk", d_sae=48, seed=2).save(root / "sae")
+    save_sae(tiny_sae("topk", d_sae=48, seed=2), root / "sae")
     lm = load_model(model)
     said = [g.text for g in generate(lm, PROMPTS, max_new_tokens=4)]
     from gradsae.tasks import parse_result

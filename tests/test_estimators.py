@@ -15,7 +15,7 @@ from gradsae.errors import GradSAEError
 from gradsae.estimators import Baseline, relp_rules
 from gradsae.models import position_ids
 from gradsae.objectives import CustomObjective, NextTokenProb
-from gradsae.scores import score_methods
+from gradsae.scores import ScoreOptions, score_methods
 from gradsae.splice import Edit, splice
 from tests.helpers import padded_batch, tiny_lm, tiny_sae
 
@@ -58,7 +58,7 @@ def test_ig_completeness_shrinks_with_steps(model, mode) -> None:
     gaps = []
     for steps in (2, 8, 32):
         options = {"aggregation": "sum", "ig_steps": steps, "mode": mode}
-        ig = score_methods(lm, sae, ids, mask, objective, methods=("ig",), **options)["ig"]
+        ig = score_methods(lm, sae, ids, mask, objective, methods=("ig",), options=ScoreOptions(**options))["ig"]
         total = ig.per_latent.sum(dim=1)
         gaps.append((total - target).abs().max().item())
     scale = target.abs().max().item()
@@ -73,7 +73,9 @@ def test_ig_equals_a_riemann_sum_by_hand(model) -> None:
     ids, mask = padded_batch()
     objective = _pinned(lm, sae, ids, mask)
     steps = 5
-    ig = score_methods(lm, sae, ids, mask, objective, methods=("ig",), aggregation="sum", ig_steps=steps)["ig"]
+    ig = score_methods(
+        lm, sae, ids, mask, objective, methods=("ig",), options=ScoreOptions(aggregation="sum", ig_steps=steps)
+    )["ig"]
     with splice(lm, sae, 1) as sp, torch.no_grad():
         lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
     h = sp.acts[0]
@@ -102,7 +104,7 @@ def test_ig_steps_must_be_positive(model) -> None:
     lm, sae = model
     ids, mask = padded_batch()
     with pytest.raises(GradSAEError, match="at least one step"):
-        score_methods(lm, sae, ids, mask, NextTokenProb(), methods=("ig",), ig_steps=0)
+        score_methods(lm, sae, ids, mask, NextTokenProb(), methods=("ig",), options=ScoreOptions(ig_steps=0))
 
 
 # -- RelP -----------------------------------------------------------------------------------------------
@@ -136,7 +138,9 @@ def test_relp_scores_are_delta_times_the_relp_gradient(model) -> None:
     lm, sae = model
     ids, mask = padded_batch()
     objective = _pinned(lm, sae, ids, mask)
-    by = score_methods(lm, sae, ids, mask, objective, methods=("gradsae", "relp"), aggregation="sum")
+    by = score_methods(
+        lm, sae, ids, mask, objective, methods=("gradsae", "relp"), options=ScoreOptions(aggregation="sum")
+    )
     with relp_rules(lm), splice(lm, sae, 1, grad=True) as sp:
         out = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
         objective(out.logits, ids).sum().backward()
@@ -144,7 +148,9 @@ def test_relp_scores_are_delta_times_the_relp_gradient(model) -> None:
     grad = sp.leaves[0].grad @ sae.W_dec.T  # dense dY~/dH
     torch.testing.assert_close(by["relp"].per_latent, (h * grad).sum(dim=1), atol=1e-12, rtol=1e-9)
     assert not torch.allclose(by["relp"].per_latent, by["gradsae"].per_latent)
-    alone = score_methods(lm, sae, ids, mask, objective, methods=("relp", "activation"), aggregation="sum")
+    alone = score_methods(
+        lm, sae, ids, mask, objective, methods=("relp", "activation"), options=ScoreOptions(aggregation="sum")
+    )
     torch.testing.assert_close(alone["relp"].per_latent, by["relp"].per_latent, atol=1e-12, rtol=1e-9)  # one pass
     torch.testing.assert_close(alone["activation"].per_latent, by["gradsae"].mean_act, atol=0, rtol=0)
 
@@ -156,9 +162,13 @@ def test_zero_baseline_oracle_equals_the_sparse_ablation(model, mode) -> None:
     lm, sae = model
     ids, mask = padded_batch()
     objective = _pinned(lm, sae, ids, mask, mode)
-    old = score_methods(lm, sae, ids, mask, objective, methods=("ablation",), mode=mode)["ablation"]
+    old = score_methods(lm, sae, ids, mask, objective, methods=("ablation",), options=ScoreOptions(mode=mode))[
+        "ablation"
+    ]
     zeros = Baseline("mean", mean=torch.zeros(D_SAE))
-    new = score_methods(lm, sae, ids, mask, objective, methods=("ablation",), baseline=zeros, mode=mode)["ablation"]
+    new = score_methods(
+        lm, sae, ids, mask, objective, methods=("ablation",), options=ScoreOptions(baseline=zeros, mode=mode)
+    )["ablation"]
     torch.testing.assert_close(new.per_latent, old.per_latent, atol=1e-12, rtol=1e-9)
 
 
@@ -168,7 +178,9 @@ def test_mean_baseline_oracle_equals_a_set_edit(model) -> None:
     ids, mask = padded_batch()
     objective = _pinned(lm, sae, ids, mask)
     mean = torch.rand(D_SAE, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    by = score_methods(lm, sae, ids, mask, objective, methods=("ablation",), baseline=Baseline("mean", mean=mean))
+    by = score_methods(
+        lm, sae, ids, mask, objective, methods=("ablation",), options=ScoreOptions(baseline=Baseline("mean", mean=mean))
+    )
     clean = _y(lm, sae, ids, mask, objective)
     for row in range(2):
         latents = torch.nonzero(by["ablation"].mean_act[row] > 0).squeeze(-1)[:6]
@@ -186,7 +198,9 @@ def test_counterfactual_baseline_oracle_equals_per_position_set_edits(model) -> 
     corrupt[:, 4:7] = torch.randint(3, 64, (2, 3), generator=torch.Generator().manual_seed(5))
     objective = _pinned(lm, sae, ids, mask)
     baseline = Baseline("counterfactual", corrupt_ids=corrupt)
-    by = score_methods(lm, sae, ids, mask, objective, methods=("ablation", "gradsae"), baseline=baseline)
+    by = score_methods(
+        lm, sae, ids, mask, objective, methods=("ablation", "gradsae"), options=ScoreOptions(baseline=baseline)
+    )
     with splice(lm, sae, 1) as sp, torch.no_grad():
         lm.model(input_ids=corrupt, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
     b = sp.acts[0]
@@ -223,8 +237,7 @@ def test_first_order_to_a_baseline_is_exact_in_the_linear_limit(model) -> None:
             mask,
             objective,
             methods=("gradsae", "ig", "ablation"),
-            aggregation="sum",
-            baseline=Baseline("mean", mean=mean),
+            options=ScoreOptions(aggregation="sum", baseline=Baseline("mean", mean=mean)),
         )
         exact = by["ablation"].per_latent
         errors.append([((by[m].per_latent - exact).norm() / exact.norm()).item() for m in ("gradsae", "ig")])
@@ -238,7 +251,9 @@ def test_counterfactual_needs_the_same_length(model) -> None:
     ids, mask = padded_batch()
     baseline = Baseline("counterfactual", corrupt_ids=ids[:, :-1])
     with pytest.raises(GradSAEError, match="same token length"):
-        score_methods(lm, sae, ids, mask, NextTokenProb(), methods=("gradsae",), baseline=baseline)
+        score_methods(
+            lm, sae, ids, mask, NextTokenProb(), methods=("gradsae",), options=ScoreOptions(baseline=baseline)
+        )
 
 
 def test_baseline_refuses_unknown_kinds_and_missing_data() -> None:

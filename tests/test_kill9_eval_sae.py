@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gradsae.experiments.eval_sae import EvalSAEResults
+from gradsae.sae_formats import save_sae
 from tests.helpers import tiny_sae
 from tests.test_kill9 import TMP, _check_run_folder, _command, _kill_and_rerun, _run
 from tests.tiny_files import tiny_run_files
@@ -49,7 +50,7 @@ def _outputs(out: Path) -> tuple[dict[str, object], str]:
 def test_eval_sae_survives_kill_9(tmp_path: Path) -> None:
     files = tiny_run_files(tmp_path / "files")
     shutil.copytree(files / "sae", files / "saes" / "layer_0")
-    tiny_sae("topk", d_sae=48, seed=4, layer=1).save(files / "saes" / "layer_1")
+    save_sae(tiny_sae("topk", d_sae=48, seed=4, layer=1), files / "saes" / "layer_1")
     _run(_eval_sae(files, tmp_path / "reference"))
     out, top = tmp_path / "killed", _units(tmp_path / "reference")
     assert top == 3 + 3 * 2 + 3 * (1 + 2 * 2) + 1

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from gradsae.experiments.concepts import SteerResult
 from gradsae.experiments.journal import canonical
+from gradsae.experiments.results import SteerResult
 from tests.test_kill9 import IEND, PNG, TMP, _command, _env, _kill_and_rerun, _run
 from tests.tiny_files import tiny_run_files
 

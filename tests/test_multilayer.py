@@ -9,7 +9,7 @@ from gradsae.errors import GradSAEError
 from gradsae.models import position_ids
 from gradsae.multilayer import rank_across_layers, score_layers
 from gradsae.objectives import NextTokenProb
-from gradsae.scores import score_latents
+from gradsae.scores import ScoreOptions, score_latents
 from tests.helpers import padded_batch, tiny_lm, tiny_sae
 
 
@@ -21,7 +21,13 @@ def test_one_backward_equals_each_layer_alone(dtype: torch.dtype, aggregation: s
     ids, mask = padded_batch()
     together = score_layers(lm, saes, ids, mask, NextTokenProb(), aggregation=aggregation)
     for layer, sae in saes.items():
-        alone = score_latents(lm, sae, ids, mask, NextTokenProb(), aggregation=aggregation)
+        alone = score_latents(
+            lm,
+            sae,
+            {"input_ids": ids, "attention_mask": mask},
+            NextTokenProb(),
+            options=ScoreOptions(aggregation=aggregation),
+        )
         scale = alone.per_latent.abs().max()
         assert torch.equal(together[layer].token_index, alone.token_index)
         assert (together[layer].per_latent - alone.per_latent).abs().max() <= 1e-6 * scale

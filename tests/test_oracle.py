@@ -20,7 +20,7 @@ from gradsae.generate import generate_batch
 from gradsae.models import LoadedModel, position_ids
 from gradsae.objectives import NextTokenProb, Objective
 from gradsae.sae import SAE
-from gradsae.scores import score_methods
+from gradsae.scores import ScoreOptions, score_methods
 from gradsae.splice import Edit, Mode, splice
 from tests.helpers import CharTokenizer, tiny_lm, tiny_sae
 
@@ -109,7 +109,9 @@ def test_ablation_scores_equal_one_forward_per_latent(mode, skip_first, activati
     lm, sae = sharp_lm(), sparse_sae(activation)
     ids, mask = prompts()
     kwargs = {"layer": LAYER, "mode": mode, "skip_first": skip_first}
-    scores = score_methods(lm, sae, ids, mask, NextTokenProb(), methods=("ablation",), ablation_batch=5, **kwargs)
+    scores = score_methods(
+        lm, sae, ids, mask, NextTokenProb(), methods=("ablation",), options=ScoreOptions(ablation_batch=5, **kwargs)
+    )
     exact = scores["ablation"]
     for row in range(2):
         latents = torch.nonzero(exact.mean_act[row] > 0).squeeze(-1).tolist()

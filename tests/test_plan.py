@@ -9,6 +9,7 @@ import pytest
 from gradsae import plan
 from gradsae.cli import main
 from gradsae.plan import Costs
+from gradsae.sae_formats import save_sae
 from tests.helpers import save_tiny_hf, tiny_sae
 
 
@@ -121,7 +122,7 @@ def test_benchmark_fit_predicts_rows_made_by_the_model():
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("plan")
     model = save_tiny_hf(root / "model", seed=1)
-    tiny_sae("topk", d_sae=48, seed=2).save(root / "sae")
+    save_sae(tiny_sae("topk", d_sae=48, seed=2), root / "sae")
     return root, model
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gradsae.pretrained import SHIPPED_FOLDER, shipped_folder, shipped_label, shipped_layers, shipped_sae_path
+from gradsae.sae_formats import save_sae
 
 
 @pytest.mark.parametrize(
@@ -49,7 +50,7 @@ def test_resolve_saes_fills_the_layer_template_and_checks_each_sae(tmp_path) -> 
     assert sae_folder(None, 3) is None
     lm = tiny_lm()
     for layer in (0, 1):
-        tiny_sae(layer=layer, seed=layer).save(tmp_path / f"l{layer}")
+        save_sae(tiny_sae(layer=layer, seed=layer), tmp_path / f"l{layer}")
     found = resolve_saes(lm, str(tmp_path / "l{layer}"), [1, 0])
     assert [f.layer for f in found] == [1, 0] and found[0].label != found[1].label
     with pytest.raises(GradSAEError):

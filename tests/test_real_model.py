@@ -9,7 +9,7 @@ from gradsae.cli import main
 from gradsae.models import load_model
 from gradsae.objectives import NextTokenProb
 from gradsae.pretrained import SHIPPED_LAYERS, resolve_sae, shipped_sae_path
-from gradsae.scores import score_latents
+from gradsae.scores import ScoreOptions, score_latents
 from gradsae.splice import splice
 
 pytestmark = pytest.mark.slow
@@ -56,8 +56,12 @@ def test_gradsae_ranks_like_exact_ablation_on_the_real_model(real):
 
     ids = real.tokenizer(["The capital of France is"], return_tensors="pt")["input_ids"]
     sae, layer, _ = resolve_sae(real, None, 6, default_model=True)
-    estimate = score_latents(real, sae, ids, None, NextTokenProb(), layer=layer, aggregation="sum").per_latent[0]
-    exact = score_latents(real, sae, ids, None, NextTokenProb(), layer=layer, method="ablation").per_latent[0]
+    estimate = score_latents(
+        real, sae, ids, NextTokenProb(), options=ScoreOptions(layer=layer, aggregation="sum")
+    ).per_latent[0]
+    exact = score_latents(
+        real, sae, ids, NextTokenProb(), method="ablation", options=ScoreOptions(layer=layer)
+    ).per_latent[0]
     active = exact != 0
     rho = spearmanr(estimate[active].numpy(), exact[active].numpy()).statistic
     assert rho > 0.5

@@ -9,7 +9,8 @@ import torch
 
 from gradsae import sparse
 from gradsae.errors import GradSAEError
-from gradsae.sae import SAE, SAEConfig, check_compatible, load_sae, save_gemmascope, save_sparsify
+from gradsae.sae import SAE, SAEConfig, check_compatible
+from gradsae.sae_formats import load_sae, save_gemmascope, save_sae, save_sparsify
 from tests.helpers import D_MODEL, tiny_sae
 
 
@@ -23,7 +24,7 @@ def _same(a: SAE, b: SAE) -> None:
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
 def test_saelens_round_trip(tmp_path, activation):
     sae = tiny_sae(activation, layer=1)
-    loaded = load_sae(sae.save(tmp_path / "sae"))
+    loaded = load_sae(save_sae(sae, tmp_path / "sae"))
     _same(sae, loaded)
     assert loaded.cfg.hook_layer == 1
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
@@ -33,7 +34,7 @@ def test_saelens_round_trip(tmp_path, activation):
 
 def test_fp16_round_trip(tmp_path):
     sae = tiny_sae("topk").half()
-    loaded = load_sae(sae.save(tmp_path / "sae", dtype=torch.float16))
+    loaded = load_sae(save_sae(sae, tmp_path / "sae", dtype=torch.float16))
     assert loaded.W_enc.dtype == torch.float32  # cfg.json's compute dtype; the file holds the fp16 values
     _same(sae.float(), loaded)
 
@@ -55,7 +56,7 @@ def test_saelens_legacy_log_threshold(tmp_path):
     from safetensors.torch import save_file
 
     sae = tiny_sae("jumprelu")
-    sae.save(tmp_path)
+    save_sae(sae, tmp_path)
     state = sae.state()
     state["log_threshold"] = state.pop("threshold").clamp(min=1e-3).log()
     save_file(state, str(tmp_path / "sae_weights.safetensors"))
@@ -100,7 +101,7 @@ def test_jumprelu_with_negative_thresholds_matches_saelens():
 
 def test_corrupt_and_missing_files_are_refused(tmp_path):
     sae = tiny_sae()
-    folder = sae.save(tmp_path / "sae")
+    folder = save_sae(sae, tmp_path / "sae")
     weights = folder / "sae_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(GradSAEError, match="corrupt"):
@@ -116,7 +117,7 @@ def test_corrupt_and_missing_files_are_refused(tmp_path):
 
 
 def test_mismatched_cfg_and_weights_are_refused(tmp_path):
-    folder = tiny_sae().save(tmp_path / "sae")
+    folder = save_sae(tiny_sae(), tmp_path / "sae")
     cfg = json.loads((folder / "cfg.json").read_text())
     cfg["d_sae"] = 99
     (folder / "cfg.json").write_text(json.dumps(cfg))

@@ -24,7 +24,8 @@ import gradsae
 from gradsae.errors import GradSAEError
 from gradsae.models import block_output
 from gradsae.objectives import NextTokenProb
-from gradsae.sae import SAE, SAEConfig, load_sae, save_sparsify
+from gradsae.sae import SAE, SAEConfig
+from gradsae.sae_formats import load_sae, save_gemmascope, save_sae, save_sparsify
 from gradsae.scores import score_latents
 from gradsae.splice import splice
 from tests.helpers import D_MODEL, tiny_sae
@@ -38,7 +39,7 @@ def _saelens_folder(
     folder: Path, activation: str = "relu", *, cfg: dict[str, Any] | None = None, **weights: Any
 ) -> Path:
     """A SAELens folder of ``tiny_sae(activation, layer=1)``; cfg.json keys and weights changed (``None``: removed)."""
-    tiny_sae(activation, layer=1).save(folder)
+    save_sae(tiny_sae(activation, layer=1), folder)
     raw = json.loads((folder / "cfg.json").read_text())
     raw.update(cfg or {})
     for key, value in list(raw.items()):
@@ -103,7 +104,7 @@ def _input_hook(fn: Any) -> Any:
 def test_resid_pre_hook_name_is_read_and_written_back(tmp_path):
     sae = _resid_pre_sae(tmp_path, 1)
     assert (sae.cfg.hook_point, sae.cfg.hook_layer) == ("resid_pre", 1)
-    again = load_sae(sae.save(tmp_path / "again"))
+    again = load_sae(save_sae(sae, tmp_path / "again"))
     assert json.loads((tmp_path / "again" / "cfg.json").read_text())["hook_name"] == "blocks.1.hook_resid_pre"
     assert (again.cfg.hook_point, again.cfg.hook_layer) == ("resid_pre", 1)
     for key, value in sae.state().items():
@@ -171,10 +172,10 @@ def test_resid_pre_error_mode_is_exact_and_its_gradient_is_at_the_block_input(lm
 def test_resid_pre_scores_run_and_a_prefix_replay_through_its_block_is_refused(lm, tmp_path):
     sae = _resid_pre_sae(tmp_path, 1)
     ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(4))
-    scores = score_latents(lm, sae, ids, None, NextTokenProb(), method="gradsae")
+    scores = score_latents(lm, sae, ids, NextTokenProb(), method="gradsae")
     assert (scores.per_latent != 0).any()
     # The ablation baseline replays blocks 0..1 from a cache, which would skip the splice at block 1's input.
-    _refused("prefix", score_latents, lm, sae, ids, None, NextTokenProb(), method="ablation")
+    _refused("prefix", score_latents, lm, sae, ids, NextTokenProb(), method="ablation")
 
 
 @pytest.mark.parametrize(
@@ -385,8 +386,6 @@ def test_gemmascope2_transcoders_crosscoders_and_other_sites_are_refused(tmp_pat
 
 
 def test_gemmascope_mlp_release_is_refused(tmp_path):
-    from gradsae.sae import save_gemmascope
-
     folder = save_gemmascope(tiny_sae("jumprelu"), tmp_path / "gemma-scope-2b-pt-mlp-canonical" / "layer_1" / "w")
     _refused("gemma-scope-2b-pt-mlp-canonical", load_sae, folder)
 
@@ -394,7 +393,7 @@ def test_gemmascope_mlp_release_is_refused(tmp_path):
 # -- 6. dtype in cfg.json ----------------------------------------------------------------
 def test_fp16_weights_are_saved_with_a_float32_compute_dtype(tmp_path):
     sae = tiny_sae("topk")
-    folder = sae.save(tmp_path / "sae", dtype=torch.float16)
+    folder = save_sae(sae, tmp_path / "sae", dtype=torch.float16)
     assert json.loads((folder / "cfg.json").read_text())["dtype"] == "float32"
     with safe_open(str(folder / "sae_weights.safetensors"), framework="pt") as f:
         assert {f.get_tensor(key).dtype for key in f.keys()} == {torch.float16}  # noqa: SIM118

@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 import torch
 
+from gradsae.errors import GradSAEError
 from gradsae.models import position_ids
 from gradsae.objectives import CustomObjective, LabelLogProb, NextTokenProb, TargetLogProb
-from gradsae.scores import score_latents
+from gradsae.scores import ScoreOptions, score_latents, score_methods
 from tests.helpers import tiny_sae
 
 
@@ -44,14 +45,22 @@ def test_gradsae_matches_dense_autograd(lm, batch, activation, mode):
     sae = tiny_sae(activation)
     objective = NextTokenProb()
     ref, h, valid = dense_reference(lm, sae, ids, mask, objective, mode=mode)
-    scores = score_latents(lm, sae, ids, mask, objective, mode=mode, aggregation="signed")
+    scores = score_latents(
+        lm,
+        sae,
+        {"input_ids": ids, "attention_mask": mask},
+        objective,
+        options=ScoreOptions(mode=mode, aggregation="signed"),
+    )
     got = scores.per_token().to_dense()
     assert got.shape == ref.shape
     assert torch.allclose(got, ref, atol=1e-5)
     assert torch.equal(h != 0, got.abs() > 0) or (got.abs() > 0).sum() <= (h != 0).sum()
     n = valid.sum(1, keepdim=True)
     assert torch.allclose(scores.per_latent, ref.sum(1) / n, atol=1e-5)
-    paper = score_latents(lm, sae, ids, mask, objective, mode=mode)
+    paper = score_latents(
+        lm, sae, {"input_ids": ids, "attention_mask": mask}, objective, options=ScoreOptions(mode=mode)
+    )
     assert torch.allclose(paper.per_latent, ref.clamp(min=0).sum(1) / n, atol=1e-5)
 
 
@@ -62,7 +71,9 @@ def test_aggregations(lm, batch):
     n = valid.sum(1, keepdim=True)
     expect = {"abs": ref.abs().sum(1) / n, "sum": ref.sum(1), "last": ref[:, -1]}
     for name, value in expect.items():
-        got = score_latents(lm, sae, ids, mask, NextTokenProb(), aggregation=name).per_latent
+        got = score_latents(
+            lm, sae, {"input_ids": ids, "attention_mask": mask}, NextTokenProb(), options=ScoreOptions(aggregation=name)
+        ).per_latent
         assert torch.allclose(got, value, atol=1e-5), name
 
 
@@ -73,7 +84,7 @@ def test_first_order_estimate_matches_finite_differences(lm64):
     sae = tiny_sae("relu", dtype=torch.float64)
     ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(7))
     objective = NextTokenProb()
-    scores = score_latents(lm64, sae, ids, None, objective, aggregation="signed")
+    scores = score_latents(lm64, sae, ids, objective, options=ScoreOptions(aggregation="signed"))
     with splice(lm64, sae, 0) as sp, torch.no_grad():
         lm64.model(input_ids=ids, use_cache=False)
     acts = sp.acts[0]
@@ -99,8 +110,8 @@ def test_small_activations_gradient_equals_exact_ablation(lm64):
         sae.W_enc.mul_(1e-4)
         sae.b_enc.mul_(1e-4)
     ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(8))
-    estimate = score_latents(lm64, sae, ids, None, NextTokenProb(), aggregation="sum").per_latent
-    exact = score_latents(lm64, sae, ids, None, NextTokenProb(), method="ablation").per_latent
+    estimate = score_latents(lm64, sae, ids, NextTokenProb(), options=ScoreOptions(aggregation="sum")).per_latent
+    exact = score_latents(lm64, sae, ids, NextTokenProb(), method="ablation").per_latent
     active = exact != 0
     assert active.sum() > 10
     scale = exact.abs().max().item()
@@ -133,7 +144,14 @@ def test_ablation_holds_the_clean_greedy_token(lm, batch, mode):
     """``p_clean(y*) - p_edit(y*)`` with ``y*`` the clean argmax, also where zeroing flips the argmax."""
     ids, mask = batch
     sae = tiny_sae("relu")
-    scores = score_latents(lm, sae, ids, mask, NextTokenProb(), method="ablation", mode=mode)
+    scores = score_latents(
+        lm,
+        sae,
+        {"input_ids": ids, "attention_mask": mask},
+        NextTokenProb(),
+        method="ablation",
+        options=ScoreOptions(mode=mode),
+    )
     clean = _spliced_logits(lm, sae, ids, mask, mode)
     y_star = clean.argmax(-1)
     p_clean = clean.softmax(-1).gather(-1, y_star[:, None]).squeeze(-1)
@@ -153,18 +171,39 @@ def test_activation_and_random_baselines(lm, batch):
     ids, mask = batch
     sae = tiny_sae("relu")
     _, h, valid = dense_reference(lm, sae, ids, mask, NextTokenProb())
-    act = score_latents(lm, sae, ids, mask, NextTokenProb(), method="activation")
+    act = score_latents(lm, sae, {"input_ids": ids, "attention_mask": mask}, NextTokenProb(), method="activation")
     assert torch.allclose(act.per_latent, h.sum(1) / valid.sum(1, keepdim=True), atol=1e-6)
-    r1 = score_latents(lm, sae, ids, mask, NextTokenProb(), method="random", seed=3)
-    r2 = score_latents(lm, sae, ids, mask, NextTokenProb(), method="random", seed=3)
-    r3 = score_latents(lm, sae, ids, mask, NextTokenProb(), method="random", seed=4)
+    r1 = score_latents(
+        lm,
+        sae,
+        {"input_ids": ids, "attention_mask": mask},
+        NextTokenProb(),
+        method="random",
+        options=ScoreOptions(seed=3),
+    )
+    r2 = score_latents(
+        lm,
+        sae,
+        {"input_ids": ids, "attention_mask": mask},
+        NextTokenProb(),
+        method="random",
+        options=ScoreOptions(seed=3),
+    )
+    r3 = score_latents(
+        lm,
+        sae,
+        {"input_ids": ids, "attention_mask": mask},
+        NextTokenProb(),
+        method="random",
+        options=ScoreOptions(seed=4),
+    )
     assert torch.equal(r1.per_latent, r2.per_latent) and not torch.equal(r1.per_latent, r3.per_latent)
     assert torch.equal(r1.per_latent > 0, act.per_latent > 0)
 
 
 def test_scores_save_load(tmp_path, lm, batch):
     ids, mask = batch
-    scores = score_latents(lm, tiny_sae(), ids, mask, NextTokenProb())
+    scores = score_latents(lm, tiny_sae(), {"input_ids": ids, "attention_mask": mask}, NextTokenProb())
     loaded = type(scores).load(scores.save(tmp_path / "s"))
     assert loaded.method == "gradsae" and torch.equal(loaded.per_latent, scores.per_latent)
 
@@ -177,7 +216,7 @@ def test_scores_save_is_atomic_for_both_files(tmp_path, lm, batch, monkeypatch):
     from gradsae.errors import GradSAEError
 
     ids, mask = batch
-    scores = score_latents(lm, tiny_sae(), ids, mask, NextTokenProb())
+    scores = score_latents(lm, tiny_sae(), {"input_ids": ids, "attention_mask": mask}, NextTokenProb())
     path = scores.save(tmp_path / "s")
     before = {suffix: path.with_suffix(suffix).read_bytes() for suffix in (".json", ".safetensors")}
     real = os.replace
@@ -207,23 +246,50 @@ def test_target_and_label_objectives_by_hand(lm, batch):
     sub = logits[:, -1, [5, 9]].log_softmax(-1)
     assert torch.allclose(LabelLogProb((5, 9), target=(1, 0))(logits, ids), torch.stack([sub[0, 1], sub[1, 0]]))
     assert torch.allclose(CustomObjective(lambda x: x[:, -1, 3])(logits, ids), logits[:, -1, 3])
-    scores = score_latents(lm, tiny_sae(), ids, mask, TargetLogProb(3))
+    scores = score_latents(lm, tiny_sae(), {"input_ids": ids, "attention_mask": mask}, TargetLogProb(3))
     assert scores.per_latent.abs().sum() > 0
 
 
 def test_left_padding_gives_the_same_scores_as_one_row(lm, batch):
     ids, mask = batch
     sae = tiny_sae("topk")
-    both = score_latents(lm, sae, ids, mask, NextTokenProb())
-    alone = score_latents(lm, sae, ids[1:, 3:], None, NextTokenProb())
+    both = score_latents(lm, sae, {"input_ids": ids, "attention_mask": mask}, NextTokenProb())
+    alone = score_latents(lm, sae, ids[1:, 3:], NextTokenProb())
     assert torch.allclose(both.per_latent[1], alone.per_latent[0], atol=1e-6)
     assert torch.allclose(both.objective[1], alone.objective[0], atol=1e-6)
 
 
 def test_score_latents_takes_the_tokenizers_output(lm, batch):
-    """``score_latents(lm, sae, enc, objective)`` equals the three-argument form."""
+    """``score_latents(lm, sae, enc, objective)`` equals ``score_methods`` on the tensors; bare ids mean no padding."""
     ids, mask = batch
     sae = tiny_sae("relu")
-    one = score_latents(lm, sae, {"input_ids": ids, "attention_mask": mask}, NextTokenProb(), layer=0)
-    two = score_latents(lm, sae, ids, mask, NextTokenProb(), layer=0)
+    options = ScoreOptions(layer=0)
+    one = score_latents(lm, sae, {"input_ids": ids, "attention_mask": mask}, NextTokenProb(), options=options)
+    two = score_methods(lm, sae, ids, mask, NextTokenProb(), methods=("gradsae",), options=options)["gradsae"]
     assert torch.equal(one.per_latent, two.per_latent)
+    full = torch.ones_like(ids)
+    bare = score_latents(lm, sae, ids, NextTokenProb(), options=options)
+    unpadded = score_methods(lm, sae, ids, full, NextTokenProb(), methods=("gradsae",), options=options)["gradsae"]
+    assert torch.equal(bare.per_latent, unpadded.per_latent)
+
+
+def test_score_latents_refuses_the_old_calling_conventions(lm, batch):
+    """One signature: ids + mask + objective as positionals, a mask in the objective's place, or the options as
+    keywords fail at the call with a ``TypeError`` (the objective is no longer hidden in ``*args``)."""
+    ids, mask = batch
+    sae = tiny_sae("relu")
+    with pytest.raises(TypeError, match="positional argument"):
+        score_latents(lm, sae, ids, mask, NextTokenProb())  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="objective must be"):
+        score_latents(lm, sae, ids, mask)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'layer'"):
+        score_latents(lm, sae, {"input_ids": ids}, NextTokenProb(), layer=0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="options must be a ScoreOptions"):
+        score_methods(lm, sae, ids, mask, NextTokenProb(), methods=("gradsae",), options={"layer": 0})  # type: ignore[arg-type]
+
+
+def test_score_options_are_frozen_and_checked():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ScoreOptions().layer = 1  # type: ignore[misc]
+    with pytest.raises(GradSAEError, match="unknown aggregation"):
+        ScoreOptions(aggregation="max")  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from gradsae import pretrained
 from gradsae.cli import main
 from gradsae.errors import GradSAEError
 from gradsae.pretrained import SHIPPED_FOLDER, SHIPPED_VERSIONS, resolve_sae, shipped_sae_path, shipped_version_path
-from gradsae.sae import load_sae
+from gradsae.sae_formats import load_sae, save_sae
 from tests.helpers import tiny_sae
 
 
@@ -42,7 +42,7 @@ def test_a_replaced_version_is_found_in_its_own_folder(tmp_path: Path, monkeypat
     """Once newer SAEs ship at the default path and k32 moves to ``k32/``, shipped:k32 still loads k32."""
     root = tmp_path / SHIPPED_FOLDER
     shutil.copytree(shipped_sae_path(6), root / "k32" / "layer_6")  # type: ignore[arg-type]
-    tiny_sae("topk", d_sae=48, layer=6).save(root / "layer_6")  # the newer one at the default path
+    save_sae(tiny_sae("topk", d_sae=48, layer=6), root / "layer_6")  # the newer one at the default path
     monkeypatch.setattr(pretrained, "_root", lambda model: root)
     assert shipped_version_path("k32", 6) == root / "k32" / "layer_6"
     shutil.rmtree(root / "k32")

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from gradsae.experiments.results import Concept
 from gradsae.generate import encode_prompts, generate_batch
 from gradsae.lens import folded_gain
 from gradsae.models import LoadedModel, block_output
 from gradsae.splice import splice
 from gradsae.steer import (
-    Concept,
     latent_scales,
     logit_lens_scores,
     random_latents,

@@ -9,7 +9,8 @@ from gradsae.errors import GradSAEError
 from gradsae.models import block_output, position_ids
 from gradsae.objectives import NextTokenProb, TargetLogProb
 from gradsae.pretrained import resolve_sae
-from gradsae.scores import Scores, score_latents, score_methods
+from gradsae.sae_formats import save_sae
+from gradsae.scores import ScoreOptions, Scores, score_latents, score_methods
 from gradsae.splice import Edit, apply_edits, splice
 from tests.helpers import tiny_lm, tiny_sae
 
@@ -85,7 +86,7 @@ def test_scores_record_the_greedy_token(tmp_path, lm, batch):
         assert torch.equal(scores.token, greedy)
     loaded = Scores.load(by_method["gradsae"].save(tmp_path / "s"))
     assert torch.equal(loaded.token, greedy)
-    target = score_latents(lm, sae, ids, mask, TargetLogProb(2))
+    target = score_latents(lm, sae, {"input_ids": ids, "attention_mask": mask}, TargetLogProb(2))
     assert target.token is None and Scores.load(target.save(tmp_path / "t")).token is None
 
 
@@ -121,7 +122,7 @@ def lm16():
 
 def _resolved(lm, sae, tmp_path):
     """``sae`` saved and loaded back through the CLI's path (:func:`resolve_sae`)."""
-    resolved, layer, _ = resolve_sae(lm, str(sae.save(tmp_path / "sae")), 0, default_model=False)
+    resolved, layer, _ = resolve_sae(lm, str(save_sae(sae, tmp_path / "sae")), 0, default_model=False)
     assert layer == 0
     return resolved
 
@@ -178,7 +179,13 @@ def test_gradsae_on_a_bf16_model_is_float32(lm16, batch, tmp_path):
     sae32 = tiny_sae("jumprelu")
     sae = _resolved(lm16, sae32, tmp_path)
     ref, h, valid = dense_reference(lm16, sae32, ids, mask, NextTokenProb())
-    scores = score_latents(lm16, sae, ids, mask, NextTokenProb(), aggregation="signed")
+    scores = score_latents(
+        lm16,
+        sae,
+        {"input_ids": ids, "attention_mask": mask},
+        NextTokenProb(),
+        options=ScoreOptions(aggregation="signed"),
+    )
     got = scores.per_token().to_dense().float()
     scale = ref.abs().max()
     assert scale > 0 and torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * scale)  # bf16 dot products: ~1e-2
@@ -202,12 +209,25 @@ def test_skip_first_switches_position_zero(lm, batch, skip_first, mode):
     ids, mask = batch
     sae = tiny_sae("relu")
     ref, h, valid = dense_reference(lm, sae, ids, mask, NextTokenProb(), skip_first=skip_first, mode=mode)
-    signed = score_latents(lm, sae, ids, mask, NextTokenProb(), mode=mode, aggregation="signed", skip_first=skip_first)
+    signed = score_latents(
+        lm,
+        sae,
+        {"input_ids": ids, "attention_mask": mask},
+        NextTokenProb(),
+        options=ScoreOptions(mode=mode, aggregation="signed", skip_first=skip_first),
+    )
     assert torch.allclose(signed.per_token().to_dense(), ref, atol=1e-5)
     n = valid.sum(1, keepdim=True)
     assert n.squeeze(1).tolist() == ([9, 6] if skip_first else [10, 7])
     assert torch.allclose(signed.per_latent, ref.sum(1) / n, atol=1e-5)
-    activation = score_latents(lm, sae, ids, mask, NextTokenProb(), method="activation", skip_first=skip_first)
+    activation = score_latents(
+        lm,
+        sae,
+        {"input_ids": ids, "attention_mask": mask},
+        NextTokenProb(),
+        method="activation",
+        options=ScoreOptions(skip_first=skip_first),
+    )
     assert torch.allclose(activation.mean_act, h.sum(1) / n, atol=1e-6)
     first = _first_real(mask)
     at_first = (signed.token_index[:, 1] == first[signed.token_index[:, 0]]).any()
@@ -218,7 +238,14 @@ def test_skip_first_switches_position_zero(lm, batch, skip_first, mode):
 def test_ablation_with_skip_first(lm, batch, skip_first):
     ids, mask = batch
     sae = tiny_sae("topk")
-    scores = score_latents(lm, sae, ids, mask, NextTokenProb(), method="ablation", skip_first=skip_first)
+    scores = score_latents(
+        lm,
+        sae,
+        {"input_ids": ids, "attention_mask": mask},
+        NextTokenProb(),
+        method="ablation",
+        options=ScoreOptions(skip_first=skip_first),
+    )
 
     def zeroing(c):
         def hook(_m, _i, out):

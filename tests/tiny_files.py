@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from gradsae.sae_formats import save_sae
 from tests.helpers import tiny_sae
 
 WORDS = [f"w{i}" for i in range(60)]
@@ -65,7 +66,7 @@ def tiny_run_files(folder: Path, *, max_new_tokens: int = 3) -> Path:
 
     tiny_model().save_pretrained(folder / "model")
     tiny_tokenizer().save_pretrained(folder / "model")
-    tiny_sae("topk", d_sae=48, seed=2, layer=0).save(folder / "sae")
+    save_sae(tiny_sae("topk", d_sae=48, seed=2, layer=0), folder / "sae")
     lm = load_model(folder / "model")
     ids, mask = encode_prompts(lm.tokenizer, PROMPTS)
     said = [g.text for g in generate_batch(lm, ids, mask, max_new_tokens=max_new_tokens)]

@@ -2,12 +2,12 @@
 
 The public API (``import gradsae`` loads neither torch nor transformers; each name loads on first use)::
 
-    from gradsae import load_model, resolve_sae, score_latents, NextTokenProb, splice, Edit
+    from gradsae import load_model, resolve_sae, score_latents, NextTokenProb, ScoreOptions, splice, Edit
 
     lm = load_model()                                   # embedded SmolLM2-135M-Instruct
     sae, layer, label = resolve_sae(lm, layer=6)        # the shipped SAE for layer 6
     enc = lm.tokenizer(["The capital of France is"], return_tensors="pt")
-    scores = score_latents(lm, sae, enc["input_ids"], enc["attention_mask"], NextTokenProb(), layer=layer)
+    scores = score_latents(lm, sae, enc, NextTokenProb(), options=ScoreOptions(layer=layer))
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ _EXPORTS = {
     "LoadedModel": "gradsae.models",
     "SAE": "gradsae.sae",
     "SAEConfig": "gradsae.sae",
-    "load_sae": "gradsae.sae",
+    "load_sae": "gradsae.sae_formats",
+    "save_sae": "gradsae.sae_formats",
     "resolve_sae": "gradsae.pretrained",
     "ResolvedSAE": "gradsae.pretrained",
     "NextTokenProb": "gradsae.objectives",
@@ -50,6 +51,7 @@ _EXPORTS = {
     "CustomObjective": "gradsae.objectives",
     "score_latents": "gradsae.scores",
     "Scores": "gradsae.scores",
+    "ScoreOptions": "gradsae.scores",
     "GradSAEError": "gradsae.errors",
 }
 
@@ -63,12 +65,14 @@ __all__ = [
     "NextTokenProb",
     "ResolvedSAE",
     "SAEConfig",
+    "ScoreOptions",
     "Scores",
     "TargetLogProb",
     "__version__",
     "load_model",
     "load_sae",
     "resolve_sae",
+    "save_sae",
     "score_latents",
     "splice",
 ]
@@ -78,8 +82,9 @@ if TYPE_CHECKING:
     from gradsae.models import LoadedModel, load_model
     from gradsae.objectives import CustomObjective, LabelLogProb, NextTokenProb, TargetLogProb
     from gradsae.pretrained import ResolvedSAE, resolve_sae
-    from gradsae.sae import SAE, SAEConfig, load_sae
-    from gradsae.scores import Scores, score_latents
+    from gradsae.sae import SAE, SAEConfig
+    from gradsae.sae_formats import load_sae, save_sae
+    from gradsae.scores import ScoreOptions, Scores, score_latents
     from gradsae.splice import Edit, splice
 
 

@@ -72,7 +72,7 @@ def generate_and_score(
 
     ``step_of(generation)``: the step whose greedy token is the objective (default 0,
     the prompt pass; clipped to the tokens generated). The scores are those of
-    ``score_latents(lm, sae, *answer_inputs(tokenizer, generations, steps), NextTokenProb())``.
+    ``score_methods(lm, sae, *answer_inputs(tokenizer, generations, steps), NextTokenProb(), methods=("gradsae",))``.
     """
     stop = stop_ids(lm) if stop is None else stop
     ids, mask = input_ids.to(lm.device), attention_mask.to(lm.device)

@@ -29,7 +29,8 @@ import torch
 from gradsae.embedded import GEMMA_NAMES
 from gradsae.errors import GradSAEError
 from gradsae.models import DEFAULT_NAMES, LoadedModel, check_layers
-from gradsae.sae import SAE, SAEConfig, check_compatible, load_sae
+from gradsae.sae import SAE, SAEConfig, check_compatible
+from gradsae.sae_formats import load_sae
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ greedy token of this spliced, unedited run (a constant for the gradient).
 Spliced positions: every real (non-padding) token except, by default, each row's
 first (``skip_first=True``): SAEs trained without position 0 reconstruct the
 attention sink badly. The paper's code splices and averages over every position,
-BOS included: pass ``skip_first=False`` for that.
+BOS included: pass ``ScoreOptions(skip_first=False)`` for that.
 
 Baselines: ``activation`` scores ``mean_n H[b, n, c]`` (the paper's input-side
 ranking); ``ablation`` is the exact ``Y(H) - Y(H with latent c zeroed at every
@@ -32,6 +32,10 @@ p_edit(y*)``), one forward per active latent, the clean ``Y`` taken in the same
 batched, prefix-replayed forward with an empty edit; ``random`` gives each
 active latent a seeded uniform score (one seed for the batch, or one per row: then a
 row's scores do not depend on the rows beside it).
+
+Entry points: ``score_latents(lm, sae, inputs, objective, *, method, options)`` (one method; ``inputs`` the
+tokenizer's output or a tensor of ids) and ``score_methods(lm, sae, input_ids, attention_mask, objective, *,
+methods, options)`` (several from one pass); ``options`` is one frozen :class:`ScoreOptions` for both.
 
 Dtypes: latents, latent gradients and scores are in the SAE's dtype (float32
 for a half-precision model), ``Y`` in at least float32.
@@ -141,59 +145,68 @@ class Scores:
 _TENSORS = ("per_latent", "token_index", "token_score", "mean_act", "last_act", "active_last", "objective")
 
 
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How :func:`score_latents` and :func:`score_methods` splice, aggregate and estimate (shared by both)."""
+
+    layer: int | None = None
+    """Decoder block the SAE is spliced after; ``None``: the SAE's own ``hook_layer``."""
+    mode: Mode = "error"
+    """Splice mode: ``error`` (the output is exactly unchanged) or ``replace`` (the paper's)."""
+    aggregation: Aggregation = "paper"
+    """Per-token scores to per-latent ones: ``paper``, ``signed``, ``abs``, ``sum`` or ``last`` (module docstring)."""
+    skip_first: bool = True
+    """Leave each row's first real token unspliced (no latents, not counted in means); ``False``: the paper's code."""
+    seed: int | Sequence[int] = 0
+    """Seed of the ``random`` scores: one for the batch, or one per row (a row's scores then ignore its neighbours)."""
+    ablation_batch: int = 32
+    """Forwards batched together by the exact ``ablation`` and the estimators' interpolation steps."""
+    ig_steps: int = IG_STEPS
+    """Midpoint steps of integrated gradients (``ig``)."""
+    baseline: Baseline | None = None
+    """What a removed latent is set to (:mod:`gradsae.estimators`); ``None``: zero."""
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise GradSAEError(f"unknown aggregation {self.aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+
+
+Inputs = Mapping[str, Any] | torch.Tensor
+"""The tokenizer's output (``input_ids``, optional ``attention_mask``; left-padded), or ``input_ids`` alone."""
+
+
 def score_latents(
     lm: LoadedModel,
     sae: SAE,
-    inputs: Mapping[str, Any] | torch.Tensor,
-    *args: Any,
+    inputs: Inputs,
+    objective: Objective,
+    *,
     method: Method = "gradsae",
-    layer: int | None = None,
-    mode: Mode = "error",
-    aggregation: Aggregation = "paper",
-    seed: int = 0,
-    ablation_batch: int = 32,
-    skip_first: bool = True,
+    options: ScoreOptions = ScoreOptions(),
 ) -> Scores:
-    """Score every latent for a batch of (left-padded) inputs; see the module docstring.
+    """Score every latent for a batch of (left-padded) inputs with one ``method``; see the module docstring.
 
-    Call as ``score_latents(lm, sae, enc, objective)`` with the tokenizer's output
-    ``enc`` (a mapping with ``input_ids`` and optionally ``attention_mask``), or as
-    ``score_latents(lm, sae, input_ids, attention_mask, objective)``.
-    ``skip_first`` leaves each row's first real token unspliced (no latents, not
-    counted in means); ``False`` splices it too, as the paper's code does.
+    ``inputs``: the tokenizer's output (a mapping with ``input_ids`` and optionally
+    ``attention_mask``) or a ``[batch, pos]`` tensor of ids without padding.
     """
-    input_ids, attention_mask, objective = _call_inputs(lm, inputs, args)
-    return score_methods(
-        lm,
-        sae,
-        input_ids,
-        attention_mask,
-        objective,
-        methods=(method,),
-        layer=layer,
-        mode=mode,
-        aggregation=aggregation,
-        seed=seed,
-        ablation_batch=ablation_batch,
-        skip_first=skip_first,
-    )[method]
+    input_ids, attention_mask = split_inputs(lm, inputs)
+    return score_methods(lm, sae, input_ids, attention_mask, objective, methods=(method,), options=options)[method]
 
 
-def _call_inputs(
-    lm: LoadedModel, inputs: Mapping[str, Any] | torch.Tensor, args: tuple[Any, ...]
-) -> tuple[torch.Tensor, torch.Tensor | None, Objective]:
-    """``(input_ids, attention_mask, objective)`` from either calling form of :func:`score_latents`."""
+def split_inputs(lm: LoadedModel, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(input_ids, attention_mask)`` on the model's device from :data:`Inputs`."""
     if isinstance(inputs, torch.Tensor):
-        if len(args) != 2:
-            raise GradSAEError("score_latents(lm, sae, input_ids, attention_mask, objective): pass all three")
-        ids, mask, objective = inputs, args[0], args[1]
+        ids, mask = inputs, None
+    elif isinstance(inputs, Mapping) and "input_ids" in inputs:
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     else:
-        if len(args) != 1 or "input_ids" not in inputs:
-            raise GradSAEError("score_latents(lm, sae, enc, objective): enc is the tokenizer's output with input_ids")
-        ids, mask, objective = inputs["input_ids"], inputs.get("attention_mask"), args[0]
+        raise GradSAEError(
+            "score_latents(lm, sae, inputs, objective): inputs is the tokenizer's output (with input_ids) "
+            "or a tensor of input_ids"
+        )
     ids = torch.as_tensor(ids, device=lm.device)
     mask = None if mask is None else torch.as_tensor(mask, device=lm.device)
-    return ids, mask, objective
+    return ids, mask
 
 
 def score_methods(
@@ -204,26 +217,23 @@ def score_methods(
     objective: Objective,
     *,
     methods: Sequence[str],
-    layer: int | None = None,
-    mode: Mode = "error",
-    aggregation: Aggregation = "paper",
-    seed: int | Sequence[int] = 0,
-    ablation_batch: int = 32,
-    skip_first: bool = True,
-    ig_steps: int = IG_STEPS,
-    baseline: Baseline | None = None,
+    options: ScoreOptions = ScoreOptions(),
 ) -> dict[str, Scores]:
     """Several methods from one spliced forward (and one backward if ``gradsae`` is among them).
 
-    ``skip_first``: as in :func:`score_latents` (default: the first real token is not spliced).
-    ``ig`` and ``relp`` and any ``baseline`` but zero: :mod:`gradsae.estimators` (the same baseline for
-    every estimator and the exact ``ablation``).
+    ``ig`` and ``relp`` and any ``options.baseline`` but zero: :mod:`gradsae.estimators` (the same baseline
+    for every estimator and the exact ``ablation``).
     """
+    if not isinstance(objective, Objective):
+        raise TypeError(
+            f"objective must be one of gradsae.objectives' objectives (NextTokenProb, ...), not "
+            f"{type(objective).__name__}: call score_latents(lm, sae, inputs, objective, options=ScoreOptions(...))"
+        )
+    if not isinstance(options, ScoreOptions):
+        raise TypeError(f"options must be a ScoreOptions, not {type(options).__name__}")
     for method in methods:
         if method not in METHODS:
             raise GradSAEError(f"unknown scoring method {method!r}: use one of {', '.join(METHODS)}")
-    if aggregation not in AGGREGATIONS:
-        raise GradSAEError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
     check_inputs(lm, input_ids, attention_mask)
     relp_pass = "relp" in methods and "gradsae" not in methods  # RelP's rules leave the forward values as they are
     with relp_rules(lm) if relp_pass else nullcontext():
@@ -233,13 +243,15 @@ def score_methods(
             input_ids,
             attention_mask,
             objective,
-            layer=layer,
-            mode=mode,
+            layer=options.layer,
+            mode=options.mode,
             grad="gradsae" in methods or relp_pass,
-            skip_first=skip_first,
+            skip_first=options.skip_first,
         )
     out = {}
-    beyond = {"ig", "relp"} | ({"gradsae", "ablation"} if baseline is not None and not baseline.is_zero else set())
+    beyond = {"ig", "relp"} | (
+        {"gradsae", "ablation"} if options.baseline is not None and not options.baseline.is_zero else set()
+    )
     for method in methods:
         if method in beyond:
             out[method] = estimated(
@@ -250,18 +262,12 @@ def score_methods(
                 attention_mask,
                 objective,
                 run,
-                aggregation,
-                layer=layer,
-                mode=mode,
-                skip_first=skip_first,
-                batch=ablation_batch,
-                ig_steps=ig_steps,
-                baseline=baseline,
+                options,
                 relp_grad=run.grad if relp_pass else None,
             )
             continue
         if method == "gradsae":
-            out[method] = scores_from_gradient(sae, run, aggregation)
+            out[method] = scores_from_gradient(sae, run, options.aggregation)
             continue
         if method == "activation":
             token_score, per_latent = run.values, run.mean_act
@@ -274,14 +280,14 @@ def score_methods(
                 attention_mask,
                 objective,
                 run,
-                layer=layer,
-                mode=mode,
-                batch_size=ablation_batch,
-                skip_first=skip_first,
+                layer=options.layer,
+                mode=options.mode,
+                batch_size=options.ablation_batch,
+                skip_first=options.skip_first,
             )
         else:
-            token_score, per_latent = torch.zeros_like(run.values), random_scores(run.mean_act, seed=seed)
-        out[method] = _scores(method, aggregation, per_latent, token_score, run)
+            token_score, per_latent = torch.zeros_like(run.values), random_scores(run.mean_act, seed=options.seed)
+        out[method] = _scores(method, options.aggregation, per_latent, token_score, run)
     return out
 
 
@@ -293,25 +299,20 @@ def estimated(
     attention_mask: torch.Tensor | None,
     objective: Objective,
     run: SplicedRun,
-    aggregation: str,
+    options: ScoreOptions,
     *,
-    layer: int | None,
-    mode: Mode,
-    skip_first: bool,
-    batch: int,
-    ig_steps: int,
-    baseline: Baseline | None,
     relp_grad: torch.Tensor | None = None,
 ) -> Scores:
     """``ig``, ``relp``, or ``gradsae`` / ``ablation`` to a non-zero baseline (:mod:`gradsae.estimators`).
 
     ``relp_grad``: the RelP gradient when the main pass already ran under RelP's rules.
     """
-    layer = resolve_layer(sae, layer)
+    layer, mode, batch = resolve_layer(sae, options.layer), options.mode, options.ablation_batch
+    aggregation, skip_first = options.aggregation, options.skip_first
     rem = removal(
         lm,
         sae,
-        baseline or Baseline(),
+        options.baseline or Baseline(),
         run.index,
         run.values,
         run.valid,
@@ -351,7 +352,7 @@ def estimated(
             run.valid,
             layer=layer,
             mode=mode,
-            steps=ig_steps,
+            steps=options.ig_steps,
             batch=batch,
         )
     else:

@@ -65,7 +65,6 @@ norm ``alpha * R`` whatever its latents.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,34 +75,8 @@ from gradsae.lens import lens_directions, top_tokens, unembedding
 from gradsae.models import LoadedModel, block_output, position_ids
 from gradsae.objectives import NextTokenProb, Objective, TargetLogProb
 from gradsae.sae import SAE
-from gradsae.scores import score_latents
+from gradsae.scores import ScoreOptions, score_latents
 from gradsae.splice import Edit, Mode, splice
-
-
-@dataclass(frozen=True)
-class Concept:
-    """What to steer toward: words that show it, texts that express it, optionally its opposite."""
-
-    name: str
-    words: tuple[str, ...]
-    """Words whose presence in generated text shows the concept; also the logit-lens target tokens."""
-    texts: tuple[str, ...] = ()
-    """Texts that express the concept (GradSAE targets, activation texts); empty: the words joined."""
-    negatives: tuple[str, ...] = ()
-    """Texts of the opposite concept; when given, their scores are subtracted (a contrast)."""
-    judge: str | None = None
-    """A sentiment label (``positive`` / ``negative``): success is the model's own judgement; ``None``: words."""
-
-    def __post_init__(self) -> None:
-        if not self.words:
-            raise GradSAEError(f"concept {self.name!r} has no words: pass at least one target word")
-        if self.judge not in (None, "positive", "negative"):
-            raise GradSAEError(f"unknown judge label {self.judge!r}: use positive, negative or none")
-
-    @property
-    def targets(self) -> tuple[str, ...]:
-        """The texts, else the words joined by commas."""
-        return self.texts or (", ".join(self.words),)
 
 
 # -- scores -------------------------------------------------------------------------
@@ -140,8 +113,8 @@ def mean_influence(
     mode: Mode = "error",
 ) -> torch.Tensor:
     """``[d_sae]`` GradSAE influence (the paper's aggregation) averaged over the rows of one batch."""
-    device = lm.device
-    scores = score_latents(lm, sae, ids.to(device), mask.to(device), objective, layer=layer, mode=mode)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    scores = score_latents(lm, sae, inputs, objective, options=ScoreOptions(layer=layer, mode=mode))
     return scores.per_latent.mean(dim=0)
 
 
@@ -158,7 +131,9 @@ def mean_activation(
 ) -> torch.Tensor:
     """``[d_sae]`` mean activation over the (spliced) tokens of each text, averaged over texts."""
     ids, mask = _encode(lm, texts)
-    scores = score_latents(lm, sae, ids, mask, NextTokenProb(), method="activation", layer=layer, mode=mode)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    options = ScoreOptions(layer=layer, mode=mode)
+    scores = score_latents(lm, sae, inputs, NextTokenProb(), method="activation", options=options)
     return scores.mean_act.mean(dim=0)
 
 
@@ -279,7 +254,8 @@ def target_position_influence(
     """``[d_sae]`` GradSAE influence on ``log p(target | prompt)`` over the target-predicting positions only."""
     ids, mask, lengths = target_rows(lm.tokenizer, prompts, targets)
     objective = TargetLogProb(n_target=lengths)
-    scores = score_latents(lm, sae, ids.to(lm.device), mask.to(lm.device), objective, layer=layer, mode=mode)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    scores = score_latents(lm, sae, inputs, objective, options=ScoreOptions(layer=layer, mode=mode))
     width = ids.shape[1]
     rows, pos, lat = scores.token_index.unbind(-1)
     length = torch.as_tensor(lengths, device=rows.device)[rows]

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from gradsae.cli import main
+from gradsae.sae_formats import save_sae
 from tests.helpers import save_tiny_hf, tiny_sae
 
 
@@ -14,7 +15,7 @@ from tests.helpers import save_tiny_hf, tiny_sae
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
     folder = save_tiny_hf(root / "model", seed=1)
-    tiny_sae("topk", layer=1).save(root / "sae")
+    save_sae(tiny_sae("topk", layer=1), root / "sae")
     return root, ["score", "--model", str(folder), "--sae", str(root / "sae"), "--no-chat", "--top", "4"]
 
 

@@ -12,14 +12,8 @@ import torch
 from gradsae.errors import GradSAEError
 from gradsae.experiments.concepts import (
     CONCEPTS,
-    DEFAULT_ALPHAS,
-    FREEZE,
-    METHODS,
     NEUTRAL_PROMPTS,
     NEUTRAL_TEXTS,
-    Point,
-    SteerConfig,
-    SteerResult,
     choose_alpha,
     distinct_n,
     freeze_hash,
@@ -27,7 +21,6 @@ from gradsae.experiments.concepts import (
     mean_nll,
     pick_latents,
     run_steering,
-    second_seed,
     selector_scores,
     split_prompts,
     steered_generations,
@@ -35,11 +28,21 @@ from gradsae.experiments.concepts import (
 )
 from gradsae.experiments.journal import Journal
 from gradsae.experiments.judges import concept_hits
+from gradsae.experiments.results import (
+    DEFAULT_ALPHAS,
+    FREEZE,
+    STEER_METHODS,
+    Concept,
+    Point,
+    SteerConfig,
+    SteerResult,
+    second_seed,
+)
 from gradsae.experiments.stats import Stat
 from gradsae.generate import generate
 from gradsae.models import LoadedModel
 from gradsae.report.concepts import headline, markdown, render
-from gradsae.steer import Concept, arad_output_scores, top_latents
+from gradsae.steer import arad_output_scores, top_latents
 from tests.helpers import char_lm, tiny_sae
 
 CONCEPT = Concept(
@@ -85,7 +88,7 @@ def test_norm_zero_gives_the_unsteered_text(lively):
     assert [g.token_ids for g in strong] != [g.token_ids for g in plain]  # the edit does act
 
 
-@pytest.mark.parametrize("method", [*METHODS[:-1], "random-0"])
+@pytest.mark.parametrize("method", [*STEER_METHODS[:-1], "random-0"])
 def test_each_selector_returns_k_distinct_latents(lively, method):
     sae = tiny_sae(d_sae=48, layer=1, d_in=32)
     cfg = SteerConfig(k=6, pool=10)
@@ -232,7 +235,7 @@ def test_a_journaled_run_resumes_to_the_same_bytes(lively, tmp_path):
 def test_freeze_record_matches_the_frozen_texts_and_draws_the_second_seed():
     assert freeze_hash() == FREEZE["sha256"], "concepts, prompts, grid or selectors changed after the freeze"
     assert SteerConfig().seeds == (0, second_seed()) and second_seed() == int(FREEZE["sha256"][:12], 16) % 10**6
-    assert SteerConfig().alphas == DEFAULT_ALPHAS and SteerConfig().methods == METHODS
+    assert SteerConfig().alphas == DEFAULT_ALPHAS and SteerConfig().methods == STEER_METHODS
 
 
 def test_builtin_concepts_are_well_formed():

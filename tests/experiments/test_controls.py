@@ -9,7 +9,7 @@ from gradsae.experiments.controls import ANSWER, CONTROLS, NOSINK, control_score
 from gradsae.experiments.run import run_layer
 from gradsae.models import position_ids
 from gradsae.objectives import NextTokenProb
-from gradsae.scores import score_methods
+from gradsae.scores import ScoreOptions, score_methods
 from gradsae.splice import splice
 from tests.experiments.test_run import _cfg, _half_right_task
 from tests.helpers import char_lm, padded_batch, tiny_lm, tiny_sae
@@ -20,7 +20,7 @@ def setup():
     lm = tiny_lm(torch.float64, seed=1)
     sae = tiny_sae("relu", d_sae=8, seed=3, dtype=torch.float64, layer=0)
     ids, mask = padded_batch()
-    by = score_methods(lm, sae, ids, mask, NextTokenProb(), methods=["activation"], layer=0)
+    by = score_methods(lm, sae, ids, mask, NextTokenProb(), methods=["activation"], options=ScoreOptions(layer=0))
     seen = []
     block = lm.model.model.layers[0]
     hook = block.register_forward_hook(lambda _m, _i, out: seen.append(out[0] if isinstance(out, tuple) else out))

@@ -12,7 +12,7 @@ from gradsae.experiments.curves import faithfulness, pinned_token_prob
 from gradsae.experiments.stats import spearman
 from gradsae.report.curves import curves_markdown
 from gradsae.report.sweep import curve_methods
-from gradsae.scores import score_methods
+from gradsae.scores import ScoreOptions, score_methods
 from tests.helpers import padded_batch, tiny_lm, tiny_sae
 
 GRID = (0.0, 0.25, 0.5, 1.0)
@@ -36,9 +36,7 @@ def test_ig_and_relp_rank_the_curves_by_their_summed_scores() -> None:
         torch.ones_like(row),
         pinned_token_prob(token),
         methods=("ig", "relp", "ablation"),
-        layer=0,
-        aggregation="sum",
-        ig_steps=4,
+        options=ScoreOptions(layer=0, aggregation="sum", ig_steps=4),
     )
     active = torch.nonzero(by["ablation"].mean_act[0] > 0).squeeze(-1)
     for m in ("ig", "relp"):

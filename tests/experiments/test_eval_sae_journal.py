@@ -11,6 +11,7 @@ import pytest
 
 from gradsae.cli import main
 from gradsae.experiments import eval_sae
+from gradsae.sae_formats import save_sae
 from tests.helpers import tiny_sae
 from tests.tiny_files import tiny_run_files
 
@@ -19,7 +20,7 @@ from tests.tiny_files import tiny_run_files
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tiny_run_files(tmp_path_factory.mktemp("files"))
     shutil.copytree(d / "sae", d / "saes" / "layer_0")
-    tiny_sae("topk", d_sae=48, seed=4, layer=1).save(d / "saes" / "layer_1")
+    save_sae(tiny_sae("topk", d_sae=48, seed=4, layer=1), d / "saes" / "layer_1")
     return d
 
 
@@ -102,7 +103,7 @@ def test_another_run_s_journal_is_refused_and_restart_starts_over(
     argv = _argv(mine, tmp_path / "o2")
     assert main(argv) == 0
     capsys.readouterr()
-    tiny_sae("topk", d_sae=48, seed=9, layer=1).save(mine / "saes" / "layer_1")
+    save_sae(tiny_sae("topk", d_sae=48, seed=9, layer=1), mine / "saes" / "layer_1")
     assert main(argv) == 2 and "sae_weights" in capsys.readouterr().err, "new weights in the same folder: refused"
     assert main([*argv, "--restart"]) == 0
     again = tmp_path / "o3"

@@ -77,7 +77,8 @@ def test_sentiment_is_the_label_share_of_the_summed_variant_mass():
 @pytest.mark.slow
 def test_real_judge_reads_the_labels_it_emits():
     """SmolLM2: every spelling the judge emits is among the summed variants, which hold real mass."""
-    from gradsae.experiments.concepts import CONCEPTS, SteerConfig, judge_check
+    from gradsae.experiments.concepts import CONCEPTS, judge_check
+    from gradsae.experiments.results import SteerConfig
     from gradsae.models import load_model
 
     lm = load_model()

@@ -7,7 +7,7 @@ import torch
 from gradsae.experiments.record import record_scores
 from gradsae.experiments.results import ExampleDump
 from gradsae.objectives import NextTokenProb
-from gradsae.scores import score_methods
+from gradsae.scores import ScoreOptions, score_methods
 
 
 def test_dump_reads_back(tiny_run):
@@ -28,8 +28,7 @@ def _rescore(tiny_run, record):
         torch.ones_like(ids),
         NextTokenProb(),
         methods=("gradsae", "activation"),
-        layer=0,
-        mode="replace",
+        options=ScoreOptions(layer=0, mode="replace"),
     )
     return ids, by
 

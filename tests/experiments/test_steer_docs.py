@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gradsae.experiments.concepts import SteerResult
+from gradsae.experiments.results import SteerResult
 from gradsae.report.concepts import headline, markdown
 
 ROOT = Path(__file__).resolve().parents[2]

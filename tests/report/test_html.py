@@ -15,7 +15,7 @@ from gradsae.experiments.results import EXAMPLES, LayerExamples
 from gradsae.objectives import NextTokenProb
 from gradsae.report.html import REPORT, _curves, latent_rows, markdown_html, score_page
 from gradsae.report.tables import fmt_prop
-from gradsae.scores import score_methods
+from gradsae.scores import ScoreOptions, score_methods
 from tests.cdp import Browser, chromium
 
 
@@ -71,7 +71,15 @@ def test_score_page_for_one_prompt(tiny_run):
     tok = tiny_run.lm.tokenizer
     ids = torch.tensor([tok.encode("the lazy dog")])
     methods = ("gradsae", "activation")
-    by = score_methods(tiny_run.lm, tiny_run.sae, ids, torch.ones_like(ids), NextTokenProb(), methods=methods, layer=0)
+    by = score_methods(
+        tiny_run.lm,
+        tiny_run.sae,
+        ids,
+        torch.ones_like(ids),
+        NextTokenProb(),
+        methods=methods,
+        options=ScoreOptions(layer=0),
+    )
     record = record_scores(tok, ids, torch.ones_like(ids), by, top=3)
     part = json.loads(json.dumps(LayerExamples(layer=0, examples=(record,)), default=lambda o: o.__dict__))
     page = score_page("score", "# gradsae score\n", part)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gradsae import pretrained
+from gradsae.sae_formats import save_sae
 from tests.helpers import tiny_sae
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "ship_saes.py"
@@ -23,7 +24,7 @@ def _script():  # type: ignore[no-untyped-def]
 
 
 def _folder(path: Path, seed: int, layer: int) -> Path:
-    tiny_sae("topk", d_sae=48, seed=seed, layer=layer).save(path)
+    save_sae(tiny_sae("topk", d_sae=48, seed=seed, layer=layer), path)
     (path / "README.md").write_text(f"# seed {seed}\n")
     return path
 

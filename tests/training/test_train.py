@@ -16,7 +16,8 @@ from gradsae.cli.common import parse_count
 from gradsae.cli.train_sae import add_arguments as add_train_sae_arguments
 from gradsae.errors import GradSAEError
 from gradsae.models import LoadedModel
-from gradsae.sae import SAE, SAEConfig, load_sae
+from gradsae.sae import SAE, SAEConfig
+from gradsae.sae_formats import load_sae
 from gradsae.training.activations import StreamConfig, activation_blocks, load_texts, sequences, split_heldout
 from gradsae.training.evaluate import evaluate_saes
 from gradsae.training.export import finish_run

@@ -39,7 +39,7 @@ from gradsae.objectives import Objective, objective_from_name
 from gradsae.pretrained import resolve_sae
 from gradsae.report.html import score_page
 from gradsae.sae import SAE, check_compatible
-from gradsae.scores import Scores, score_methods
+from gradsae.scores import ScoreOptions, Scores, score_methods
 from gradsae.splice import splice
 
 SCORE_METHODS = ("gradsae", *ESTIMATORS)
@@ -276,14 +276,15 @@ def score_prompt(lm: LoadedModel, sae: SAE, layer: int, args: argparse.Namespace
     if args.objective == "target":
         ids, mask = append_target(lm, ids, args.target)
     methods = parse_methods(args.methods)
-    options = {
-        "layer": layer,
-        "mode": args.mode,
-        "ig_steps": args.ig_steps,
-        "baseline": removal_baseline(lm, sae, layer, args, corrupt),
-    }
+    options = ScoreOptions(
+        layer=layer,
+        mode=args.mode,
+        aggregation=args.aggregation,
+        ig_steps=args.ig_steps,
+        baseline=removal_baseline(lm, sae, layer, args, corrupt),
+    )
     asked = (*methods, "activation") + (("ablation",) if args.ablation else ())
-    by = score_methods(lm, sae, ids, mask, objective, methods=asked, aggregation=args.aggregation, **options)
+    by = score_methods(lm, sae, ids, mask, objective, methods=asked, options=options)
     grad, act = by[methods[0]], by["activation"]
     page = None
     if args.html:

@@ -1,7 +1,7 @@
 """``gradsae steer``: steer generation toward concepts with the latents each selector picks, all at the same strength.
 
 Writes to ``--out``: ``steering.json`` (every number and generation; loads with
-:meth:`gradsae.experiments.concepts.SteerResult.load`), ``steering.md`` (generated from
+:meth:`gradsae.experiments.results.SteerResult.load`), ``steering.md`` (generated from
 the JSON alone), ``steering.png`` (success vs perplexity per concept, every
 selector) and ``timing.json`` (this session's wall time). ``--render-only``
 re-renders the markdown and the plot from ``steering.json``.
@@ -15,7 +15,7 @@ all six), or one of your own from target words (``--words a,b,c``, every inflect
 that should count listed) with optional texts that express it (``--text``), texts of
 its opposite (``--negative``) and, for a sentiment, the label the model's own judge
 should give (``--judge positive``); or a JSON file with the fields of
-:class:`gradsae.steer.Concept` (one object or a list).
+:class:`gradsae.experiments.results.Concept` (one object or a list).
 """
 
 from __future__ import annotations
@@ -33,19 +33,12 @@ from gradsae import _files
 from gradsae.cli import options
 from gradsae.cli.common import dataclass_arguments, parse_layers
 from gradsae.errors import GradSAEError
-from gradsae.experiments.concepts import (
-    CONCEPTS,
-    DEFAULT_CONCEPTS,
-    SteerConfig,
-    SteerResult,
-    journal_config,
-    run_steering,
-)
+from gradsae.experiments.concepts import CONCEPTS, DEFAULT_CONCEPTS, journal_config, run_steering
 from gradsae.experiments.journal import FOLDER, Journal, count_units
+from gradsae.experiments.results import Concept, SteerConfig, SteerResult
 from gradsae.models import load_model, sae_device
 from gradsae.pretrained import resolve_sae
 from gradsae.report.concepts import render
-from gradsae.steer import Concept
 
 OUTPUTS = ("steering.json", "steering.md", "steering.png", "timing.json")
 

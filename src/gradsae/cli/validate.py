@@ -81,7 +81,7 @@ def sae_folders(spec: str | None, values: Sequence[int | None]) -> None:
     if "{layer}" in spec and any(layer is None for layer in values):
         raise GradSAEError(f"--sae {spec} has {{layer}} in it: pass --layer or --layers too")
     from gradsae.pretrained import sae_folder  # torch: not for `report`
-    from gradsae.sae import load_sae
+    from gradsae.sae_formats import load_sae
 
     for folder in dict.fromkeys(str(sae_folder(spec, layer)) for layer in values):
         load_sae(folder)

@@ -46,7 +46,7 @@ from gradsae.lens import logit_lens
 from gradsae.models import LoadedModel
 from gradsae.objectives import TargetLogProb
 from gradsae.sae import SAE
-from gradsae.scores import score_methods
+from gradsae.scores import ScoreOptions, score_methods
 
 BEFORE, AFTER = 12, 4
 """Tokens shown before and after a context's maximum."""
@@ -129,7 +129,13 @@ def _corpus_traces(
     for start in tqdm(range(0, n_seq, batch), desc="feature cards: scoring the corpus", disable=None):
         chunk = ids[start : start + batch]
         by = score_methods(
-            lm, sae, chunk, torch.ones_like(chunk), objective, methods=("gradsae", "activation"), layer=layer
+            lm,
+            sae,
+            chunk,
+            torch.ones_like(chunk),
+            objective,
+            methods=("gradsae", "activation"),
+            options=ScoreOptions(layer=layer),
         )
         index = by["gradsae"].token_index
         here = slot[index[:, 2]]

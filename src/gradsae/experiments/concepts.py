@@ -1,13 +1,13 @@
 """Steer open-ended generation toward a concept, every selector at the same strength; judge success and fluency.
 
 For each SAE layer ``l`` and prompt seed ``s`` (a *cell*), each
-:class:`~gradsae.steer.Concept` and each latent selector ``m``:
+:class:`~gradsae.experiments.results.Concept` and each latent selector ``m``:
 
 1. Prompts. :data:`NEUTRAL_PROMPTS` is shuffled once (``s``) and cut into three
    disjoint parts (:func:`split_prompts`): ``seed`` prompts (only for the scores),
    ``heldout`` prompts (only for choosing ``alpha``) and ``eval`` prompts (only
    for the reported numbers), each through the chat template.
-2. Latents: ``K`` per selector (:func:`pick_latents`; see :data:`METHOD_NAMES`):
+2. Latents: ``K`` per selector (:func:`pick_latents`; see :data:`~gradsae.experiments.results.METHOD_NAMES`):
    ``gradsae`` (the paper's aggregation of influence on ``log p(concept text |
    seed prompt)`` over every position of prompt + target), ``gradsae-target`` (the
    same influence over the target-predicting positions only), ``activation``
@@ -48,9 +48,9 @@ writes the same ``steering.json`` byte for byte. The held-aside sweep of one
 selector is generated as one batch (every alpha's rows), so a resumed run rebuilds
 any missing point from the same batch.
 
-Frozen before the second seed (:data:`FREEZE`): the concepts, prompts, texts,
+Frozen before the second seed (:data:`~gradsae.experiments.results.FREEZE`): the concepts, prompts, texts,
 grid and selectors hash to ``FREEZE["sha256"]``; the second prompt seed is drawn
-from that hash (:func:`second_seed`), so it could not be chosen before them.
+from that hash (:func:`~gradsae.experiments.results.second_seed`), so it could not be chosen before them.
 """
 
 from __future__ import annotations
@@ -71,7 +71,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradsae import _files
 from gradsae.errors import GradSAEError
 from gradsae.experiments.journal import Journal, recall, unit_key
 from gradsae.experiments.judges import (
@@ -82,7 +81,20 @@ from gradsae.experiments.judges import (
     label_variants,
     sentiment_probs,
 )
-from gradsae.experiments.stats import Stat, bootstrap
+from gradsae.experiments.results import (
+    DEFAULT_ALPHAS,
+    FREEZE,
+    STEER_METHODS,
+    Cell,
+    Concept,
+    ConceptRun,
+    MethodRun,
+    Point,
+    SteerConfig,
+    SteerResult,
+    within_budget,
+)
+from gradsae.experiments.stats import bootstrap
 from gradsae.generate import Generation, chat_text, generate, pad_id, pad_left
 from gradsae.models import LoadedModel
 from gradsae.objectives import TargetLogProb
@@ -90,7 +102,6 @@ from gradsae.sae import SAE
 from gradsae.scores import objective_value
 from gradsae.splice import Edit, Mode, splice
 from gradsae.steer import (
-    Concept,
     arad_output_scores,
     delta_token_confidence,
     latent_scales,
@@ -109,18 +120,6 @@ from gradsae.steer import (
 
 log = logging.getLogger(__name__)
 
-METHODS = ("gradsae", "gradsae-target", "activation", "logit-lens", "arad", "dtc", "random")
-METHOD_NAMES = {
-    "gradsae": "GradSAE, the paper's aggregation (every position of prompt + target)",
-    "gradsae-target": "GradSAE on the target-predicting positions only",
-    "activation": "mean activation on the concept texts",
-    "logit-lens": "logit-lens projection on the concept words (a stand-in, not Arad et al.'s output score)",
-    "arad": "Arad et al. (2025) intervention output score, over the activation pool",
-    "dtc": "ΔToken Confidence (Wang et al. 2025, arXiv 2510.03659) as read from its abstract: the change of the "
-    "top next-token probability under Arad et al.'s amplification, over the activation pool",
-    "random": "random latents (several seeded draws)",
-}
-"""What each selector is, as the report names it."""
 NEUTRAL_PROMPTS = (
     "Tell me about your morning.",
     "Describe a place you like to visit.",
@@ -312,7 +311,6 @@ CONCEPTS = {
 """Built-in concepts: two sentiments (the model's own judge) and four topics (whole listed words)."""
 
 DEFAULT_CONCEPTS = tuple(CONCEPTS)
-DEFAULT_ALPHAS = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 def freeze_payload() -> dict[str, Any]:
@@ -322,7 +320,7 @@ def freeze_payload() -> dict[str, Any]:
         "neutral_prompts": list(NEUTRAL_PROMPTS),
         "neutral_texts": list(NEUTRAL_TEXTS),
         "alphas": list(DEFAULT_ALPHAS),
-        "methods": list(METHODS),
+        "methods": list(STEER_METHODS),
         "k": 8,
     }
 
@@ -331,226 +329,6 @@ def freeze_hash() -> str:
     """SHA-256 of :func:`freeze_payload` in canonical JSON."""
     text = json.dumps(freeze_payload(), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-FREEZE = {
-    "sha256": "ca698705bcdb27aac9f8eb64d86ee2ead683967d388907cf78dd207ffbb930ef",
-    "date": "2026-12-07 06:36 UTC",
-    "note": "concepts, prompts, contrast texts, alpha grid, K and selectors frozen; the second seed is drawn "
-    "from this hash, after the freeze",
-}
-"""The freeze record; ``tests`` check that the frozen payload still hashes to it."""
-
-
-def second_seed(sha: str = FREEZE["sha256"]) -> int:
-    """The second prompt seed, drawn from the freeze hash (an integer below 10^6)."""
-    return int(sha[:12], 16) % 1_000_000
-
-
-@dataclass(frozen=True)
-class SteerConfig:
-    """What to run: the selectors, the strengths, the prompts and the fluency budget."""
-
-    layers: tuple[int, ...] = ()
-    """Decoder blocks to steer at, one SAE each (empty: the SAE's own)."""
-    k: int = 8
-    """Latents added per selector."""
-    alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    """Strengths swept: the added vector's norm in units of the residual stream's median token norm at the layer."""
-    methods: tuple[str, ...] = METHODS
-    """Selectors: any of gradsae, gradsae-target, activation, logit-lens, arad, dtc, random."""
-    random_draws: int = 5
-    """Seeded draws of the random selector, each its own run."""
-    pool: int = 32
-    """Candidates (best activation scores) that arad and dtc rank by their output scores."""
-    amplify: float = 10.0
-    """Arad et al.'s amplification: this times the largest latent activation at the last position."""
-    n_seed: int = 4
-    """Seed prompts the scores are computed on."""
-    n_heldout: int = 6
-    """Held-aside prompts that choose alpha and set the residual norm."""
-    n_eval: int = 12
-    """Evaluation prompts that the numbers are reported on."""
-    max_new_tokens: int = 24
-    """Tokens generated per prompt."""
-    max_ppl_ratio: float = 2.0
-    """Fluency budget: held-aside perplexity at most this times the unsteered one."""
-    min_distinct_ratio: float = 0.8
-    """Fluency budget: held-aside distinct-2 at least this times the unsteered one."""
-    batch_size: int = 12
-    """Texts per scoring batch (generation batches are one selector's rows)."""
-    seeds: tuple[int, ...] = (0, second_seed())
-    """Prompt seeds: each reshuffles the prompt split (and the random draws)."""
-    resamples: int = 1000
-    """Bootstrap resamples."""
-    contrast: str = "neutral"
-    """Contrast for gradsae / activation when a concept has no negatives: neutral (built-in texts) or none."""
-    judge_margin: float = 0.2
-    """A sentiment judge is good when its P(label) on the concept texts beats the negatives' by this much."""
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise GradSAEError(f"unknown steering methods {unknown}: use any of {', '.join(METHODS)}")
-        if not self.alphas or any(a <= 0 for a in self.alphas):
-            raise GradSAEError(f"alphas must be positive (0, no steering, is always measured), got {self.alphas}")
-        if min(self.n_seed, self.n_heldout, self.n_eval, self.k, self.max_new_tokens, self.random_draws) < 1:
-            raise GradSAEError("k, n_seed, n_heldout, n_eval, max_new_tokens and random_draws must each be >= 1")
-        if self.pool < self.k:
-            raise GradSAEError(f"--pool ({self.pool}) must be at least --k ({self.k})")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise GradSAEError(f"seeds must be distinct and at least one, got {self.seeds}")
-        if self.contrast not in ("neutral", "none"):
-            raise GradSAEError(f"unknown contrast {self.contrast!r}: use 'neutral' or 'none'")
-
-    def runs(self) -> tuple[str, ...]:
-        """The selector runs: each method once, random once per draw (``random-0``, ...)."""
-        out: list[str] = []
-        for method in self.methods:
-            out += [f"random-{d}" for d in range(self.random_draws)] if method == "random" else [method]
-        return tuple(out)
-
-
-# -- results ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Point:
-    """One selector at one strength on one prompt split."""
-
-    method: str
-    """Selector run, or ``none`` (unsteered)."""
-    alpha: float
-    split: str
-    """``heldout`` or ``eval``."""
-    success: Stat
-    """Concept presence (% of generations) or the judge's P(label) (x100)."""
-    rate: Stat
-    """Concept words per 100 words."""
-    ppl: Stat
-    """Perplexity of the generated tokens under the unsteered model."""
-    distinct: Stat
-    """Distinct token bigrams (% of bigrams)."""
-    success_per_prompt: tuple[float, ...]
-    nll_per_prompt: tuple[float, ...]
-    texts: tuple[str, ...]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Point:
-        stats = {key: Stat.from_dict(data[key]) for key in ("success", "rate", "ppl", "distinct")}
-        tuples = {key: tuple(data[key]) for key in ("success_per_prompt", "nll_per_prompt", "texts")}
-        return cls(**{**data, **stats, **tuples})
-
-
-@dataclass(frozen=True)
-class MethodRun:
-    """One selector run for one concept in one cell: its latents, held-aside sweep, chosen alpha, evaluation."""
-
-    method: str
-    latents: tuple[int, ...]
-    weights: tuple[float, ...]
-    """Typical activation ``a_c`` of each latent: the mix of the direction before it is scaled."""
-    unfired: tuple[bool, ...]
-    """Latents that never fired on the reference texts (given the median weight)."""
-    points: tuple[Point, ...]
-    """Held-aside points for every alpha, then the evaluation point at the chosen alpha (if it is not 0)."""
-    alpha: float
-    """Chosen on the held-aside prompts; 0: no strength beat the unsteered model within the budget."""
-
-    def point(self, alpha: float, split: str) -> Point | None:
-        return next((p for p in self.points if p.alpha == alpha and p.split == split), None)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MethodRun:
-        return cls(
-            method=data["method"],
-            latents=tuple(data["latents"]),
-            weights=tuple(data["weights"]),
-            unfired=tuple(data["unfired"]),
-            points=tuple(Point.from_dict(p) for p in data["points"]),
-            alpha=data["alpha"],
-        )
-
-
-@dataclass(frozen=True)
-class ConceptRun:
-    """Every selector for one concept in one cell, with the unsteered points."""
-
-    concept: str
-    baseline: tuple[Point, ...]
-    """Unsteered (alpha 0) on the held-aside and the evaluation prompts."""
-    methods: tuple[MethodRun, ...]
-
-    def base(self, split: str) -> Point:
-        return next(p for p in self.baseline if p.split == split)
-
-    def evaluated(self, method: MethodRun) -> Point:
-        """The evaluation point at the chosen alpha (the unsteered one for alpha 0)."""
-        return method.point(method.alpha, "eval") or self.base("eval")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ConceptRun:
-        return cls(
-            concept=data["concept"],
-            baseline=tuple(Point.from_dict(p) for p in data["baseline"]),
-            methods=tuple(MethodRun.from_dict(m) for m in data["methods"]),
-        )
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One layer and one prompt seed."""
-
-    layer: int
-    seed: int
-    sae: str
-    prompts: dict[str, tuple[str, ...]]
-    """The ``seed``, ``heldout`` and ``eval`` prompts (before the chat template)."""
-    resid_norm: float
-    """``R``: median token norm of the residual at the layer on the held-aside prompts (alpha's unit)."""
-    concepts: tuple[ConceptRun, ...]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Cell:
-        return cls(
-            layer=data["layer"],
-            seed=data["seed"],
-            sae=data["sae"],
-            prompts={k: tuple(v) for k, v in data["prompts"].items()},
-            resid_norm=data["resid_norm"],
-            concepts=tuple(ConceptRun.from_dict(c) for c in data["concepts"]),
-        )
-
-
-@dataclass(frozen=True)
-class SteerResult:
-    """A whole steering run; ``save`` / ``load`` as JSON (no wall time: a resumed run writes the same bytes)."""
-
-    config: SteerConfig
-    model: str
-    concepts: tuple[Concept, ...]
-    judges: dict[str, dict[str, Any]]
-    """Per concept, the judge check of :func:`judge_check`."""
-    cells: tuple[Cell, ...]
-    freeze: dict[str, str]
-    command: str = ""
-
-    def save(self, path: str | Any) -> Any:
-        return _files.write_json(path, dataclasses.asdict(self), sort_keys=False)
-
-    @classmethod
-    def load(cls, path: str | Any) -> SteerResult:
-        data = _files.read_json(path)
-        return cls(
-            config=SteerConfig(**_tuples(data["config"])),
-            model=data["model"],
-            concepts=tuple(Concept(**_tuples(c)) for c in data["concepts"]),
-            judges=data["judges"],
-            cells=tuple(Cell.from_dict(c) for c in data["cells"]),
-            freeze=data["freeze"],
-            command=data.get("command", ""),
-        )
-
-    def concept(self, name: str) -> Concept:
-        return next(c for c in self.concepts if c.name == name)
 
 
 # -- prompts --------------------------------------------------------------------------
@@ -627,7 +405,7 @@ def pick_latents(
         return pool[top_latents(output, cfg.k)]
     if method in ("gradsae", "gradsae-target", "activation", "logit-lens"):
         return top_latents(selector_scores(lm, sae, concept, method, layer=layer, seeds=seeds, cfg=cfg), cfg.k)
-    raise GradSAEError(f"unknown selector {method!r}: use one of {', '.join(METHODS)}")
+    raise GradSAEError(f"unknown selector {method!r}: use one of {', '.join(STEER_METHODS)}")
 
 
 def reference_texts(lm: LoadedModel, concept: Concept, seeds: Sequence[str]) -> list[str]:
@@ -714,12 +492,6 @@ def make_point(method: str, alpha: float, split: str, m: Measured, cfg: SteerCon
         nll_per_prompt=tuple(m.nll),
         texts=tuple(m.texts),
     )
-
-
-def within_budget(point: Point, baseline: Point, cfg: SteerConfig) -> bool:
-    """Held-aside perplexity and distinct-2 within the fluency budget of the unsteered model's."""
-    fluent = point.ppl.mean <= cfg.max_ppl_ratio * baseline.ppl.mean
-    return fluent and point.distinct.mean >= cfg.min_distinct_ratio * baseline.distinct.mean
 
 
 def choose_alpha(heldout: Sequence[Point], baseline: Point, cfg: SteerConfig) -> float:
@@ -963,8 +735,3 @@ def journal_config(cfg: SteerConfig, model: str, saes: dict[int, str], concepts:
         "saes": {str(k): v for k, v in saes.items()},
         "concepts": [dataclasses.asdict(c) for c in concepts],
     }
-
-
-def _tuples(data: dict[str, Any]) -> dict[str, Any]:
-    """JSON lists back to the tuples of a frozen dataclass."""
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}

@@ -99,7 +99,7 @@ from gradsae.models import LoadedModel, position_ids
 from gradsae.objectives import CustomObjective
 from gradsae.prefix import Prefix, compute_prefix, replay_prefix
 from gradsae.sae import SAE
-from gradsae.scores import Scores, objective_value, score_methods
+from gradsae.scores import ScoreOptions, Scores, objective_value, score_methods
 from gradsae.splice import Edit, Mode, resolve_layer, splice
 
 DEFAULT_RANKINGS = ("gradsae", "gradsae_sum", "activation", "random", "ablation")
@@ -263,12 +263,9 @@ def example_curves(
         mask,
         objective,
         methods=base,
-        layer=layer,
-        mode=mode,
-        seed=seed,
-        ablation_batch=batch_size,
-        skip_first=skip_first,
-        ig_steps=ig_steps,
+        options=ScoreOptions(
+            layer=layer, mode=mode, seed=seed, ablation_batch=batch_size, skip_first=skip_first, ig_steps=ig_steps
+        ),
     )
     active = torch.nonzero(by["ablation"].mean_act[0] > 0).squeeze(-1)
     scores = {m: method_scores(by, m) for m in methods}

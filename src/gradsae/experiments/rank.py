@@ -34,7 +34,7 @@ from gradsae.models import LoadedModel
 from gradsae.objectives import NextTokenProb
 from gradsae.prefix import compute_prefix
 from gradsae.sae import SAE
-from gradsae.scores import Scores, score_latents, score_methods
+from gradsae.scores import ScoreOptions, Scores, score_latents, score_methods
 from gradsae.tasks import Example, Task
 
 
@@ -97,11 +97,13 @@ def rank_examples(
             mask,
             NextTokenProb(),
             methods=scored,
-            layer=cfg.layer,
-            mode=cfg.mode,
-            seed=[example_seed(cfg.seed, examples[i].id) for i in rows],
-            skip_first=cfg.skip_first,
-            ig_steps=cfg.ig_steps,
+            options=ScoreOptions(
+                layer=cfg.layer,
+                mode=cfg.mode,
+                seed=[example_seed(cfg.seed, examples[i].id) for i in rows],
+                skip_first=cfg.skip_first,
+                ig_steps=cfg.ig_steps,
+            ),
         )
         by_method = _with_controls(lm, by_method, ids, mask, cfg)
         if on_batch is not None:
@@ -209,17 +211,8 @@ def _estimate_vs_exact(
     lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, exact: Scores, cfg: ExperimentConfig
 ) -> list[float]:
     """Spearman correlation, per example, of the first-order estimate (sum over positions) and exact ablation."""
-    estimate = score_latents(
-        lm,
-        sae,
-        ids,
-        mask,
-        NextTokenProb(),
-        layer=cfg.layer,
-        mode=cfg.mode,
-        aggregation="sum",
-        skip_first=cfg.skip_first,
-    )
+    options = ScoreOptions(layer=cfg.layer, mode=cfg.mode, aggregation="sum", skip_first=cfg.skip_first)
+    estimate = score_latents(lm, sae, {"input_ids": ids, "attention_mask": mask}, NextTokenProb(), options=options)
     out = []
     for row in range(ids.shape[0]):
         active = exact.mean_act[row] > 0

@@ -1,4 +1,4 @@
-"""Render a steering run (:class:`~gradsae.experiments.concepts.SteerResult`) as markdown and a Pareto plot.
+"""Render a steering run (:class:`~gradsae.experiments.results.SteerResult`) as markdown and a Pareto plot.
 
 Everything here is computed from ``steering.json`` alone, so the text follows the numbers:
 
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from gradsae import _files
-from gradsae.experiments.concepts import (
+from gradsae.experiments.results import (
     METHOD_NAMES,
     ConceptRun,
     MethodRun,

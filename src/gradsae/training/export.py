@@ -20,6 +20,7 @@ import torch
 from gradsae import _files
 from gradsae.models import LoadedModel
 from gradsae.sae import SAE
+from gradsae.sae_formats import save_sae
 from gradsae.training.activations import heldout_tokens
 from gradsae.training.evaluate import CoreMetrics, EvalResult, evaluate_all, rounded
 from gradsae.training.loop import TrainResult
@@ -54,7 +55,7 @@ def finish_run(
         meta: dict[str, Any] = {"training": recipe, "context_size": cfg.context, "dataset_path": cfg.corpus}
         if layer in evals:
             meta["eval"] = asdict(evals[layer])
-        with_metadata(sae, **meta).save(folder, dtype=save_dtype)
+        save_sae(with_metadata(sae, **meta), folder, dtype=save_dtype)
         if layer in both:
             evals[layer].save(folder / "eval.json")
             core = both[layer][1]
@@ -114,7 +115,7 @@ def model_card(sae: SAE, recipe: dict[str, Any], result: EvalResult | None) -> s
             f"{result.ce_sae:.3f} | {result.ce_zero:.3f} | {100 * result.ce_recovered:.1f}% |",
             "",
         ]
-    lines += ["Load with `gradsae.sae.load_sae(folder)` or SAELens (`cfg.json` + `sae_weights.safetensors`).", ""]
+    lines += ["Load with `gradsae.load_sae(folder)` or SAELens (`cfg.json` + `sae_weights.safetensors`).", ""]
     if result is not None:
         lines += ["The evaluation in SAEBench's `core` JSON shape: `saebench_core.json`.", ""]
     return "\n".join(lines)

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from gradsae import _files
-from gradsae.sae import SAE, saelens_cfg
+from gradsae.sae import SAE
+from gradsae.sae_formats import saelens_cfg
 from gradsae.training.evaluate import CoreMetrics, EvalResult
 
 NOTES = (
