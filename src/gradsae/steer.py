@@ -52,8 +52,8 @@ Scores (``[d_sae]``, larger = a better steering latent; pick with :func:`top_lat
 
   ``p_c`` / ``p_0`` the next-token distributions with / without the intervention.
   The released code (``src/output_score.py``) and the paper's experiments use
-  ``P(p_c)`` alone ("if x is a neutral prompt, S_out is proportional to P(p_c)") and
-  the prompt "From my experience,": ``subtract_prior=False, prompt="From my experience,"``.
+  ``P(p_c)`` alone (§3.2 takes ``S_out`` proportional to it for a neutral prompt) and the
+  prompt "From my experience,": ``subtract_prior=False, prompt="From my experience,"``.
 * :func:`delta_token_confidence`: ΔToken Confidence (Wang et al., arXiv 2510.03659,
   §4.1 and Appendix D). Token confidence (after Fu et al. 2025) of a distribution
   ``p``: ``C_k(p) = -(1/k) sum_{j in top-k(p)} log p_j``; with ``p_c`` the next-token
@@ -447,5 +447,8 @@ def delta_token_confidence(
     amp: float = 10.0,
     k: int = 1,
 ) -> torch.Tensor:
-    """``[len(latents)]`` the ΔToken Confidence selection score ``|dC_k(c)|`` (Wang et al. §4.1 rank by it)."""
+    """``[len(latents)]`` the ΔToken Confidence selection score ``|dC_k(c)|`` (Wang et al. §4.1 rank by it).
+
+    A latent silent on every spliced position of the prompt scores exactly 0 (scaling 0 changes nothing).
+    """
     return token_confidence_change(lm, sae, latents, layer=layer, prompt=prompt, amp=amp, k=k).abs()
