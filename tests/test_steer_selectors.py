@@ -2,35 +2,43 @@
 
 * every selector's added vector has the stated norm ``alpha x R`` (measured on the residual, through the splice);
 * ``R`` is the median token norm of the block output (first token and padding left out);
-* Arad et al.'s output score and ΔToken Confidence: a hand hook adds ``amp x max activation x W_dec[c]`` at the
-  last position, the rest is arithmetic on the softmax;
+* Arad et al.'s output score: a hand hook adds ``amp x max activation x W_dec[c]`` at the last position; the score
+  is the rank-weighted probability after minus before (their §3.2), or after alone (their code);
+* ΔToken Confidence: a hand hook adds ``(alpha - 1) H[n, c] W_dec[c]`` at every position but the first (the
+  latent's coefficient scaled by alpha); the score is ``-log`` of the top-k probabilities, after minus before;
 * GradSAE on target positions: dense autograd through a hand hook, restricted to the target-predicting positions.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from gradsae.errors import GradSAEError
 from gradsae.experiments.concepts import sweep_edit
 from gradsae.generate import encode_prompts, generate_batch
 from gradsae.models import LoadedModel, block_output, position_ids
 from gradsae.splice import splice
 from gradsae.steer import (
-    ARAD_PROMPT,
     arad_output_scores,
     delta_token_confidence,
     norm_matched_edit,
     residual_norm,
     target_position_influence,
     target_rows,
+    token_confidence,
+    token_confidence_change,
+    top_latents,
 )
 from tests.helpers import char_lm, tiny_sae
 
 PROMPTS = ["hello there", "a b", "the quick brown fox"]
+CODE_PROMPT = "From my experience,"
+"""The neutral prompt of Arad et al.'s released code (``src/output_score.py``)."""
 
 
 def _capture(lm: LoadedModel, layer: int, into: list[torch.Tensor]) -> Any:
@@ -156,31 +164,103 @@ def _hand_top_tokens(lm: LoadedModel, sae: Any, latent: int, k: int) -> list[int
     return logits.topk(k).indices.tolist()
 
 
+def _hand_rank_weighted(p: torch.Tensor, tokens: list[int]) -> float:
+    """Arad et al.'s ``(1 - rank(l*) / V) p(l*)`` by hand: ``l*`` the most likely of ``tokens``, rank 0 = top."""
+    best = max(tokens, key=lambda t: float(p[t]))
+    rank = int((p > p[best]).sum())
+    return (1 - rank / len(p)) * float(p[best])
+
+
 def test_arad_output_score_equals_a_hand_computation():
+    """S_out = P(after) - P(before) on "In my experience," (the paper's §3.2); the code's variant is P(after) alone."""
     lm, sae, layer = char_lm(dtype=torch.float64), tiny_sae(dtype=torch.float64, d_sae=48, layer=1), 1
     latents = [0, 5, 11, 23, 40]
     got = arad_output_scores(lm, sae, latents, layer=layer, amp=4.0, top_k=5)
+    code = arad_output_scores(lm, sae, latents, layer=layer, amp=4.0, top_k=5, prompt=CODE_PROMPT, subtract_prior=False)
+    prior = _hand_probs(lm, sae, "In my experience,", None, 4.0, layer)
+    priors = []
     for i, c in enumerate(latents):
-        p = _hand_probs(lm, sae, ARAD_PROMPT, c, 4.0, layer)
         tokens = _hand_top_tokens(lm, sae, c, 5)
-        rank = min(int((p > p[t]).sum()) for t in tokens)  # 0 = the most likely token
-        want = (1 - rank / len(p)) * float(p[tokens].max())
-        assert float(got[i]) == pytest.approx(want, rel=1e-6, abs=1e-12)
+        after = _hand_rank_weighted(_hand_probs(lm, sae, "In my experience,", c, 4.0, layer), tokens)
+        priors.append(_hand_rank_weighted(prior, tokens))
+        assert float(got[i]) == pytest.approx(after - priors[-1], rel=1e-6, abs=1e-12)
+        code_after = _hand_rank_weighted(_hand_probs(lm, sae, CODE_PROMPT, c, 4.0, layer), tokens)
+        assert float(code[i]) == pytest.approx(code_after, rel=1e-6, abs=1e-12)
+    assert min(priors) > 1e-3  # the prior term is not negligible here: the test tells the two definitions apart
     assert len(set(got.tolist())) > 1  # the score tells the latents apart
 
 
-def test_delta_token_confidence_equals_a_hand_computation():
-    lm, sae, layer = char_lm(dtype=torch.float64), tiny_sae(dtype=torch.float64, d_sae=48, layer=1), 1
-    latents = [2, 7, 19]
-    prompts = ("From my experience,", "the quick brown")
-    got = delta_token_confidence(lm, sae, latents, layer=layer, prompts=prompts, amp=10.0)
-    for i, c in enumerate(latents):
-        want = sum(
-            float(_hand_probs(lm, sae, q, c, 10.0, layer).max() - _hand_probs(lm, sae, q, None, 10.0, layer).max())
-            for q in prompts
-        ) / len(prompts)
-        assert float(got[i]) == pytest.approx(want, rel=1e-6, abs=1e-12)
-    assert any(abs(v) > 1e-7 for v in got.tolist()) and len(set(got.tolist())) == len(latents)
+def _hand_scaled_probs(lm: LoadedModel, sae: Any, prompt: str, latent: int | None, factor: float, layer: int) -> Any:
+    """Next-token distribution with ``H[n, latent]`` multiplied by ``factor`` at every position but the first."""
+    ids, mask = encode_prompts(lm.tokenizer, [prompt])
+    seen: list[torch.Tensor] = []
+    handle = _capture(lm, layer, seen)
+    with torch.no_grad():
+        clean = lm.model(input_ids=ids, attention_mask=mask).logits[0, -1]
+    handle.remove()
+    if latent is None:
+        return clean.double().softmax(-1)
+    with torch.no_grad():
+        h = sae.encode(seen[0][0].to(sae.W_dec.dtype))[:, latent]  # [pos]
+    shift = (factor - 1) * h[:, None] * sae.W_dec.detach()[latent]  # error mode: Z + (H' - H) W_dec
+    shift[0] = 0  # the splice leaves the first token alone
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        z = block_output(output).clone()
+        z[0] += shift.to(z.dtype)
+        return (z, *output[1:]) if isinstance(output, tuple) else z
+
+    handle = lm.layers[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids, attention_mask=mask).logits[0, -1]
+    finally:
+        handle.remove()
+    return logits.double().softmax(-1)
+
+
+def _hand_confidence(p: torch.Tensor, k: int) -> float:
+    """``C_k(p) = -(1/k) sum of log p over the k largest`` by hand (Wang et al. §4.1)."""
+    top = sorted(p.tolist(), reverse=True)[:k]
+    return -sum(math.log(v) for v in top) / k
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_delta_token_confidence_equals_a_hand_computation(activation):
+    """dC_k = C_k(p with the latent's coefficient x10) - C_k(p) on "From my experience,"; the selector ranks |dC_k|."""
+    lm = char_lm(dtype=torch.float64)
+    sae, layer = tiny_sae(activation, dtype=torch.float64, d_sae=48, layer=0), 0  # a block with one after it
+    ids, mask = encode_prompts(lm.tokenizer, ["From my experience,"])
+    seen: list[torch.Tensor] = []
+    handle = _capture(lm, layer, seen)
+    with torch.no_grad():
+        lm.model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    h = sae.encode(seen[0][0, 1:].to(sae.W_dec.dtype))
+    fires = (h > 0).any(dim=0)
+    on, off = fires.nonzero().squeeze(-1).tolist(), (~fires).nonzero().squeeze(-1).tolist()
+    latents = [*on[:4], off[0]]  # four that fire on the prefix, one that never does
+    assert not bool((h[-1, latents[:4]] > 0).all())  # some fire only before the last position: all positions count
+    prior = _hand_scaled_probs(lm, sae, "From my experience,", None, 10.0, layer)
+    for k in (1, 3):
+        signed = token_confidence_change(lm, sae, latents, layer=layer, k=k)
+        score = delta_token_confidence(lm, sae, latents, layer=layer, k=k)
+        for i, c in enumerate(latents):
+            p = _hand_scaled_probs(lm, sae, "From my experience,", c, 10.0, layer)
+            want = _hand_confidence(p, k) - _hand_confidence(prior, k)
+            assert float(signed[i]) == pytest.approx(want, rel=1e-6, abs=1e-10)
+            assert float(score[i]) == pytest.approx(abs(want), rel=1e-6, abs=1e-10)
+        assert float(signed[-1]) == 0.0  # scaling a latent that is 0 everywhere changes nothing
+        assert all(abs(v) > 1e-6 for v in signed[:-1].tolist()) and len(set(score.tolist())) == len(latents)
+    assert torch.equal(top_latents(score, 2), score.argsort(descending=True, stable=True)[:2])
+
+
+def test_token_confidence_is_the_mean_negative_log_of_the_top_k():
+    p = torch.tensor([[0.5, 0.1, 0.3, 0.1], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    assert token_confidence(p, 1).tolist() == pytest.approx([-math.log(0.5), -math.log(0.25)])
+    assert token_confidence(p, 2).tolist() == pytest.approx([-(math.log(0.5) + math.log(0.3)) / 2, -math.log(0.25)])
+    with pytest.raises(GradSAEError, match="k"):
+        token_confidence(p, 0)
 
 
 def test_target_position_influence_equals_dense_autograd_on_the_target_positions():

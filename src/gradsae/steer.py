@@ -38,20 +38,38 @@ Scores (``[d_sae]``, larger = a better steering latent; pick with :func:`top_lat
   ``mean_b (1/L_b) sum_{n in T_b} relu(H[b,n,c] dY_b/dH[b,n,c])`` where ``T_b`` are the
   ``L_b`` positions whose next-token prediction is a target token (the last prompt
   token and every target token but the last), not the chat scaffold before them.
-* :func:`arad_output_scores`: Arad et al. (EMNLP 2025)'s intervention-based output
-  score, as their code computes it: on a neutral prompt, add ``amp x max_c' H[last, c']``
-  to latent ``c`` at the last position (error mode), read the next-token distribution
-  ``p_c``, take the ``top_k`` logit-lens tokens ``T_c`` of ``W_dec[c]`` (final norm,
-  then unembedding) and score ``(1 - min_{t in T_c} rank_{p_c}(t) / V) * max_{t in T_c} p_c(t)``
-  (rank 0 = the most likely token, ``V`` the vocabulary size).
-* :func:`delta_token_confidence`: ΔToken Confidence (Wang et al. 2025, arXiv 2510.03659):
-  "how much amplifying a feature changes the next token distribution" (the paper's
-  abstract), read here as the change of the next-token confidence (the top
-  probability) under the same amplification as Arad et al.'s,
-  ``max_v p_c(v) - max_v p_0(v)``, averaged over prompts (``p_0``: no intervention).
-  Only the abstract could be read where this was written, not the method section, so
-  the exact form (signed or absolute, the amplification, the prompts) is this
-  project's reading, and the steering report says so.
+* :func:`arad_output_scores`: Arad et al.'s output score (EMNLP 2025, arXiv 2505.20063,
+  §3.2). On the neutral prompt ``x = "In my experience,"`` add ``s x a_max`` to latent
+  ``c`` (their Eq. 6: ``a_max`` the largest latent activation, ``s = 10``), at the last
+  position as their released code does (``src/sae_utils.py``: ``AmlifySAEHook``; the
+  paper does not say which positions), the SAE error kept (error mode, as the code
+  does; the paper's Eq. 6 decodes without it). With ``l_c`` the ``k = 20`` top
+  logit-lens tokens of ``W_dec[c]`` (their Eq. 4: final norm, then unembedding), ``l*``
+  the best-ranked of them under a distribution ``p`` (rank 0 = most likely, ``V`` the
+  vocabulary size)::
+
+      P(p)  = (1 - rank_p(l*) / V) * p(l*),     S_out = P(p_c) - P(p_0)
+
+  ``p_c`` / ``p_0`` the next-token distributions with / without the intervention.
+  The released code (``src/output_score.py``) and the paper's experiments use
+  ``P(p_c)`` alone (§3.2 takes ``S_out`` proportional to it for a neutral prompt) and the
+  prompt "From my experience,": ``subtract_prior=False, prompt="From my experience,"``.
+* :func:`delta_token_confidence`: ΔToken Confidence (Wang et al., arXiv 2510.03659,
+  §4.1 and Appendix D). Token confidence (after Fu et al. 2025) of a distribution
+  ``p``: ``C_k(p) = -(1/k) sum_{j in top-k(p)} log p_j``; with ``p_c`` the next-token
+  distribution on the prefix "From my experience," when latent ``c``'s coefficient is
+  amplified by the factor ``alpha`` (``H[n, c] -> alpha H[n, c]``, every other latent
+  unchanged; ``alpha = 10``, ``k = 1``)::
+
+      dC_k(c) = C_k(p_c) - C_k(p_0)         (:func:`token_confidence_change`)
+
+  and the selector ranks latents by ``|dC_k|`` (§4.1: "rank by |dC_k|"). The paper
+  does not say at which positions the coefficient is scaled; here at every spliced
+  position of the prefix (each row's first token is never spliced). A latent that
+  does not fire on the prefix is unchanged by the scaling and scores 0. Its
+  Appendix D also words the pass as decoding the scaled code "while keeping all other
+  codes at zero"; the main text's "leaving ... all other features unchanged" is the
+  reading here. No code of that paper could be read where this was written.
 * :func:`random_latents`: ``K`` latents drawn uniformly (seeded), the null.
 
 Norm-matched strength (:func:`norm_matched_values`): a set ``S`` with weights ``w``
@@ -76,7 +94,7 @@ from gradsae.models import LoadedModel, block_output, position_ids
 from gradsae.objectives import NextTokenProb, Objective, TargetLogProb
 from gradsae.sae import SAE
 from gradsae.scores import ScoreOptions, score_latents
-from gradsae.splice import Edit, Mode, splice
+from gradsae.splice import Edit, Mode, SparseActs, splice
 
 
 # -- scores -------------------------------------------------------------------------
@@ -266,27 +284,48 @@ def target_position_influence(
 
 
 # -- intervention-based output scores (Arad et al.; ΔToken Confidence) -------------------
-ARAD_PROMPT = "From my experience,"
-"""The neutral sentence Arad et al.'s code amplifies each feature on."""
+ARAD_PROMPT = "In my experience,"
+"""Arad et al.'s neutral prompt (their §3.2; their released code uses "From my experience,")."""
+DTC_PROMPT = "From my experience,"
+"""Wang et al.'s neutral prefix (their Appendix D: "following the previous work", Arad et al.)."""
 
 
 @torch.no_grad()
+def _prompt_pass(
+    lm: LoadedModel, sae: SAE, prompt: str, *, layer: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SparseActs]:
+    """``(ids, mask, p_0 [V], latents)``: the prompt, its unedited next-token distribution and its latents."""
+    ids, mask = _encode(lm, [prompt])
+    with splice(lm, sae, layer, mode="error") as state:
+        logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
+    return ids, mask, logits[0, -1].double().softmax(-1).cpu(), state.latents[0]
+
+
+@torch.no_grad()
+def _edited_probs(
+    lm: LoadedModel, sae: SAE, ids: torch.Tensor, mask: torch.Tensor, edits: Sequence[Edit], *, layer: int, rows: int
+) -> torch.Tensor:
+    """``[rows, V]`` next-token distributions of ``rows`` copies of the prompt, row ``i`` edited by ``edits``."""
+    batch, batch_mask = ids.repeat(rows, 1), mask.repeat(rows, 1)
+    with splice(lm, sae, layer, mode="error", edits=list(edits), record=False):
+        out = lm.model(
+            input_ids=batch, attention_mask=batch_mask, position_ids=position_ids(batch_mask), use_cache=False
+        )
+    return out.logits[:, -1].double().softmax(-1).cpu()
+
+
 def amplified_probs(
     lm: LoadedModel, sae: SAE, prompt: str, latents: Sequence[int], *, layer: int, amp: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(p_0 [V], p [len(latents), V])``: next-token distributions without and with each latent amplified.
 
-    Amplified: ``amp x`` the largest latent activation at the last position is added
-    to the latent there (error mode: the residual gets that times ``W_dec[c]``).
+    Amplified as in Arad et al.'s Eq. 6 and code: ``amp x`` the largest latent
+    activation at the last position is added to the latent there (error mode: the
+    residual gets that times ``W_dec[c]``).
     """
-    ids, mask = _encode(lm, [prompt])
-    last = ids.shape[1] - 1
-    with splice(lm, sae, layer, mode="error") as state:
-        logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
-    acts = state.latents[0]
-    at_last = acts.values[acts.index[:, 1] == last]
+    ids, mask, p0, acts = _prompt_pass(lm, sae, prompt, layer=layer)
+    at_last = acts.values[acts.index[:, 1] == ids.shape[1] - 1]
     top = float(at_last.max()) if len(at_last) else 0.0
-    p0 = logits[0, -1].double().softmax(-1).cpu()
     n = len(latents)
     edit = Edit(
         latents=torch.as_tensor(list(latents), dtype=torch.long)[:, None],
@@ -294,10 +333,38 @@ def amplified_probs(
         values=torch.full((n, 1), amp * top),
         positions="last",
     )
-    rows, row_mask = ids.repeat(n, 1), mask.repeat(n, 1)
-    with splice(lm, sae, layer, mode="error", edits=[edit], record=False):
-        out = lm.model(input_ids=rows, attention_mask=row_mask, position_ids=position_ids(row_mask), use_cache=False)
-    return p0, out.logits[:, -1].double().softmax(-1).cpu()
+    return p0, _edited_probs(lm, sae, ids, mask, [edit], layer=layer, rows=n)
+
+
+def scaled_probs(
+    lm: LoadedModel, sae: SAE, prompt: str, latents: Sequence[int], *, layer: int, factor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p_0 [V], p [len(latents), V])``: next-token distributions without and with each latent's coefficient
+    multiplied by ``factor`` at every spliced position (``H[n, c] -> factor H[n, c]``; error mode: the residual
+    gets ``(factor - 1) H[n, c] W_dec[c]``)."""
+    ids, mask, p0, acts = _prompt_pass(lm, sae, prompt, layer=layer)
+    chosen = torch.as_tensor(list(latents), dtype=torch.long)
+    n, width = len(chosen), ids.shape[1]
+    dense = torch.zeros(width, sae.cfg.d_sae, dtype=torch.float64)
+    dense[acts.index[:, 1].cpu(), acts.index[:, 2].cpu()] = acts.values.detach().double().cpu()
+    edits = []
+    for pos in range(width):
+        here = dense[pos, chosen]
+        if bool((here != 0).any()):
+            where = torch.zeros(n, width, dtype=torch.bool)
+            where[:, pos] = True
+            values = (float(factor) * here).to(sae.W_dec.dtype)[:, None]
+            edits.append(Edit(latents=chosen[:, None], op="set", values=values, positions=where, extend=False))
+    return p0, _edited_probs(lm, sae, ids, mask, edits, layer=layer, rows=n)
+
+
+def rank_weighted_prob(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` Arad et al.'s ``P = (1 - rank(l*) / V) p(l*)``, ``l*`` the best-ranked of each row's ``tokens``."""
+    order = probs.argsort(dim=-1, descending=True, stable=True)
+    ranks = order.argsort(dim=-1, stable=True)
+    best_rank = ranks.gather(-1, tokens).min(dim=-1).values.double()
+    top_prob = probs.gather(-1, tokens).max(dim=-1).values.double()
+    return (1 - best_rank / probs.shape[-1]) * top_prob
 
 
 def arad_output_scores(
@@ -309,15 +376,41 @@ def arad_output_scores(
     prompt: str = ARAD_PROMPT,
     amp: float = 10.0,
     top_k: int = 20,
+    subtract_prior: bool = True,
 ) -> torch.Tensor:
-    """``[len(latents)]`` Arad et al.'s output score of each latent (module docstring)."""
-    _, probs = amplified_probs(lm, sae, prompt, latents, layer=layer, amp=amp)
+    """``[len(latents)]`` Arad et al.'s output score ``S_out = P(p_c) - P(p_0)`` (§3.2; module docstring).
+
+    ``subtract_prior=False`` gives ``P(p_c)`` alone, what their released code computes.
+    """
+    p0, probs = amplified_probs(lm, sae, prompt, latents, layer=layer, amp=amp)
     tokens = top_tokens(lm, sae, latents, top_k)
-    order = probs.argsort(dim=-1, descending=True, stable=True)
-    ranks = order.argsort(dim=-1, stable=True)
-    best_rank = ranks.gather(-1, tokens).min(dim=-1).values.double()
-    top_prob = probs.gather(-1, tokens).max(dim=-1).values.double()
-    return (1 - best_rank / probs.shape[-1]) * top_prob
+    score = rank_weighted_prob(probs, tokens)
+    if subtract_prior:
+        score = score - rank_weighted_prob(p0.expand_as(probs), tokens)
+    return score
+
+
+def token_confidence(probs: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """``C_k(p) = -(1/k) sum_{j in top-k(p)} log p_j`` over the last dimension (Wang et al. §4.1, after Fu et al.)."""
+    if not 0 < k <= probs.shape[-1]:
+        raise GradSAEError(f"token confidence needs 1 <= k <= {probs.shape[-1]} (the vocabulary), got {k}")
+    return -probs.topk(k, dim=-1).values.log().mean(dim=-1)
+
+
+def token_confidence_change(
+    lm: LoadedModel,
+    sae: SAE,
+    latents: Sequence[int],
+    *,
+    layer: int,
+    prompt: str = DTC_PROMPT,
+    amp: float = 10.0,
+    k: int = 1,
+) -> torch.Tensor:
+    """``[len(latents)]`` ``dC_k(c) = C_k(p_c) - C_k(p_0)``, each latent's coefficient scaled by ``amp`` (signed:
+    negative = the amplified latent sharpens the top-k; module docstring)."""
+    p0, probs = scaled_probs(lm, sae, prompt, latents, layer=layer, factor=amp)
+    return token_confidence(probs, k) - token_confidence(p0, k)
 
 
 def delta_token_confidence(
@@ -326,12 +419,12 @@ def delta_token_confidence(
     latents: Sequence[int],
     *,
     layer: int,
-    prompts: Sequence[str] = (ARAD_PROMPT,),
+    prompt: str = DTC_PROMPT,
     amp: float = 10.0,
+    k: int = 1,
 ) -> torch.Tensor:
-    """``[len(latents)]`` ΔToken Confidence: ``mean_prompts max_v p_c(v) - max_v p_0(v)`` (module docstring)."""
-    total = torch.zeros(len(latents), dtype=torch.float64)
-    for prompt in prompts:
-        p0, probs = amplified_probs(lm, sae, prompt, latents, layer=layer, amp=amp)
-        total += probs.max(dim=-1).values.double() - float(p0.max())
-    return total / len(prompts)
+    """``[len(latents)]`` the ΔToken Confidence selection score ``|dC_k(c)|`` (Wang et al. §4.1 rank by it).
+
+    A latent silent on every spliced position of the prompt scores exactly 0 (scaling 0 changes nothing).
+    """
+    return token_confidence_change(lm, sae, latents, layer=layer, prompt=prompt, amp=amp, k=k).abs()

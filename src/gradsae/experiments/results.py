@@ -616,9 +616,11 @@ METHOD_NAMES = {
     "gradsae-target": "GradSAE on the target-predicting positions only",
     "activation": "mean activation on the concept texts",
     "logit-lens": "logit-lens projection on the concept words (a stand-in, not Arad et al.'s output score)",
-    "arad": "Arad et al. (2025) intervention output score, over the activation pool",
-    "dtc": "ΔToken Confidence (Wang et al. 2025, arXiv 2510.03659) as read from its abstract: the change of the "
-    "top next-token probability under Arad et al.'s amplification, over the activation pool",
+    "arad": "Arad et al. (2025) output score (their §3.2: rank-weighted probability of the latent's top-20 "
+    "logit-lens tokens after adding 10 x the largest activation at the last position of 'In my experience,', "
+    "minus before), over the activation pool",
+    "dtc": "ΔToken Confidence (Wang et al. 2025, arXiv 2510.03659 §4.1, App. D): |change of -log top-1 "
+    "next-token probability| on 'From my experience,' with the latent's activation x10, over the activation pool",
     "random": "random latents (several seeded draws)",
 }
 """What each selector is, as the report names it."""
@@ -655,7 +657,8 @@ class SteerConfig:
     pool: int = 32
     """Candidates (best activation scores) that arad and dtc rank by their output scores."""
     amplify: float = 10.0
-    """Arad et al.'s amplification: this times the largest latent activation at the last position."""
+    """The output scores' strength: Arad et al. add this times the largest latent activation at the last
+    position; ΔToken Confidence multiplies the latent's activation by it (both papers use 10)."""
     n_seed: int = 4
     """Seed prompts the scores are computed on."""
     n_heldout: int = 6
