@@ -97,7 +97,7 @@ def test_every_estimator_and_the_oracle_ranked_side_by_side(files, capsys) -> No
     rankings = data["rankings"]
     assert list(rankings) == ["gradsae", "ig", "relp", "ablation", "activation"]
     exact = {r["latent"]: r["ablation"] for r in data["rows"]}
-    for method, rows in rankings.items():
+    for rows in rankings.values():
         scores = [s for _, s in rows]
         assert rows and scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
     for latent, score in rankings["ablation"]:
