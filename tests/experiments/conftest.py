@@ -52,6 +52,28 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
         torch.set_num_threads(threads)
 
 
+FIVE = ("gradsae", "activation", "random", "ig", "relp")
+"""The ranking methods of :func:`five_methods`' run."""
+
+
+@pytest.fixture(scope="session")
+def five_methods() -> tuple[LoadedModel, SAE, ExampleDump]:
+    """The tiny run's model, SAE and task with ``methods`` = :data:`FIVE` (error mode: ig and relp's),
+    its ``examples.json`` content; no steering floors, K 1 and 3, to keep it short."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    try:
+        lm, sae = helpers.char_lm(seed=4), helpers.tiny_sae("topk", d_sae=48, seed=2)
+        cfg = _cfg(methods=FIVE, mode="error", ks=(1, 3), floors=False, ig_steps=4)
+        task, _ = _half_right_task(lm, sae, cfg)
+        recorder = ExampleRecorder(lm.tokenizer)
+        run_layer(lm, sae, task, cfg, recorder=recorder)
+        return lm, sae, recorder.dump()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _build(folder: Path) -> TinyRun:
     lm, sae = helpers.char_lm(seed=4), helpers.tiny_sae("topk", d_sae=48, seed=2)
     cfg = _cfg()

@@ -62,3 +62,48 @@ def test_record_scores_for_one_prompt(tiny_run):
     single = record_scores(tiny_run.lm.tokenizer, ids, torch.ones_like(ids), by, top=2)
     assert single.tokens == record.tokens
     assert [c for c, _ in single.top["gradsae"]] == [c for c, _ in record.top["gradsae"][:2]]
+
+
+def test_every_ranking_method_of_the_run_is_kept(five_methods):
+    """--methods gradsae,activation,random,ig,relp: each example keeps all five TopK sets with their scores."""
+    from tests.experiments.conftest import FIVE
+
+    _lm, _sae, dump = five_methods
+    (part,) = dump.layers
+    assert part.examples
+    for record in part.examples:
+        assert set(record.top) == set(FIVE)
+        traced = {t.latent: t for t in record.traces}
+        assert set(traced) == {c for rows in record.top.values() for c, _ in rows}
+        for method, rows in record.top.items():
+            assert 1 <= len(rows) <= 3 and all(score > 0 for _, score in rows)
+            assert [s for _, s in rows] == sorted((s for _, s in rows), reverse=True)
+            assert all(traced[c].scores[method] == score for c, score in rows)
+        for trace in traced.values():
+            assert set(trace.scores) == set(FIVE) and set(trace.token_scores) == {"ig", "relp"}
+            assert all(len(v) == len(trace.positions) for v in trace.token_scores.values())
+
+
+def test_estimator_topk_and_per_token_values_match_a_fresh_scoring(five_methods):
+    """The recorded ig / relp TopK and per-token attributions are those of the input scored again, alone."""
+    lm, sae, dump = five_methods
+    record = dump.layers[0].examples[0]
+    tok = lm.tokenizer
+    ids = torch.tensor([[tok.get_vocab().get(t, 0) if len(t) > 1 else ord(t) for t in record.tokens]])
+    ids[0, 0] = tok.bos_token_id
+    by = score_methods(
+        lm,
+        sae,
+        ids,
+        torch.ones_like(ids),
+        NextTokenProb(),
+        methods=("ig", "relp"),
+        options=ScoreOptions(layer=0, mode="error", ig_steps=4),
+    )
+    for method in ("ig", "relp"):
+        fresh = by[method]
+        assert [c for c, _ in record.top[method]] == fresh.ranking(0)[: len(record.top[method])].tolist()
+        dense = fresh.per_token().to_dense()[0]
+        for trace in record.traces:
+            for n, value in zip(trace.positions, trace.token_scores[method], strict=True):
+                assert abs(value - float(dense[n, trace.latent])) <= 1e-4 * abs(value) + 1e-9

@@ -1,5 +1,5 @@
 """Fixtures only: the report tests read the tiny run folder the experiments tests build."""
 
-from tests.experiments.conftest import tiny_run
+from tests.experiments.conftest import five_methods, tiny_run
 
-__all__ = ["tiny_run"]
+__all__ = ["five_methods", "tiny_run"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import re
 import shutil
@@ -13,7 +15,7 @@ from gradsae.cli import main
 from gradsae.experiments.record import record_scores
 from gradsae.experiments.results import EXAMPLES, LayerExamples
 from gradsae.objectives import NextTokenProb
-from gradsae.report.html import REPORT, _curves, latent_rows, markdown_html, score_page
+from gradsae.report.html import REPORT, _curves, latent_rows, layer_data, markdown_html, score_page
 from gradsae.report.tables import fmt_prop
 from gradsae.scores import ScoreOptions, score_methods
 from tests.cdp import Browser, chromium
@@ -142,3 +144,102 @@ def test_report_in_a_browser(tiny_run, browser, tmp_path):
     assert shot.stat().st_size > 10_000
     assert browser.errors() == []
     assert [u for u in browser.requests() if u != url and not u.startswith("data:")] == []
+
+
+# -- every ranking method (issue 23) ------------------------------------------------------------------
+def _five_part(five_methods) -> dict:
+    return dataclasses.asdict(five_methods[2].layers[0])
+
+
+def _old_part(part: dict) -> dict:
+    """``part`` as a file written before every ranking was kept: gradsae and activation only, no new fields."""
+    old = copy.deepcopy(part)
+    for ex in old["examples"]:
+        ex["top"] = {m: ex["top"][m] for m in ("gradsae", "activation")}
+        kept = {c for rows in ex["top"].values() for c, _ in rows}
+        ex["traces"] = [
+            {k: v for k, v in t.items() if k not in ("scores", "token_scores")}
+            for t in ex["traces"]
+            if t["latent"] in kept
+        ]
+    return old
+
+
+def test_layer_data_names_every_ranking_and_reads_old_files(five_methods):
+    from tests.experiments.conftest import FIVE
+
+    part = _five_part(five_methods)
+    data = layer_data(part, None)
+    assert data["methods"] == list(FIVE)
+    for ex in part["examples"]:
+        for method in FIVE:
+            for latent, _ in ex["top"][method]:
+                row = next(r for r in data["latents"] if r["latent"] == latent)
+                assert ex["id"] in row["in_top"][method] and set(row["scores"]) == set(FIVE)
+    old = layer_data(_old_part(part), None)
+    assert old["methods"] == ["gradsae", "activation"]
+    assert all(r["scores"] == {} and set(r["in_top"]) <= {"gradsae", "activation"} for r in old["latents"])
+
+
+def _chips(browser: Browser) -> list[int]:
+    return browser.js("[...document.querySelectorAll('#topk-list .chip')].map((c) => +c.dataset.latent)")
+
+
+def _choose(browser: Browser, select: str, value: str) -> None:
+    browser.js(
+        f"(() => {{ const s = document.getElementById({json.dumps(select)}); s.value = {json.dumps(value)};"
+        " s.dispatchEvent(new Event('change')); })()"
+    )
+
+
+def test_choosing_the_ranking_in_a_browser(five_methods, browser, tmp_path):
+    """The select switches the TopK list, the token colours and the latent table to ig, random, ...;
+    a page from an old file (GradSAE and activation only) still works."""
+    part = _five_part(five_methods)
+    ex = part["examples"][0]
+    assert ex["top"]["ig"] != ex["top"]["gradsae"] != ex["top"]["random"]  # switching must change the list
+    path = tmp_path / "five.html"
+    path.write_text(score_page("five", "# five rankings\n", part))
+    browser.open(path.as_uri())
+    options = browser.js("[...document.querySelectorAll('#ranking-select option')].map((o) => o.value)")
+    assert options == ["gradsae", "activation", "random", "ig", "relp"]
+    assert _chips(browser) == [c for c, _ in ex["top"]["gradsae"]]
+    by_gradsae = _backgrounds(browser)
+
+    _choose(browser, "ranking-select", "ig")
+    assert _chips(browser) == [c for c, _ in ex["top"]["ig"]]
+    tokens = "document.getElementById('prompt-tokens').dataset"
+    assert browser.js(f"{tokens}.ranking") == "ig" and browser.js(f"{tokens}.source") == "ig"
+    assert browser.js(f"+{tokens}.latent") == ex["top"]["ig"][0][0]
+    first = next(t for t in ex["traces"] if t["latent"] == ex["top"]["ig"][0][0])
+    coloured = [i for i, b in enumerate(_backgrounds(browser)) if b]
+    assert coloured == [p for p, v in zip(first["positions"], first["token_scores"]["ig"], strict=True) if v != 0]
+    assert _backgrounds(browser) != by_gradsae or ex["top"]["ig"][0][0] == ex["top"]["gradsae"][0][0]
+
+    _choose(browser, "ranking-select", "random")
+    assert _chips(browser) == [c for c, _ in ex["top"]["random"]]
+    assert browser.js(f"{tokens}.source") == "gradsae"  # random has no per-token values: GradSAE's shown
+
+    browser.click("#tab-latents")
+    heads = browser.js("[...document.querySelectorAll('#latent-table th')].map((t) => t.dataset.sort)")
+    assert heads[-2:] == ["n_rank", "score_rank"]
+    _choose(browser, "latent-ranking", "relp")
+    shown = browser.js("[...document.querySelectorAll('#latent-table tr.latent-row')].map((r) => +r.dataset.latent)")
+    rows = {r["latent"]: r for r in layer_data(part, None)["latents"]}
+    assert shown[0] == max(rows, key=lambda c: rows[c]["scores"]["relp"])  # sorted by the chosen ranking's score
+    assert browser.errors() == []
+    browser.click("#tab-examples")
+    shot = browser.screenshot(tmp_path / "rankings.png")
+    assert shot.stat().st_size > 10_000
+
+    old = tmp_path / "old.html"
+    old.write_text(score_page("old", "# old file\n", _old_part(part)))
+    browser.events.clear()  # open() waits for a load event: not the first page's
+    browser.open(old.as_uri())
+    assert browser.js("[...document.querySelectorAll('#ranking-select option')].map((o) => o.value)") == [
+        "gradsae",
+        "activation",
+    ]
+    _choose(browser, "ranking-select", "activation")
+    assert _chips(browser) == [c for c, _ in ex["top"]["activation"]]
+    assert browser.errors() == []

@@ -5,11 +5,17 @@ influence (the chosen aggregation of ``H * dY/dH``), the latent's rank under the
 other method, and (with ``--ablation``) the exact effect of zeroing it; then the
 tokens each latent's decoder direction raises most (the logit lens of
 :func:`gradsae.lens.logit_lens`). The header names the token the
-objective reads. ``--methods ig,relp,...`` ranks by the first estimator named and
-shows each one's score (:mod:`gradsae.estimators`); ``--baseline`` says what a
-removed latent is set to (``--corrupt`` gives the counterfactual prompt).
-``--html FILE`` also writes one self-contained page: the prompt's tokens coloured by
-a latent's per-token influence or activation, both top lists, and (``--cards``) cards.
+objective reads. ``--methods ig,relp,ablation,...`` ranks by the first estimator named and
+shows each one's score (:mod:`gradsae.estimators`; ``ablation`` is the exact oracle), then
+every method's ranking side by side (with the exact one: each top-K set's recall of the
+exact top-K); ``--baseline`` says what a removed latent is set to (``--corrupt`` gives
+the counterfactual prompt). ``--html FILE`` also writes one self-contained page: the
+prompt's tokens coloured by a latent's per-token score, every method's top list (a select
+chooses the one shown), and (``--cards``) cards.
+
+``--layers 6,15,24`` scores the SAEs of several layers from one forward and one backward
+(:func:`gradsae.multilayer.score_layers`, error mode) and prints one GradSAE ranking across
+them, latents named ``L<layer>/<index>``; it supports ``--methods gradsae`` only.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 
 from gradsae import _files, distributed
 from gradsae.cli import options, validate
+from gradsae.cli.common import parse_layers
 from gradsae.cli.plan import add_plan_argument, score_plan
 from gradsae.errors import GradSAEError
 from gradsae.estimators import BASELINES, ESTIMATORS, IG_STEPS, Baseline, logit_diff, mean_activations
@@ -35,14 +42,18 @@ from gradsae.experiments.record import record_scores
 from gradsae.experiments.results import LayerExamples
 from gradsae.lens import logit_lens
 from gradsae.models import LoadedModel, load_model, position_ids, sae_device
+from gradsae.multilayer import rank_across_layers, score_layers
 from gradsae.objectives import Objective, objective_from_name
-from gradsae.pretrained import resolve_sae
+from gradsae.pretrained import ResolvedSAE, is_version_spec, resolve_sae, resolve_saes
 from gradsae.report.html import score_page
 from gradsae.sae import SAE, check_compatible
 from gradsae.scores import ScoreOptions, Scores, score_methods
 from gradsae.splice import splice
 
-SCORE_METHODS = ("gradsae", *ESTIMATORS)
+SCORE_METHODS = ("gradsae", *ESTIMATORS, "ablation")
+"""``--methods``: the estimators and the exact ablation oracle."""
+LAYER_METHODS = ("gradsae",)
+"""``--methods`` with ``--layers``: what :func:`gradsae.multilayer.score_layers` computes."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +110,14 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         default="gradsae",
         help=f"comma list of estimators, any of {', '.join(SCORE_METHODS)}: the first ranks the table, each gets a "
-        "column (ig: integrated gradients; relp: RelP propagation; see gradsae.estimators)",
+        "column and a ranking side by side (ig: integrated gradients; relp: RelP propagation, see "
+        "gradsae.estimators; ablation: the exact effect, one forward per active latent)",
+    )
+    options.layers(
+        parser,
+        default=None,
+        help="score the SAEs of several layers (e.g. 6,15,24; --sae with {layer}, or the shipped ones) from one "
+        "forward and one backward, error mode, and rank their latents together as L<layer>/<index> (GradSAE only)",
     )
     options.ig_steps(parser, default=IG_STEPS)
     parser.add_argument(
@@ -128,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         if distributed.is_main():
             sys.stdout.write(score_plan(args, lambda lm: prompt_tokens(lm, args)))
         return 0
-    report, table = run_score(args)
+    report, table = run_score_layers(args) if args.layers else run_score(args)
     if distributed.is_main():
         sys.stdout.write(report)
         sys.stdout.flush()
@@ -155,6 +173,9 @@ def prompt_tokens(lm: LoadedModel, args: argparse.Namespace) -> list[int]:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse any bad argument, input path or output file before a model loads."""
+    if args.layers is not None:
+        check_layers_arguments(args)
+        return
     if args.prompts is None:
         validate.text("--prompt", args.prompt, fix="pass --prompt TEXT")
     elif args.html:
@@ -223,6 +244,8 @@ class Scored:
     rows: list[ScoreRow]
     page: dict[str, Any] | None
     """The ``--html`` page's data (:class:`LayerExamples` as a dict), when asked for."""
+    rankings: dict[str, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)
+    """Method -> its top ``--top`` ``(latent, score)``, best first (every method scored)."""
 
 
 def run_score(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -238,7 +261,10 @@ def run_score(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     reports = [
         _header(lm, label, layer, args, p, one.text, one.grad, seconds) for p, one in zip(prompts, scored, strict=True)
     ]
-    tables = [format_table(one.rows, args.top, parse_methods(args.methods)[0]) for one in scored]
+    tables = [
+        format_table(one.rows, args.top, parse_methods(args.methods)[0]) + rankings_table(one.rankings, args.top)
+        for one in scored
+    ]
     if args.html and distributed.is_main():
         page = scored[0].page
         assert page is not None
@@ -249,7 +275,7 @@ def run_score(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         entries = [_entry(p, one) for p, one in zip(prompts, scored, strict=True)]
         data: dict[str, Any] = {"layer": layer, "sae": label, "prompts": entries}
     else:
-        data = {"header": reports[0], "rows": [r.__dict__ for r in scored[0].rows]}
+        data = {"header": reports[0], "rows": [r.__dict__ for r in scored[0].rows], "rankings": scored[0].rankings}
     return "\n\n".join(header + "\n\n" + table for header, table in zip(reports, tables, strict=True)), data
 
 
@@ -283,19 +309,19 @@ def score_prompt(lm: LoadedModel, sae: SAE, layer: int, args: argparse.Namespace
         ig_steps=args.ig_steps,
         baseline=removal_baseline(lm, sae, layer, args, corrupt),
     )
-    asked = (*methods, "activation") + (("ablation",) if args.ablation else ())
+    asked = tuple(dict.fromkeys((*methods, "activation") + (("ablation",) if args.ablation else ())))
     by = score_methods(lm, sae, ids, mask, objective, methods=asked, options=options)
     grad, act = by[methods[0]], by["activation"]
     page = None
     if args.html:
-        record = record_scores(
-            lm.tokenizer, ids, mask, {m: by[m] for m in ("gradsae", "activation") if m in by}, top=args.top
-        )
+        record = record_scores(lm.tokenizer, ids, mask, by, top=args.top)
         page = dataclasses.asdict(LayerExamples(layer=layer, examples=(record,)))
-    rows = table_rows(grad, act, by.get("ablation"), args.top, others={m: by[m] for m in methods[1:]})
+    others = {m: by[m] for m in methods[1:] if m != "ablation"}  # the exact effect has its own column
+    exact = None if methods[0] == "ablation" else by.get("ablation")  # ranked by it: its column is the score
+    rows = table_rows(grad, act, exact, args.top, others=others)
     if args.lens:
         rows = with_lens(lm, sae, rows, args.lens)
-    return Scored(text=text, grad=grad, rows=rows, page=page)
+    return Scored(text=text, grad=grad, rows=rows, page=page, rankings=top_lists(by, args.top))
 
 
 def logit_diff_objective(
@@ -417,7 +443,7 @@ def table_rows(
     ]
 
 
-METHOD_NAMES = {"gradsae": "GradSAE", "ig": "integrated gradients", "relp": "RelP"}
+METHOD_NAMES = {"gradsae": "GradSAE", "ig": "integrated gradients", "relp": "RelP", "ablation": "exact ablation"}
 
 
 def format_table(rows: list[ScoreRow], top: int, method: str = "gradsae") -> str:
@@ -493,3 +519,185 @@ def objective_words(lm: LoadedModel, args: argparse.Namespace, grad: Scores) -> 
     if args.objective == "logit-diff":
         return f"logit-diff vs the greedy answer to {args.corrupt!r}"
     return str(args.objective)
+
+
+# -- every method's ranking side by side ----------------------------------------------------------
+def top_lists(by: dict[str, Scores], top: int) -> dict[str, list[tuple[int, float]]]:
+    """Method -> its ``top`` best ``(latent, score)`` of row 0 (positive scores only), in ``by``'s order."""
+    return {m: [(int(c), float(s.per_latent[0, c])) for c in s.ranking(0)[:top].tolist()] for m, s in by.items()}
+
+
+def rankings_table(lists: dict[str, list[tuple[int, float]]], top: int) -> str:
+    """Every method's top list in one markdown table, one column per method (``latent (score)``), then each
+    list's overlap with the first's and, when the exact ``ablation`` is among them, its recall of the exact
+    top-``top``. Empty with a single method."""
+    if len(lists) < 2:
+        return ""
+    names = list(lists)
+    out = ["", "## Rankings side by side", "", "| rank | " + " | ".join(METHOD_NAMES.get(m, m) for m in names) + " |"]
+    out.append("|---:|" + "---:|" * len(names))
+    for i in range(max(len(rows) for rows in lists.values())):
+        cells = [f"{rows[i][0]} ({rows[i][1]:.3g})" if i < len(rows) else "-" for rows in lists.values()]
+        out.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    first = {c for c, _ in lists[names[0]]}
+    shared = ", ".join(f"{METHOD_NAMES.get(m, m)} {len(first & {c for c, _ in lists[m]})}" for m in names[1:])
+    out += ["", f"Shared with the {METHOD_NAMES.get(names[0], names[0])} top-{top}: {shared}."]
+    if "ablation" in lists:
+        exact = {c for c, _ in lists["ablation"]}
+        recall = ", ".join(
+            f"{METHOD_NAMES.get(m, m)} {len(exact & {c for c, _ in rows})}/{len(exact)}"
+            for m, rows in lists.items()
+            if m != "ablation"
+        )
+        out.append(f"Recall of the exact top-{top} (ablation): {recall}.")
+    return "\n".join(out) + "\n"
+
+
+# -- --layers: every layer in one backward ---------------------------------------------------------
+@dataclass(frozen=True)
+class LayerRow:
+    """One latent of the ranking across layers."""
+
+    id: str
+    """``L<layer>/<index>``."""
+    layer: int
+    latent: int
+    activation: float
+    """Mean activation over the prompt's spliced positions."""
+    influence: float
+    """GradSAE score (the chosen aggregation of ``H * dY/dH``)."""
+    rank_in_layer: int
+    """Its rank among the latents of its own layer."""
+    lens: tuple[str, ...] = ()
+    """Tokens the latent's decoder direction raises most (logit lens)."""
+
+
+def check_layers_arguments(args: argparse.Namespace) -> None:
+    """``--layers``: its layers and SAEs, and only the options :func:`gradsae.multilayer.score_layers` supports."""
+    parse_layers(args.layers)
+    methods = parse_methods(args.methods)
+    refused = (
+        (args.layer is not None, "--layers and --layer both name layers: pass one of them"),
+        (
+            any(m not in LAYER_METHODS for m in methods),
+            f"--methods {args.methods} with --layers: one backward for every layer scores "
+            f"{', '.join(LAYER_METHODS)} only: drop --methods or --layers",
+        ),
+        (args.ablation, "--ablation with --layers: the exact effect is per layer: drop --ablation or --layers"),
+        (args.mode != "error", "--layers splices every SAE in error mode (the model stays exact): drop --mode"),
+        (args.baseline != "zero", "--baseline with --layers: latents are removed to zero there: drop --baseline"),
+        (args.objective == "logit-diff", "--objective logit-diff with --layers: use next-token, target or label"),
+        (args.corrupt is not None, "--corrupt with --layers: drop it"),
+        (args.prompts is not None, "--layers scores one --prompt: drop --prompts"),
+        (args.html is not None or args.cards is not None, "--html shows one layer: drop --html and --cards"),
+        (getattr(args, "plan", False), "--plan covers one --layer: drop --layers to plan"),
+        (
+            args.sae is not None and "{layer}" not in args.sae and not is_version_spec(args.sae),
+            f"--sae {args.sae} is one SAE for every layer: put {{layer}} in its path (e.g. saes/layer_{{layer}})",
+        ),
+    )
+    for bad, message in refused:
+        if bad:
+            raise GradSAEError(message)
+    validate.text("--prompt", args.prompt, fix="pass --prompt TEXT")
+    validate.at_least("--top", args.top, 1)
+    validate.at_least("--lens", args.lens, 0)
+    check_objective_options(args)
+    validate.model_and_device(args.model, args.device, args.device_map)
+    validate.layers(parse_layers(args.layers), args.model, option="--layers")
+    validate.sae_folders(args.sae, parse_layers(args.layers))
+    validate.out_file(args.json, option="--json")
+
+
+def run_score_layers(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """``--layers``: every layer's SAE scored from one forward and one backward; one ranking across layers."""
+    start = time.perf_counter()
+    lm = load_model(args.model, device=args.device, device_map=args.device_map)
+    found = resolve_saes(lm, args.sae, list(parse_layers(args.layers)))
+    saes = {f.layer: f.sae.to(sae_device(lm, f.layer, f.sae.cfg.hook_point)) for f in found}
+    ids, mask, text = encode_one(lm, args.prompt, chat=not args.no_chat)
+    objective = objective_from_name(
+        args.objective, tokenizer=lm.tokenizer, target=args.target, labels=label_words(args.labels), label=args.label
+    )
+    if args.objective == "target":
+        ids, mask = append_target(lm, ids, args.target)
+    by_layer = score_layers(lm, saes, ids, mask, objective, aggregation=args.aggregation)
+    rows = layer_rows(lm, saes, by_layer, args.top, args.lens)
+    header = _layers_header(lm, found, args, text, by_layer, time.perf_counter() - start)
+    data = {"header": header, "layers": list(saes), "rows": [r.__dict__ for r in rows]}
+    return header + "\n\n" + format_layer_table(rows, args.top, list(saes)), data
+
+
+def layer_rows(
+    lm: LoadedModel, saes: dict[int, SAE], by_layer: dict[int, Scores], top: int, lens: int
+) -> list[LayerRow]:
+    """The ``top`` best latents of every layer together, best first, with their lens tokens."""
+    in_layer = {(layer, int(c)): i + 1 for layer, s in by_layer.items() for i, c in enumerate(s.ranking(0).tolist())}
+    best = rank_across_layers(by_layer)[:top]
+    words: dict[tuple[int, int], tuple[str, ...]] = {}
+    for layer in saes:
+        mine = [c for lay, c, _ in best if lay == layer]
+        words |= {(layer, c): w for c, w in zip(mine, lens_words(lm, saes[layer], mine, lens), strict=True)}
+    return [
+        LayerRow(
+            id=f"L{layer}/{c}",
+            layer=layer,
+            latent=c,
+            activation=float(by_layer[layer].mean_act[0, c]),
+            influence=score,
+            rank_in_layer=in_layer[(layer, c)],
+            lens=words.get((layer, c), ()),
+        )
+        for layer, c, score in best
+    ]
+
+
+def lens_words(lm: LoadedModel, sae: SAE, latents: list[int], n: int) -> list[tuple[str, ...]]:
+    """The ``n`` tokens each latent's decoder direction raises most (none when ``n`` is 0 or no latent)."""
+    if not latents or not n:
+        return [() for _ in latents]
+    lens, _note = logit_lens(lm, sae, latents)
+    best = lens.topk(min(n, lens.shape[1]), dim=1).indices.tolist()
+    return [tuple(lm.tokenizer.decode([t]) for t in tokens) for tokens in best]
+
+
+def format_layer_table(rows: list[LayerRow], top: int, layers: list[int]) -> str:
+    """The ranking across layers as one markdown table, and how many of its rows each layer holds."""
+    lens = any(r.lens for r in rows)
+    out = [
+        "## Top latents across layers by GradSAE",
+        "",
+        "| rank | latent | mean act | GradSAE influence | rank in its layer |"
+        + (" logit lens (raises) |" if lens else ""),
+        "|---:|---|---:|---:|---:|" + ("---|" if lens else ""),
+    ]
+    for i, r in enumerate(rows, 1):
+        line = f"| {i} | {r.id} | {r.activation:.4g} | {r.influence:.4g} | {r.rank_in_layer} |"
+        out.append(line + (f" {' '.join(repr(w) for w in r.lens)} |" if lens else ""))
+    counts = ", ".join(f"L{layer} {sum(r.layer == layer for r in rows)}" for layer in layers)
+    out += ["", f"Layers of the top-{top}: {counts}."]
+    return "\n".join(out) + "\n"
+
+
+def _layers_header(
+    lm: LoadedModel,
+    found: list[ResolvedSAE],
+    args: argparse.Namespace,
+    text: str,
+    by_layer: dict[int, Scores],
+    seconds: float,
+) -> str:
+    first = by_layer[found[0].layer]
+    n_tokens = int(first.token_index[:, 1].max()) + 1 if len(first.token_index) else 0
+    active = ", ".join(f"L{layer} {int(s.active_last[0])}" for layer, s in by_layer.items())
+    return "\n".join(
+        [
+            f"# gradsae score: {lm.name}, layers {', '.join(str(f.layer) for f in found)} (one forward, one backward)",
+            "- SAEs: " + "; ".join(f"L{f.layer}: {f.label}" for f in found),
+            f"- objective: {objective_words(lm, args, first)} (Y = {float(first.objective[0]):.4g}); "
+            f"splice mode: error at every layer; aggregation: {args.aggregation}",
+            "- estimator: gradsae, ranked across layers (latents named L<layer>/<index>)",
+            f"- prompt: {args.prompt!r} ({n_tokens} tokens{' with chat template' if text != args.prompt else ''})",
+            f"- latents active at the last token: {active}; wall time {seconds:.1f} s",
+        ]
+    )

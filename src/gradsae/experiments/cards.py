@@ -56,8 +56,9 @@ BINS = 24
 
 
 def run_latents(part: LayerExamples) -> list[int]:
-    """Every latent in some example's GradSAE or activation TopK, ascending."""
-    return sorted({c for ex in part.examples for rows in ex.top.values() for c, _ in rows})
+    """Every latent in some example's GradSAE or activation TopK, ascending (the other rankings'
+    TopK sets, random's included, are not carded)."""
+    return sorted({c for ex in part.examples for m in TRACED for c, _ in ex.top.get(m, ())})
 
 
 def corpus_tokens(tokenizer: Any, corpus: str | None, *, n_sequences: int, context: int) -> torch.Tensor:

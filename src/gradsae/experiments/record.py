@@ -5,11 +5,13 @@ before the answer step, the same input the rankings scored) it keeps:
 
 * the tokens of ``x_i`` as strings, the generated answer, the gold answers, the greedy
   token ``y*`` the objective ``Y_i = p(y*)`` read, and ``Y_i``;
-* per ranking method ``m`` (GradSAE, activation) its TopK at the largest K of the run,
-  ``Top_m(i, K_max)``, as ``(latent, score)`` best first;
-* for each latent ``c`` in the union of those sets, sparse per-token values at the
-  positions ``n`` where it is active: the activation ``H[n, c]`` and the GradSAE
-  influence ``g[n, c] = H[n, c] * dY_i/dH[n, c]`` (signed, before the paper's clamp);
+* per ranking method ``m`` of the run (every one of its ``methods``: gradsae, activation,
+  random, ig, relp, the activation controls, ablation) its TopK at the largest K of the
+  run, ``Top_m(i, K_max)``, as ``(latent, score)`` best first;
+* for each latent ``c`` in the union of those sets, its score under every method, and
+  sparse per-token values at the positions ``n`` where it is active: the activation
+  ``H[n, c]``, the GradSAE influence ``g[n, c] = H[n, c] * dY_i/dH[n, c]`` (signed, before
+  the paper's clamp) and, for ``ig`` and ``relp``, their own per-token attribution;
 * the answer text under each masking condition (``method/set/K``, and ``none``).
 
 :class:`ExampleRecorder` collects these while :func:`~gradsae.experiments.run.run_layer`
@@ -29,8 +31,11 @@ import torch
 from gradsae import distributed
 from gradsae.experiments.config import KSpec
 from gradsae.experiments.rank import KeptExample, chosen
-from gradsae.experiments.results import TRACED, ExampleDump, ExampleRecord, LatentTrace, LayerExamples
+from gradsae.experiments.results import ExampleDump, ExampleRecord, LatentTrace, LayerExamples
 from gradsae.scores import Scores
+
+PER_TOKEN = ("ig", "relp")
+"""Estimators whose signed per-token attribution is kept beside GradSAE's influence."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,9 @@ class _Pending:
     activation: torch.Tensor
     influence: torch.Tensor
     per_latent: dict[str, torch.Tensor]
-    """Method -> ``[d_sae]`` aggregated score."""
+    """Method -> ``[d_sae]`` aggregated score (every ranking method of the run)."""
+    per_token: dict[str, torch.Tensor]
+    """Method of :data:`PER_TOKEN` -> ``[nnz]`` its per-token attribution at ``entries``."""
     target: str
     objective: float
 
@@ -125,7 +132,12 @@ def _pending_row(
         entries=entries.cpu(),
         activation=activation.detach().float().cpu(),
         influence=influence.detach().float().cpu(),
-        per_latent={m: s.per_latent[row].detach().float().cpu() for m, s in by_method.items() if m in TRACED},
+        per_latent={m: s.per_latent[row].detach().float().cpu() for m, s in by_method.items()},
+        per_token={
+            m: s.token_score[here].detach().float().cpu()
+            for m, s in by_method.items()
+            if m in PER_TOKEN and torch.equal(s.token_index, base.token_index)
+        },
         target=target,
         objective=float(base.objective[row]),
     )
@@ -143,6 +155,8 @@ def _trace(pending: _Pending, latent: int) -> LatentTrace:
         positions=tuple(int(p) for p in positions[order]),
         activation=tuple(significant(v) for v in pending.activation[here][order]),
         influence=tuple(significant(v) for v in pending.influence[here][order]),
+        scores=scores,
+        token_scores={m: tuple(significant(v) for v in t[here][order]) for m, t in pending.per_token.items()},
     )
 
 
@@ -158,9 +172,8 @@ def record_scores(
     pending = _pending_row(tokenizer, 0, ids, mask, by_method)
     tops = {}
     for method, scores in by_method.items():
-        if method in TRACED:
-            best = scores.ranking(0)[:top].tolist()
-            tops[method] = tuple((int(c), significant(scores.per_latent[0, c])) for c in best)
+        best = scores.ranking(0)[:top].tolist()
+        tops[method] = tuple((int(c), significant(scores.per_latent[0, c])) for c in best)
     latents = sorted({c for rows in tops.values() for c, _ in rows})
     return ExampleRecord(
         id="prompt",

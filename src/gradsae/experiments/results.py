@@ -522,7 +522,8 @@ EXAMPLES = "examples.json"
 
 
 TRACED = ("gradsae", "activation")
-"""Ranking methods whose TopK sets are kept per example."""
+"""The two rankings every run has and every ``examples.json`` keeps (the cards list their examples);
+files written since issue 23 keep the TopK of every ranking method of the run."""
 
 
 @dataclass(frozen=True)
@@ -540,6 +541,11 @@ class LatentTrace:
     """``H[n, c]`` at each position."""
     influence: tuple[float, ...]
     """``H[n, c] * dY/dH[n, c]`` at each position (signed)."""
+    scores: dict[str, float] = field(default_factory=dict)
+    """Ranking method -> the latent's score in this example (every method of the run; empty in older files)."""
+    token_scores: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """Method -> its signed per-token attribution at each position, for the estimators that have one beside
+    GradSAE's ``influence`` (``ig``, ``relp``)."""
 
 
 @dataclass(frozen=True)
@@ -560,7 +566,8 @@ class ExampleRecord:
     objective: float
     """``Y = p(y*)`` with the SAE spliced, no edits."""
     top: dict[str, tuple[tuple[int, float], ...]]
-    """Method -> its TopK at the run's largest K: ``(latent, score)``, best first."""
+    """Ranking method (every one of the run's ``methods``; older files: gradsae and activation only) -> its
+    TopK at the run's largest K: ``(latent, score)``, best first."""
     traces: tuple[LatentTrace, ...]
     """Per-token values of every latent in ``top``."""
     masked: dict[str, str] = field(default_factory=dict)

@@ -8,13 +8,19 @@ CDN, no request of any kind. Three views:
 * Overview: the run's config, ``table.md``'s tables as HTML tables (the same
   numbers: the markdown is converted, not recomputed), the plots, and the
   deletion / sufficiency curves when a layer has them.
-* Examples: each kept example's tokens coloured by one latent's per-token GradSAE
-  influence ``g[n, c] = H[n, c] * dY/dH[n, c]`` (red raises ``Y``, blue lowers it)
-  or, toggled, by its activation ``H[n, c]``; the example's GradSAE and activation
-  TopK; its answer, and the answer under each masking condition.
-* Latents: every latent of some TopK set, sortable by influence, activation and
-  density, filterable by the set it was in, searchable by id; a click opens its
-  feature card (:mod:`gradsae.experiments.cards`).
+* Examples: a select chooses the ranking (GradSAE by default; any method of the run:
+  activation, random, ig, relp, the activation controls, ablation). The example's
+  TopK under it (beside the activation TopK, or GradSAE's when activation is chosen),
+  and its tokens coloured by one latent's per-token score under it: GradSAE's
+  influence ``g[n, c] = H[n, c] * dY/dH[n, c]`` (red raises ``Y``, blue lowers it), the
+  ``ig`` / ``relp`` attribution, the activation ``H[n, c]`` for the activation rankings
+  (GradSAE's influence for ``random`` and ``ablation``, which have none per token) or,
+  toggled, the activation; its answer, and the answer under each masking condition.
+* Latents: every latent of some TopK set, sortable by influence, activation, the
+  chosen ranking's score and density, filterable by the set it was in, searchable
+  by id; a click opens its feature card (:mod:`gradsae.experiments.cards`).
+
+Files written before every ranking was kept (GradSAE and activation only) render the same way.
 """
 
 from __future__ import annotations
@@ -40,9 +46,11 @@ REPORT = "report.html"
 def latent_rows(part: dict[str, Any], cards: dict[str, Any] | None) -> list[dict[str, Any]]:
     """One row per latent of some TopK set of ``part`` (a :class:`LayerExamples` as JSON), for the latent table.
 
-    ``influence`` / ``activation``: the mean over the examples whose TopK holds the latent of its
-    GradSAE score / mean activation there; ``density`` and ``max_act`` come from its card (``None``
-    without one).
+    ``gradsae`` / ``activation``: the ids of the examples whose GradSAE / activation TopK holds it;
+    ``in_top``: the same for every ranking method (``method -> ids``); ``influence`` / ``activation``:
+    the mean over the examples whose TopK holds the latent of its GradSAE score / mean activation
+    there; ``scores``: that mean of its score under each method (files that kept it); ``density`` and
+    ``max_act`` come from its card (``None`` without one).
     """
     rows: dict[int, dict[str, Any]] = {}
     for ex in part["examples"]:
@@ -50,7 +58,9 @@ def latent_rows(part: dict[str, Any], cards: dict[str, Any] | None) -> list[dict
         for method, top in ex["top"].items():
             for latent, _ in top:
                 row = rows.setdefault(latent, {"latent": latent, "gradsae": [], "activation": [], "_seen": {}})
-                row[method].append(ex["id"])
+                row.setdefault("in_top", {}).setdefault(method, []).append(ex["id"])
+                if method in ("gradsae", "activation"):
+                    row[method].append(ex["id"])
                 row["_seen"][ex["id"]] = traced.get(latent)
     by_card = {c["latent"]: c for c in (cards or {}).get("cards", [])}
     return [_row(row, by_card.get(latent)) for latent, row in sorted(rows.items())]
@@ -58,8 +68,10 @@ def latent_rows(part: dict[str, Any], cards: dict[str, Any] | None) -> list[dict
 
 def _row(row: dict[str, Any], card: dict[str, Any] | None) -> dict[str, Any]:
     seen = [t for t in row.pop("_seen").values() if t is not None]
+    methods = dict.fromkeys(m for t in seen for m in t.get("scores", {}))
     return {
         **row,
+        "scores": {m: sum(t["scores"].get(m, 0.0) for t in seen) / max(1, len(seen)) for m in methods},
         "influence": sum(t["gradsae"] for t in seen) / max(1, len(seen)),
         "activation_mean": sum(t["mean_activation"] for t in seen) / max(1, len(seen)),
         "density": None if card is None else card["density"],
@@ -73,11 +85,18 @@ def layer_data(part: LayerExamples | dict[str, Any], cards: CardSet | dict[str, 
     cards_json = _json(cards) if cards is not None else None
     return {
         "layer": part_json["layer"],
+        "methods": ranking_methods(part_json),
         "examples": part_json["examples"],
         "latents": latent_rows(part_json, cards_json),
         "cards": {str(c["latent"]): c for c in (cards_json or {}).get("cards", [])},
         "cards_meta": {k: v for k, v in (cards_json or {}).items() if k != "cards"},
     }
+
+
+def ranking_methods(part: dict[str, Any]) -> list[str]:
+    """The ranking methods whose TopK the examples of ``part`` keep, GradSAE first, then in the run's order."""
+    found = dict.fromkeys(m for ex in part["examples"] for m in ex["top"])
+    return sorted(found, key=lambda m: (m != "gradsae", list(found).index(m)))
 
 
 def _json(value: Any) -> dict[str, Any]:

@@ -1,8 +1,13 @@
 (function () {
 'use strict';
 const DATA = JSON.parse(document.getElementById('gradsae-data').textContent);
-const NAMES = {gradsae: 'GradSAE', activation: 'activation'};
-const state = {layer: 0, example: 0, latent: null, colour: 'influence', sort: 'influence', desc: true, filter: 'all', query: ''};
+const NAMES = {gradsae: 'GradSAE', activation: 'activation', random: 'random', ig: 'integrated gradients', relp: 'RelP',
+  ablation: 'exact ablation', activation_answer: 'activation at the answer', activation_nosink: 'activation, sink excluded'};
+const WHAT = {gradsae: 'influence on the answer', activation: 'mean activation', random: 'seeded random order',
+  ig: 'integrated gradients of Y', relp: 'RelP propagation of dY', ablation: 'exact effect of zeroing it on Y',
+  activation_answer: 'activation at the answer position', activation_nosink: 'mean activation without the sink token'};
+const nameOf = (m) => NAMES[m] || m;
+const state = {layer: 0, example: 0, latent: null, ranking: 'gradsae', colour: 'influence', sort: 'influence', desc: true, filter: 'all', query: ''};
 const $ = (sel, root) => (root || document).querySelector(sel);
 const el = (tag, attrs, ...kids) => {
   const node = document.createElement(tag);
@@ -15,6 +20,9 @@ const el = (tag, attrs, ...kids) => {
 };
 const fmt = (x) => x === null || x === undefined ? '-' : (Math.abs(x) >= 1000 || (x !== 0 && Math.abs(x) < 0.001) ? x.toExponential(2) : x.toPrecision(3));
 const layer = () => DATA.layers[state.layer];
+// the ranking methods of this layer's examples (older files: GradSAE and activation), and the chosen one
+const methods = () => (layer() && layer().methods && layer().methods.length ? layer().methods : ['gradsae', 'activation']);
+const ranking = () => (methods().includes(state.ranking) ? state.ranking : methods()[0]);
 
 function colour(value, scale, kind) {
   if (!value || !scale) return '';
@@ -55,7 +63,7 @@ function renderExamples() {
   const view = $('#view-examples');
   view.replaceChildren();
   if (!DATA.layers.length) { view.append(el('p', {class: 'muted', text: 'No per-example data in this report.'})); return; }
-  view.append(layerPicker());
+  view.append(layerPicker(), rankingPicker('ranking-select'));
   const L = layer();
   const list = el('div', {class: 'ex-list', id: 'example-list'});
   L.examples.forEach((ex, i) => {
@@ -74,6 +82,25 @@ function layerPicker() {
   return el('div', {class: 'controls'}, 'Layer ', select);
 }
 
+function rankingPicker(id) {
+  const select = el('select', {id: id, title: 'the ranking the TopK list, the token colours and the latent table use',
+    onchange: (e) => { state.ranking = e.target.value; state.latent = null; state.filter = 'all';
+      state.sort = {gradsae: 'influence', activation: 'activation_mean'}[state.ranking] || 'score_rank'; state.desc = true; render(); }});
+  for (const m of methods()) { const opt = el('option', {value: m, text: nameOf(m)}); if (m === ranking()) opt.selected = true; select.append(opt); }
+  return el('div', {class: 'controls'}, 'Ranking ', select, el('span', {class: 'small muted', text: WHAT[ranking()] || ''}));
+}
+
+function firstLatent(ex) {
+  for (const m of [ranking(), 'gradsae', 'activation']) { const t = ex.top[m]; if (t && t.length) return t[0][0]; }
+  return null;
+}
+
+function tokenSource(trace) {
+  // whose signed per-token values colour the tokens: the ranking's own (gradsae, ig, relp), else GradSAE's influence
+  const m = ranking();
+  return trace && trace.token_scores && trace.token_scores[m] ? m : 'gradsae';
+}
+
 function flips(ex) {
   // the smallest K at which masking each ranking's TopK changed the answer
   const base = ex.masked.none !== undefined ? ex.masked.none : ex.answer;
@@ -89,58 +116,70 @@ function flips(ex) {
 
 function exampleDetail(ex) {
   if (!ex) return el('p', {class: 'muted', text: 'No kept examples at this layer.'});
-  if (state.latent === null) state.latent = (ex.top.gradsae || ex.top.activation || [[null]])[0][0];
+  if (state.latent === null) state.latent = firstLatent(ex);
   const box = el('div', {id: 'example-detail'});
   box.append(el('h2', {text: `Example #${ex.id}`}));
   box.append(el('div', {class: 'small'}, el('b', {text: 'Gold: '}), ex.gold.join(' | ') || '-', '   ',
     el('b', {text: 'Objective: '}), `p(${JSON.stringify(ex.target)}) = ${fmt(ex.objective)}`));
   box.append(chips(ex));
-  box.append(colourControls());
   const trace = traceOf(ex, state.latent);
+  const src = tokenSource(trace);
+  box.append(colourControls(src));
+  const perToken = (j) => (src === 'gradsae' ? trace.influence[j] : trace.token_scores[src][j]);
   const values = ex.tokens.map(() => 0);
   const titles = ex.tokens.map((t, i) => `position ${i}: not active`);
   if (trace) trace.positions.forEach((p, j) => {
-    values[p] = state.colour === 'activation' ? trace.activation[j] : trace.influence[j];
-    titles[p] = `position ${p}: activation ${fmt(trace.activation[j])}, influence ${fmt(trace.influence[j])}`;
+    values[p] = state.colour === 'activation' ? trace.activation[j] : perToken(j);
+    titles[p] = `position ${p}: activation ${fmt(trace.activation[j])}, influence ${fmt(trace.influence[j])}`
+      + (src === 'gradsae' ? '' : `, ${nameOf(src)} ${fmt(perToken(j))}`);
   });
   const tokens = tokenSpans(ex.tokens, values, state.colour, {genFrom: ex.prompt_len, titles: titles});
   tokens.id = 'prompt-tokens';
   tokens.dataset.colour = state.colour;
   tokens.dataset.latent = state.latent;
+  tokens.dataset.ranking = ranking();
+  tokens.dataset.source = state.colour === 'activation' ? 'activation' : src;
   box.append(tokens);
+  const rank = ranking(), own = trace && trace.scores && trace.scores[rank] !== undefined;
   box.append(el('p', {class: 'small muted', text: trace
-    ? `Latent ${state.latent}: GradSAE score ${fmt(trace.gradsae)}, mean activation ${fmt(trace.mean_activation)}; active at ${trace.positions.length} of ${ex.tokens.length} tokens. Dotted: tokens generated before the answer step.`
+    ? `Latent ${state.latent}: ${own && rank !== 'gradsae' ? `${nameOf(rank)} score ${fmt(trace.scores[rank])}, ` : ''}GradSAE score ${fmt(trace.gradsae)}, mean activation ${fmt(trace.mean_activation)}; active at ${trace.positions.length} of ${ex.tokens.length} tokens. Dotted: tokens generated before the answer step.`
     : `Latent ${state.latent} is not active in this example.`}));
   box.append(answers(ex));
   return box;
 }
 
 function chips(ex) {
-  const grad = topSet(ex, 'gradsae'), act = topSet(ex, 'activation');
+  // the chosen ranking's TopK (#topk-list), then the activation TopK (GradSAE's when activation is chosen)
+  const rank = ranking(), other = rank === 'activation' ? 'gradsae' : 'activation';
+  const first = topSet(ex, rank), second = topSet(ex, other);
   const wrap = el('div', {});
-  for (const method of ['gradsae', 'activation']) {
+  for (const method of [rank, other]) {
     if (!ex.top[method]) continue;
-    const row = el('div', {class: 'chips'});
+    const row = el('div', {class: 'chips', 'data-method': method});
+    if (method === rank) row.id = 'topk-list';
     for (const [latent, score] of ex.top[method]) {
-      const both = grad.has(latent) && act.has(latent);
-      row.append(el('span', {class: `chip ${method === 'gradsae' ? 'grad' : 'act'}${both ? ' both' : ''}${latent === state.latent ? ' sel' : ''}`,
-        'data-latent': latent, title: both ? 'in both TopK sets' : `only in the ${NAMES[method]} TopK`,
+      const both = first.has(latent) && second.has(latent);
+      row.append(el('span', {class: `chip ${method === 'activation' ? 'act' : 'grad'}${both ? ' both' : ''}${latent === state.latent ? ' sel' : ''}`,
+        'data-latent': latent, title: both ? `in both TopK sets (${nameOf(rank)}, ${nameOf(other)})` : `only in the ${nameOf(method)} TopK`,
         onclick: () => { state.latent = latent; renderExamples(); showCard(latent); }}, `${latent} `, el('span', {class: 'muted', text: fmt(score)})));
     }
-    wrap.append(el('div', {class: 'label', text: `${NAMES[method]} TopK (${method === 'gradsae' ? 'influence on the answer' : 'mean activation'})`}), row);
+    if (!ex.top[method].length) row.append(el('span', {class: 'small muted', text: 'no latent with a positive score'}));
+    wrap.append(el('div', {class: 'label', text: `${nameOf(method)} TopK (${WHAT[method] || method})`}), row);
   }
   return wrap;
 }
 
-function colourControls() {
+function colourControls(src) {
   const mk = (kind, label) => el('button', {id: `colour-${kind}`, class: state.colour === kind ? 'on' : '',
     onclick: () => { state.colour = kind; renderExamples(); }}, label);
   const legend = el('span', {class: 'legend'});
   legend.style.background = state.colour === 'activation'
     ? 'linear-gradient(90deg,#fff,rgba(217,119,6,.85))'
     : 'linear-gradient(90deg,rgba(37,99,235,.85),#fff,rgba(192,57,43,.85))';
-  const words = state.colour === 'activation' ? 'activation H[n,c]: 0 \u2192 max' : 'influence H\u00b7dY/dH: lowers Y \u2190 0 \u2192 raises Y';
-  return el('div', {class: 'controls'}, 'Colour by ', el('span', {class: 'toggle'}, mk('influence', 'influence'), mk('activation', 'activation')),
+  const what = src === 'gradsae' ? 'influence H\u00b7dY/dH' : `${nameOf(src)} attribution`;
+  const none = src === 'gradsae' && ranking() !== 'gradsae' ? ` (the ${nameOf(ranking())} ranking has no per-token values: GradSAE's influence shown)` : '';
+  const words = state.colour === 'activation' ? 'activation H[n,c]: 0 \u2192 max' : `${what}: lowers Y \u2190 0 \u2192 raises Y${none}`;
+  return el('div', {class: 'controls'}, 'Colour by ', el('span', {class: 'toggle'}, mk('influence', src === 'gradsae' ? 'influence' : nameOf(src)), mk('activation', 'activation')),
     ` latent ${state.latent} `, legend, el('span', {class: 'small muted', text: words}));
 }
 
@@ -155,7 +194,7 @@ function answers(ex) {
   for (const [key, text] of Object.entries(ex.masked)) {
     if (key === 'none') continue;
     const [method, set, k] = key.split('/');
-    const label = `mask ${NAMES[method] || method} ${set === 'top' ? 'TopK' : 'BottomK'}, K=${k}`;
+    const label = `mask ${nameOf(method)} ${set === 'top' ? 'TopK' : 'BottomK'}, K=${k}`;
     table.append(el('tr', {}, el('td', {text: label}), el('td', {class: text === base ? '' : 'changed', text: text})));
   }
   wrap.append(table);
@@ -172,9 +211,18 @@ const COLUMNS = [
   ['density', 'density', 'share of corpus tokens where it fires (card)'],
   ['max_act', 'max act', 'largest corpus activation (card)'],
 ];
+function columns() {
+  // the chosen ranking's own columns when it is neither GradSAE nor activation
+  const rank = ranking();
+  if (rank === 'gradsae' || rank === 'activation') return COLUMNS;
+  return [...COLUMNS, ['n_rank', `${nameOf(rank)} TopK`, `examples whose ${nameOf(rank)} TopK holds it`],
+    ['score_rank', `${nameOf(rank)} score`, `mean ${nameOf(rank)} score over the examples where it is in some TopK`]];
+}
 function latentValue(row, key) {
   if (key === 'n_grad') return row.gradsae.length;
   if (key === 'n_act') return row.activation.length;
+  if (key === 'n_rank') return ((row.in_top || {})[ranking()] || []).length;
+  if (key === 'score_rank') { const s = (row.scores || {})[ranking()]; return s === undefined ? null : s; }
   return row[key];
 }
 function visibleLatents() {
@@ -182,7 +230,7 @@ function visibleLatents() {
   return layer().latents.filter((r) => {
     if (q && !String(r.latent).startsWith(q)) return false;
     const g = r.gradsae.length > 0, a = r.activation.length > 0;
-    return state.filter === 'all' || (state.filter === 'grad' && g) || (state.filter === 'act' && a)
+    return state.filter === 'all' || (state.filter === 'rank' && latentValue(r, 'n_rank') > 0) || (state.filter === 'grad' && g) || (state.filter === 'act' && a)
       || (state.filter === 'grad-only' && g && !a) || (state.filter === 'act-only' && a && !g) || (state.filter === 'both' && a && g);
   }).sort((x, y) => {
     const u = latentValue(x, state.sort), v = latentValue(y, state.sort);
@@ -197,14 +245,15 @@ function renderLatents() {
   const search = el('input', {id: 'latent-search', type: 'search', placeholder: 'latent id', value: state.query,
     oninput: (e) => { state.query = e.target.value; renderLatentRows(); }});
   const filter = el('select', {id: 'latent-filter', onchange: (e) => { state.filter = e.target.value; renderLatentRows(); }});
-  for (const [v, t] of [['all', 'all latents'], ['grad', 'in a GradSAE TopK'], ['act', 'in an activation TopK'], ['grad-only', 'only GradSAE TopK'], ['act-only', 'only activation TopK'], ['both', 'in both']]) {
+  const own = ['gradsae', 'activation'].includes(ranking()) ? [] : [['rank', `in a ${nameOf(ranking())} TopK`]];
+  for (const [v, t] of [['all', 'all latents'], ...own, ['grad', 'in a GradSAE TopK'], ['act', 'in an activation TopK'], ['grad-only', 'only GradSAE TopK'], ['act-only', 'only activation TopK'], ['both', 'in both']]) {
     const opt = el('option', {value: v, text: t}); if (v === state.filter) opt.selected = true; filter.append(opt);
   }
   const sort = el('select', {id: 'latent-sort', onchange: (e) => { state.sort = e.target.value; state.desc = true; renderLatentRows(); }});
-  for (const [key, label] of COLUMNS) { const opt = el('option', {value: key, text: `sort by ${label}`}); if (key === state.sort) opt.selected = true; sort.append(opt); }
-  view.append(layerPicker(), el('div', {class: 'controls'}, 'Search ', search, filter, sort, el('span', {id: 'latent-count', class: 'muted small'})));
+  for (const [key, label] of columns()) { const opt = el('option', {value: key, text: `sort by ${label}`}); if (key === state.sort) opt.selected = true; sort.append(opt); }
+  view.append(layerPicker(), rankingPicker('latent-ranking'), el('div', {class: 'controls'}, 'Search ', search, filter, sort, el('span', {id: 'latent-count', class: 'muted small'})));
   const head = el('tr', {});
-  for (const [key, label, title] of COLUMNS) {
+  for (const [key, label, title] of columns()) {
     head.append(el('th', {'data-sort': key, title: title, onclick: () => { state.desc = state.sort === key ? !state.desc : true; state.sort = key; renderLatents(); }},
       label + (state.sort === key ? (state.desc ? ' \u25bc' : ' \u25b2') : '')));
   }
@@ -220,9 +269,9 @@ function renderLatentRows() {
   const rows = visibleLatents();
   body.replaceChildren(...rows.map((r) => {
     const tr = el('tr', {class: 'latent-row' + (r.latent === state.latent ? ' sel' : ''), 'data-latent': r.latent, onclick: () => { state.latent = r.latent; showCard(r.latent); renderLatentRows(); }});
-    for (const [key] of COLUMNS) {
+    for (const [key] of columns()) {
       const v = latentValue(r, key);
-      tr.append(el('td', {text: Number.isInteger(v) && !['influence', 'activation_mean'].includes(key) ? String(v) : fmt(v)}));
+      tr.append(el('td', {text: Number.isInteger(v) && !['influence', 'activation_mean', 'score_rank'].includes(key) ? String(v) : fmt(v)}));
     }
     return tr;
   }));
@@ -254,8 +303,9 @@ function showCard(latent) {
 }
 function inRun(row) {
   const wrap = el('div', {class: 'small'});
-  for (const [method, ids] of [['gradsae', row.gradsae], ['activation', row.activation]]) {
-    const line = el('div', {}, el('b', {text: `In ${NAMES[method]} TopK of ${ids.length} example${ids.length === 1 ? '' : 's'}`}), ids.length ? ': ' : '');
+  for (const method of new Set([ranking(), 'gradsae', 'activation'])) {
+    const ids = (row.in_top || {})[method] || row[method] || [];
+    const line = el('div', {}, el('b', {text: `In ${nameOf(method)} TopK of ${ids.length} example${ids.length === 1 ? '' : 's'}`}), ids.length ? ': ' : '');
     ids.forEach((id, i) => { line.append(el('a', {class: 'link', text: `#${id}`, onclick: () => goToExample(id)}), i + 1 < ids.length ? ', ' : ''); });
     wrap.append(line);
   }
