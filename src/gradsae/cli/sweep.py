@@ -19,6 +19,7 @@ from gradsae import _files
 from gradsae.cli import options, reproduce
 from gradsae.errors import GradSAEError
 from gradsae.experiments.run import run_task
+from gradsae.report.estimators import write_estimators
 from gradsae.report.sweep import load_runs, write_sweep
 from gradsae.report.tables import render
 
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     command = _files.relative_paths(command_line(args), args.out)  # no directory of this machine in the page
     swept = load_runs(args.out, [Path(t).stem for t in tasks])
     path = write_sweep(args.out, swept, command=command, origin=str(Path(args.out).resolve()))
+    write_estimators(args.out, swept, command=command)
     sys.stdout.write(f"wrote {path}\n")
     return 0
 

@@ -1,0 +1,153 @@
+"""``estimators.md``: which estimator to trust, per task and layer, judged by the exact oracle (issue 23).
+
+Read from a sweep's stored curves (``gradsae sweep --methods gradsae,activation,random,ig,relp``;
+:mod:`gradsae.experiments.curves`). For each cell (task, layer) and each ranking ``m`` it puts side
+by side, each as the mean over the cell's curve examples with a 95% bootstrap interval:
+
+* Spearman's rho of ``m``'s score against the exact effect ``e_c = Y_0 - Y({c})``, over all active
+  latents and over the exact top-50 (by ``e_c``);
+* recall of the exact top-10 among ``m``'s top 10;
+* the threshold budget: exact ablations taken in ``m``'s order until every latent with
+  ``|e_c| >= 5% Y_0`` is found (AtP*; smaller is better, the number of active latents is the worst);
+* ``D(K) / Y_0`` at the experiment's K (the drop after zeroing ``m``'s top K);
+* the cost of one score in forward + backward equivalents, from a benchmark file when given
+  (``benchmarks/results.json``: ``ig_cost``, ``relp_cost``; GradSAE and its signed sum are one
+  forward + backward by definition; activation needs the forward only).
+
+and counts, per estimator, the cells that meet issue 23's bar (recall@10 >= 0.9 and Spearman over the
+exact top-50 >= 0.9). ``random`` is the floor every figure is read against. Nothing is recomputed:
+``gradsae report SWEEP_DIR`` rewrites the same page from the same files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gradsae import _files
+from gradsae.experiments.results import CurveResult, from_data
+from gradsae.report.curves import fmt_metric, metric_title
+
+ESTIMATORS_PAGE = "estimators.md"
+ORDER = ("gradsae", "gradsae_sum", "ig", "relp", "activation", "random")
+NAMES = {
+    "gradsae": "GradSAE (paper: mean relu)",
+    "gradsae_sum": "GradSAE sum (signed, first order)",
+    "ig": "integrated gradients (sum)",
+    "relp": "RelP (sum)",
+    "activation": "activation",
+    "random": "random (floor)",
+}
+BAR = {"recall": 0.9, "spearman_top": 0.9}
+"""Issue 23's target for the best estimator, in every cell."""
+THRESHOLD = "budget_0.05"
+COST_FIGURES = {"ig": "ig_cost", "relp": "relp_cost"}
+FIXED_COSTS = {"gradsae": 1.0, "gradsae_sum": 1.0}
+
+
+def cells(runs: Sequence[Any]) -> list[tuple[str, CurveResult]]:
+    """(task, curves) for every layer of every sweep run that stored curves."""
+    out = []
+    for run in runs:
+        for layer in run.results.layers:
+            if layer.curves:
+                out.append((run.task, from_data(CurveResult, layer.curves)))
+    return out
+
+
+def costs_from(bench: Mapping[str, Any] | None) -> dict[str, float]:
+    """Forward + backward equivalents per estimator (``ig``/``relp`` measured by the benchmark when given)."""
+    costs = dict(FIXED_COSTS)
+    figures = (bench or {}).get("figures", {})
+    for method, name in COST_FIGURES.items():
+        value = figures.get(name, {}).get("value")
+        if value is not None:
+            costs[method] = float(value)
+    return costs
+
+
+def estimators_markdown(runs: Sequence[Any], *, command: str, bench: Mapping[str, Any] | None = None) -> str:
+    """The whole page (see the module docstring)."""
+    found = cells(runs)
+    lines = [
+        "# Which estimator to trust: every ranking against exact ablation",
+        "",
+        f"Command (paths relative to this folder): `{command}`",
+        "",
+    ]
+    if not found:
+        return "\n".join([*lines, "No run of this sweep stored faithfulness curves (run it without --no-curves).", ""])
+    methods = [m for m in ORDER if any(m in result.methods for _, result in found)]
+    costs = costs_from(bench)
+    lines += _bar_lines(found, methods)
+    lines += [
+        "",
+        "Per cell: mean over the curve examples [95% bootstrap interval over examples]; the cost is one score in "
+        "forward + backward equivalents (" + _cost_note(costs) + ").",
+        "",
+    ]
+    for task, result in found:
+        lines += _cell_table(task, result, methods, costs)
+    return "\n".join(lines) + "\n"
+
+
+def _bar_lines(found: Sequence[tuple[str, CurveResult]], methods: Sequence[str]) -> list[str]:
+    lines = ["## Summary (written from the numbers below)", ""]
+    for m in methods:
+        if m == "random":
+            continue
+        met = [
+            (task, result.layer)
+            for task, result in found
+            if m in result.methods
+            and all(_mean(result, name, m) >= bar for name, bar in BAR.items() if name in result.metric_names())
+            and all(name in result.metric_names() for name in BAR)
+        ]
+        measured = sum(m in result.methods for _, result in found)
+        lines.append(
+            f"- {NAMES[m]}: recall of the exact top-10 >= {BAR['recall']} and Spearman over the exact top-50 >= "
+            f"{BAR['spearman_top']} in {len(met)} of {measured} cells"
+            + (": " + ", ".join(f"{t} layer {layer}" for t, layer in met) if met else "")
+            + "."
+        )
+    return lines
+
+
+def _mean(result: CurveResult, name: str, method: str) -> float:
+    return result.metric(name, method).mean
+
+
+def _cost_note(costs: Mapping[str, float]) -> str:
+    measured = [f"{NAMES[m]} {costs[m]:.2f}" for m in ("ig", "relp") if m in costs]
+    text = "GradSAE and its sum 1 by definition; activation a forward only"
+    return text + ("; measured by the benchmark: " + ", ".join(measured) if measured else "; ig/relp: no benchmark")
+
+
+def _cell_table(task: str, result: CurveResult, methods: Sequence[str], costs: Mapping[str, float]) -> list[str]:
+    names = result.metric_names()
+    wanted = ["spearman", "spearman_top", "recall", THRESHOLD, *(n for n in names if n.startswith("deletion@"))]
+    shown = [n for n in wanted if n in names]
+    head = ["estimator", *(metric_title(n, result.top) for n in shown), "cost (fwd+bwd)"]
+    mean_active = sum(ex.n_active for ex in result.examples) / max(1, len(result.examples))
+    lines = [
+        f"### {task}, layer {result.layer} ({len(result.examples)} examples, {mean_active:.0f} active latents on "
+        "average)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---" * len(head) + "|",
+    ]
+    for m in methods:
+        if m not in result.methods:
+            continue
+        row = [NAMES[m], *(fmt_metric(result.metric(n, m), 0 if n.startswith("budget") else 2) for n in shown)]
+        row.append(f"{costs[m]:.2f}" if m in costs else ("forward only" if m == "activation" else "-"))
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
+
+
+def write_estimators(
+    folder: str | Path, runs: Sequence[Any], *, command: str, bench: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``<folder>/estimators.md`` (atomically)."""
+    return _files.write_text(Path(folder) / ESTIMATORS_PAGE, estimators_markdown(runs, command=command, bench=bench))
