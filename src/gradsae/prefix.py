@@ -62,14 +62,14 @@ class Prefix:
             residual=self.residual[rows],
         )
 
-    def columns(self, start: int) -> Prefix:
-        """Columns ``start..`` only (a pass that begins there, on a cache holding the columns before)."""
+    def columns(self, start: int, stop: int | None = None) -> Prefix:
+        """Columns ``start..stop-1`` only (a pass that begins there, on a cache holding the columns before)."""
         return replace(
             self,
-            input_ids=self.input_ids[:, start:],
-            keys=tuple(k[..., start:, :] for k in self.keys),
-            values=tuple(v[..., start:, :] for v in self.values),
-            residual=self.residual[:, start:],
+            input_ids=self.input_ids[:, start:stop],
+            keys=tuple(k[..., start:stop, :] for k in self.keys),
+            values=tuple(v[..., start:stop, :] for v in self.values),
+            residual=self.residual[:, start:stop],
             start=self.start + start,
         )
 

@@ -87,12 +87,16 @@ def test_same_generations_as_one_condition_at_a_time(char_lm, sae, mode, where, 
         return found
 
     monkeypatch.setattr(batched, "_first_changes", spy)
+    plans: list[list[tuple[int, int]]] = []
+    plan = batched.stages
+    monkeypatch.setattr(batched, "stages", lambda found: plans.append(plan(found)) or plans[-1])
     together = decode_conditions(
         char_lm, sae, batches, task, cfg, conditions, newest_only=newest, stop_when_answered=False, max_rows=7
     )
     assert together == alone
     if where == "all":
         assert len(set(starts)) > 3, "rows should start at different columns"
+        assert max(len(p) for p in plans) > 1, "some chunk should join its rows in stages"
     assert len({tuple(g.token_ids for g in gens) for gens in alone}) > 2, "the edits should change the answers"
 
 
@@ -172,3 +176,60 @@ def test_pipeline_batched_equals_one_condition_at_a_time(char_lm, sae, mode, ski
     assert many.dump() == one.dump()  # the masked answers too (no early stop while recording)
     outcomes = {c.per_example for c in reference.perturbation + reference.steering}
     assert len(outcomes) > 1, "the edits should change some answers"
+
+
+def _columns(starts, bounds, width):
+    """Prompt columns computed: each row from the begin of the stage it joins at."""
+    total, before = 0, 0
+    for begin, joined in bounds:
+        total += (joined - before) * (width - begin)
+        before = joined
+    return total
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stages_are_the_cheapest_split(seed):
+    """The dynamic programme's stages cost what the best of all boundary choices costs (brute force)."""
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+    starts = sorted(rng.randrange(1, 30) for _ in range(rng.randrange(1, 14)))
+    width, values = 31, sorted(set(starts))
+    for most in (1, 2, 3, 4):
+        found = batched.stages(starts, max_stages=most)
+        assert len(found) <= most and found[0][0] == starts[0] and found[-1][1] == len(starts)
+        assert all(sum(s < b for s in starts) == j for (b, _), (_, j) in zip(found[1:], found, strict=False))
+        best = min(
+            _columns(
+                starts,
+                [(b, sum(s < n for s in starts)) for b, n in zip(chosen, [*chosen[1:], width + 1], strict=True)],
+                width,
+            )
+            for size in range(most)
+            for rest in itertools.combinations(values[1:], size)
+            for chosen in [(values[0], *rest)]
+        )
+        assert _columns(starts, found, width) == best
+    assert batched.stages([1, 1, 5, 5, 5, 9, 20, 20, 21]) == [(1, 2), (5, 5), (9, 6), (20, 9)]
+
+
+def test_context_pass_shared_by_every_call(char_lm, sae, monkeypatch):
+    """One context pass per prompt batch for all the groups decoded with one ``Contexts``; the same answers."""
+    cfg = ExperimentConfig(splice=SpliceSpec(layer=0, mode="error"), batch_size=3)
+    task = _task()
+    texts = [task.render(e, char_lm.tokenizer) for e in task.examples]
+    batches = prompt_batches(char_lm, texts, cfg, reuse=True)
+    conditions = _conditions("all")
+    fresh = [decode_conditions(char_lm, sae, batches, task, cfg, [c]) for c in conditions]
+    calls = []
+    context = batched._context
+    monkeypatch.setattr(batched, "_context", lambda *a: calls.append(1) or context(*a))
+    shared = batched.Contexts()
+    again = [decode_conditions(char_lm, sae, batches, task, cfg, [c], contexts=shared) for c in conditions]
+    assert again == fresh
+    assert len(calls) == len(batches)
+    none_kept = batched.Contexts(max_bytes=0)
+    calls.clear()
+    assert [decode_conditions(char_lm, sae, batches, task, cfg, [c], contexts=none_kept) for c in conditions] == fresh
+    assert len(calls) == len(batches) * len(conditions)

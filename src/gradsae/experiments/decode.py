@@ -16,10 +16,16 @@ conditions are ``C * B`` rows ``(condition, example)``, decoded ``max_rows`` at 
   for ``set`` / ``add`` at every position, its first spliced column; for edits at the
   last position (and newest-only steering, whose cache stays unedited), the last
   prompt column. By causal attention every earlier column is the context's in every
-  layer, so rows are sorted by first change, and each chunk's prompt pass covers only
-  the columns from its earliest first change on, on a cache holding the context's
-  columns before it (blocks ``0..l`` of the columns it does cover come from the
-  batch's prefix when there is one);
+  layer, so rows are sorted by first change, and each chunk's prompt pass runs in at
+  most :data:`MAX_STAGES` stages (:func:`stages`): a row joins at the stage holding its
+  first change, on the context's keys and values of the columns before it, and the rows
+  already running carry their own cache; the boundaries minimise the prompt columns
+  computed, ``sum over rows of (P - begin of the row's stage)``, against
+  ``rows x (P - earliest first change)`` for one stage (blocks ``0..l`` of the columns a
+  stage covers come from the batch's prefix when there is one);
+* the context depends only on the batch and the splice, so :class:`Contexts` computes it
+  once per prompt batch for every group of conditions (experiment 1's methods, experiment
+  2's) decoded on those batches;
 * edits become per-row edits: the ``j``-th edit of every condition with the same op
   and positions is one :class:`~gradsae.splice.Edit` with latents ``[rows, n]``,
   ``-1`` on the other rows, so each row applies its own condition's edits in order;
@@ -32,9 +38,9 @@ The tokens are those of :func:`decode` run condition by
 condition (rows do not interact; batched matrix products may round differently);
 with ``stop_when_answered`` each generation is a prefix of that one with the same
 parsed answer, hence the same score. Cost per condition: the prompt columns from
-each row's first change on through blocks ``l+1..L`` (all of them at worst), plus
+each row's stage on through blocks ``l+1..L`` (all of them at worst), plus
 the steps until the answer is final, at batch size ``max_rows``; plus one context
-pass per prompt batch, shared by all conditions.
+pass per prompt batch, shared by all conditions and groups.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cache as memoised
 from typing import Any
 
 import torch
@@ -141,12 +148,15 @@ def decode_conditions(
     stop_when_answered: bool = True,
     max_rows: int = MAX_ROWS,
     desc: str = "conditions",
+    contexts: Contexts | None = None,
 ) -> list[list[Generation]]:
     """Generations of every example under every condition: ``out[c][i]``; see the module docstring.
 
     ``conditions_edits[c](rows)`` gives condition ``c``'s edits for a batch's rows
-    (``None``: no edit), as ``edits_for`` does for :func:`decode`.
+    (``None``: no edit), as ``edits_for`` does for :func:`decode`. ``contexts``: shares each
+    batch's context pass with other calls on the same batches (computed here when absent).
     """
+    contexts = Contexts() if contexts is None else contexts
     chunks = -(-len(conditions_edits) * max((len(b.rows) for b in batches), default=0) // max_rows)
     bar = tqdm(total=len(distributed.shard(batches)) * chunks, desc=desc, disable=None)
 
@@ -156,15 +166,24 @@ def decode_conditions(
             _tables(edits_for(batch.rows) if edits_for else [], len(batch.rows), sae.cfg.d_sae, like)
             for edits_for in conditions_edits
         ]
-        context = _context(lm, sae, batch, cfg)
+        context = contexts.get(lm, sae, batch, cfg)
         starts = _first_changes(tables, context, batch, sae.cfg.d_sae, newest_only)
         rows = sorted(((c, i) for c in range(len(tables)) for i in range(len(batch.rows))), key=lambda r: -starts[r])
         out: dict[tuple[int, int], Generation] = {}
         for first in range(0, len(rows), max_rows):
-            chunk = rows[first : first + max_rows]
-            begin = min(starts[row] for row in chunk)
+            chunk = sorted(rows[first : first + max_rows], key=lambda r: starts[r])  # stages add rows at the end
             gens = _decode_rows(
-                lm, sae, batch, task, cfg, tables, chunk, context, begin, newest_only, stop_when_answered
+                lm,
+                sae,
+                batch,
+                task,
+                cfg,
+                tables,
+                chunk,
+                context,
+                [starts[r] for r in chunk],
+                newest_only,
+                stop_when_answered,
             )
             out.update(zip(chunk, gens, strict=True))
             bar.update()
@@ -228,6 +247,37 @@ def _context(lm: LoadedModel, sae: SAE, batch: PromptBatch, cfg: ExperimentConfi
     return _Context(kv=keys_values(cache), latents=state.latents[0], valid=state.valid[0])
 
 
+CONTEXT_BYTES = 1 << 30
+"""Keys and values that :class:`Contexts` keeps at most (beyond: recomputed per call)."""
+
+
+class Contexts:
+    """Each prompt batch's context pass (:func:`_context`), computed once and reused.
+
+    The context depends only on the batch, the SAE and the splice (layer, mode,
+    ``skip_first``), never on a condition, so every group of conditions decoded on the
+    same batches shares it (the same floats: the pass is recomputed identically).
+    At most ``max_bytes`` of keys and values are kept; past that, contexts are recomputed.
+    """
+
+    def __init__(self, max_bytes: int = CONTEXT_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._held: dict[tuple[Any, ...], tuple[PromptBatch, _Context | None]] = {}
+        self._bytes = 0
+
+    def get(self, lm: LoadedModel, sae: SAE, batch: PromptBatch, cfg: ExperimentConfig) -> _Context | None:
+        """The context of ``batch`` under this splice, kept if it fits."""
+        key = (id(batch), id(sae), cfg.layer, cfg.mode, cfg.skip_first)
+        if key in self._held:
+            return self._held[key][1]
+        context = _context(lm, sae, batch, cfg)
+        size = 0 if context is None else sum(k.nbytes + v.nbytes for k, v in context.kv)
+        if self._bytes + size <= self.max_bytes:
+            self._held[key] = (batch, context)  # the batch is held too, so its id is not reused
+            self._bytes += size
+        return context
+
+
 def _first_changes(
     tables: Sequence[Sequence[_Table]], context: _Context | None, batch: PromptBatch, d_sae: int, newest_only: bool
 ) -> dict[tuple[int, int], int]:
@@ -264,42 +314,118 @@ def _decode_rows(
     tables: Sequence[Sequence[_Table]],
     chunk: Sequence[tuple[int, int]],
     context: _Context | None,
-    begin: int,
+    starts: Sequence[int],
     newest_only: bool,
     stop_when_answered: bool,
 ) -> list[Generation]:
-    """Rows ``(condition, example)`` of one prompt batch, decoded together from prompt column ``begin``."""
+    """Rows ``(condition, example)`` of one prompt batch (sorted by first change ``starts``), decoded together.
+
+    The prompt pass runs in stages (:func:`stages`): a row joins at the stage that holds its first
+    change, on the context's keys and values of the columns before; earlier rows carry their own cache.
+    """
     examples = torch.tensor([i for _, i in chunk], device=batch.input_ids.device)
     ids, mask = batch.input_ids[examples], batch.attention_mask[examples]
     like = torch.empty(0, dtype=sae.W_dec.dtype, device=ids.device)
-    edits = _row_edits(tables, chunk, like)
-    cache = _context_cache(lm, context, examples, begin) if context is not None and begin > 0 else None
-    prefix = batch.prefix.columns(begin if cache is not None else 0).select(examples) if batch.prefix else None
-    replay = replay_prefix(lm, prefix) if prefix is not None else nullcontext()
+    bounds = stages(starts) if context is not None else [(0, len(chunk))]
     tokenizer, stop = lm.tokenizer, stop_ids(lm)
 
     def answered(_row: int, tokens: list[int]) -> bool:
         return task.answered(tokenizer.decode(tokens, skip_special_tokens=True))
 
-    spliced = splice(lm, sae, cfg.layer, mode=cfg.mode, edits=edits, record=False, skip_first=cfg.skip_first)
-    with spliced as state, replay, torch.no_grad():
+    spliced = splice(lm, sae, cfg.layer, mode=cfg.mode, record=False, skip_first=cfg.skip_first)
+    with spliced as state, torch.no_grad():
+        cache = None
+        for stage, (begin, joined) in enumerate(bounds):
+            cache = _join(lm, context, cache, examples, joined, begin)
+            state.edits = _row_edits(tables, chunk[:joined], like)
+            if stage + 1 < len(bounds):
+                cache = _prompt_stage(lm, batch, examples[:joined], cache, begin, bounds[stage + 1][0])
+        begin = bounds[-1][0]
+        edits = state.edits
+        prefix = batch.prefix.columns(begin if cache is not None else 0).select(examples) if batch.prefix else None
+        with replay_prefix(lm, prefix) if prefix is not None else nullcontext():
 
-        def drop(keep: torch.Tensor) -> None:
-            state.edits = [select_rows(edit, keep) for edit in state.edits]
+            def drop(keep: torch.Tensor) -> None:
+                state.edits = [select_rows(edit, keep) for edit in state.edits]
 
-        rows = greedy_tokens(
-            lm.model,
-            ids[:, begin:] if cache is not None else ids,
-            mask,
-            max_new_tokens=task.max_new_tokens,
-            stop=stop,
-            pad=pad_id(tokenizer),
-            newest_only=state if newest_only and edits else None,
-            answered=answered if stop_when_answered else None,
-            on_drop=drop,
-            cache=cache,
-        )
+            rows = greedy_tokens(
+                lm.model,
+                ids[:, begin:] if cache is not None else ids,
+                mask,
+                max_new_tokens=task.max_new_tokens,
+                stop=stop,
+                pad=pad_id(tokenizer),
+                newest_only=state if newest_only and edits else None,
+                answered=answered if stop_when_answered else None,
+                on_drop=drop,
+                cache=cache,
+            )
     return [generation_of(tokenizer, ids[r], mask[r], tokens, stop) for r, tokens in enumerate(rows)]
+
+
+MAX_STAGES = 4
+"""Stages of a chunk's prompt pass at most (each copies the keys and values of the rows it carries)."""
+
+
+def stages(starts: Sequence[int], max_stages: int = MAX_STAGES) -> list[tuple[int, int]]:
+    """Stage boundaries ``[(begin, rows joined), ...]`` for rows whose first changes ``starts`` ascend.
+
+    Stage ``s`` runs the prompt columns ``begin_s .. begin_{s+1} - 1`` for the first ``joined_s``
+    rows; the first ``begin`` is the earliest start and each ``begin`` is some row's start. Chosen
+    (dynamic programming) to minimise the prompt columns computed, sum over rows of
+    ``width - begin(row)``, which falls from ``rows x (width - min start)`` towards ``sum(width - start)``.
+    """
+    if list(starts) != sorted(starts):
+        raise ValueError("starts must ascend")
+    if not starts:
+        return []
+    values = sorted(set(starts))
+    before = [sum(1 for s in starts if s < v) for v in values]  # rows that joined before each candidate
+
+    @memoised
+    def best(i: int, left: int) -> tuple[int, tuple[int, ...]]:
+        """Cheapest cost of the rows from candidate ``i`` on, with at most ``left`` more boundaries."""
+        whole: tuple[int, tuple[int, ...]] = ((len(starts) - before[i]) * -values[i], (i,))
+        if left == 1:
+            return whole
+        options = [whole]
+        for j in range(i + 1, len(values)):
+            cost, rest = best(j, left - 1)
+            options.append(((before[j] - before[i]) * -values[i] + cost, (i, *rest)))
+        return min(options)
+
+    chosen = best(0, max_stages)[1]
+    joined = [*(before[j] for j in chosen[1:]), len(starts)]
+    return [(values[i], n) for i, n in zip(chosen, joined, strict=True)]
+
+
+def _join(
+    lm: LoadedModel, context: _Context | None, cache: Any, examples: torch.Tensor, joined: int, begin: int
+) -> Any:
+    """The cache of the first ``joined`` rows at column ``begin``: ``cache``'s rows, then the context's."""
+    if context is None or begin == 0:
+        return cache
+    carried = 0 if cache is None else int(cache.layers[0].keys.shape[0])
+    if carried == joined:
+        return cache
+    new = examples[carried:joined]
+    fresh = [(k[new, :, :begin], v[new, :, :begin]) for k, v in context.kv]
+    if cache is None:
+        return cache_holding(lm.model, fresh)
+    own = keys_values(cache)
+    return cache_holding(
+        lm.model, [(torch.cat([k, fk]), torch.cat([v, fv])) for (k, v), (fk, fv) in zip(own, fresh, strict=True)]
+    )
+
+
+def _prompt_stage(lm: LoadedModel, batch: PromptBatch, examples: torch.Tensor, cache: Any, begin: int, end: int) -> Any:
+    """``cache`` (a new one if ``None``) extended by prompt columns ``begin .. end - 1`` of rows ``examples``."""
+    mask = batch.attention_mask[examples, :end]
+    prefix = batch.prefix.columns(begin, end).select(examples) if batch.prefix is not None else None
+    with replay_prefix(lm, prefix) if prefix is not None else nullcontext():
+        return cached_pass(lm.model, batch.input_ids[examples, begin:end], mask, position_ids(mask)[:, begin:], cache)[
+            1
+        ]
 
 
 def _context_cache(lm: LoadedModel, context: _Context, examples: torch.Tensor, columns: int) -> Any:

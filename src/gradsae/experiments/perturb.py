@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradsae.experiments.config import SETS, STEER_EDITS, ExperimentConfig, KSpec
-from gradsae.experiments.decode import EditsFor, PromptBatch, decode, decode_conditions, prompt_batches
+from gradsae.experiments.decode import Contexts, EditsFor, PromptBatch, decode, decode_conditions, prompt_batches
 from gradsae.experiments.journal import Journal, recall, record, unit_key
 from gradsae.experiments.rank import KeptExample, chosen, padded
 from gradsae.experiments.results import Condition, from_data
@@ -128,6 +128,7 @@ def _run_units(
     """
     out: dict[int, Condition] = {}
     groups = list(dict.fromkeys(unit.group for unit in units))
+    contexts = Contexts()  # one context pass per prompt batch, shared by every group
     desc = f"experiment {experiment}: {'masking' if experiment == 1 else 'steering'} (layer {cfg.layer})"
     for group in tqdm(groups, desc=desc, disable=None):
         members = [n for n, unit in enumerate(units) if unit.group == group]
@@ -149,7 +150,16 @@ def _run_units(
         newest = any(units[n].newest_only for n in members)  # a group shares one position mode
         edits = [units[n].edits_for for n in members]
         gens = decode_conditions(
-            lm, sae, batches, task, cfg, edits, newest_only=newest, stop_when_answered=not full, desc=str(group)
+            lm,
+            sae,
+            batches,
+            task,
+            cfg,
+            edits,
+            newest_only=newest,
+            stop_when_answered=not full,
+            desc=str(group),
+            contexts=contexts,
         )
         for n in pending:
             out[n] = finish(n, gens[members.index(n)])
