@@ -68,3 +68,83 @@ def test_a_missing_bench_file_is_one_line(swept: Path, tmp_path: Path, capsys: p
     assert main(["report", str(swept), "--bench", str(tmp_path / "none.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --bench") and len(err.strip().splitlines()) == 1
+
+
+def _mean_of(curves: dict, name: str, method: str) -> float:
+    examples = curves["examples"]
+    return sum(ex[name][method] for ex in examples) / len(examples)
+
+
+def test_the_recommendation_follows_its_stated_rule(swept: Path) -> None:
+    """The recommended default, recomputed from the stored per-example values: most cells meeting the bar,
+    then mean recall@10, then mean top-50 Spearman, then cost (relp unmeasured: last on ties)."""
+    cells = [curves for _, curves in _cells(swept)]
+    cost = {"gradsae": 1.0, "gradsae_sum": 1.0, "relp": float("inf")}
+
+    def key(method: str) -> tuple[float, float, float, float]:
+        met = sum(_meets(curves, method) for curves in cells)
+        recall = sum(_mean_of(c, "recall", method) for c in cells) / len(cells)
+        top = sum(_mean_of(c, "spearman_top", method) for c in cells) / len(cells)
+        return (-met, -recall, -top, cost[method])
+
+    best = min(cost, key=key)
+    page = (swept / ESTIMATORS_PAGE).read_text()
+    line = next(x for x in page.splitlines() if x.startswith("- Recommended default"))
+    assert f"): {NAMES[best]}: the bar in {-int(key(best)[0])} of {len(cells)} cells" in line
+    assert f"mean recall@10 {-key(best)[1]:.2f}" in line
+    assert NAMES["activation"] + ":" not in line.split("):")[1] and NAMES["random"] not in line
+
+
+def test_recommend_breaks_ties_by_recall_then_cost() -> None:
+    from types import SimpleNamespace
+
+    from gradsae.report.estimators import recommend
+
+    def result(values: dict[str, tuple[float, float]]) -> SimpleNamespace:
+        return SimpleNamespace(
+            methods=tuple(values),
+            metric_names=lambda: ("recall", "spearman_top"),
+            metric=lambda name, m: SimpleNamespace(mean=values[m][0 if name == "recall" else 1]),
+        )
+
+    found = [("t", result({"gradsae": (0.5, 0.95), "ig": (0.8, 0.5), "relp": (0.8, 0.5), "random": (1.0, 1.0)}))]
+    assert recommend(found, ["gradsae", "ig", "relp", "random"], {"gradsae": 1.0, "ig": 10.0, "relp": 1.1}) == "relp"
+    assert recommend(found, ["gradsae", "ig", "relp"], {"gradsae": 1.0, "ig": 1.0, "relp": 1.1}) == "ig"
+    met = [("t", result({"gradsae": (0.95, 0.95), "ig": (0.99, 0.5)}))]
+    assert recommend(met, ["gradsae", "ig"], {}) == "gradsae"  # the bar first, recall second
+    assert recommend([], ["gradsae"], {}) is None
+
+
+def test_the_recommendation_is_tested_against_the_papers_score(swept: Path) -> None:
+    """Per cell an exact two-sided sign-flip test of recall@10 (recommended minus paper), by enumeration here,
+    then Holm by hand: the counts in the page's sentence."""
+    import itertools
+
+    page = (swept / ESTIMATORS_PAGE).read_text()
+    line = next(x for x in page.splitlines() if x.startswith("- Recommended default"))
+    best = next(m for m in ("gradsae_sum", "relp") if f"): {NAMES[m]}:" in line)
+    pvalues, diffs = [], []
+    for _, curves in _cells(swept):
+        d = [ex["recall"][best] - ex["recall"]["gradsae"] for ex in curves["examples"]]
+        nonzero = [x for x in d if x != 0]
+        total = abs(sum(nonzero))
+        flips = [
+            abs(sum(s * x for s, x in zip(signs, nonzero, strict=True)))
+            for signs in itertools.product((1, -1), repeat=len(nonzero))
+        ]
+        pvalues.append(sum(f >= total - 1e-12 for f in flips) / len(flips) if nonzero else 1.0)
+        diffs.append(sum(d) / len(d))
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    up = sum(1 for q, x in zip(adjusted, diffs, strict=True) if q <= 0.05 and x > 0)
+    down = sum(1 for q, x in zip(adjusted, diffs, strict=True) if q <= 0.05 and x < 0)
+    higher = sum(1 for x in diffs if x > 0)
+    expected = (
+        f"recall@10 higher than the paper's in {higher} of {len(diffs)} cells by the point estimate, "
+        f"{up} higher and {down} lower after Holm"
+    )
+    assert expected in line, line
+    assert "2 independent example sets" in line

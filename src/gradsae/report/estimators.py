@@ -17,16 +17,26 @@ by side, each as the mean over the cell's curve examples with a 95% bootstrap in
 and counts, per estimator, the cells that meet issue 23's bar (recall@10 >= 0.9 and Spearman over the
 exact top-50 >= 0.9). ``random`` is the floor every figure is read against. Nothing is recomputed:
 ``gradsae report SWEEP_DIR`` rewrites the same page from the same files.
+
+The recommended default (:func:`recommend`) is the estimator (``random`` and ``activation`` excepted:
+they estimate no effect) ranked first by, in turn: the cells meeting the bar, the mean over cells of
+recall@10 (the top of the ranking is what masking and steering use), the mean of the top-50 Spearman,
+then the lower cost. The page states the rule and the winner's figures beside the paper's score, and
+tests the difference: per cell, the paired two-sided sign-flip test of recall@10 (and of the top-50
+Spearman) over the curve examples (:func:`~gradsae.experiments.stats.paired_p`), Holm over the cells,
+counted with the independent example sets behind them (a task's layers share its examples).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from gradsae import _files
 from gradsae.experiments.results import CurveResult, from_data
+from gradsae.experiments.stats import paired_p, resolved
 from gradsae.report.curves import fmt_metric, metric_title
 
 ESTIMATORS_PAGE = "estimators.md"
@@ -44,6 +54,13 @@ BAR = {"recall": 0.9, "spearman_top": 0.9}
 THRESHOLD = "budget_0.05"
 COST_FIGURES = {"ig": "ig_cost", "relp": "relp_cost"}
 FIXED_COSTS = {"gradsae": 1.0, "gradsae_sum": 1.0}
+CHOOSE = {
+    "gradsae": "the default (`--aggregation paper`)",
+    "gradsae_sum": "`gradsae score --aggregation sum` (the experiments' TopK sets use the paper's score)",
+    "ig": "`--methods ig` (`--ig-steps N`)",
+    "relp": "`--methods relp`",
+}
+"""How a user picks each estimator that :func:`recommend` may name."""
 
 
 def cells(runs: Sequence[Any]) -> list[tuple[str, CurveResult]]:
@@ -81,6 +98,7 @@ def estimators_markdown(runs: Sequence[Any], *, command: str, bench: Mapping[str
     methods = [m for m in ORDER if any(m in result.methods for _, result in found)]
     costs = costs_from(bench)
     lines += _bar_lines(found, methods)
+    lines += _recommendation_lines(found, methods, costs)
     lines += [
         "",
         "Per cell: mean over the curve examples [95% bootstrap interval over examples]; the cost is one score in "
@@ -112,6 +130,88 @@ def _bar_lines(found: Sequence[tuple[str, CurveResult]], methods: Sequence[str])
             + "."
         )
     return lines
+
+
+def standing(found: Sequence[tuple[str, CurveResult]], method: str) -> tuple[int, int, float, float]:
+    """(cells meeting the bar, cells measured, mean recall@10 over cells, mean top-50 Spearman over cells)."""
+    mine = [result for _, result in found if method in result.methods and all(n in result.metric_names() for n in BAR)]
+    met = sum(all(_mean(r, name, method) >= bar for name, bar in BAR.items()) for r in mine)
+    if not mine:
+        return 0, 0, float("nan"), float("nan")
+    recall = sum(_mean(r, "recall", method) for r in mine) / len(mine)
+    top = sum(_mean(r, "spearman_top", method) for r in mine) / len(mine)
+    return met, len(mine), recall, top
+
+
+def recommend(
+    found: Sequence[tuple[str, CurveResult]], methods: Sequence[str], costs: Mapping[str, float]
+) -> str | None:
+    """The recommended default estimator by the module docstring's rule (``None`` if none was measured)."""
+    candidates = [m for m in methods if m in CHOOSE and standing(found, m)[1]]
+    if not candidates:
+        return None
+
+    def key(m: str) -> tuple[float, float, float, float]:
+        met, _, recall, top = standing(found, m)
+        return (-met, -recall, -top, costs.get(m, float("inf")))
+
+    return min(candidates, key=key)
+
+
+def _against_paper(found: Sequence[tuple[str, CurveResult]], best: str) -> str:
+    """The paired tests of ``best`` against the paper's score, cell by cell, counted after Holm."""
+    parts = []
+    for name, label in (("recall", "recall@10"), ("spearman_top", "the top-50 Spearman")):
+        pvalues, signs, sets = [], [], []
+        for task, result in found:
+            if {best, "gradsae"} <= set(result.methods) and name in result.metric_names():
+                pairs = [
+                    (x, y)
+                    for x, y in zip(result.per_example(name, best), result.per_example(name, "gradsae"), strict=True)
+                    if math.isfinite(x) and math.isfinite(y)
+                ]
+                if not pairs:
+                    continue
+                a, b = [x for x, _ in pairs], [y for _, y in pairs]
+                pvalues.append(paired_p(a, b)[0])
+                signs.append(sum(a) / len(a) - sum(b) / len(b))
+                sets.append(task)
+        counted = resolved(pvalues, signs, sets)
+        higher = sum(1 for x in signs if x > 0)
+        parts.append(
+            f"{label} higher than the paper's in {higher} of {counted.cells} cells by the point estimate, "
+            f"{counted.positive} higher and {counted.negative} lower after Holm"
+        )
+    sets_note = len({task for task, _ in found})
+    return (
+        "Against the paper's score (paired sign-flip test over each cell's curve examples, Holm over the cells; "
+        f"{sets_note} independent example sets): " + "; ".join(parts) + "."
+    )
+
+
+def _recommendation_lines(
+    found: Sequence[tuple[str, CurveResult]], methods: Sequence[str], costs: Mapping[str, float]
+) -> list[str]:
+    best = recommend(found, methods, costs)
+    if best is None:
+        return []
+    met, measured, recall, top = standing(found, best)
+    cost = f"{costs[best]:.2f} forward + backward" if best in costs else "cost not measured"
+    line = (
+        f"- Recommended default (rule: most cells meeting the bar, then the highest mean recall@10 over cells, then "
+        f"the highest mean top-50 Spearman, then the lower cost): {NAMES[best]}: the bar in {met} of {measured} "
+        f"cells, mean recall@10 {recall:.2f}, mean top-50 Spearman {top:.2f}, {cost}; choose it with {CHOOSE[best]}."
+    )
+    if best != "gradsae" and standing(found, "gradsae")[1]:
+        p_met, p_measured, p_recall, p_top = standing(found, "gradsae")
+        line += (
+            f" The paper's score ({NAMES['gradsae']}): the bar in {p_met} of {p_measured} cells, mean recall@10 "
+            f"{p_recall:.2f}, mean top-50 Spearman {p_top:.2f}."
+        )
+        line += " " + _against_paper(found, best)
+    if not any(0 < standing(found, m)[0] == standing(found, m)[1] for m in methods if m in CHOOSE):
+        line += " No estimator meets the bar in every cell it was measured in."
+    return [line]
 
 
 def _mean(result: CurveResult, name: str, method: str) -> float:
