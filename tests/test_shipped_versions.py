@@ -22,20 +22,49 @@ def _fake_lm() -> object:
     return SimpleNamespace(name="smollm2", n_layers=30, d_model=576)
 
 
-def test_k32_pins_the_sae_shipped_today_at_every_layer() -> None:
-    for layer, digest in SHIPPED_VERSIONS[SHIPPED_FOLDER]["k32"].items():
-        path = shipped_version_path("k32", layer)
-        assert path == shipped_sae_path(layer), "while k32 is current, it is the default folder"
-        assert hashlib.sha256((path / "sae_weights.safetensors").read_bytes()).hexdigest() == digest
-        assert load_sae(path).cfg.k == 32
-    assert shipped_version_path("news", 9, "gemma3-270m") == shipped_sae_path(9, "gemma3-270m")
+MODEL_OF = {SHIPPED_FOLDER: None, "gemma3-270m": "gemma3-270m"}
+"""``saes/`` folder -> the ``--model`` name that selects it."""
+
+
+def _digest(folder: Path) -> str:
+    return hashlib.sha256((folder / "sae_weights.safetensors").read_bytes()).hexdigest()
+
+
+def test_every_pinned_version_is_installed_with_its_digest() -> None:
+    """Each name of :data:`SHIPPED_VERSIONS` loads, at each of its layers, weights with the pinned digest."""
+    assert set(SHIPPED_VERSIONS) == set(MODEL_OF)
+    for folder, versions in SHIPPED_VERSIONS.items():
+        for name, by_layer in versions.items():
+            for layer, digest in by_layer.items():
+                assert _digest(shipped_version_path(name, layer, MODEL_OF[folder])) == digest, (folder, name, layer)
+    for layer in SHIPPED_VERSIONS[SHIPPED_FOLDER]["k32"]:
+        assert load_sae(shipped_version_path("k32", layer)).cfg.k == 32
+
+
+def test_the_default_saes_are_a_pinned_version() -> None:
+    """Whatever ships at the default path is pinned under a name, so a later release can still load it."""
+    for folder, model in MODEL_OF.items():
+        for layer in pretrained.shipped_layers(model):
+            pinned = {by_layer.get(layer) for by_layer in SHIPPED_VERSIONS[folder].values()}
+            assert _digest(shipped_sae_path(layer, model)) in pinned, (folder, layer)  # type: ignore[arg-type]
+
+
+def _current(layer: int) -> str:
+    """The version name pinned to the default SAE at ``layer`` of the default model."""
+    digest = _digest(shipped_sae_path(layer))  # type: ignore[arg-type]
+    return next(n for n, by_layer in SHIPPED_VERSIONS[SHIPPED_FOLDER].items() if by_layer.get(layer) == digest)
 
 
 def test_resolve_sae_loads_a_named_version_and_says_so() -> None:
-    found = resolve_sae(_fake_lm(), "shipped:k32", 15)  # type: ignore[arg-type]
     default = resolve_sae(_fake_lm(), None, 15)  # type: ignore[arg-type]
-    assert found.layer == 15 and found.label.endswith(", shipped:k32") and found.label.startswith(default.label)
-    assert all(torch.equal(a, b) for a, b in zip(found.sae.state().values(), default.sae.state().values(), strict=True))
+    current = resolve_sae(_fake_lm(), f"shipped:{_current(15)}", 15)  # type: ignore[arg-type]
+    assert current.layer == 15 and current.label.endswith(f", shipped:{_current(15)}")
+    assert current.label.startswith(default.label)
+    assert all(
+        torch.equal(a, b) for a, b in zip(current.sae.state().values(), default.sae.state().values(), strict=True)
+    )
+    k32 = resolve_sae(_fake_lm(), "shipped:k32", 15)  # type: ignore[arg-type]
+    assert k32.label.endswith(", shipped:k32") and k32.sae.cfg.k == 32
 
 
 def test_a_replaced_version_is_found_in_its_own_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
