@@ -341,7 +341,6 @@ def _decode_rows(
             if stage + 1 < len(bounds):
                 cache = _prompt_stage(lm, batch, examples[:joined], cache, begin, bounds[stage + 1][0])
         begin = bounds[-1][0]
-        edits = state.edits
         prefix = batch.prefix.columns(begin if cache is not None else 0).select(examples) if batch.prefix else None
         with replay_prefix(lm, prefix) if prefix is not None else nullcontext():
 
@@ -355,7 +354,7 @@ def _decode_rows(
                 max_new_tokens=task.max_new_tokens,
                 stop=stop,
                 pad=pad_id(tokenizer),
-                newest_only=state if newest_only and edits else None,
+                newest_only=state if newest_only and state.edits else None,
                 answered=answered if stop_when_answered else None,
                 on_drop=drop,
                 cache=cache,
@@ -423,14 +422,8 @@ def _prompt_stage(lm: LoadedModel, batch: PromptBatch, examples: torch.Tensor, c
     mask = batch.attention_mask[examples, :end]
     prefix = batch.prefix.columns(begin, end).select(examples) if batch.prefix is not None else None
     with replay_prefix(lm, prefix) if prefix is not None else nullcontext():
-        return cached_pass(lm.model, batch.input_ids[examples, begin:end], mask, position_ids(mask)[:, begin:], cache)[
-            1
-        ]
-
-
-def _context_cache(lm: LoadedModel, context: _Context, examples: torch.Tensor, columns: int) -> Any:
-    """A croppable cache holding the context's first ``columns`` columns for rows ``examples``."""
-    return cache_holding(lm.model, [(k[examples, :, :columns], v[examples, :, :columns]) for k, v in context.kv])
+        ids = batch.input_ids[examples, begin:end]
+        return cached_pass(lm.model, ids, mask, position_ids(mask)[:, begin:], cache)[1]
 
 
 def _row_edits(tables: Sequence[Sequence[_Table]], chunk: Sequence[tuple[int, int]], like: torch.Tensor) -> list[Edit]:

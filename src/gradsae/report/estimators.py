@@ -115,13 +115,7 @@ def _bar_lines(found: Sequence[tuple[str, CurveResult]], methods: Sequence[str])
     for m in methods:
         if m == "random":
             continue
-        met = [
-            (task, result.layer)
-            for task, result in found
-            if m in result.methods
-            and all(_mean(result, name, m) >= bar for name, bar in BAR.items() if name in result.metric_names())
-            and all(name in result.metric_names() for name in BAR)
-        ]
+        met = [(task, result.layer) for task, result in found if _meets(result, m)]
         measured = sum(m in result.methods for _, result in found)
         lines.append(
             f"- {NAMES[m]}: recall of the exact top-10 >= {BAR['recall']} and Spearman over the exact top-50 >= "
@@ -132,10 +126,19 @@ def _bar_lines(found: Sequence[tuple[str, CurveResult]], methods: Sequence[str])
     return lines
 
 
+def _bar_measured(result: CurveResult, method: str) -> bool:
+    return method in result.methods and all(name in result.metric_names() for name in BAR)
+
+
+def _meets(result: CurveResult, method: str) -> bool:
+    """Does ``method`` meet issue 23's bar in this cell?"""
+    return _bar_measured(result, method) and all(_mean(result, name, method) >= bar for name, bar in BAR.items())
+
+
 def standing(found: Sequence[tuple[str, CurveResult]], method: str) -> tuple[int, int, float, float]:
     """(cells meeting the bar, cells measured, mean recall@10 over cells, mean top-50 Spearman over cells)."""
-    mine = [result for _, result in found if method in result.methods and all(n in result.metric_names() for n in BAR)]
-    met = sum(all(_mean(r, name, method) >= bar for name, bar in BAR.items()) for r in mine)
+    mine = [result for _, result in found if _bar_measured(result, method)]
+    met = sum(_meets(r, method) for r in mine)
     if not mine:
         return 0, 0, float("nan"), float("nan")
     recall = sum(_mean(r, "recall", method) for r in mine) / len(mine)
@@ -209,7 +212,7 @@ def _recommendation_lines(
             f"{p_recall:.2f}, mean top-50 Spearman {p_top:.2f}."
         )
         line += " " + _against_paper(found, best)
-    if not any(0 < standing(found, m)[0] == standing(found, m)[1] for m in methods if m in CHOOSE):
+    if not any(0 < met == measured for met, measured, _, _ in (standing(found, m) for m in methods if m in CHOOSE)):
         line += " No estimator meets the bar in every cell it was measured in."
     return [line]
 
