@@ -6,6 +6,9 @@ rebuilt from files that the report code or the benchmark wrote:
 * ``demo``: the summary sentences of ``docs/results/demo_sst2_layer6/summary.md`` and the
   experiment-1 table of its ``table.md``;
 * ``paper``: the summary sentences of ``docs/results/paper_sst2_layer6/summary.md``;
+* ``sweep``: the experiments' summary sentences of ``docs/results/sweep/summary.md`` (the per-cell
+  faithfulness sentences stay on that page);
+* ``estimators``: the summary sentences of ``docs/results/sweep/estimators.md`` (which estimator to trust);
 * ``bench``: the table of ``benchmarks/results.md`` (``make bench``).
 
     python scripts/sync_readme.py           # rewrite the blocks
@@ -24,15 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 
 
-def summary_bullets(path: Path) -> str:
-    """The bullet lines under the first ``## Summary`` heading of a generated ``summary.md``."""
+def summary_bullets(path: Path, *, prefixes: tuple[str, ...] = ("- ",)) -> str:
+    """The bullet lines (those starting with one of ``prefixes``) under the first ``## Summary`` heading."""
     lines = path.read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("## Summary"))
     bullets = []
     for line in lines[start + 1 :]:
         if line.startswith("#"):
             break
-        if line.startswith("- "):
+        if line.startswith(prefixes):
             bullets.append(line)
     return "\n".join(bullets)
 
@@ -60,6 +63,19 @@ def paper() -> str:
     return summary_bullets(ROOT / "docs" / "results" / "paper_sst2_layer6" / "summary.md")
 
 
+def sweep() -> str:
+    return summary_bullets(
+        ROOT / "docs" / "results" / "sweep" / "summary.md", prefixes=("- Experiment", "- Control", "- Random")
+    )
+
+
+def estimators() -> str:
+    path = ROOT / "docs" / "results" / "sweep" / "estimators.md"
+    if not path.is_file():
+        return "(no `docs/results/sweep/estimators.md` yet: run the sweep with `--methods` and curves)"
+    return summary_bullets(path)
+
+
 def bench() -> str:
     path = ROOT / "benchmarks" / "results.md"
     if not path.is_file():
@@ -67,7 +83,13 @@ def bench() -> str:
     return path.read_text(encoding="utf-8").strip()
 
 
-BLOCKS: dict[str, Callable[[], str]] = {"demo": demo, "paper": paper, "bench": bench}
+BLOCKS: dict[str, Callable[[], str]] = {
+    "demo": demo,
+    "paper": paper,
+    "sweep": sweep,
+    "estimators": estimators,
+    "bench": bench,
+}
 
 
 def synced(text: str) -> str:
