@@ -20,20 +20,15 @@ def test_relative_paths_by_hand():
     assert _files.command_out("gradsae x --out=a/b") == "a/b" and _files.command_out("gradsae x") is None
 
 
-def _absolute(value: object) -> object:
-    """``value`` with its root-relative ``runs/`` paths written back as the absolute ones older files held."""
-    if isinstance(value, str):
-        return value.replace("runs/", "/work/runs/")
-    if isinstance(value, dict):
-        return {k: _absolute(v) for k, v in value.items()}
-    return value
-
-
 def test_committed_eval_sae_page_renders_without_absolute_paths():
     committed = EvalSAEResults.load(ROOT / "docs/results/eval_sae_shipped")
     assert "/work/" not in committed.config["command"]  # the committed JSON names no machine path
-    results = dataclasses.replace(committed, config=_absolute(committed.config))  # as files written before
-    assert "/work/" in results.config["command"]
+    machine = {  # the committed config as a run with absolute paths writes it (as files written before did)
+        **committed.config,
+        "command": "gradsae eval-sae --layers 6,15,24 --out /work/runs/eval_x --sae '/work/runs/saes/x/layer_{layer}'",
+        "saes": {str(layer): f"/work/runs/saes/x/layer_{layer}" for layer in (6, 15, 24)},
+    }
+    results = dataclasses.replace(committed, config=machine)
     page = render_markdown(results)
     assert "/work/" not in page
     assert re.search(r"layer 6: \.\./saes/[\w.-]+/layer_6", page), "the SAE folders, relative to the page's run"

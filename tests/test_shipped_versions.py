@@ -70,7 +70,7 @@ def test_resolve_sae_loads_a_named_version_and_says_so() -> None:
 def test_a_replaced_version_is_found_in_its_own_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Once newer SAEs ship at the default path and k32 moves to ``k32/``, shipped:k32 still loads k32."""
     root = tmp_path / SHIPPED_FOLDER
-    shutil.copytree(shipped_sae_path(6), root / "k32" / "layer_6")  # type: ignore[arg-type]
+    shutil.copytree(shipped_version_path("k32", 6), root / "k32" / "layer_6")  # wherever this install keeps it
     save_sae(tiny_sae("topk", d_sae=48, layer=6), root / "layer_6")  # the newer one at the default path
     monkeypatch.setattr(pretrained, "_root", lambda model: root)
     assert shipped_version_path("k32", 6) == root / "k32" / "layer_6"

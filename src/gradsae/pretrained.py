@@ -6,12 +6,13 @@ by ``gradsae train-sae``: ``smollm2-135m-instruct`` (the default model) at layer
 Where none ships, callers get a clearly labelled random SAE instead.
 
 Every SAE that has shipped keeps a name, so that earlier results stay reproducible
-when newer SAEs replace them at the default path: ``--sae shipped:<name>`` (e.g.
-``shipped:k32``, the 4608-latent, k = 32 ``chatmix`` SAEs of SmolLM2) loads the SAE
-of that name at the layer asked for (:data:`SHIPPED_VERSIONS` pins each by its weights'
-SHA-256). It is looked for in ``saes/<model>/<name>/layer_<l>/`` (where a replaced
-version is moved) and then in ``saes/<model>/layer_<l>/`` (while it is the current one);
-the first folder whose weights have the pinned digest is used, and none is an error.
+when newer SAEs replace them at the default path: ``--sae shipped:<name>`` loads the SAE
+of that name at the layer asked for (SmolLM2: ``shipped:k64``, the 4608-latent, k = 64
+``taskmix`` SAEs shipped now; ``shipped:k32``, the k = 32 ``chatmix`` SAEs they replaced).
+:data:`SHIPPED_VERSIONS` pins each by its weights' SHA-256. It is looked for in
+``saes/<model>/<name>/layer_<l>/`` (where a replaced version is moved) and then in
+``saes/<model>/layer_<l>/`` (while it is the current one); the first folder whose weights
+have the pinned digest is used, and none is an error.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ SHIPPED_VERSIONS: dict[str, dict[str, dict[int, str]]] = {
             6: "da8447a5277fcb4bbe760c57ead4f41d5fb25e3736eb7bf6a1ab9ed81858384d",
             15: "79b625544c3dca2ec0e92f4d6ee714acaa55dbf82f299f28862541e149d245db",
             24: "2cebc5f4f26fcd92b769da09db1d71362093d91811dc11bb76085eb2865c8450",
+        },
+        "k64": {
+            6: "7af19f6425a46bcdde85d2478f2fd703ebbaec0c6d6710b61392f7fb37ac7283",
+            15: "ea5650cc75c3c387097e7533c65ee4bb15052ba698bc3725f963fa60e2acc850",
+            24: "50ce457a3ad9d41b8c5d0a09cc05b78e5e1602555688312a7b28da7e7e1dc312",
         },
     },
     "gemma3-270m": {"news": {9: "e88c9cda4385611a83c96d61001d2c220ca8f87abe08d203234394749a416efa"}},
