@@ -8,6 +8,8 @@ rebuilt from files that the report code or the benchmark wrote:
 * ``paper``: the summary sentences of ``docs/results/paper_sst2_layer6/summary.md``;
 * ``sweep``: the experiments' summary sentences of ``docs/results/sweep/summary.md`` (the per-cell
   faithfulness sentences stay on that page);
+* ``paper15``: the experiments' summary sentences of ``docs/results/paper_sweep_layer15/summary.md``
+  (the paper-exact preset on the sweep's tasks at layer 15);
 * ``estimators``: the summary sentences of ``docs/results/sweep/estimators.md`` (which estimator to trust);
 * ``bench``: the table of ``benchmarks/results.md`` (``make bench``).
 
@@ -63,10 +65,19 @@ def paper() -> str:
     return summary_bullets(ROOT / "docs" / "results" / "paper_sst2_layer6" / "summary.md")
 
 
+EXPERIMENT_LINES = ("- Experiment", "- Control", "- Random")
+"""The summary lines of the two experiments (a sweep's per-cell faithfulness lines stay on its page)."""
+
+
 def sweep() -> str:
-    return summary_bullets(
-        ROOT / "docs" / "results" / "sweep" / "summary.md", prefixes=("- Experiment", "- Control", "- Random")
-    )
+    return summary_bullets(ROOT / "docs" / "results" / "sweep" / "summary.md", prefixes=EXPERIMENT_LINES)
+
+
+def paper15() -> str:
+    path = ROOT / "docs" / "results" / "paper_sweep_layer15" / "summary.md"
+    if not path.is_file():
+        return "(no `docs/results/paper_sweep_layer15/` yet: run `gradsae sweep --paper --layers 15`)"
+    return summary_bullets(path, prefixes=EXPERIMENT_LINES)
 
 
 def estimators() -> str:
@@ -87,6 +98,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "demo": demo,
     "paper": paper,
     "sweep": sweep,
+    "paper15": paper15,
     "estimators": estimators,
     "bench": bench,
 }
