@@ -143,6 +143,7 @@ class _SeenError(Exception):
     [
         ([], ["--curves", "--curves-n", "2"], True),
         (["--paper", "--no-curves", "--mode", "error"], ["--paper", "--mode", "error"], False),
+        (["--activation-controls", "--no-curves"], ["--activation-controls"], False),
     ],
 )
 def test_sweep_hands_each_task_to_run_task_as_reproduce_would(

@@ -103,3 +103,15 @@ def test_two_layers_of_one_task_are_one_example_set():
     layers = [_layer(_cells(), layer=6), _layer(_cells(), layer=15)]
     exp1 = next(line for line in summary_lines(layers, _meta()) if "Experiment 1" in line)
     assert "in 4 of 6 cells by the point estimate" in exp1 and "stand on 1 independent example set" in exp1
+
+
+def test_a_tied_cell_is_counted_and_named():
+    """A difference of exactly 0 is neither "better" nor "reversed": the sentence names it, so the counts add up."""
+    cells = [c for c in _cells() if c.k != "50%"] + [
+        _cond("gradsae", "top", "50%", 0, mean_k=16.0, k_range=(16, 16)),
+        _cond("activation", "top", "50%", 0, mean_k=16.0, k_range=(16, 16)),  # both take every answer to 0
+    ]
+    exp1 = next(line for line in summary_lines([_layer(cells)], _meta()) if "Experiment 1" in line)
+    assert "in 1 of 3 cells by the point estimate" in exp1
+    assert "Reversed (GradSAE's TopK hurts less) in 1: layer 6, K = 20" in exp1
+    assert exp1.endswith("Tied (difference 0) in 1: layer 6, K = 50% (16).")

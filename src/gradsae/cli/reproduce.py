@@ -156,9 +156,11 @@ def task_run(args: argparse.Namespace, *, task: str, out: str | Path, **fixed: A
 
 def config_of(args: argparse.Namespace, **fixed: Any) -> ExperimentConfig:
     """The options' :class:`ExperimentConfig`, with ``--ablation`` and ``--activation-controls`` in its methods."""
-    if getattr(args, "ablation", False) or getattr(args, "activation_controls", False):
-        methods = options.parse_methods(args.methods) + (("ablation",) if args.ablation else ())
-        fixed = {"methods": methods + (CONTROLS if args.activation_controls else ()), **fixed}
+    ablation, controls = getattr(args, "ablation", False), getattr(args, "activation_controls", False)
+    if ablation or controls:
+        methods = options.parse_methods(args.methods or options.DEFAULT_METHODS)
+        methods += (("ablation",) if ablation else ()) + (CONTROLS if controls else ())
+        fixed = {"methods": methods, **fixed}
     return options.experiment_config(args, **fixed)
 
 

@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-curves", action="store_true", help="skip the faithfulness curves (exact ablation)")
     options.curves_n(parser, default=8)
     options.methods(parser, default=None)
+    parser.add_argument(
+        "--activation-controls",
+        action="store_true",
+        help="add reproduce's two activation controls (answer position only; sink-excluded) to every task",
+    )
     options.ig_steps(parser)
     options.restart(parser, help="discard earlier runs in OUT/<task> and start fresh")
 
@@ -80,7 +85,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--out", str(args.out)]
     named = ("model", "sae", "mode", "methods", "ig_steps")
     parts += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in named if getattr(args, k)]
-    parts += [f for f, on in (("--paper", args.paper), ("--no-curves", args.no_curves)) if on]
+    flags = {"--paper": args.paper, "--no-curves": args.no_curves, "--activation-controls": args.activation_controls}
+    parts += [flag for flag, on in flags.items() if on]
     return shlex.join(parts)
 
 

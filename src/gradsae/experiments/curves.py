@@ -48,10 +48,11 @@ removals), so the sufficiency denominator can be small and ``N`` far outside [0,
 
 Estimate vs exact, per example over ``A`` (means over examples are reported):
 ``spearman_m`` = Spearman's rho between ``m``'s scores and the exact effects;
-``recall_m = |Top_m(k) & Top_ablation(k)| / k`` with ``k = min(top, a)``
-(``top = 10``); and the AtP* budget ``B_m = max_{c in Top_ablation(k)} rank_m(c)``
-(1-based): how many exact ablations, taken in ``m``'s order, it takes to have
-found the exact top ``k`` (``k`` is perfect, ``a`` the worst).
+``recall_m = |Top_m(k) & Top_ablation(k)| / k`` with ``k = top = 10``; and the AtP* budget
+``B_m = max_{c in Top_ablation(k)} rank_m(c)`` (1-based): how many exact ablations, taken in
+``m``'s order, it takes to have found the exact top ``k`` (``k`` is perfect, ``a`` the worst).
+Both are ``nan`` for an example with ``a < top`` active latents (every ranking would score
+recall 1 and budget ``a``), and left out of the means.
 
 Figures reported (:meth:`CurveResult.metric`, each with a 95% bootstrap interval over examples):
 
@@ -68,7 +69,8 @@ Figures reported (:meth:`CurveResult.metric`, each with a 95% bootstrap interval
   all active latents and over the top :data:`TOP_RHO` (by ``e_c``, resp. ``|e_c|``): an unsigned score
   (activation, the paper's relu score) can only be expected to follow ``|e_c|``;
 * threshold budgets (AtP*): ``max_{c : |e_c| >= x Y_0} rank_m(c)``, the exact ablations taken in ``m``'s
-  order to have found every latent whose effect is at least ``x`` of ``Y_0`` (``x`` in :data:`THRESHOLDS`).
+  order to have found every latent whose effect is at least ``x`` of ``Y_0`` (``x`` in :data:`THRESHOLDS`);
+  ``nan`` for an example where no latent reaches ``x`` (nothing to find), left out of the means.
 
 Cost per example: one forward and backward (the scores), ``a`` ablation forwards,
 and one forward per distinct edited set (at most ``2 J`` per ranking), all on the
@@ -289,7 +291,7 @@ def example_curves(
     ]
     prefix = compute_prefix(lm, ids, mask, layer)
     values = zeroed_objectives(lm, sae, prefix, mask, objective, every, mode, batch_size, skip_first=skip_first)
-    k = min(top, len(active))
+    k = top if len(active) >= top else 0  # fewer active latents than ``top``: recall and budget are trivial, nan
     exact = orders["ablation"][0]
     effect = scores["ablation"]
     clean = float(by["ablation"].objective[0])
@@ -307,7 +309,7 @@ def example_curves(
         sufficiency={m: mean_over_draws(sufficiency_sets, m) for m in methods},
         spearman={m: _spearman(scores[m], effect, active) for m in methods},
         recall={m: float(np.mean([recall(o, exact, k) for o in orders[m]])) if k else math.nan for m in methods},
-        budget={m: float(np.mean([budget(o, exact[:k]) for o in orders[m]])) for m in methods},
+        budget={m: float(np.mean([budget(o, exact[:k]) for o in orders[m]])) if k else math.nan for m in methods},
         fixed_ks=fixed,
         deletion_at={m: mean_over_draws(deletion_fixed, m) for m in methods},
         sufficiency_at={m: mean_over_draws(sufficiency_fixed, m) for m in methods},
@@ -318,8 +320,9 @@ def example_curves(
         spearman_top_abs={m: _spearman(scores[m], effect.abs(), top_by_size(effect, active)) for m in methods},
         thresholds=THRESHOLDS,
         threshold_targets=tuple(len(t) for t in targets),
-        threshold_budget={
-            m: tuple(float(np.mean([budget(o, t) for o in orders[m]])) for t in targets) for m in methods
+        threshold_budget={  # nan where no latent reaches the threshold: no budget to spend
+            m: tuple(float(np.mean([budget(o, t) for o in orders[m]])) if t else math.nan for t in targets)
+            for m in methods
         },
     )
 

@@ -482,6 +482,9 @@ def _draw(ax: Any, conditions: Sequence[Condition], ks: Sequence[str], *, edit: 
 
 
 # -- summary sentences, written from the numbers --------------------------------------------------------
+MAX_NAMED_TIES = 6
+"""A summary names its tied cells up to this many (more: only their count)."""
+
 @dataclass(frozen=True)
 class Cell:
     """One paired comparison a summary counts: where it was measured and its result."""
@@ -496,7 +499,8 @@ class Cell:
 def count_sentence(cells: Sequence[Cell], *, better: str, worse: str, sign: int = -1, alpha: float = ALPHA) -> str:
     """``a - b`` with the ``sign`` of ``better`` (e.g. below 0: "GradSAE's TopK hurts more"), the other sign
     ``worse``: the counts by point estimate and after Holm over these cells, the example sets behind them, and
-    every reversal with its paired difference (``a - b`` as the tables print it) and whether Holm resolves it."""
+    every reversal with its paired difference (``a - b`` as the tables print it) and whether Holm resolves it,
+    and every tie (a difference of exactly 0), so that the three counts add up to the cells."""
     if not cells:
         return ""
     tested = [c for c in cells if c.pair.test is not None]
@@ -518,6 +522,10 @@ def count_sentence(cells: Sequence[Cell], *, better: str, worse: str, sign: int 
             status = "resolved after Holm" if c in resolved else "not resolved"
             parts.append(f"{c.where}: {fmt_paired(c.pair)} ({status})")
         text += f" Reversed ({worse}) in {len(bad)}: " + "; ".join(parts) + "."
+    tied = [c.where for c in cells if c not in good and c not in bad]
+    if tied:
+        named = ": " + "; ".join(tied) if len(tied) <= MAX_NAMED_TIES else " (each in the tables)"
+        text += f" Tied (difference 0) in {len(tied)}{named}."
     return text
 
 
