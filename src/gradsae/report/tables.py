@@ -485,6 +485,7 @@ def _draw(ax: Any, conditions: Sequence[Condition], ks: Sequence[str], *, edit: 
 MAX_NAMED_TIES = 6
 """A summary names its tied cells up to this many (more: only their count)."""
 
+
 @dataclass(frozen=True)
 class Cell:
     """One paired comparison a summary counts: where it was measured and its result."""
