@@ -213,6 +213,24 @@ def test_tiny_run_saves_loads_and_renders(lively, tmp_path):
     assert headline(loaded) in text
 
 
+def test_layers_that_reuse_the_prompts_are_one_unit_not_several(lively):
+    """Every layer of a seed evaluates the same prompts: a second layer with the same outcomes must not double
+    the units (nor shrink a p-value); each unit is the mean over its layers."""
+    import dataclasses
+
+    from gradsae.report.concepts import compare, unit_outcomes
+
+    sae = tiny_sae(d_sae=48, layer=1, d_in=32)
+    result = run_steering(lively, {1: (sae, "tiny")}, [TOPIC, CONCEPT], tiny_config(), command="test")
+    copies = tuple(dataclasses.replace(cell, layer=2) for cell in result.cells)
+    doubled = dataclasses.replace(result, cells=result.cells + copies)
+    names = [c.name for c in (TOPIC, CONCEPT)]
+    assert unit_outcomes(doubled, names) == unit_outcomes(result, names)
+    one, two = compare(result, names), compare(doubled, names)
+    assert two.units == one.units == len(result.cells) * len(names) * tiny_config().n_eval
+    assert [(p.a, p.b, p.p, p.p_holm) for p in two.pairs] == [(p.a, p.b, p.p, p.p_holm) for p in one.pairs]
+
+
 def test_a_journaled_run_resumes_to_the_same_bytes(lively, tmp_path):
     sae = tiny_sae(d_sae=48, layer=1, d_in=32)
     cfg = tiny_config(seeds=(0,), random_draws=1)

@@ -152,3 +152,19 @@ def test_the_recommendation_is_tested_against_the_papers_score(swept: Path) -> N
     )
     assert expected in line, line
     assert "2 independent example sets" in line
+
+
+def test_the_bar_line_counts_only_cells_that_measured_the_bar() -> None:
+    """A cell from an older file (no top-50 Spearman) is neither a pass nor a failure of the bar."""
+    from types import SimpleNamespace
+
+    from gradsae.report.estimators import _bar_lines
+
+    def result(names: tuple[str, ...]) -> SimpleNamespace:
+        return SimpleNamespace(
+            methods=("gradsae",), layer=6, metric_names=lambda: names, metric=lambda n, m: SimpleNamespace(mean=1.0)
+        )
+
+    found = [("a", result(("recall", "spearman_top"))), ("b", result(("recall",)))]
+    (line,) = [x for x in _bar_lines(found, ["gradsae"]) if x.startswith("- ")]
+    assert "in 1 of 1 cells: a layer 6." in line

@@ -2,18 +2,21 @@
 
 Everything here is computed from ``steering.json`` alone, so the text follows the numbers:
 
-* Units: one evaluation prompt of one concept in one cell (layer x prompt seed),
-  for the concepts whose judge passed its check. A selector's outcome on a unit is
-  its evaluation success at the alpha it chose on the held-aside prompts (the
-  unsteered outcome when it chose 0); ``random`` is the mean over its draws.
+* Units: one evaluation prompt of one concept under one prompt seed, for the
+  concepts whose judge passed its check. The evaluation prompts depend on the seed
+  only, so every layer reuses them (and the unsteered model answers them alike):
+  the layers of a unit are not independent, and a unit's outcome is the mean over
+  its layers. A selector's outcome at one layer is its evaluation success at the
+  alpha it chose on the held-aside prompts (the unsteered outcome when it chose 0);
+  ``random`` is the mean over its draws.
 * Gain: mean over units of (selector - unsteered), x100, with a 95% bootstrap
   interval over units.
 * Pairs: every two selectors, paired over units: the difference with its
   bootstrap interval, exact McNemar when both outcomes are binary, else the
   sign-flip test (:mod:`gradsae.experiments.stats`); Holm over all pairs.
 * Headline (:func:`headline`): the selector with the largest gain is named the
-  best only when it beats every other selector (Holm-adjusted ``p < 0.05``);
-  otherwise the text says no selector is distinguishable.
+  best only when it beats every other selector (Holm-adjusted ``p <= 0.05``);
+  otherwise the text names the selectors it beats and those it does not.
 * ``steering.png``: per concept, success vs perplexity over alpha on the
   held-aside prompts (mean over cells), every selector, the unsteered model a star.
 """
@@ -113,15 +116,8 @@ def compare(result: SteerResult, concepts: list[str] | None = None) -> Compariso
     """Gains over no steering and every pair of selectors, pooled over the units of ``concepts``."""
     names = good_concepts(result) if concepts is None else concepts
     boot = {"seed": 0, "resamples": result.config.resamples}
-    pooled: dict[str, list[float]] = {s: [] for s in ["none", *selectors(result)]}
-    for cell in result.cells:
-        for run in cell.concepts:
-            if run.concept not in names:
-                continue
-            pooled["none"] += list(run.base("eval").success_per_prompt)
-            for s in selectors(result):
-                pooled[s] += outcome(run, s)
     sel = selectors(result)
+    pooled = unit_outcomes(result, names)
     success = {s: bootstrap(pooled[s], np.mean, scale=100, **boot) for s in ["none", *sel]}
     gain = {s: bootstrap(np.subtract(pooled[s], pooled["none"]).tolist(), np.mean, scale=100, **boot) for s in sel}
     raw = []
@@ -134,7 +130,9 @@ def compare(result: SteerResult, concepts: list[str] | None = None) -> Compariso
     pairs = tuple(Pair(a, b, diff, p, test, q) for (a, b, diff, p, test), q in zip(raw, adjusted, strict=True))
     best = max(sel, key=lambda s: (gain[s].mean if gain[s].n else -math.inf, -sel.index(s)))
     beats_all = bool(pairs) and all(
-        pair.p_holm < LEVEL and ((pair.a == best) == (pair.diff.mean > 0)) for pair in pairs if best in (pair.a, pair.b)
+        pair.p_holm <= LEVEL and ((pair.a == best) == (pair.diff.mean > 0))
+        for pair in pairs
+        if best in (pair.a, pair.b)
     )
     return Comparison(
         concepts=tuple(names),
@@ -147,6 +145,23 @@ def compare(result: SteerResult, concepts: list[str] | None = None) -> Compariso
     )
 
 
+def unit_outcomes(result: SteerResult, names: list[str]) -> dict[str, list[float]]:
+    """Per selector (and ``none``, unsteered), its outcome on every unit of ``names`` (module docstring): units
+    are (concept, prompt seed, evaluation prompt), each the mean over the layers that reuse the prompt."""
+    sel = selectors(result)
+    found: dict[tuple[str, int, int, str], dict[str, list[float]]] = {}
+    for cell in result.cells:
+        for run in cell.concepts:
+            if run.concept not in names:
+                continue
+            values = {"none": list(run.base("eval").success_per_prompt), **{s: outcome(run, s) for s in sel}}
+            for s, per_prompt in values.items():
+                for i, (prompt, value) in enumerate(zip(cell.prompts["eval"], per_prompt, strict=False)):
+                    found.setdefault((run.concept, cell.seed, i, prompt), {}).setdefault(s, []).append(value)
+    units = [key for key in sorted(found) if all(s in found[key] for s in ["none", *sel])]
+    return {s: [float(np.mean(found[key][s])) for key in units] for s in ["none", *sel]}
+
+
 def headline(result: SteerResult) -> str:
     """The one-paragraph answer: which selector steers best at matched fluency, or that none is distinguishable."""
     comp = compare(result)
@@ -155,23 +170,28 @@ def headline(result: SteerResult) -> str:
     layers = sorted({c.layer for c in result.cells})
     seeds = sorted({c.seed for c in result.cells})
     where = (
-        f"over {comp.units} units ({len(comp.concepts)} concepts with a working judge x layers "
-        f"{', '.join(map(str, layers))} x prompt seeds {', '.join(map(str, seeds))} x evaluation prompts)"
+        f"over {comp.units} independent units ({len(comp.concepts)} concepts with a working judge x prompt seeds "
+        f"{', '.join(map(str, seeds))} x evaluation prompts; each unit the mean over layers "
+        f"{', '.join(map(str, layers))}, which reuse its prompt)"
     )
     best, gain = comp.best, comp.gain[comp.best]
     against = [p for p in comp.pairs if comp.best in (p.a, p.b)]
     worst = max((p.p_holm for p in against), default=1.0)
+    largest = f"{best}'s {gain.mean:+.1f} points of success over no steering [{gain.low:.1f}, {gain.high:.1f}]"
     if comp.beats_all:
         return (
             f"At matched fluency, **{best}** steers best {where}: {gain.mean:+.1f} points of success over no "
             f"steering [{gain.low:.1f}, {gain.high:.1f}], ahead of every other selector (Holm-adjusted p <= "
             f"{worst:.3g})."
         )
-    tied = [p.b if p.a == best else p.a for p in against if p.p_holm >= LEVEL]
+    if not against:
+        return f"At matched fluency, {where}, only one selector was run: {largest}; there is nothing to compare it to."
+    ahead = [p.b if p.a == best else p.a for p in against if p.p_holm <= LEVEL]
+    not_ahead = [p.b if p.a == best else p.a for p in against if p.p_holm > LEVEL]
     return (
-        f"At matched fluency no selector is distinguishable from the others {where}: the largest gain over no "
-        f"steering is {best}'s {gain.mean:+.1f} points [{gain.low:.1f}, {gain.high:.1f}], but its paired "
-        f"comparisons with {', '.join(tied)} have Holm-adjusted p >= {LEVEL:g}."
+        f"At matched fluency the largest gain {where} is {largest}, but it does not beat every other selector: "
+        + (f"ahead of {', '.join(ahead)} (Holm-adjusted p <= {LEVEL:g}); " if ahead else "")
+        + f"not resolved against {', '.join(not_ahead)} (Holm-adjusted p > {LEVEL:g})."
     )
 
 
@@ -263,7 +283,8 @@ def pooled_section(result: SteerResult) -> list[str]:
     out = [
         "### Pooled over units",
         "",
-        f"Concepts pooled: {', '.join(comp.concepts) or 'none'}; {comp.units} units.",
+        f"Concepts pooled: {', '.join(comp.concepts) or 'none'}; {comp.units} independent units (concept x prompt "
+        "seed x evaluation prompt; each the mean over the layers, which reuse its prompt).",
         "",
         "| selector | success (%) | gain over no steering (points) | alpha 0 chosen |",
         "|---|---|---|---|",

@@ -116,7 +116,7 @@ def _bar_lines(found: Sequence[tuple[str, CurveResult]], methods: Sequence[str])
         if m == "random":
             continue
         met = [(task, result.layer) for task, result in found if _meets(result, m)]
-        measured = sum(m in result.methods for _, result in found)
+        measured = sum(_bar_measured(result, m) for _, result in found)  # the cells standing() counts too
         lines.append(
             f"- {NAMES[m]}: recall of the exact top-10 >= {BAR['recall']} and Spearman over the exact top-50 >= "
             f"{BAR['spearman_top']} in {len(met)} of {measured} cells"
@@ -163,7 +163,7 @@ def recommend(
 
 def _against_paper(found: Sequence[tuple[str, CurveResult]], best: str) -> str:
     """The paired tests of ``best`` against the paper's score, cell by cell, counted after Holm."""
-    parts = []
+    parts, sets_note = [], 0
     for name, label in (("recall", "recall@10"), ("spearman_top", "the top-50 Spearman")):
         pvalues, signs, sets = [], [], []
         for task, result in found:
@@ -180,12 +180,12 @@ def _against_paper(found: Sequence[tuple[str, CurveResult]], best: str) -> str:
                 signs.append(sum(a) / len(a) - sum(b) / len(b))
                 sets.append(task)
         counted = resolved(pvalues, signs, sets)
+        sets_note = max(sets_note, counted.example_sets)  # the tasks behind the tested cells
         higher = sum(1 for x in signs if x > 0)
         parts.append(
             f"{label} higher than the paper's in {higher} of {counted.cells} cells by the point estimate, "
             f"{counted.positive} higher and {counted.negative} lower after Holm"
         )
-    sets_note = len({task for task, _ in found})
     return (
         "Against the paper's score (paired sign-flip test over each cell's curve examples, Holm over the cells; "
         f"{sets_note} independent example sets): " + "; ".join(parts) + "."
