@@ -168,3 +168,22 @@ def test_the_bar_line_counts_only_cells_that_measured_the_bar() -> None:
     found = [("a", result(("recall", "spearman_top"))), ("b", result(("recall",)))]
     (line,) = [x for x in _bar_lines(found, ["gradsae"]) if x.startswith("- ")]
     assert "in 1 of 1 cells: a layer 6." in line
+
+
+def test_the_page_says_when_no_cell_can_be_resolved_at_its_size() -> None:
+    """8 examples per cell: the smallest sign-flip p is 2 / 2^8 = 0.0078, above 0.05 / 12 (12 cells)."""
+    from gradsae.report.estimators import smallest_sign_flip_p
+
+    assert smallest_sign_flip_p(8) == 2 / 2**8 and smallest_sign_flip_p(4) == 0.125 and smallest_sign_flip_p(0) == 1
+    assert smallest_sign_flip_p(8) > 0.05 / 12 and smallest_sign_flip_p(16) < 0.05 / 12
+
+
+def test_the_sweeps_page_carries_the_size_note_when_it_applies(swept: Path) -> None:
+    from gradsae.report.estimators import smallest_sign_flip_p
+
+    line = next(x for x in (swept / ESTIMATORS_PAGE).read_text().splitlines() if x.startswith("- Recommended"))
+    if "Against the paper's score" not in line:
+        pytest.skip("the recommended estimator is the paper's own")
+    cells = _cells(swept)
+    n = max(len(curves["examples"]) for _, curves in cells)
+    assert ("no cell can be resolved at this size" in line) == (smallest_sign_flip_p(n) > 0.05 / len(cells))

@@ -36,7 +36,7 @@ from typing import Any
 
 from gradsae import _files
 from gradsae.experiments.results import CurveResult, from_data
-from gradsae.experiments.stats import paired_p, resolved
+from gradsae.experiments.stats import ALPHA, paired_p, resolved
 from gradsae.report.curves import fmt_metric, metric_title
 
 ESTIMATORS_PAGE = "estimators.md"
@@ -163,9 +163,9 @@ def recommend(
 
 def _against_paper(found: Sequence[tuple[str, CurveResult]], best: str) -> str:
     """The paired tests of ``best`` against the paper's score, cell by cell, counted after Holm."""
-    parts, sets_note = [], 0
+    parts, sets_note, notes = [], 0, []
     for name, label in (("recall", "recall@10"), ("spearman_top", "the top-50 Spearman")):
-        pvalues, signs, sets = [], [], []
+        pvalues, signs, sets, sizes = [], [], [], []
         for task, result in found:
             if {best, "gradsae"} <= set(result.methods) and name in result.metric_names():
                 pairs = [
@@ -177,19 +177,34 @@ def _against_paper(found: Sequence[tuple[str, CurveResult]], best: str) -> str:
                     continue
                 a, b = [x for x, _ in pairs], [y for _, y in pairs]
                 pvalues.append(paired_p(a, b)[0])
+                sizes.append(len(pairs))
                 signs.append(sum(a) / len(a) - sum(b) / len(b))
                 sets.append(task)
         counted = resolved(pvalues, signs, sets)
         sets_note = max(sets_note, counted.example_sets)  # the tasks behind the tested cells
+        floor = smallest_sign_flip_p(max(sizes, default=0))
+        if pvalues and floor > ALPHA / len(pvalues):  # Holm's first step compares the smallest p with alpha / m
+            notes.append(
+                f"for {label}, with at most {max(sizes)} examples per cell the smallest p the two-sided "
+                f"sign-flip test can give is {floor:.3g}, above Holm's first threshold {ALPHA:g} / {len(pvalues)} = "
+                f"{ALPHA / len(pvalues):.3g}: no cell can be resolved at this size, whatever the data"
+            )
         higher = sum(1 for x in signs if x > 0)
         parts.append(
             f"{label} higher than the paper's in {higher} of {counted.cells} cells by the point estimate, "
             f"{counted.positive} higher and {counted.negative} lower after Holm"
         )
-    return (
+    text = (
         "Against the paper's score (paired sign-flip test over each cell's curve examples, Holm over the cells; "
         f"{sets_note} independent example sets): " + "; ".join(parts) + "."
     )
+    return text + "".join(f" Note: {n}." for n in notes)
+
+
+def smallest_sign_flip_p(n: int) -> float:
+    """The smallest p the paired test gives on ``n`` pairs: all ``n`` differences of one sign (``2 / 2^n`` where
+    the sign-flip test enumerates; 1 for none)."""
+    return paired_p([1.0 + i for i in range(n)], [0.0] * n)[0] if n else 1.0
 
 
 def _recommendation_lines(
