@@ -244,7 +244,8 @@ def test_shipped_saes_load_with_their_figures(layer: int) -> None:
     if not folder.exists():
         pytest.skip(f"{folder} not trained yet")
     sae = load_sae(folder)
-    assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k, sae.cfg.hook_layer) == (576, 4608, 32, layer)
+    assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.hook_layer) == (576, 4608, layer)
+    assert f"TopK with k = {sae.cfg.k}," in (folder / "README.md").read_text()  # the card states the shipped k
     assert sae.W_dec.dtype == torch.float32 and sae.cfg.apply_b_dec_to_input  # fp16 file, float32 cfg.json dtype
     torch.testing.assert_close(sae.W_dec.float().norm(dim=-1), torch.ones(4608), atol=2e-3, rtol=0)
     figures = json.loads((folder / "eval.json").read_text())
