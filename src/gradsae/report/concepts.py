@@ -163,7 +163,7 @@ def unit_outcomes(result: SteerResult, names: list[str]) -> dict[str, list[float
 
 
 def headline(result: SteerResult) -> str:
-    """The one-paragraph answer: which selector steers best at matched fluency, or that none is distinguishable."""
+    """The one-paragraph answer: which selector steers best at matched fluency, or which it beats and which not."""
     comp = compare(result)
     if not comp.units:
         return "No concept has a judge that passed its check, so no selector is compared."
