@@ -523,7 +523,7 @@ def count_sentence(cells: Sequence[Cell], *, better: str, worse: str, sign: int 
             status = "resolved after Holm" if c in resolved else "not resolved"
             parts.append(f"{c.where}: {fmt_paired(c.pair)} ({status})")
         text += f" Reversed ({worse}) in {len(bad)}: " + "; ".join(parts) + "."
-    tied = [c.where for c in cells if c not in good and c not in bad]
+    tied = [c.where for c in cells if c.pair.diff.mean == 0]  # (a nan difference is none of the three)
     if tied:
         named = ": " + "; ".join(tied) if len(tied) <= MAX_NAMED_TIES else " (each in the tables)"
         text += f" Tied (difference 0) in {len(tied)}{named}."
