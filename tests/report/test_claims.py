@@ -114,4 +114,14 @@ def test_a_tied_cell_is_counted_and_named():
     exp1 = next(line for line in summary_lines([_layer(cells)], _meta()) if "Experiment 1" in line)
     assert "in 1 of 3 cells by the point estimate" in exp1
     assert "Reversed (GradSAE's TopK hurts less) in 1: layer 6, K = 20" in exp1
-    assert exp1.endswith("Tied (difference 0) in 1: layer 6, K = 50% (16).")
+    assert "Tied (difference 0) in 1: layer 6, K = 50% (16)." in exp1
+
+
+def test_cells_too_small_to_resolve_are_counted():
+    """With n discordant pairs the smallest exact McNemar p is 2 / 2^n: K = 50% has 4 (p >= 0.125), the others
+    10 and 8 (p can reach 0.002 and 0.008)."""
+    exp1 = next(line for line in summary_lines([_layer(_cells())], _meta()) if "Experiment 1" in line)
+    assert exp1.endswith(
+        "1 of the 3 tested cells has at most 4 discordant pairs, too few for an exact McNemar p <= 0.05 "
+        "whatever the outcome."
+    )

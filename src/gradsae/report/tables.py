@@ -527,7 +527,21 @@ def count_sentence(cells: Sequence[Cell], *, better: str, worse: str, sign: int 
     if tied:
         named = ": " + "; ".join(tied) if len(tied) <= MAX_NAMED_TIES else " (each in the tables)"
         text += f" Tied (difference 0) in {len(tied)}{named}."
-    return text
+    return text + _power_note(tested, alpha)
+
+
+def _power_note(tested: Sequence[Cell], alpha: float) -> str:
+    """How many tested cells cannot reach ``p <= alpha`` at all: with ``n`` discordant pairs the smallest exact
+    two-sided McNemar p is ``2 / 2^n`` (1 for none), so ``n <= 5`` never reaches 0.05, whatever the direction."""
+    counts = [c.pair.test.a_only + c.pair.test.b_only for c in tested if c.pair.test is not None]
+    weak = [n for n in counts if (2.0 / 2**n if n else 1.0) > alpha]
+    if not weak:
+        return ""
+    return (
+        f" {len(weak)} of the {len(counts)} tested cells {'has' if len(weak) == 1 else 'have'} at most {max(weak)} "
+        "discordant pairs, too few for an "
+        f"exact McNemar p <= {alpha:g} whatever the outcome."
+    )
 
 
 def layer_cells(
