@@ -79,7 +79,7 @@ def curves_markdown(result: CurveResult) -> list[str]:
     shape = [n for n in names if n in ("deletion_log", "sufficiency_log") or "@" in n]
     exact = [n for n in names if n not in shape]
     mean_a = _mean([float(ex.n_active) for ex in result.examples])
-    draws = max((ex.random_draws for ex in result.examples), default=1)
+    draws = min((ex.random_draws for ex in result.examples), default=1)  # at least this many, as the summary says
     lines = [
         f"### Faithfulness curves ({len(result.examples)} examples; objective p(pinned clean token); "
         f"first token {'left unspliced' if result.skip_first else 'spliced'})",
