@@ -539,7 +539,7 @@ def _power_note(tested: Sequence[Cell], alpha: float) -> str:
         return ""
     return (
         f" {len(weak)} of the {len(counts)} tested cells {'has' if len(weak) == 1 else 'have'} at most {max(weak)} "
-        "discordant pairs, too few for an "
+        f"discordant pair{'' if max(weak) == 1 else 's'}, too few for an "
         f"exact McNemar p <= {alpha:g} whatever the outcome."
     )
 
