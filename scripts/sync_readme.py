@@ -74,17 +74,24 @@ def sweep() -> str:
 
 
 def paper15() -> str:
-    path = ROOT / "docs" / "results" / "paper_sweep_layer15" / "summary.md"
-    if not path.is_file():
-        return "(no `docs/results/paper_sweep_layer15/` yet: run `gradsae sweep --paper --layers 15`)"
-    return summary_bullets(path, prefixes=EXPERIMENT_LINES)
+    return summary_bullets_or(
+        ROOT / "docs" / "results" / "paper_sweep_layer15" / "summary.md",
+        "run `gradsae sweep --paper --layers 15`",
+        prefixes=EXPERIMENT_LINES,
+    )
 
 
 def estimators() -> str:
-    path = ROOT / "docs" / "results" / "sweep" / "estimators.md"
+    return summary_bullets_or(
+        ROOT / "docs" / "results" / "sweep" / "estimators.md", "run the sweep with `--methods` and curves"
+    )
+
+
+def summary_bullets_or(path: Path, how: str, *, prefixes: tuple[str, ...] = ("- ",)) -> str:
+    """:func:`summary_bullets` of ``path``, or a line saying it is not committed yet and ``how`` to make it."""
     if not path.is_file():
-        return "(no `docs/results/sweep/estimators.md` yet: run the sweep with `--methods` and curves)"
-    return summary_bullets(path)
+        return f"(no `{path.relative_to(ROOT)}` yet: {how})"
+    return summary_bullets(path, prefixes=prefixes)
 
 
 def bench() -> str:

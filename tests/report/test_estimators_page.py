@@ -172,14 +172,14 @@ def test_the_bar_line_counts_only_cells_that_measured_the_bar() -> None:
 
 def test_the_page_says_when_no_cell_can_be_resolved_at_its_size() -> None:
     """8 examples per cell: the smallest sign-flip p is 2 / 2^8 = 0.0078, above 0.05 / 12 (12 cells)."""
-    from gradsae.report.estimators import smallest_sign_flip_p
+    from gradsae.experiments.stats import smallest_p as smallest_sign_flip_p
 
     assert smallest_sign_flip_p(8) == 2 / 2**8 and smallest_sign_flip_p(4) == 0.125 and smallest_sign_flip_p(0) == 1
     assert smallest_sign_flip_p(8) > 0.05 / 12 and smallest_sign_flip_p(16) < 0.05 / 12
 
 
 def test_the_sweeps_page_carries_the_size_note_when_it_applies(swept: Path) -> None:
-    from gradsae.report.estimators import smallest_sign_flip_p
+    from gradsae.experiments.stats import smallest_p as smallest_sign_flip_p
 
     line = next(x for x in (swept / ESTIMATORS_PAGE).read_text().splitlines() if x.startswith("- Recommended"))
     if "Against the paper's score" not in line:

@@ -128,6 +128,13 @@ def mcnemar(a: Sequence[float], b: Sequence[float]) -> McNemar:
     return McNemar(a_only=a_only, b_only=b_only, p=min(1.0, p))
 
 
+def smallest_p(n: int) -> float:
+    """The smallest two-sided p of an exact McNemar test on ``n`` discordant pairs, or of the enumerated sign-flip
+    test on ``n`` nonzero differences: all ``n`` of one sign, ``2 / 2^n`` (1 for none). A cell whose bound exceeds
+    the level it is tested at cannot be resolved, whatever the data."""
+    return min(1.0, 2.0 / 2**n) if n > 0 else 1.0
+
+
 def sign_flip_p(diffs: Sequence[float], *, seed: int = 0, resamples: int = 20000, exact_max: int = 16) -> float:
     """Two-sided paired sign-flip permutation ``p`` of ``mean(diffs)``.
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from gradsae import _files
 from gradsae.experiments.results import CurveResult, from_data
-from gradsae.experiments.stats import ALPHA, paired_p, resolved
+from gradsae.experiments.stats import ALPHA, paired_p, resolved, smallest_p
 from gradsae.report.curves import fmt_metric, metric_title
 
 ESTIMATORS_PAGE = "estimators.md"
@@ -182,7 +182,7 @@ def _against_paper(found: Sequence[tuple[str, CurveResult]], best: str) -> str:
                 sets.append(task)
         counted = resolved(pvalues, signs, sets)
         sets_note = max(sets_note, counted.example_sets)  # the tasks behind the tested cells
-        floor = smallest_sign_flip_p(max(sizes, default=0))
+        floor = smallest_p(max(sizes, default=0))  # (enumerated below 17 pairs, the only sizes where it can bind)
         if pvalues and floor > ALPHA / len(pvalues):  # Holm's first step compares the smallest p with alpha / m
             notes.append(
                 f"for {label}, with at most {max(sizes)} examples per cell the smallest p the two-sided "
@@ -199,12 +199,6 @@ def _against_paper(found: Sequence[tuple[str, CurveResult]], best: str) -> str:
         f"{sets_note} independent example sets): " + "; ".join(parts) + "."
     )
     return text + "".join(f" Note: {n}." for n in notes)
-
-
-def smallest_sign_flip_p(n: int) -> float:
-    """The smallest p the paired test gives on ``n`` pairs: all ``n`` differences of one sign (``2 / 2^n`` where
-    the sign-flip test enumerates; 1 for none)."""
-    return paired_p([1.0 + i for i in range(n)], [0.0] * n)[0] if n else 1.0
 
 
 def _recommendation_lines(

@@ -34,6 +34,7 @@ from gradsae.experiments.stats import (
     mcnemar,
     paired_difference,
     proportion,
+    smallest_p,
 )
 from gradsae.report.curves import curves_markdown, plot_curves
 
@@ -534,7 +535,7 @@ def _power_note(tested: Sequence[Cell], alpha: float) -> str:
     """How many tested cells cannot reach ``p <= alpha`` at all: with ``n`` discordant pairs the smallest exact
     two-sided McNemar p is ``2 / 2^n`` (1 for none), so ``n <= 5`` never reaches 0.05, whatever the direction."""
     counts = [c.pair.test.a_only + c.pair.test.b_only for c in tested if c.pair.test is not None]
-    weak = [n for n in counts if (2.0 / 2**n if n else 1.0) > alpha]
+    weak = [n for n in counts if smallest_p(n) > alpha]
     if not weak:
         return ""
     return (
