@@ -91,3 +91,31 @@ def test_torchrun_reproduce_and_score_equal_one_process(files, tmp_path):
     )
     assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
     assert len(json.loads((tmp_path / "one.json").read_text())["prompts"]) == 5
+
+
+def test_torchrun_steer_equals_one_process(files, tmp_path):
+    """Each rank computes its share of the (layer, seed, concept) units into the shared journal; rank 0 then
+    writes the steering.json one process writes, byte for byte."""
+    concepts = [
+        {"name": "abc", "words": ["ab", "cd"], "texts": ["ab cd ab", "cd ab"], "negatives": ["xy zz"]},
+        {"name": "fox", "words": ["fox", "quick"], "texts": ["the quick fox", "a fox"]},
+        {"name": "ok", "words": ["ok", "go"], "texts": ["ok go ok"], "negatives": ["why not"]},
+    ]
+    (files / "concepts.json").write_text(json.dumps(concepts))
+    steer = ["steer", "--model", str(files / "model"), "--sae", str(files / "sae"), "--layer", "0"]
+    steer += ["--concept-file", str(files / "concepts.json"), "--k", "3", "--alphas", "0.5,2"]
+    steer += ["--methods", "gradsae,activation,random", "--random-draws", "1", "--n-seed", "2", "--n-heldout", "2"]
+    steer += ["--n-eval", "2", "--max-new-tokens", "4", "--seeds", "0,1", "--resamples", "20", "--pool", "8"]
+    assert main([*steer, "--out", str(tmp_path / "one")]) == 0
+    log = _torchrun([*steer, "--out", str(tmp_path / "two")], tmp_path)
+    assert "rank 1 of 2 (gloo)" in log
+    # every selector run (2 cells x 3 concepts x 3 runs) was generated once, by one rank: none twice, none by both
+    assert log.count("held-aside sweep") == 18
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_json, two_json = (json.loads((d / "steering.json").read_text()) for d in (one, two))
+    assert two_json.pop("command").endswith(f"--out {two}")  # the one command that differs (sys.argv)
+    one_json.pop("command")
+    assert json.dumps(two_json, sort_keys=True) == json.dumps(one_json, sort_keys=True)
+    assert sorted(p.name for p in (two / "journal").iterdir()) == sorted(p.name for p in (one / "journal").iterdir())
+    cells = json.loads((one / "steering.json").read_text())["cells"]
+    assert len(cells) == 2 and all(len(cell["concepts"]) == 3 for cell in cells)

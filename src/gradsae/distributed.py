@@ -1,4 +1,4 @@
-"""Data parallel: ``torchrun --nproc_per_node N -m gradsae reproduce|score ...``.
+"""Data parallel: ``torchrun --nproc_per_node N -m gradsae reproduce|score|steer ...``.
 
 Every rank runs the same command on the same inputs. Work done per item (a
 batch of examples, a prompt) is sharded: with ``N`` ranks, rank ``r`` computes
@@ -12,6 +12,9 @@ Set up from torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``) when ``WORLD_SIZE > 1``; the backend follows
 the device: NCCL for CUDA (rank ``r`` on ``cuda:LOCAL_RANK``), Gloo otherwise.
 Without torchrun every helper is the identity and nothing is imported.
+
+``steer`` shards coarser units (hours each) through its journal instead of
+gathering them (:func:`gradsae.experiments.concepts.fill_shard`).
 """
 
 from __future__ import annotations
@@ -19,10 +22,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+TIMEOUT = timedelta(hours=24)
+"""How long a collective waits for the slowest rank: a rank's share of a steering run takes hours, and torch's
+default (30 minutes) would end the run at the first barrier after it."""
 R = TypeVar("R")
 
 
@@ -60,7 +68,7 @@ def init(device: str = "cpu") -> None:
     cuda = str(device).startswith("cuda")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=TIMEOUT)
     log.info("rank %d of %d (%s)", rank(), world_size(), dist.get_backend())
 
 

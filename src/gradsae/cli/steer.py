@@ -8,7 +8,10 @@ re-renders the markdown and the plot from ``steering.json``.
 
 Every finished unit is journaled under ``--out/journal``: the same command after
 Ctrl-C or ``kill -9`` continues where it stopped and writes the same
-``steering.json``; ``--restart`` discards an earlier run in ``--out``.
+``steering.json``; ``--restart`` discards an earlier run in ``--out``. Under
+``torchrun --nproc_per_node N -m gradsae steer ...`` each rank computes its share of
+the (layer, seed, concept) units into that journal, then rank 0 writes the same
+files as one process would.
 
 Concepts: built-in ones by name (``--concept weddings --concept positive``; default:
 all six), or one of your own from target words (``--words a,b,c``, every inflection
@@ -21,6 +24,7 @@ should give (``--judge positive``); or a JSON file with the fields of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import shutil
@@ -29,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gradsae import _files
+from gradsae import _files, distributed
 from gradsae.cli import options
 from gradsae.cli.common import dataclass_arguments, parse_layers
 from gradsae.errors import GradSAEError
@@ -170,9 +174,12 @@ def run(args: argparse.Namespace) -> int:
         concepts = concepts_from(args)
         wanted_layers(args)
         config_from(args, layers=())  # refuse bad options before loading anything
-        with _files.locked_folder(out, command="steer"):
+        main = distributed.is_main()  # under torchrun rank 0 holds the folder and writes the files
+        with _files.locked_folder(out, command="steer") if main else contextlib.nullcontext(out):
             start = time.perf_counter()
             result = run_steer(args, concepts, out)
+            if not main:
+                return 0
             paths = render(result, out, report=report)
             seconds = round(time.perf_counter() - start, 1)
             paths.append(_files.write_text(out / "timing.json", json.dumps({"session_s": seconds}) + "\n"))
@@ -188,12 +195,18 @@ def run_steer(args: argparse.Namespace, concepts: list[Concept], out: Path) -> S
         sae, layer, label = resolve_sae(lm, args.sae, wanted)
         saes[layer] = (sae.to(sae_device(lm, layer, sae.cfg.hook_point)), label)
     cfg = config_from(args, layers=tuple(saes))
-    if args.restart:
-        shutil.rmtree(out / FOLDER, ignore_errors=True)
-        for name in OUTPUTS:
-            (out / name).unlink(missing_ok=True)
     config = journal_config(cfg, lm.name, {k: v[1] for k, v in saes.items()}, concepts)
-    journal = Journal.open(out, config)
+
+    def open_fresh() -> Journal:
+        if args.restart:
+            shutil.rmtree(out / FOLDER, ignore_errors=True)
+            for name in OUTPUTS:
+                (out / name).unlink(missing_ok=True)
+        return Journal.open(out, config)
+
+    journal = distributed.on_main(open_fresh)  # rank 0 first: the others then read the same run.json
+    distributed.barrier()
+    journal = journal or Journal.open(out, config)
     command = "gradsae " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "gradsae steer"
     return run_steering(lm, saes, concepts, cfg, command=command, journal=journal)
 

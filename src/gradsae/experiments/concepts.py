@@ -44,7 +44,9 @@ For each SAE layer ``l`` and prompt seed ``s`` (a *cell*), each
 Journal (:mod:`gradsae.experiments.journal`): each finished unit (the residual
 norm of a cell, a selector's latents, one selector x concept x alpha x split
 point) is stored as it finishes; a rerun of the same command reads them back and
-writes the same ``steering.json`` byte for byte. The held-aside sweep of one
+writes the same ``steering.json`` byte for byte. Under ``torchrun`` each rank first
+computes its share of the units into the journal (:func:`fill_shard`), then every
+rank assembles the result from it. The held-aside sweep of one
 selector is generated as one batch (every alpha's rows), so a resumed run rebuilds
 any missing point from the same batch.
 
@@ -71,6 +73,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradsae import distributed
 from gradsae.errors import GradSAEError
 from gradsae.experiments.journal import Journal, recall, unit_key
 from gradsae.experiments.judges import (
@@ -563,6 +566,9 @@ def run_steering(
 ) -> SteerResult:
     """The whole procedure of the module docstring: ``saes`` maps each layer of ``cfg.layers`` to (SAE, label)."""
     layers = cfg.layers or tuple(saes)
+    if journal is not None and distributed.world_size() > 1:
+        fill_shard(lm, saes, concepts, cfg, prompts=prompts, journal=journal)
+        distributed.barrier()  # from here every unit is journaled: each rank assembles the same result
     judges = {
         c.name: remember(journal, unit_key("judge", c.name), functools.partial(judge_check, lm, c, cfg))
         for c in concepts
@@ -581,6 +587,30 @@ def run_steering(
         freeze=dict(FREEZE),
         command=command,
     )
+
+
+def fill_shard(
+    lm: LoadedModel,
+    saes: dict[int, tuple[SAE, str]],
+    concepts: Sequence[Concept],
+    cfg: SteerConfig,
+    *,
+    prompts: Sequence[str],
+    journal: Journal,
+) -> None:
+    """Under torchrun: this rank's share of the judges and of the (layer, seed, concept) units, into the journal.
+
+    Units are dealt round robin (:func:`gradsae.distributed.shard`); each is computed exactly as in one process
+    (its values depend on its own layer, seed and concept only), so the assembled ``steering.json`` is the same.
+    """
+    for concept in distributed.shard(concepts):
+        remember(journal, unit_key("judge", concept.name), functools.partial(judge_check, lm, concept, cfg))
+    units = [(layer, seed, c) for layer in cfg.layers or tuple(saes) for seed in cfg.seeds for c in concepts]
+    for layer, seed, concept in distributed.shard(units):
+        sae, label = saes[layer]
+        cell = CellRun(lm, sae, layer, seed, label, cfg, journal, tuple(prompts))
+        cell.measure_norm()
+        cell.concept(concept)
 
 
 @dataclass
@@ -608,7 +638,8 @@ class CellRun:
     def key(self, *parts: object) -> str:
         return unit_key(self.layer, self.seed, *parts)
 
-    def run(self, concepts: Sequence[Concept]) -> Cell:
+    def measure_norm(self) -> None:
+        """``R``: the residual stream's median token norm at the layer on the held-aside prompts (journaled)."""
         self.norm = float(
             remember(
                 self.journal,
@@ -616,6 +647,9 @@ class CellRun:
                 lambda: {"norm": residual_norm(self.lm, self.rendered["heldout"], layer=self.layer)},
             )["norm"]
         )
+
+    def run(self, concepts: Sequence[Concept]) -> Cell:
+        self.measure_norm()
         runs = tuple(self.concept(concept) for concept in concepts)
         return Cell(
             layer=self.layer, seed=self.seed, sae=self.label, prompts=self.split, resid_norm=self.norm, concepts=runs
