@@ -11,6 +11,7 @@ rebuilt from files that the report code or the benchmark wrote:
 * ``paper15``: the experiments' summary sentences of ``docs/results/paper_sweep_layer15/summary.md``
   (the paper-exact preset on the sweep's tasks at layer 15);
 * ``estimators``: the summary sentences of ``docs/results/sweep/estimators.md`` (which estimator to trust);
+* ``steering``: the answer paragraph of ``docs/results/steering/steering.md`` (``gradsae steer``);
 * ``bench``: the table of ``benchmarks/results.md`` (``make bench``).
 
     python scripts/sync_readme.py           # rewrite the blocks
@@ -94,6 +95,25 @@ def summary_bullets_or(path: Path, how: str, *, prefixes: tuple[str, ...] = ("- 
     return summary_bullets(path, prefixes=prefixes)
 
 
+def paragraph_after(path: Path, heading: str) -> str | None:
+    """The first paragraph (non-blank lines) after the line ``heading``, or ``None`` when there is no such line."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    if heading not in lines:
+        return None
+    rest = lines[lines.index(heading) + 1 :]
+    first = next((i for i, line in enumerate(rest) if line.strip()), len(rest))
+    end = next((i for i in range(first, len(rest)) if not rest[i].strip()), len(rest))
+    return "\n".join(rest[first:end])
+
+
+def steering() -> str:
+    path = ROOT / "docs" / "results" / "steering" / "steering.md"
+    answer = paragraph_after(path, "## Answer")
+    if answer is None:
+        return f"(`{path.relative_to(ROOT)}` has no answer under this protocol yet: run `gradsae steer`)"
+    return answer
+
+
 def bench() -> str:
     path = ROOT / "benchmarks" / "results.md"
     if not path.is_file():
@@ -107,6 +127,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "sweep": sweep,
     "paper15": paper15,
     "estimators": estimators,
+    "steering": steering,
     "bench": bench,
 }
 
