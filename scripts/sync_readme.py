@@ -11,7 +11,8 @@ rebuilt from files that the report code or the benchmark wrote:
 * ``paper15``: the experiments' summary sentences of ``docs/results/paper_sweep_layer15/summary.md``
   (the paper-exact preset on the sweep's tasks at layer 15);
 * ``estimators``: the summary sentences of ``docs/results/sweep/estimators.md`` (which estimator to trust);
-* ``steering``: the answer paragraph of ``docs/results/steering/steering.md`` (``gradsae steer``);
+* ``steering``: the answer paragraph of ``docs/results/steering.md`` (``gradsae steer``, its JSON and plot in
+  ``docs/results/steering/``);
 * ``bench``: the table of ``benchmarks/results.md`` (``make bench``).
 
     python scripts/sync_readme.py           # rewrite the blocks
@@ -107,7 +108,7 @@ def paragraph_after(path: Path, heading: str) -> str | None:
 
 
 def steering() -> str:
-    path = ROOT / "docs" / "results" / "steering" / "steering.md"
+    path = ROOT / "docs" / "results" / "steering.md"
     answer = paragraph_after(path, "## Answer")
     if answer is None:
         return f"(`{path.relative_to(ROOT)}` has no answer under this protocol yet: run `gradsae steer`)"
