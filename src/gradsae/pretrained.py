@@ -55,7 +55,10 @@ SHIPPED_VERSIONS: dict[str, dict[str, dict[int, str]]] = {
             24: "50ce457a3ad9d41b8c5d0a09cc05b78e5e1602555688312a7b28da7e7e1dc312",
         },
     },
-    "gemma3-270m": {"news": {9: "e88c9cda4385611a83c96d61001d2c220ca8f87abe08d203234394749a416efa"}},
+    "gemma3-270m": {
+        "news": {9: "e88c9cda4385611a83c96d61001d2c220ca8f87abe08d203234394749a416efa"},
+        "k64": {9: "a5e1da1149cb49d8ac3de507a3d130c3b2d2ab6c0d3ead548523d92eb42c1154"},
+    },
 }
 """``saes/`` folder -> version name -> layer -> SHA-256 of ``sae_weights.safetensors`` (module docstring)."""
 SHIPPED_PREFIX = "shipped:"
