@@ -275,3 +275,21 @@ def test_contrast_texts():
     assert contrast_texts(plain, SteerConfig(contrast="none")) == ()
     assert contrast_texts(CONCEPT, SteerConfig(contrast="none")) == CONCEPT.negatives
     assert not set(NEUTRAL_TEXTS) & set(NEUTRAL_PROMPTS)
+
+
+def test_a_topic_cells_success_gets_an_exact_binomial_interval():
+    """0 of 12 generations with a concept word is not [0.0, 0.0]: Clopper-Pearson gives [0, 26.5]."""
+    from gradsae.experiments.stats import bootstrap
+    from gradsae.report.concepts import success_stat
+
+    def point(values: tuple[float, ...]) -> Point:
+        stat = bootstrap(list(values), lambda x: float(sum(x) / len(x)), scale=100, seed=0, resamples=200)
+        return Point("x", 0.1, "eval", stat, stat, stat, stat, values, values, ("",) * len(values))
+
+    none = success_stat(point((0.0,) * 12))
+    assert (none.mean, none.low) == (0.0, 0.0) and none.high == pytest.approx(100 * (1 - 0.025 ** (1 / 12)))
+    three = success_stat(point((1.0,) * 3 + (0.0,) * 9))
+    assert three.mean == 25.0
+    assert (three.low, three.high) == (pytest.approx(5.486, abs=1e-3), pytest.approx(57.19, abs=1e-2))
+    probs = point((0.2, 0.7, 0.4))  # a sentiment judge's P(label): not 0/1, the bootstrap interval stays
+    assert success_stat(probs) == probs.success

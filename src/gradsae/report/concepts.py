@@ -40,7 +40,7 @@ from gradsae.experiments.results import (
     SteerResult,
     within_budget,
 )
-from gradsae.experiments.stats import Stat, bootstrap, holm, paired_p
+from gradsae.experiments.stats import Stat, bootstrap, holm, is_binary, paired_p, proportion
 
 COLORS = {
     "gradsae": "tab:red",
@@ -195,6 +195,12 @@ def headline(result: SteerResult) -> str:
     )
 
 
+def success_stat(point: Point) -> Stat:
+    """A point's success with the interval its outcome needs: Clopper-Pearson for a 0/1 outcome (a topic's word
+    present or not; a percentile bootstrap of 0 of 12 would print [0.0, 0.0]), else the stored bootstrap one."""
+    return proportion(point.success) if is_binary(point.success_per_prompt) else point.success
+
+
 # -- markdown ---------------------------------------------------------------------------------------------------
 def markdown(result: SteerResult, *, plot_path: str = "steering.png") -> str:
     """The whole report."""
@@ -216,7 +222,8 @@ def markdown(result: SteerResult, *, plot_path: str = "steering.png") -> str:
         f"- matched fluency: alpha is the best held-aside success with held-aside perplexity <= "
         f"{cfg.max_ppl_ratio:g} x and distinct-2 >= {cfg.min_distinct_ratio:g} x the unsteered model's; 0 = none "
         "beat no steering",
-        f"- intervals: 95% bootstrap ({cfg.resamples} resamples); tests: exact McNemar (binary outcomes) or the "
+        f"- intervals: 95% bootstrap ({cfg.resamples} resamples), but Clopper-Pearson for a cell's 0/1 success "
+        "(topics); tests: exact McNemar (binary outcomes) or the "
         f"paired sign-flip test, Holm over all pairs at {LEVEL:g}",
     ]
     if result.command:
@@ -355,7 +362,7 @@ def concept_section(result: SteerResult, name: str) -> list[str]:
             "| selector | alpha | eval success | vs unsteered (test, uncorrected p) | eval perplexity | "
             "eval distinct-2 | held-aside success by alpha | held-aside perplexity by alpha |",
             "|---|---|---|---|---|---|---|---|",
-            f"| unsteered | 0 | {fmt(base.success)} | | {fmt(base.ppl, 2)} | {fmt(base.distinct)} | "
+            f"| unsteered | 0 | {fmt(success_stat(base))} | | {fmt(base.ppl, 2)} | {fmt(base.distinct)} | "
             f"{run.base('heldout').success.mean:.0f} | {run.base('heldout').ppl.mean:.2f} |",
         ]
         for method in run.methods:
@@ -363,7 +370,7 @@ def concept_section(result: SteerResult, name: str) -> list[str]:
             p, test = paired_p(point.success_per_prompt, base.success_per_prompt)
             sweep = [q for q in method.points if q.split == "heldout"]
             out.append(
-                f"| {method.method} | {method.alpha:g} | {fmt(point.success)} | {test} {p:.3g} | "
+                f"| {method.method} | {method.alpha:g} | {fmt(success_stat(point))} | {test} {p:.3g} | "
                 f"{fmt(point.ppl, 2)} | {fmt(point.distinct)} | "
                 + " / ".join(f"{q.success.mean:.0f}" for q in sweep)
                 + " | "
