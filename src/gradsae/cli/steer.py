@@ -204,9 +204,9 @@ def run_steer(args: argparse.Namespace, concepts: list[Concept], out: Path) -> S
                 (out / name).unlink(missing_ok=True)
         return Journal.open(out, config)
 
-    journal = distributed.on_main(open_fresh)  # rank 0 first: the others then read the same run.json
+    opened = distributed.on_main(open_fresh)  # rank 0 first: the others then read the same run.json
     distributed.barrier()
-    journal = journal or Journal.open(out, config)
+    journal = opened if opened is not None else Journal.open(out, config)  # (an empty Journal is falsy: len 0)
     command = "gradsae " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "gradsae steer"
     return run_steering(lm, saes, concepts, cfg, command=command, journal=journal)
 
