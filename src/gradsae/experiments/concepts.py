@@ -567,7 +567,7 @@ def run_steering(
     """The whole procedure of the module docstring: ``saes`` maps each layer of ``cfg.layers`` to (SAE, label)."""
     layers = cfg.layers or tuple(saes)
     if journal is not None and distributed.world_size() > 1:
-        fill_shard(lm, saes, concepts, cfg, prompts=prompts, journal=journal)
+        fill_shard(lm, saes, layers, concepts, cfg, prompts=prompts, journal=journal)
         distributed.barrier()  # from here every unit is journaled: each rank assembles the same result
     judges = {
         c.name: remember(journal, unit_key("judge", c.name), functools.partial(judge_check, lm, c, cfg))
@@ -592,6 +592,7 @@ def run_steering(
 def fill_shard(
     lm: LoadedModel,
     saes: dict[int, tuple[SAE, str]],
+    layers: Sequence[int],
     concepts: Sequence[Concept],
     cfg: SteerConfig,
     *,
@@ -605,12 +606,13 @@ def fill_shard(
     """
     for concept in distributed.shard(concepts):
         remember(journal, unit_key("judge", concept.name), functools.partial(judge_check, lm, concept, cfg))
-    units = [(layer, seed, c) for layer in cfg.layers or tuple(saes) for seed in cfg.seeds for c in concepts]
+    units = [(layer, seed, c) for layer in layers for seed in cfg.seeds for c in concepts]
+    cells: dict[tuple[int, int], CellRun] = {}  # one per cell, so its unsteered generations are made once
     for layer, seed, concept in distributed.shard(units):
-        sae, label = saes[layer]
-        cell = CellRun(lm, sae, layer, seed, label, cfg, journal, tuple(prompts))
-        cell.measure_norm()
-        cell.concept(concept)
+        if (layer, seed) not in cells:
+            cells[layer, seed] = CellRun(lm, saes[layer][0], layer, seed, saes[layer][1], cfg, journal, tuple(prompts))
+            cells[layer, seed].measure_norm()
+        cells[layer, seed].concept(concept)
 
 
 @dataclass
