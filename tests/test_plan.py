@@ -10,7 +10,7 @@ from gradsae import plan
 from gradsae.cli import main
 from gradsae.plan import Costs
 from gradsae.sae_formats import save_sae
-from tests.helpers import save_tiny_hf, tiny_sae
+from tests.helpers import char_lm, save_tiny_hf, tiny_sae
 
 
 def costs(**kwargs: float) -> Costs:
@@ -74,6 +74,44 @@ def test_reproduce_plan_counts_the_passes():
         spliced_decode=True,
     )
     assert replace.seconds == pytest.approx(got.seconds + keep, rel=1e-12)
+
+
+def test_reproduce_plan_with_a_pilot_is_the_hand_computed_sum():
+    """The measured keep filter, then the kept examples only (masking decodes the whole answer, steering
+    stops once answered), scaled by the filter's measured over predicted time."""
+    c = costs(encode_s_per_token_weight=0.0)
+    pilot = plan.Pilot(seconds=3.0, generated=(4, 2, 3), kept=(0, 2), answer_steps=(1, 2))
+    shape = {"layer": 3, "d_in": 8, "d_sae": 64, "new_tokens": 4, "masking": 7, "steering": 5, "steer_all": 1}
+    got = plan.plan_reproduce(c, [50, 60, 70], batch=2, pilot=pilot, **shape)  # type: ignore[arg-type]
+    a = 0.01
+
+    def f(n: int) -> float:
+        return 0.01 * n + 1e-5 * n * n
+
+    def rest(n: int, g: int, h: int) -> float:  # ranking, 7 masked, 4 steered at the last position, 1 everywhere
+        return f(n) * 1.6 + 7 * (f(n) * 0.7 + g * a) + 4 * 2 * h * a + (f(n) * 0.7 + h * a) + f(n)
+
+    scale = 3.0 / (f(50) + 4 * a + f(60) + 2 * a + f(70) + 3 * a)
+    assert plan.pilot_scale(c, [50, 60, 70], pilot, spliced_decode=False) == pytest.approx(scale, rel=1e-12)
+    assert got.seconds == pytest.approx(2.0 + 3.0 + scale * (rest(50, 4, 1) + rest(70, 3, 2)), rel=1e-12)
+    bound = plan.plan_reproduce(c, [50, 60, 70], batch=2, **shape)  # type: ignore[arg-type]
+    assert bound.peak_mib == got.peak_mib  # memory does not depend on the pilot
+
+
+def test_pilot_keeps_what_the_run_keeps():
+    """The pilot is the run's own keep filter: the same kept examples, answer steps within each answer."""
+    from gradsae.cli.plan import run_pilot
+    from gradsae.experiments.run import run_layer
+    from tests.experiments.test_run import _cfg, _half_right_task
+
+    lm, sae = char_lm(seed=4), tiny_sae("topk", d_sae=48, seed=2)
+    cfg = _cfg(ks=(1,), steer_positions=("last",))
+    task, _ = _half_right_task(lm, sae, cfg)
+    pilot = run_pilot(lm, sae, task, cfg)
+    result = run_layer(lm, sae, task, cfg)
+    assert len(pilot.kept) == result.n_kept and 0 < result.n_kept < len(task.examples)
+    assert len(pilot.generated) == len(task.examples) and pilot.seconds > 0
+    assert all(1 <= s <= pilot.generated[i] for s, i in zip(pilot.answer_steps, pilot.kept, strict=True))
 
 
 def test_fit_recovers_linear_and_quadratic_terms():
@@ -173,10 +211,21 @@ def test_reproduce_plan_prints_and_runs_nothing(saved, tmp_path, monkeypatch, ca
     task.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in ("abc", "hello there")))
     args = ["reproduce", "--model", str(model), "--sae", str(root / "sae"), "--layer", "0", "--task", str(task)]
     out_dir = tmp_path / "run"
-    assert main([*args, "--ks", "1,3", "--max-new-tokens", "4", "--out", str(out_dir), "--plan"]) == 0
+    args += ["--ks", "1,3", "--max-new-tokens", "4", "--out", str(out_dir), "--plan"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     # masking: 2 sets x 2 K x 3 methods + K = 0; steering: 3 methods x 2 K x (swap, zero, inject; swap) + no edit
-    assert "# plan: gradsae reproduce" in out and "38 conditions per example" in out and "upper bound" in out
+    assert "# plan: gradsae reproduce" in out and "38 conditions per example" in out
+    assert "run to plan it: the keep filter" in out and "of 2 kept" in out and "upper bound" not in out
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("--no-pilot must not decode")
+
+    monkeypatch.setattr("gradsae.experiments.run.keep_filter", refuse)
+    assert main([*args, "--no-pilot"]) == 0
+    out = capsys.readouterr().out
+    assert "upper bound" in out and "nothing was run" in out
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
@@ -204,7 +253,7 @@ def test_reproduce_plan_with_curves_adds_them(saved, tmp_path, monkeypatch, caps
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in ("abc", "hello there")))
     args = ["reproduce", "--model", str(model), "--sae", str(root / "sae"), "--layer", "0", "--task", str(task)]
-    args += ["--ks", "1,3", "--max-new-tokens", "4", "--out", str(tmp_path / "run"), "--plan"]
+    args += ["--ks", "1,3", "--max-new-tokens", "4", "--out", str(tmp_path / "run"), "--plan", "--no-pilot"]
     assert main(args) == 0
     without = capsys.readouterr().out
     assert main([*args, "--curves", "--curves-n", "1"]) == 0
@@ -213,5 +262,5 @@ def test_reproduce_plan_with_curves_adds_them(saved, tmp_path, monkeypatch, caps
     def seconds(out: str) -> float:
         return float(out.split("predicted wall time: ")[1].split(" s")[0])
 
-    assert "curves on the first 1 examples" in with_curves and "curves" not in without.split("# plan")[1]
+    assert "curves on layer 0: 1 examples" in with_curves and "curves" not in without.split("# plan")[1]
     assert seconds(with_curves) > seconds(without)

@@ -30,9 +30,21 @@ generated tokens, each a token-forward ``a``; token-forwards as counted in
     steering      per condition at the last position: 2 g a (edited pass, unedited refill);
                   at every position: as masking; plus one shared prompt pass
 
-summed over the examples, plus ``load_s``. An upper bound: every example kept, every
-decode ``g`` tokens long (rows stop once answered, examples the model gets wrong are
-dropped, and batched rows cost less per token than the single prompts ``a`` comes from).
+summed over the examples, plus ``load_s``. Without a pilot, an upper bound: every example
+kept, every decode ``g`` tokens long (rows stop once answered, examples the model gets wrong
+are dropped, and batched rows cost less per token than the single prompts ``a`` comes from).
+
+With a :class:`Pilot` (``reproduce --plan`` runs the keep filter, the run's first step, and
+times it: ``t_keep`` measured, ``t'_keep`` the sum above over every example with its
+generated length ``g_i``), the run is predicted as::
+
+    load_s + t_keep + s * (ranking + masking + steering [+ curves])   over the kept examples only,
+    s = t_keep / t'_keep
+
+with ``g`` for masking each kept example's generated length (the run records every masked
+answer whole) and for steering its answer steps, the decode steps until its parsed answer is
+final (steered rows stop there). ``s`` carries what the per-token costs cannot know:
+this machine's speed at the time (other load) and the cheaper per-token cost of batched rows.
 
 ``--curves`` (:mod:`gradsae.experiments.curves`) adds, per curve example of ``P`` tokens with
 ``a`` latents active (counted by encoding the prompt at layer ``l``), ``R`` orders (the
@@ -109,6 +121,8 @@ class Plan:
     tokens: tuple[int, ...]
     """Tokens of each prompt."""
     costs: Costs
+    ran: str = ""
+    """What was run to make the plan (a pilot), if anything."""
 
     def text(self, what: str) -> str:
         """The plan, as ``--plan`` prints it."""
@@ -121,9 +135,25 @@ class Plan:
                 f"- predicted wall time: {self.seconds:.1f} s; predicted peak memory: {self.peak_mib:.0f} MiB",
                 f"- from the costs measured for {self.costs.model} on {self.costs.device} "
                 f"({self.costs.cpu or 'unknown'}, {self.costs.threads} threads) by benchmarks/run.py",
-                "- nothing was run (drop --plan to run it)",
+                f"- run to plan it: {self.ran}; nothing written (drop --plan to run it all)"
+                if self.ran
+                else "- nothing was run (drop --plan to run it)",
             ]
         )
+
+
+@dataclass(frozen=True)
+class Pilot:
+    """The keep filter of one layer, run and timed (``reproduce --plan``): what the upper bound had to assume."""
+
+    seconds: float
+    """Measured wall time of the keep filter (the clean decode, and the spliced one in replace mode)."""
+    generated: tuple[int, ...]
+    """Tokens each example's clean decode generated (every example)."""
+    kept: tuple[int, ...]
+    """Indices of the kept examples (answered correctly with the SAE)."""
+    answer_steps: tuple[int, ...]
+    """Per kept example: decode steps until its parsed answer is final."""
 
 
 def sae_mib(d_in: int, d_sae: int, bytes_per: int = 4) -> float:
@@ -174,28 +204,71 @@ def plan_reproduce(
     steer_all: int = 0,
     spliced_decode: bool = False,
     batch: int,
+    pilot: Pilot | None = None,
 ) -> Plan:
-    """``gradsae reproduce`` at one layer, every example kept and every decode ``new_tokens`` long (an upper bound).
+    """``gradsae reproduce`` at one layer (the module docstring's sums).
 
     ``tokens``: each example's prompt length; ``masking`` / ``steering``: conditions per
     example (``steer_all`` of the steering ones edit every position, the rest the last
     only); ``spliced_decode``: the keep filter decodes once more with the SAE (replace
     mode); ``batch``: examples per batch (the ranking backward holds ``batch`` prompts).
+    Without ``pilot``, every example kept and every decode ``new_tokens`` long (an upper
+    bound); with it, the measured keep filter, its kept examples and answer steps, and the
+    rest scaled by :func:`pilot_scale`.
     """
     _check_tokens(tokens)
-    back, n_layers, g = depth(costs.n_layers, layer), costs.n_layers, new_tokens
+    decodes = 2 if spliced_decode else 1
+    shape = (layer, d_in, d_sae, masking, steering, steer_all)
+    if pilot is None:
+        keep = sum(decodes * _decode_s(costs, n, new_tokens) for n in tokens)
+        steps = [new_tokens] * len(tokens)
+        rest = _experiments_s(costs, tokens, steps, steps, *shape)
+    else:
+        keep = pilot.seconds
+        kept = [tokens[i] for i in pilot.kept]
+        full = [pilot.generated[i] for i in pilot.kept]  # masking decodes whole answers: the run records them
+        scale = pilot_scale(costs, tokens, pilot, spliced_decode=spliced_decode)
+        rest = scale * _experiments_s(costs, kept, full, list(pilot.answer_steps), *shape)
+    peak = costs.base_mib + sae_mib(d_in, d_sae) + batch * work_mib(costs, max(tokens), layer=layer)
+    return Plan(seconds=costs.load_s + keep + rest, peak_mib=peak, tokens=tuple(tokens), costs=costs)
+
+
+def pilot_scale(costs: Costs, tokens: Sequence[int], pilot: Pilot, *, spliced_decode: bool) -> float:
+    """``s = t_keep / t'_keep``: the measured keep filter over its prediction from the per-token costs."""
+    decodes = 2 if spliced_decode else 1
+    predicted = sum(decodes * _decode_s(costs, n, g) for n, g in zip(tokens, pilot.generated, strict=True))
+    return pilot.seconds / predicted if predicted > 0 else 1.0
+
+
+def _decode_s(costs: Costs, tokens: int, new_tokens: int) -> float:
+    """A greedy decode of one prompt: the prompt forward, then one token-forward per generated token."""
+    return forward_s(costs, tokens) + new_tokens * costs.forward_s_per_token
+
+
+def _experiments_s(
+    costs: Costs,
+    tokens: Sequence[int],
+    masked_steps: Sequence[int],
+    steered_steps: Sequence[int],
+    layer: int,
+    d_in: int,
+    d_sae: int,
+    masking: int,
+    steering: int,
+    steer_all: int,
+) -> float:
+    """Ranking, masking and steering of examples of ``tokens`` prompt tokens, decoding ``masked_steps`` /
+    ``steered_steps`` tokens each under a masking / steering condition."""
+    back, n_layers = depth(costs.n_layers, layer), costs.n_layers
     step = costs.forward_s_per_token  # one generated token of one row: one token-forward
-    seconds = costs.load_s
-    for n in tokens:
+    seconds = 0.0
+    for n, g, h in zip(tokens, masked_steps, steered_steps, strict=True):
         f = forward_s(costs, n)
-        decodes = (2 if spliced_decode else 1) * (f + g * step)
         ranking = f * (1 + back / n_layers) + costs.encode_s_per_token_weight * n * d_in * d_sae
         masked = masking * (f * (back + 1) / n_layers + g * step)
-        steered = (steering - steer_all) * 2 * g * step + steer_all * (f * (back + 1) / n_layers + g * step) + f
-        seconds += decodes + ranking + masked + steered
-    longest = max(tokens)
-    peak = costs.base_mib + sae_mib(d_in, d_sae) + batch * work_mib(costs, longest, layer=layer)
-    return Plan(seconds=seconds, peak_mib=peak, tokens=tuple(tokens), costs=costs)
+        steered = (steering - steer_all) * 2 * h * step + steer_all * (f * (back + 1) / n_layers + h * step) + f
+        seconds += ranking + masked + steered
+    return seconds
 
 
 def curves_seconds(

@@ -1,33 +1,48 @@
-"""``--plan`` of ``gradsae score`` and ``gradsae reproduce``: predicted wall time and peak memory, nothing run.
+"""``--plan`` of ``gradsae score`` and ``gradsae reproduce``: predicted wall time and peak memory, nothing written.
 
-The model and SAE are loaded (for their shapes and the tokenizer's token counts);
-nothing is scored, decoded or written. The prediction is :mod:`gradsae.plan`'s, from
-the per-token costs that ``benchmarks/run.py`` measured for the model on this kind
-of device (``src/gradsae/costs.json``).
+The model and SAE are loaded (for their shapes and the tokenizer's token counts). The
+prediction is :mod:`gradsae.plan`'s, from the per-token costs that ``benchmarks/run.py``
+measured for the model on this kind of device (``src/gradsae/costs.json``). ``score --plan``
+runs nothing; ``reproduce --plan`` runs the keep filter (the run's first step: a greedy
+decode of every example) as a pilot, for the kept examples, their answer lengths and a
+measured scale, unless ``--no-pilot`` asks for the upper bound that runs nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from gradsae.experiments.config import ExperimentConfig
-from gradsae.models import LoadedModel, load_model
-from gradsae.plan import Costs, Plan, curves_seconds, find_costs, plan_reproduce, plan_score
+from gradsae.generate import Generation
+from gradsae.models import LoadedModel, load_model, sae_device
+from gradsae.plan import Costs, Pilot, Plan, curves_seconds, find_costs, pilot_scale, plan_reproduce, plan_score
 from gradsae.pretrained import ResolvedSAE, resolve_sae
+from gradsae.sae import SAE
 from gradsae.tasks import Task
 
 
-def add_plan_argument(parser: argparse.ArgumentParser) -> None:
-    """The ``--plan`` flag."""
+def add_plan_argument(parser: argparse.ArgumentParser, *, pilot: bool = False) -> None:
+    """The ``--plan`` flag (and, with ``pilot``, ``--no-pilot``)."""
     parser.add_argument(
         "--plan",
         action="store_true",
         help="print the predicted wall time and peak memory (from the benchmark's measured per-token costs) "
-        "and exit without running",
+        "and exit without running"
+        + (" the experiments (the keep filter runs as a pilot; nothing is written)" if pilot else ""),
     )
+    if pilot:
+        parser.add_argument(
+            "--no-pilot",
+            dest="pilot",
+            action="store_false",
+            help="with --plan: run nothing, and print an upper bound (every example kept, every decode to "
+            "--max-new-tokens)",
+        )
 
 
 def score_plan(args: argparse.Namespace, prompt_tokens: Callable[[LoadedModel], list[int]]) -> str:
@@ -53,6 +68,7 @@ def reproduce_plan(
     costs = find_costs(lm.name, str(lm.device), torch.get_num_threads())
     masking, steering, steer_all = conditions_per_example(cfg)
     conditions = masking + steering
+    pilots = layer_pilots(lm, saes, task, cfg) if args.pilot else [None] * len(saes)
     plans = [
         plan_reproduce(
             costs,
@@ -66,24 +82,88 @@ def reproduce_plan(
             steer_all=steer_all,
             spliced_decode=cfg.mode == "replace",
             batch=cfg.batch_size,
+            pilot=pilot,
         )
-        for found in saes
+        for found, pilot in zip(saes, pilots, strict=True)
     ]
     seconds = sum(p.seconds for p in plans) - costs.load_s * (len(plans) - 1)
-    notes = ["- an upper bound: as if every example were kept and every decode ran to --max-new-tokens"]
+    notes = [pilot_note(pilots, saes, len(texts)) if args.pilot else UPPER_BOUND]
     if cfg.curves:
-        n = len(texts) if cfg.curves_n is None else min(cfg.curves_n, len(texts))
-        curves = [curves_plan(lm, found, texts[:n], tokens[:n], cfg, costs) for found in saes]
-        seconds += sum(c for c, _ in curves)
-        counts = ", ".join(f"layer {found.layer}: {a}" for found, (_, a) in zip(saes, curves, strict=True))
+        curves = []
+        for found, pilot in zip(saes, pilots, strict=True):
+            chosen = list(range(len(texts))) if pilot is None else list(pilot.kept)
+            chosen = chosen if cfg.curves_n is None else chosen[: cfg.curves_n]
+            scale = 1.0 if pilot is None else pilot_scale(costs, tokens, pilot, spliced_decode=cfg.mode == "replace")
+            took, active = curves_plan(lm, found, [texts[i] for i in chosen], [tokens[i] for i in chosen], cfg, costs)
+            curves.append((scale * took, active, len(chosen)))
+        seconds += sum(c for c, _, _ in curves)
+        counts = ", ".join(f"layer {found.layer}: {a}" for found, (_, a, _) in zip(saes, curves, strict=True))
+        examples = ", ".join(f"layer {found.layer}: {n}" for found, (_, _, n) in zip(saes, curves, strict=True))
         notes.append(
-            f"- curves on the first {n} examples: {sum(c for c, _ in curves):.1f} s of it; mean active latents "
-            f"per prompt ({counts}) counted by encoding the prompts at each layer (a forward to the layer each)"
+            f"- curves on {examples} examples: {sum(c for c, _, _ in curves):.1f} s of it, an upper bound on the "
+            f"passes; mean active latents per prompt ({counts}) counted by encoding the prompts at each layer"
         )
-    total = Plan(seconds=seconds, peak_mib=max(p.peak_mib for p in plans), tokens=tuple(tokens), costs=costs)
+    ran = "" if not args.pilot else f"the keep filter ({sum(p.seconds for p in pilots if p):.1f} s)"
+    peak = max(p.peak_mib for p in plans)
+    total = Plan(seconds=seconds, peak_mib=peak, tokens=tuple(tokens), costs=costs, ran=ran)
     layers = ",".join(str(found.layer) for found in saes)
     what = f"gradsae reproduce --task {args.task}, {lm.name}, layers {layers}, {conditions} conditions per example"
     return total.text(what) + "\n" + "\n".join(notes) + "\n"
+
+
+UPPER_BOUND = "- an upper bound: as if every example were kept and every decode ran to --max-new-tokens"
+
+
+def layer_pilots(lm: LoadedModel, saes: list[ResolvedSAE], task: Task, cfg: ExperimentConfig) -> list[Pilot]:
+    """Each layer's keep filter, run and timed (error mode: one, the spliced decode being the clean one)."""
+    out: list[Pilot] = []
+    for found in saes:
+        if out and cfg.mode == "error":
+            out.append(out[0])
+            continue
+        sae = found.sae.to(sae_device(lm, found.layer, found.sae.cfg.hook_point))
+        out.append(run_pilot(lm, sae, task, cfg.spliced(layer=found.layer)))
+    return out
+
+
+def run_pilot(lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig) -> Pilot:
+    """The keep filter at ``cfg.layer``, timed: kept examples, generated lengths, answer steps."""
+    from gradsae.experiments.run import keep_filter
+
+    began = time.perf_counter()
+    _, clean, spliced, correct = keep_filter(lm, sae, task, cfg)
+    seconds = time.perf_counter() - began
+    kept = tuple(i for i, ok in enumerate(correct) if ok)
+    return Pilot(
+        seconds=seconds,
+        generated=tuple(len(gen.token_ids) for gen in clean),
+        kept=kept,
+        answer_steps=tuple(answer_steps(task, lm.tokenizer, spliced[i]) for i in kept),
+    )
+
+
+def answer_steps(task: Task, tokenizer: Any, generation: Generation) -> int:
+    """Decode steps until the parsed answer of ``generation`` is final (its length if never)."""
+    ids = generation.token_ids
+    for step in range(1, len(ids) + 1):
+        if task.answered(tokenizer.decode(ids[:step], skip_special_tokens=True)):
+            return step
+    return len(ids)
+
+
+def pilot_note(pilots: Sequence[Pilot | None], saes: list[ResolvedSAE], n: int) -> str:
+    """How the pilot shaped the plan: kept examples and answer steps per layer."""
+    parts = []
+    for found, pilot in zip(saes, pilots, strict=True):
+        if pilot is None:
+            continue
+        steps = sum(pilot.answer_steps) / max(1, len(pilot.answer_steps))
+        parts.append(f"layer {found.layer}: {len(pilot.kept)} of {n} kept, {steps:.1f} answer steps on average")
+    return (
+        "- from the keep filter, run and timed: "
+        + "; ".join(parts)
+        + " (the rest is costed on the kept examples and scaled by the filter's measured / predicted time)"
+    )
 
 
 def curves_plan(

@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.prompt_format(parser, help="chat template or plain text (default: task's)")
     options.curves(parser)
     options.curves_n(parser)
-    add_plan_argument(parser)
+    add_plan_argument(parser, pilot=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ from gradsae.experiments.perturb import pick_donors, run_perturbation, run_steer
 from gradsae.experiments.rank import objective_description, overlap_stats, rank_examples
 from gradsae.experiments.record import ExampleRecorder
 from gradsae.experiments.results import RESULTS, LayerExamples, LayerResult, RunMeta, RunResults, from_data
+from gradsae.generate import Generation
 from gradsae.models import LoadedModel, load_model, sae_device
 from gradsae.pretrained import ResolvedSAE, resolve_saes
 from gradsae.sae import SAE
@@ -71,12 +72,7 @@ def run_layer(
         if recorder is not None and (examples := recall(journal, unit_key(cfg.layer, "examples"))) is not None:
             recorder.add(from_data(LayerExamples, examples))  # examples.json keeps the recalled layer
         return from_data(LayerResult, done)
-    texts = [task.render(example, lm.tokenizer) for example in task.examples]
-    batches = prompt_batches(lm, texts, cfg, reuse=False)
-    clean = decode(lm, batches, task, cfg, sae=None, edits_for=None)
-    # error mode without edits or recording: the splice is the identity, bit for bit (see gradsae.splice)
-    spliced = clean if cfg.mode == "error" else decode(lm, batches, task, cfg, sae=sae, edits_for=None)
-    correct = [_is_kept(task.score(ex, gen.text), cfg) for ex, gen in zip(task.examples, spliced, strict=True)]
+    texts, clean, spliced, correct = keep_filter(lm, sae, task, cfg)
     kept_examples = [ex for ex, ok in zip(task.examples, correct, strict=True) if ok]
     kept_gens = [gen for gen, ok in zip(spliced, correct, strict=True) if ok]
     log.info("layer %d: %d of %d examples answered correctly with the SAE", cfg.layer, len(kept_examples), len(texts))
@@ -106,6 +102,22 @@ def run_layer(
         curves=curves,
     )
     return from_data(LayerResult, record(journal, unit_key(cfg.layer, "layer"), result))
+
+
+def keep_filter(
+    lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig
+) -> tuple[list[str], list[Generation], list[Generation], list[bool]]:
+    """The setup's filter: each example's prompt, clean and spliced greedy answers, and whether it is kept.
+
+    In error mode without edits the splice is the identity, so the clean decode serves as the spliced one.
+    """
+    texts = [task.render(example, lm.tokenizer) for example in task.examples]
+    batches = prompt_batches(lm, texts, cfg, reuse=False)
+    clean = decode(lm, batches, task, cfg, sae=None, edits_for=None)
+    # error mode without edits or recording: the splice is the identity, bit for bit (see gradsae.splice)
+    spliced = clean if cfg.mode == "error" else decode(lm, batches, task, cfg, sae=sae, edits_for=None)
+    correct = [_is_kept(task.score(ex, gen.text), cfg) for ex, gen in zip(task.examples, spliced, strict=True)]
+    return texts, clean, spliced, correct
 
 
 def _is_kept(score: Any, cfg: ExperimentConfig) -> bool:
