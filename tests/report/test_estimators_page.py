@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gradsae.cli import main
+from gradsae.report.curves import NAMES as CURVE_NAMES
 from gradsae.report.estimators import BAR, ESTIMATORS_PAGE, NAMES, costs_from
 from tests.cli.test_sweep import _sweep_argv, files  # noqa: F401  (the module's fixture)
 
@@ -187,3 +188,16 @@ def test_the_sweeps_page_carries_the_size_note_when_it_applies(swept: Path) -> N
     cells = _cells(swept)
     n = max(len(curves["examples"]) for _, curves in cells)
     assert ("no cell can be resolved at this size" in line) == (smallest_sign_flip_p(n) > 0.05 / len(cells))
+
+
+def test_the_summary_quotes_every_estimator_it_measured(swept: Path) -> None:
+    """The summary's faithfulness sentence listed GradSAE, its sum and activation only, leaving out the other
+    estimators the run measured (here RelP): every ranking but the random anchor and the exact one is quoted."""
+    summary = (swept / "summary.md").read_text()
+    lines = [line for line in summary.splitlines() if line.startswith("- Faithfulness (")]
+    assert lines
+    for line in lines:
+        recall = line.split("top-10 recall: ")[1].split(";")[0]
+        for method in ("gradsae", "gradsae_sum", "relp", "activation"):
+            assert f"{CURVE_NAMES[method]} " in recall, (method, recall)
+        assert "random " not in recall

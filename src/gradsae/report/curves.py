@@ -104,11 +104,11 @@ def curves_markdown(result: CurveResult) -> list[str]:
     return lines
 
 
-def curve_summary_sentence(
-    result: CurveResult, methods: Sequence[str] = ("gradsae", "gradsae_sum", "activation")
-) -> str:
-    """Every curve figure of ``methods`` with its interval, as one paragraph a summary can quote."""
-    present = [m for m in methods if m in result.methods]
+def curve_summary_sentence(result: CurveResult, methods: Sequence[str] | None = None) -> str:
+    """Every curve figure of ``methods`` (default: every ranking measured but the random anchor and the exact
+    one) with its interval, as one paragraph a summary can quote."""
+    wanted = [m for m in result.methods if m not in ("random", "ablation")] if methods is None else methods
+    present = [m for m in wanted if m in result.methods]
     parts = []
     for name in result.metric_names():
         values = ", ".join(f"{NAMES.get(m, m)} {fmt_metric(result.metric(name, m), _digits(name))}" for m in present)
