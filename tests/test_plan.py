@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from gradsae import plan
 from gradsae.cli import main
@@ -77,10 +78,13 @@ def test_reproduce_plan_counts_the_passes():
 
 
 def test_reproduce_plan_with_a_pilot_is_the_hand_computed_sum():
-    """The measured keep filter, then the kept examples only (masking decodes the whole answer, steering
-    stops once answered), scaled by the filter's measured over predicted time."""
+    """The measured keep filter and ranking, then masking and steering of the kept examples only (masked
+    prompts from each set's first change, masked answers whole, steered ones until answered), scaled by
+    the filter's measured over predicted time."""
     c = costs(encode_s_per_token_weight=0.0)
-    pilot = plan.Pilot(seconds=3.0, generated=(4, 2, 3), kept=(0, 2), answer_steps=(1, 2))
+    pilot = plan.Pilot(
+        seconds=3.0, generated=(4, 2, 3), kept=(0, 2), answer_steps=(1, 2), rank_seconds=1.5, masked_columns=(90, 40)
+    )
     shape = {"layer": 3, "d_in": 8, "d_sae": 64, "new_tokens": 4, "masking": 7, "steering": 5, "steer_all": 1}
     got = plan.plan_reproduce(c, [50, 60, 70], batch=2, pilot=pilot, **shape)  # type: ignore[arg-type]
     a = 0.01
@@ -88,30 +92,57 @@ def test_reproduce_plan_with_a_pilot_is_the_hand_computed_sum():
     def f(n: int) -> float:
         return 0.01 * n + 1e-5 * n * n
 
-    def rest(n: int, g: int, h: int) -> float:  # ranking, 7 masked, 4 steered at the last position, 1 everywhere
-        return f(n) * 1.6 + 7 * (f(n) * 0.7 + g * a) + 4 * 2 * h * a + (f(n) * 0.7 + h * a) + f(n)
+    def rest(n: int, columns: int, g: int, h: int) -> float:  # 7 masked, 4 steered at the last position, 1 everywhere
+        return f(n) * columns / n * 0.7 + 7 * g * a + 4 * 2 * h * a + (f(n) * 0.7 + h * a) + f(n)
 
     scale = 3.0 / (f(50) + 4 * a + f(60) + 2 * a + f(70) + 3 * a)
     assert plan.pilot_scale(c, [50, 60, 70], pilot, spliced_decode=False) == pytest.approx(scale, rel=1e-12)
-    assert got.seconds == pytest.approx(2.0 + 3.0 + scale * (rest(50, 4, 1) + rest(70, 3, 2)), rel=1e-12)
+    expected = 2.0 + 3.0 + 1.5 + scale * (rest(50, 90, 4, 1) + rest(70, 40, 3, 2))
+    assert got.seconds == pytest.approx(expected, rel=1e-12)
     bound = plan.plan_reproduce(c, [50, 60, 70], batch=2, **shape)  # type: ignore[arg-type]
     assert bound.peak_mib == got.peak_mib  # memory does not depend on the pilot
 
 
-def test_pilot_keeps_what_the_run_keeps():
-    """The pilot is the run's own keep filter: the same kept examples, answer steps within each answer."""
-    from gradsae.cli.plan import run_pilot
+def test_pilot_keeps_what_the_run_keeps_and_counts_the_masked_columns():
+    """The pilot is the run's own keep filter and ranking: the same kept examples and rankings; each masked
+    set's first change is the first prompt column where one of its latents is active, read here from a
+    spliced pass over the prompt alone."""
+    from gradsae.experiments.pilot import run_pilot
+    from gradsae.experiments.rank import chosen
     from gradsae.experiments.run import run_layer
+    from gradsae.generate import encode_prompts
+    from gradsae.models import position_ids
+    from gradsae.splice import splice
     from tests.experiments.test_run import _cfg, _half_right_task
 
     lm, sae = char_lm(seed=4), tiny_sae("topk", d_sae=48, seed=2)
-    cfg = _cfg(ks=(1,), steer_positions=("last",))
+    cfg = _cfg(ks=(1, 3), steer_positions=("last",), mode="error")
     task, _ = _half_right_task(lm, sae, cfg)
     pilot = run_pilot(lm, sae, task, cfg)
     result = run_layer(lm, sae, task, cfg)
     assert len(pilot.kept) == result.n_kept and 0 < result.n_kept < len(task.examples)
-    assert len(pilot.generated) == len(task.examples) and pilot.seconds > 0
+    assert len(pilot.generated) == len(task.examples) and pilot.seconds > 0 and pilot.rank_seconds > 0
     assert all(1 <= s <= pilot.generated[i] for s, i in zip(pilot.answer_steps, pilot.kept, strict=True))
+    from gradsae.experiments.rank import rank_examples
+    from gradsae.experiments.run import keep_filter
+
+    texts, _, spliced, _ = keep_filter(lm, sae, task, cfg)
+    examples = [task.examples[i] for i in pilot.kept]
+    ranked, _ = rank_examples(lm, sae, task, examples, [spliced[i] for i in pilot.kept], cfg)
+    for n, i in enumerate(pilot.kept):
+        ids, mask = encode_prompts(lm.tokenizer, [texts[i]])
+        with splice(lm, sae, cfg.layer, mode="error", record=True) as sp, torch.no_grad():
+            lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+        dense = sp.latents[0].to_dense()[0]  # [pos, d_sae] at the spliced positions
+        width = ids.shape[1]
+        total = 1  # K = 0: the last column only
+        for method in cfg.methods:
+            for which in ("top", "bottom"):
+                for k in cfg.ks:
+                    latents = chosen(ranked[n], method, which, k)
+                    active = [int(p) for p in range(width) if any(float(dense[p, c]) > 0 for c in latents)]
+                    total += width - min([width - 1, *active])
+        assert pilot.masked_columns[n] == total
 
 
 def test_fit_recovers_linear_and_quadratic_terms():
@@ -216,7 +247,8 @@ def test_reproduce_plan_prints_and_runs_nothing(saved, tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     # masking: 2 sets x 2 K x 3 methods + K = 0; steering: 3 methods x 2 K x (swap, zero, inject; swap) + no edit
     assert "# plan: gradsae reproduce" in out and "38 conditions per example" in out
-    assert "run to plan it: the keep filter" in out and "of 2 kept" in out and "upper bound" not in out
+    assert "run to plan it: the keep filter and the ranking" in out and "of 2 kept" in out
+    assert "upper bound" not in out
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
     def refuse(*_args, **_kwargs):

@@ -34,16 +34,17 @@ summed over the examples, plus ``load_s``. Without a pilot, an upper bound: ever
 kept, every decode ``g`` tokens long (rows stop once answered, examples the model gets wrong
 are dropped, and batched rows cost less per token than the single prompts ``a`` comes from).
 
-With a :class:`Pilot` (``reproduce --plan`` runs the keep filter, the run's first step, and
-times it: ``t_keep`` measured, ``t'_keep`` the sum above over every example with its
-generated length ``g_i``), the run is predicted as::
+With a :class:`Pilot` (``reproduce --plan`` runs the keep filter and the ranking, the run's
+first two steps, and times them: ``t_keep`` and ``t_rank`` measured, ``t'_keep`` the keep
+filter's sum above over every example with its generated length ``g_i``), the run is predicted as::
 
-    load_s + t_keep + s * (ranking + masking + steering [+ curves])   over the kept examples only,
-    s = t_keep / t'_keep
+    load_s + t_keep + t_rank + s * (masking + steering [+ curves])   over the kept examples only,
+    s = t_keep / t'_keep,   masking = sum_i F(P_i) C_i / P_i (B + 1) / L + conditions g_i a
 
-with ``g`` for masking each kept example's generated length (the run records every masked
-answer whole) and for steering its answer steps, the decode steps until its parsed answer is
-final (steered rows stop there). ``s`` carries what the per-token costs cannot know:
+with ``C_i`` the prompt columns example ``i``'s masking conditions run (each from its set's first
+change: :mod:`gradsae.experiments.pilot`), ``g_i`` for masking its generated length (the run
+records every masked answer whole) and for steering its answer steps, the decode steps until its
+parsed answer is final (steered rows stop there). ``s`` carries what the per-token costs cannot know:
 this machine's speed at the time (other load) and the cheaper per-token cost of batched rows.
 
 ``--curves`` (:mod:`gradsae.experiments.curves`) adds, per curve example of ``P`` tokens with
@@ -144,7 +145,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class Pilot:
-    """The keep filter of one layer, run and timed (``reproduce --plan``): what the upper bound had to assume."""
+    """The first two steps of one layer's run (``reproduce --plan``), timed: what the upper bound had to assume."""
 
     seconds: float
     """Measured wall time of the keep filter (the clean decode, and the spliced one in replace mode)."""
@@ -154,6 +155,11 @@ class Pilot:
     """Indices of the kept examples (answered correctly with the SAE)."""
     answer_steps: tuple[int, ...]
     """Per kept example: decode steps until its parsed answer is final."""
+    rank_seconds: float = 0.0
+    """Measured wall time of the ranking (every method's scores of the kept examples)."""
+    masked_columns: tuple[int, ...] = ()
+    """Per kept example: prompt columns its masking conditions run past block ``l``, each from its first
+    change (the first column where a latent of its set is active), summed over the conditions."""
 
 
 def sae_mib(d_in: int, d_sae: int, bytes_per: int = 4) -> float:
@@ -218,19 +224,23 @@ def plan_reproduce(
     """
     _check_tokens(tokens)
     decodes = 2 if spliced_decode else 1
-    shape = (layer, d_in, d_sae, masking, steering, steer_all)
     if pilot is None:
-        keep = sum(decodes * _decode_s(costs, n, new_tokens) for n in tokens)
         steps = [new_tokens] * len(tokens)
-        rest = _experiments_s(costs, tokens, steps, steps, *shape)
+        keep = sum(decodes * _decode_s(costs, n, new_tokens) for n in tokens)
+        ranking = sum(_ranking_s(costs, n, layer, d_in, d_sae) for n in tokens)
+        masked = _masking_s(costs, tokens, [masking * n for n in tokens], steps, layer, conditions=masking)
+        steered = _steering_s(costs, tokens, steps, layer, steering=steering, steer_all=steer_all)
+        seconds = keep + ranking + masked + steered
     else:
-        keep = pilot.seconds
         kept = [tokens[i] for i in pilot.kept]
         full = [pilot.generated[i] for i in pilot.kept]  # masking decodes whole answers: the run records them
         scale = pilot_scale(costs, tokens, pilot, spliced_decode=spliced_decode)
-        rest = scale * _experiments_s(costs, kept, full, list(pilot.answer_steps), *shape)
+        columns = list(pilot.masked_columns) or [masking * n for n in kept]
+        masked = _masking_s(costs, kept, columns, full, layer, conditions=masking)
+        steered = _steering_s(costs, kept, list(pilot.answer_steps), layer, steering=steering, steer_all=steer_all)
+        seconds = pilot.seconds + pilot.rank_seconds + scale * (masked + steered)
     peak = costs.base_mib + sae_mib(d_in, d_sae) + batch * work_mib(costs, max(tokens), layer=layer)
-    return Plan(seconds=costs.load_s + keep + rest, peak_mib=peak, tokens=tuple(tokens), costs=costs)
+    return Plan(seconds=costs.load_s + seconds, peak_mib=peak, tokens=tuple(tokens), costs=costs)
 
 
 def pilot_scale(costs: Costs, tokens: Sequence[int], pilot: Pilot, *, spliced_decode: bool) -> float:
@@ -245,30 +255,37 @@ def _decode_s(costs: Costs, tokens: int, new_tokens: int) -> float:
     return forward_s(costs, tokens) + new_tokens * costs.forward_s_per_token
 
 
-def _experiments_s(
-    costs: Costs,
-    tokens: Sequence[int],
-    masked_steps: Sequence[int],
-    steered_steps: Sequence[int],
-    layer: int,
-    d_in: int,
-    d_sae: int,
-    masking: int,
-    steering: int,
-    steer_all: int,
+def _ranking_s(costs: Costs, tokens: int, layer: int, d_in: int, d_sae: int) -> float:
+    """The ranking of one example: a forward, the backward to the layer, and the dense encoder."""
+    back = depth(costs.n_layers, layer) / costs.n_layers
+    return forward_s(costs, tokens) * (1 + back) + costs.encode_s_per_token_weight * tokens * d_in * d_sae
+
+
+def _masking_s(
+    costs: Costs, tokens: Sequence[int], columns: Sequence[int], steps: Sequence[int], layer: int, *, conditions: int
 ) -> float:
-    """Ranking, masking and steering of examples of ``tokens`` prompt tokens, decoding ``masked_steps`` /
-    ``steered_steps`` tokens each under a masking / steering condition."""
-    back, n_layers = depth(costs.n_layers, layer), costs.n_layers
-    step = costs.forward_s_per_token  # one generated token of one row: one token-forward
-    seconds = 0.0
-    for n, g, h in zip(tokens, masked_steps, steered_steps, strict=True):
-        f = forward_s(costs, n)
-        ranking = f * (1 + back / n_layers) + costs.encode_s_per_token_weight * n * d_in * d_sae
-        masked = masking * (f * (back + 1) / n_layers + g * step)
-        steered = (steering - steer_all) * 2 * h * step + steer_all * (f * (back + 1) / n_layers + h * step) + f
-        seconds += ranking + masked + steered
-    return seconds
+    """Masking: per example, ``columns`` prompt columns through blocks ``l..L-1`` (over all its conditions,
+    at the prompt's mean cost per column), then ``steps`` generated tokens under each condition."""
+    part = (depth(costs.n_layers, layer) + 1) / costs.n_layers
+    return sum(
+        forward_s(costs, n) * c / n * part + conditions * g * costs.forward_s_per_token
+        for n, c, g in zip(tokens, columns, steps, strict=True)
+    )
+
+
+def _steering_s(
+    costs: Costs, tokens: Sequence[int], steps: Sequence[int], layer: int, *, steering: int, steer_all: int
+) -> float:
+    """Steering: at the last position, an edited pass and an unedited refill per generated token; at every
+    position, as masking from the first spliced column; plus one shared prompt pass per example."""
+    part = (depth(costs.n_layers, layer) + 1) / costs.n_layers
+    step = costs.forward_s_per_token
+    return sum(
+        (steering - steer_all) * 2 * h * step
+        + steer_all * (forward_s(costs, n) * part + h * step)
+        + forward_s(costs, n)
+        for n, h in zip(tokens, steps, strict=True)
+    )
 
 
 def curves_seconds(

@@ -3,26 +3,24 @@
 The model and SAE are loaded (for their shapes and the tokenizer's token counts). The
 prediction is :mod:`gradsae.plan`'s, from the per-token costs that ``benchmarks/run.py``
 measured for the model on this kind of device (``src/gradsae/costs.json``). ``score --plan``
-runs nothing; ``reproduce --plan`` runs the keep filter (the run's first step: a greedy
-decode of every example) as a pilot, for the kept examples, their answer lengths and a
-measured scale, unless ``--no-pilot`` asks for the upper bound that runs nothing.
+runs nothing; ``reproduce --plan`` runs the run's first two steps as a pilot (the keep filter,
+a greedy decode of every example, and the ranking of the kept ones;
+:mod:`gradsae.experiments.pilot`), for the kept examples, their answer lengths, where each
+masked set first changes the prompt and a measured scale, unless ``--no-pilot`` asks for the
+upper bound that runs nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
 from gradsae.experiments.config import ExperimentConfig
-from gradsae.generate import Generation
 from gradsae.models import LoadedModel, load_model, sae_device
 from gradsae.plan import Costs, Pilot, Plan, curves_seconds, find_costs, pilot_scale, plan_reproduce, plan_score
 from gradsae.pretrained import ResolvedSAE, resolve_sae
-from gradsae.sae import SAE
 from gradsae.tasks import Task
 
 
@@ -33,7 +31,7 @@ def add_plan_argument(parser: argparse.ArgumentParser, *, pilot: bool = False) -
         action="store_true",
         help="print the predicted wall time and peak memory (from the benchmark's measured per-token costs) "
         "and exit without running"
-        + (" the experiments (the keep filter runs as a pilot; nothing is written)" if pilot else ""),
+        + (" the experiments (the keep filter and the ranking run as a pilot; nothing is written)" if pilot else ""),
     )
     if pilot:
         parser.add_argument(
@@ -103,7 +101,8 @@ def reproduce_plan(
             f"- curves on {examples} examples: {sum(c for c, _, _ in curves):.1f} s of it, an upper bound on the "
             f"passes; mean active latents per prompt ({counts}) counted by encoding the prompts at each layer"
         )
-    ran = "" if not args.pilot else f"the keep filter ({sum(p.seconds for p in pilots if p):.1f} s)"
+    took = sum(p.seconds + p.rank_seconds for p in pilots if p)
+    ran = "" if not args.pilot else f"the keep filter and the ranking ({took:.1f} s)"
     peak = max(p.peak_mib for p in plans)
     total = Plan(seconds=seconds, peak_mib=peak, tokens=tuple(tokens), costs=costs, ran=ran)
     layers = ",".join(str(found.layer) for found in saes)
@@ -115,40 +114,14 @@ UPPER_BOUND = "- an upper bound: as if every example were kept and every decode 
 
 
 def layer_pilots(lm: LoadedModel, saes: list[ResolvedSAE], task: Task, cfg: ExperimentConfig) -> list[Pilot]:
-    """Each layer's keep filter, run and timed (error mode: one, the spliced decode being the clean one)."""
+    """Each layer's keep filter and ranking, run and timed (:mod:`gradsae.experiments.pilot`)."""
+    from gradsae.experiments.pilot import run_pilot
+
     out: list[Pilot] = []
     for found in saes:
-        if out and cfg.mode == "error":
-            out.append(out[0])
-            continue
         sae = found.sae.to(sae_device(lm, found.layer, found.sae.cfg.hook_point))
-        out.append(run_pilot(lm, sae, task, cfg.spliced(layer=found.layer)))
+        out.append(run_pilot(lm, sae, task, cfg.spliced(layer=found.layer)))  # rankings differ by layer
     return out
-
-
-def run_pilot(lm: LoadedModel, sae: SAE, task: Task, cfg: ExperimentConfig) -> Pilot:
-    """The keep filter at ``cfg.layer``, timed: kept examples, generated lengths, answer steps."""
-    from gradsae.experiments.run import keep_filter
-
-    began = time.perf_counter()
-    _, clean, spliced, correct = keep_filter(lm, sae, task, cfg)
-    seconds = time.perf_counter() - began
-    kept = tuple(i for i, ok in enumerate(correct) if ok)
-    return Pilot(
-        seconds=seconds,
-        generated=tuple(len(gen.token_ids) for gen in clean),
-        kept=kept,
-        answer_steps=tuple(answer_steps(task, lm.tokenizer, spliced[i]) for i in kept),
-    )
-
-
-def answer_steps(task: Task, tokenizer: Any, generation: Generation) -> int:
-    """Decode steps until the parsed answer of ``generation`` is final (its length if never)."""
-    ids = generation.token_ids
-    for step in range(1, len(ids) + 1):
-        if task.answered(tokenizer.decode(ids[:step], skip_special_tokens=True)):
-            return step
-    return len(ids)
 
 
 def pilot_note(pilots: Sequence[Pilot | None], saes: list[ResolvedSAE], n: int) -> str:
@@ -158,11 +131,15 @@ def pilot_note(pilots: Sequence[Pilot | None], saes: list[ResolvedSAE], n: int) 
         if pilot is None:
             continue
         steps = sum(pilot.answer_steps) / max(1, len(pilot.answer_steps))
-        parts.append(f"layer {found.layer}: {len(pilot.kept)} of {n} kept, {steps:.1f} answer steps on average")
+        parts.append(
+            f"layer {found.layer}: {len(pilot.kept)} of {n} kept, {steps:.1f} answer steps on average, "
+            f"keep filter {pilot.seconds:.1f} s, ranking {pilot.rank_seconds:.1f} s"
+        )
     return (
-        "- from the keep filter, run and timed: "
+        "- from the keep filter and the ranking, run and timed: "
         + "; ".join(parts)
-        + " (the rest is costed on the kept examples and scaled by the filter's measured / predicted time)"
+        + " (masking and steering are costed on the kept examples, masked prompts from each set's first change, "
+        "and scaled by the filter's measured / predicted time)"
     )
 
 
