@@ -119,3 +119,31 @@ def test_torchrun_steer_equals_one_process(files, tmp_path):
     assert sorted(p.name for p in (two / "journal").iterdir()) == sorted(p.name for p in (one / "journal").iterdir())
     cells = json.loads((one / "steering.json").read_text())["cells"]
     assert len(cells) == 2 and all(len(cell["concepts"]) == 3 for cell in cells)
+
+
+def test_torchrun_plan_runs_its_pilot_on_every_rank(files, tmp_path):
+    """``reproduce --plan`` runs the keep filter and the ranking, which shard their batches over the ranks:
+    under torchrun only rank 0 ran the plan, so its pilot waited for a rank that had returned."""
+    from gradsae import plan
+    from tests.test_plan import costs
+
+    stored = tmp_path / "costs.json"
+    plan.save_costs(costs(model=str(files / "model"), n_layers=2, layer=0, threads=1), stored)
+    common = ["--model", str(files / "model"), "--sae", str(files / "sae"), "--layer", "0"]
+    args = ["reproduce", *common, "--task", str(files / "task.jsonl"), "--examples", "9", "--ks", "1,3"]
+    args += ["--batch-size", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "run"), "--plan"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    env[plan.COSTS_ENV] = str(stored)
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gradsae"]
+    done = subprocess.run(
+        [*cmd, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("# plan: gradsae reproduce") == 1 and "the keep filter and the ranking" in done.stdout
+    kept = done.stdout.split("layer 0: ")[1].split(" kept")[0]
+    one = subprocess.run(
+        [sys.executable, "-m", "gradsae", *args], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+    assert one.returncode == 0 and f"layer 0: {kept} kept" in one.stdout
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

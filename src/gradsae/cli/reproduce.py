@@ -109,9 +109,9 @@ def run(args: argparse.Namespace) -> int:
     """Check everything, run (resuming from the journal), then write the folder; print where it went."""
     start = time.perf_counter()
     spec = task_run(args, task=args.task, out=args.out)
-    if getattr(args, "plan", False):
+    if getattr(args, "plan", False):  # every rank: the pilot's decodes and ranking are sharded as the run's
+        plan = reproduce_plan(args, spec.task, spec.config, lambda lm: resolve_saes(lm, spec.sae, spec.layers))
         if distributed.is_main():
-            plan = reproduce_plan(args, spec.task, spec.config, lambda lm: resolve_saes(lm, spec.sae, spec.layers))
             sys.stdout.write(plan)
         return 0
     _, timing = run_task(spec, render=render, started=start)
