@@ -108,8 +108,8 @@ def test_pilot_keeps_what_the_run_keeps_and_counts_the_masked_columns():
     set's first change is the first prompt column where one of its latents is active, read here from a
     spliced pass over the prompt alone."""
     from gradsae.experiments.pilot import run_pilot
-    from gradsae.experiments.rank import chosen
-    from gradsae.experiments.run import run_layer
+    from gradsae.experiments.rank import chosen, rank_examples
+    from gradsae.experiments.run import keep_filter, run_layer
     from gradsae.generate import encode_prompts
     from gradsae.models import position_ids
     from gradsae.splice import splice
@@ -123,9 +123,6 @@ def test_pilot_keeps_what_the_run_keeps_and_counts_the_masked_columns():
     assert len(pilot.kept) == result.n_kept and 0 < result.n_kept < len(task.examples)
     assert len(pilot.generated) == len(task.examples) and pilot.seconds > 0 and pilot.rank_seconds > 0
     assert all(1 <= s <= pilot.generated[i] for s, i in zip(pilot.answer_steps, pilot.kept, strict=True))
-    from gradsae.experiments.rank import rank_examples
-    from gradsae.experiments.run import keep_filter
-
     texts, _, spliced, _ = keep_filter(lm, sae, task, cfg)
     examples = [task.examples[i] for i in pilot.kept]
     ranked, _ = rank_examples(lm, sae, task, examples, [spliced[i] for i in pilot.kept], cfg)

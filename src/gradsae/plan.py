@@ -155,9 +155,9 @@ class Pilot:
     """Indices of the kept examples (answered correctly with the SAE)."""
     answer_steps: tuple[int, ...]
     """Per kept example: decode steps until its parsed answer is final."""
-    rank_seconds: float = 0.0
+    rank_seconds: float
     """Measured wall time of the ranking (every method's scores of the kept examples)."""
-    masked_columns: tuple[int, ...] = ()
+    masked_columns: tuple[int, ...]
     """Per kept example: prompt columns its masking conditions run past block ``l``, each from its first
     change (the first column where a latent of its set is active), summed over the conditions."""
 
@@ -235,8 +235,7 @@ def plan_reproduce(
         kept = [tokens[i] for i in pilot.kept]
         full = [pilot.generated[i] for i in pilot.kept]  # masking decodes whole answers: the run records them
         scale = pilot_scale(costs, tokens, pilot, spliced_decode=spliced_decode)
-        columns = list(pilot.masked_columns) or [masking * n for n in kept]
-        masked = _masking_s(costs, kept, columns, full, layer, conditions=masking)
+        masked = _masking_s(costs, kept, list(pilot.masked_columns), full, layer, conditions=masking)
         steered = _steering_s(costs, kept, list(pilot.answer_steps), layer, steering=steering, steer_all=steer_all)
         seconds = pilot.seconds + pilot.rank_seconds + scale * (masked + steered)
     peak = costs.base_mib + sae_mib(d_in, d_sae) + batch * work_mib(costs, max(tokens), layer=layer)
