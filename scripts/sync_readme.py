@@ -6,10 +6,11 @@ rebuilt from files that the report code or the benchmark wrote:
 * ``demo``: the summary sentences of ``docs/results/demo_sst2_layer6/summary.md`` and the
   experiment-1 table of its ``table.md``;
 * ``paper``: the summary sentences of ``docs/results/paper_sst2_layer6/summary.md``;
-* ``sweep``: the experiments' summary sentences of ``docs/results/sweep/summary.md`` (the per-cell
-  faithfulness sentences stay on that page);
-* ``paper15``: the experiments' summary sentences of ``docs/results/paper_sweep_layer15/summary.md``
-  (the paper-exact preset on the sweep's tasks at layer 15);
+* ``sweep``: the run's command and SAEs (:func:`run_line`, from ``docs/results/sweep/sweep.md``) and the
+  experiments' summary sentences of ``docs/results/sweep/summary.md`` (the per-cell faithfulness
+  sentences stay on that page);
+* ``paper15``: the same for ``docs/results/paper_sweep_layer15/`` (the paper-exact preset on the sweep's
+  tasks at layer 15);
 * ``estimators``: the summary sentences of ``docs/results/sweep/estimators.md`` (which estimator to trust);
 * ``steering``: the answer paragraph of ``docs/results/steering.md`` (``gradsae steer``, its JSON and plot in
   ``docs/results/steering/``);
@@ -71,16 +72,38 @@ EXPERIMENT_LINES = ("- Experiment", "- Control", "- Random")
 """The summary lines of the two experiments (a sweep's per-cell faithfulness lines stay on its page)."""
 
 
+def run_line(sweep_md: Path) -> str:
+    """``Run: `command`; SAEs: ...``, from a sweep page's command line and its per-task SAE lines.
+
+    Each layer's SAE is named once (its description as the page gives it, sha256 included); a layer whose
+    tasks ran with different SAEs lists each. So the README says which SAEs its numbers came from, and a
+    rerun with other SAEs rewrites it (the sentence was typed by hand before).
+    """
+    text = sweep_md.read_text(encoding="utf-8")
+    command = re.search(r"^Command[^`]*`([^`]+)`", text, re.M)
+    per_layer: dict[int, list[str]] = {}
+    for saes in re.findall(r"; SAEs: (.+)$", text, re.M):
+        for part in re.split(r"; (?=layer \d+: )", saes):
+            layer, _, desc = part.partition(": ")
+            found = per_layer.setdefault(int(layer.removeprefix("layer ")), [])
+            if desc not in found:
+                found.append(desc)
+    sae_text = "; ".join(f"layer {layer}: {' / '.join(descs)}" for layer, descs in sorted(per_layer.items()))
+    return f"Run: `{command.group(1) if command else '?'}`; SAEs: {sae_text or '?'}."
+
+
 def sweep() -> str:
-    return summary_bullets(ROOT / "docs" / "results" / "sweep" / "summary.md", prefixes=EXPERIMENT_LINES)
+    folder = ROOT / "docs" / "results" / "sweep"
+    bullets = summary_bullets(folder / "summary.md", prefixes=EXPERIMENT_LINES)
+    return f"{run_line(folder / 'sweep.md')}\n\n{bullets}"
 
 
 def paper15() -> str:
-    return summary_bullets_or(
-        ROOT / "docs" / "results" / "paper_sweep_layer15" / "summary.md",
-        "run `gradsae sweep --paper --layers 15`",
-        prefixes=EXPERIMENT_LINES,
+    folder = ROOT / "docs" / "results" / "paper_sweep_layer15"
+    bullets = summary_bullets_or(
+        folder / "summary.md", "run `gradsae sweep --paper --layers 15`", prefixes=EXPERIMENT_LINES
     )
+    return f"{run_line(folder / 'sweep.md')}\n\n{bullets}" if (folder / "sweep.md").is_file() else bullets
 
 
 def estimators() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,14 +28,34 @@ def test_readme_library_example_runs(capsys: pytest.CaptureFixture[str]) -> None
     assert "capital of France" in capsys.readouterr().out
 
 
-def test_the_readme_result_blocks_are_their_files() -> None:
-    """Every number in the README's result blocks comes from a committed results file (scripts/sync_readme.py)."""
+def _sync_readme() -> Any:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("sync_readme", README.parent / "scripts" / "sync_readme.py")
     assert spec is not None and spec.loader is not None
     sync = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sync)
+    return sync
+
+
+def test_the_readme_result_blocks_are_their_files() -> None:
+    """Every number in the README's result blocks comes from a committed results file (scripts/sync_readme.py)."""
+    sync = _sync_readme()
     text = README.read_text(encoding="utf-8")
     assert all(f"<!-- {name}:start -->" in text for name in sync.BLOCKS)
     assert sync.synced(text) == text, "a README result block is stale: run python scripts/sync_readme.py"
+
+
+def test_the_sweep_block_names_the_saes_its_page_ran_with(tmp_path: Path) -> None:
+    """The README's sweep line is written from the page: command, and each layer's SAE once (two if tasks differ)."""
+    page = tmp_path / "sweep.md"
+    page.write_text(
+        "# s\n\nCommand (paths relative to this folder): `gradsae sweep --layers 6,15 --out .`\n\n"
+        "- `sst2`: 32 examples drawn, metric accuracy; SAEs: layer 15: SAE b (sha256 22); layer 6: SAE a (sha256 11)\n"
+        "- `facts`: 32 examples drawn, metric squad; SAEs: layer 15: SAE b (sha256 22); layer 6: SAE c (sha256 33)\n",
+        encoding="utf-8",
+    )
+    assert _sync_readme().run_line(page) == (
+        "Run: `gradsae sweep --layers 6,15 --out .`; "
+        "SAEs: layer 6: SAE a (sha256 11) / SAE c (sha256 33); layer 15: SAE b (sha256 22)."
+    )
