@@ -1,8 +1,8 @@
 """``results.md``: every figure of a benchmark run as one markdown table (value, floor, target, met).
 
 ``python -m benchmarks.table [benchmarks/results.json]`` prints it; ``benchmarks/run.py``
-writes it next to its JSON (``--out`` with ``.md``), so the README's table can be pasted
-from a run instead of typed.
+writes it next to its JSON (``--out`` with ``.md``), and ``scripts/sync_readme.py`` copies it into
+``docs/results/README.md`` (so the table is written from a run, never typed).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Write the README's result blocks from the committed result files, so the README cannot drift from them.
+"""Write the result blocks of the README (and ``docs/results/README.md``) from the committed result files.
 
-Each block sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``README.md`` and is
-rebuilt from files that the report code or the benchmark wrote:
+So neither page can drift from them. Each block sits between ``<!-- NAME:start -->`` and
+``<!-- NAME:end -->`` in exactly one of :data:`DOCUMENTS` and is rebuilt from files that the report
+code or the benchmark wrote:
 
 * ``demo``: the summary sentences of ``docs/results/demo_sst2_layer6/summary.md`` and the
   experiment-1 table of its ``table.md``;
@@ -14,15 +15,21 @@ rebuilt from files that the report code or the benchmark wrote:
 * ``estimators``: the summary sentences of ``docs/results/sweep/estimators.md`` (which estimator to trust);
 * ``steering``: the answer paragraph of ``docs/results/steering.md`` (``gradsae steer``, its JSON and plot in
   ``docs/results/steering/``);
-* ``bench``: the table of ``benchmarks/results.md`` (``make bench``).
+* ``bench``: the table of ``benchmarks/results.md`` (``make bench``);
+* ``bench_summary``: one line from ``benchmarks/results.json``: how many targets the committed run met, and
+  each missed figure with its value and target.
+
+The README keeps the demo, the sweep, the estimators and the benchmark's line; the paper-exact preset,
+steering and the benchmark's table are in ``docs/results/README.md``.
 
     python scripts/sync_readme.py           # rewrite the blocks
-    python scripts/sync_readme.py --check   # exit 1 (naming the block) if a block differs from its files
+    python scripts/sync_readme.py --check   # exit 1 (naming the page) if a block differs from its files
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable
@@ -30,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCUMENTS = (README, ROOT / "docs" / "results" / "README.md")
+"""The pages that hold result blocks; each block is in exactly one of them."""
 
 
 def summary_bullets(path: Path, *, prefixes: tuple[str, ...] = ("- ",)) -> str:
@@ -145,6 +154,20 @@ def bench() -> str:
     return path.read_text(encoding="utf-8").strip()
 
 
+def bench_summary() -> str:
+    path = ROOT / "benchmarks" / "results.json"
+    if not path.is_file():
+        return "(no `benchmarks/results.json` yet: run `make bench`)"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    judged = {name: f for name, f in data["figures"].items() if f.get("met") is not None}
+    missed = [
+        f"`{n}` {f['value']:.3g} (target {f['better']} {f['target']:g})" for n, f in judged.items() if not f["met"]
+    ]
+    when = data.get("finished_utc", "?")
+    head = f"The committed run (finished {when}, {data.get('total_s', 0):.0f} s) meets {len(judged) - len(missed)} of"
+    return f"{head} {len(judged)} targets; missed: {', '.join(missed) if missed else 'none'}."
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "demo": demo,
     "paper": paper,
@@ -153,33 +176,55 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "estimators": estimators,
     "steering": steering,
     "bench": bench,
+    "bench_summary": bench_summary,
 }
 
 
-def synced(text: str) -> str:
-    """``text`` (the README) with every block rebuilt."""
-    for name, build in BLOCKS.items():
-        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-        pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"README.md has no {start} ... {end} block")
-        block = f"{start}\n{build()}\n{end}"
-        text = pattern.sub(lambda _match, block=block: block, text)
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(re.escape(f"<!-- {name}:start -->") + ".*?" + re.escape(f"<!-- {name}:end -->"), re.S)
+
+
+def placement(texts: dict[Path, str]) -> dict[str, Path]:
+    """Which page holds each block; refuses a block that is in none or in several of them."""
+    where: dict[str, Path] = {}
+    for name in BLOCKS:
+        pages = [path for path, text in texts.items() if _pattern(name).search(text)]
+        if len(pages) != 1:
+            found = ", ".join(str(p.relative_to(ROOT)) for p in pages) or "none"
+            raise SystemExit(f"block {name} must be in exactly one of the pages (found in: {found})")
+        where[name] = pages[0]
+    return where
+
+
+def synced(text: str, names: tuple[str, ...] | None = None) -> str:
+    """``text`` with each block of ``names`` (default: every block it holds) rebuilt."""
+    for name in names if names is not None else tuple(n for n in BLOCKS if _pattern(n).search(text)):
+        block = f"<!-- {name}:start -->\n{BLOCKS[name]()}\n<!-- {name}:end -->"
+        text = _pattern(name).sub(lambda _match, block=block: block, text)
     return text
+
+
+def synced_pages() -> dict[Path, tuple[str, str]]:
+    """Each page: (its text now, its text with its blocks rebuilt)."""
+    texts = {path: path.read_text(encoding="utf-8") for path in DOCUMENTS}
+    where = placement(texts)
+    return {path: (text, synced(text, tuple(n for n, p in where.items() if p == path))) for path, text in texts.items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="only check; exit 1 if a block is stale")
     args = parser.parse_args()
-    text = README.read_text(encoding="utf-8")
-    new = synced(text)
-    if args.check:
-        if new != text:
-            print("README.md: a result block differs from its files: run python scripts/sync_readme.py")  # noqa: T201
-            return 1
-        return 0
-    README.write_text(new, encoding="utf-8")
+    stale = []
+    for path, (text, new) in synced_pages().items():
+        if new == text:
+            continue
+        stale.append(path.relative_to(ROOT))
+        if not args.check:
+            path.write_text(new, encoding="utf-8")
+    if args.check and stale:
+        print(f"{', '.join(map(str, stale))}: a result block differs from its files: run python scripts/sync_readme.py")  # noqa: T201
+        return 1
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,26 @@ def _sync_readme() -> Any:
 def test_the_readme_result_blocks_are_their_files() -> None:
     """Every number in the README's result blocks comes from a committed results file (scripts/sync_readme.py)."""
     sync = _sync_readme()
-    text = README.read_text(encoding="utf-8")
-    assert all(f"<!-- {name}:start -->" in text for name in sync.BLOCKS)
-    assert sync.synced(text) == text, "a README result block is stale: run python scripts/sync_readme.py"
+    for path, (text, new) in sync.synced_pages().items():  # every block in exactly one page, or it exits
+        assert new == text, f"a result block of {path} is stale: run python scripts/sync_readme.py"
+    readme = README.read_text(encoding="utf-8")
+    assert all(f"<!-- {name}:start -->" in readme for name in ("demo", "sweep", "estimators", "bench_summary"))
+
+
+def test_the_benchmark_line_counts_the_targets_and_names_each_miss(tmp_path: Path, monkeypatch: Any) -> None:
+    sync = _sync_readme()
+    (tmp_path / "benchmarks").mkdir()
+    figures = {
+        "a": {"value": 1.0, "target": 1.1, "better": "<=", "met": True},
+        "b": {"value": 239.4, "target": 120.0, "better": "<=", "met": False},
+        "c": {"value": 3.0, "target": None, "better": None, "met": None},  # printed beside, no target
+    }
+    (tmp_path / "benchmarks" / "results.json").write_text(
+        json.dumps({"figures": figures, "total_s": 10.4, "finished_utc": "T"}), encoding="utf-8"
+    )
+    monkeypatch.setattr(sync, "ROOT", tmp_path)
+    line = "The committed run (finished T, 10 s) meets 1 of 2 targets; missed: `b` 239 (target <= 120)."
+    assert sync.bench_summary() == line
 
 
 def test_the_sweep_block_names_the_saes_its_page_ran_with(tmp_path: Path) -> None:

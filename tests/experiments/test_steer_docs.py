@@ -1,4 +1,4 @@
-"""The committed steering report and the README's steering paragraph follow from the committed ``steering.json``."""
+"""The committed steering report and the results page's steering paragraph follow from ``steering.json``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ RESULT = ROOT / "docs" / "results" / "steering" / "steering.json"
 
 
 def _readme_section() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "results" / "README.md").read_text()
     start = text.index("## Steering open-ended generation")
     return text[start : text.index("\n## ", start + 1)]
 
