@@ -93,6 +93,24 @@ def test_torchrun_reproduce_and_score_equal_one_process(files, tmp_path):
     assert len(json.loads((tmp_path / "one.json").read_text())["prompts"]) == 5
 
 
+def test_torchrun_curves_are_shared_among_the_ranks(files, tmp_path):
+    """``reproduce --curves`` under torchrun: each kept example's curves are measured once, by one rank, and
+    the results equal one process's. Before, every rank measured every example (no speed-up at all)."""
+    common = ["--model", str(files / "model"), "--sae", str(files / "sae"), "--layer", "0"]
+    args = ["reproduce", *common, "--task", str(files / "task.jsonl"), "--examples", "9", "--ks", "1,3"]
+    args += ["--batch-size", "2", "--max-new-tokens", "4", "--curves", "--curves-n", "3"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    log = _torchrun([*args, "--out", str(tmp_path / "two")], tmp_path)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    n = len(one["layers"][0]["curves"]["examples"])
+    assert n == 3
+    assert log.count("curves of kept example") == n  # each once
+    assert "(rank 0)" in log and "(rank 1)" in log  # by both ranks
+    assert (tmp_path / "two" / "results.json").read_text() == (tmp_path / "one" / "results.json").read_text()
+    curve_units = sorted(p.name for p in (tmp_path / "two" / "journal").iterdir() if "curve" in p.name)
+    assert curve_units == ["0-curve-0.json", "0-curve-1.json", "0-curve-2.json"]
+
+
 def test_torchrun_steer_equals_one_process(files, tmp_path):
     """Each rank computes its share of the (layer, seed, concept) units into the shared journal; rank 0 then
     writes the steering.json one process writes, byte for byte."""

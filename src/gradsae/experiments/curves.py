@@ -79,6 +79,7 @@ prompt only, batched, and each past block ``l`` only (:mod:`gradsae.prefix`).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -88,6 +89,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradsae import distributed
 from gradsae.errors import GradSAEError
 from gradsae.estimators import ESTIMATORS
 from gradsae.experiments import journal as journaling
@@ -103,6 +105,8 @@ from gradsae.prefix import Prefix, compute_prefix, replay_prefix
 from gradsae.sae import SAE
 from gradsae.scores import ScoreOptions, Scores, objective_value, score_methods
 from gradsae.splice import Edit, Mode, resolve_layer, splice
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RANKINGS = ("gradsae", "gradsae_sum", "activation", "random", "ablation")
 RANKINGS = (*DEFAULT_RANKINGS, *ESTIMATORS)
@@ -414,32 +418,44 @@ def kept_curves(
 
     Each example is measured alone (its numbers do not depend on the others: the random
     permutations are seeded by its index in ``kept``) and, with a ``journal``, kept as a
-    unit of its own, so an interrupted run resumes from the next example.
+    unit of its own, so an interrupted run resumes from the next example. Under torchrun the
+    examples not yet journaled are shared among the ranks, one per rank per round, and gathered
+    after each round (rank 0 journals them), so every example is measured once, by one rank.
     """
     kept = kept[: cfg.curves_n] if cfg.curves_n is not None else kept
     if not kept:
         return {}
     rankings = (*DEFAULT_RANKINGS, *(m for m in cfg.methods if m in ESTIMATORS))
-    examples: list[ExampleCurves] = []
-    for index, example in enumerate(kept):
-        key = journaling.unit_key(cfg.layer, "curve", index)
-        if (done := journaling.recall(journal, key)) is None:
-            ids, mask = answer_inputs(lm.tokenizer, [example.generation], [example.step])
-            measured = faithfulness(
-                lm,
-                sae,
-                ids.to(lm.device),
-                mask.to(lm.device),
-                layer=cfg.layer,
-                mode=cfg.mode,
-                seed=cfg.seed + index,
-                skip_first=cfg.skip_first,
-                experiment_ks=[{str(k): k_value(k, example) for k in cfg.ks}],
-                rankings=rankings,
-                ig_steps=cfg.ig_steps,
-            )
-            done = journaling.record(journal, key, measured.examples[0])
-        examples.append(from_data(ExampleCurves, done))
+
+    def measure(index: int) -> ExampleCurves:
+        example = kept[index]
+        ids, mask = answer_inputs(lm.tokenizer, [example.generation], [example.step])
+        measured = faithfulness(
+            lm,
+            sae,
+            ids.to(lm.device),
+            mask.to(lm.device),
+            layer=cfg.layer,
+            mode=cfg.mode,
+            seed=cfg.seed + index,
+            skip_first=cfg.skip_first,
+            experiment_ks=[{str(k): k_value(k, example) for k in cfg.ks}],
+            rankings=rankings,
+            ig_steps=cfg.ig_steps,
+        )
+        log.info("layer %s: curves of kept example %d measured (rank %d)", cfg.layer, index, distributed.rank())
+        return measured.examples[0]
+
+    keys = [journaling.unit_key(cfg.layer, "curve", index) for index in range(len(kept))]
+    done = {index: value for index, key in enumerate(keys) if (value := journaling.recall(journal, key)) is not None}
+    todo = [index for index in range(len(kept)) if index not in done]
+    size = distributed.world_size()
+    for start in range(0, len(todo), size):
+        rounds = todo[start : start + size]
+        measured = distributed.gather([measure(index) for index in distributed.shard(rounds)], len(rounds))
+        for index, result in zip(rounds, measured, strict=True):
+            done[index] = journaling.record(journal, keys[index], result)
+    examples = [from_data(ExampleCurves, done[index]) for index in range(len(kept))]
     merged = CurveResult(
         layer=resolve_layer(sae, cfg.layer),
         mode=cfg.mode,
