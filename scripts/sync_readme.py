@@ -101,18 +101,18 @@ def run_line(sweep_md: Path) -> str:
     return f"Run: `{command.group(1) if command else '?'}`; SAEs: {sae_text or '?'}."
 
 
+def sweep_block(folder: Path, how: str) -> str:
+    """A sweep folder's :func:`run_line` (when its ``sweep.md`` is committed) and its experiments' summary lines."""
+    bullets = summary_bullets_or(folder / "summary.md", how, prefixes=EXPERIMENT_LINES)
+    return f"{run_line(folder / 'sweep.md')}\n\n{bullets}" if (folder / "sweep.md").is_file() else bullets
+
+
 def sweep() -> str:
-    folder = ROOT / "docs" / "results" / "sweep"
-    bullets = summary_bullets(folder / "summary.md", prefixes=EXPERIMENT_LINES)
-    return f"{run_line(folder / 'sweep.md')}\n\n{bullets}"
+    return sweep_block(ROOT / "docs" / "results" / "sweep", "run `gradsae sweep`")
 
 
 def paper15() -> str:
-    folder = ROOT / "docs" / "results" / "paper_sweep_layer15"
-    bullets = summary_bullets_or(
-        folder / "summary.md", "run `gradsae sweep --paper --layers 15`", prefixes=EXPERIMENT_LINES
-    )
-    return f"{run_line(folder / 'sweep.md')}\n\n{bullets}" if (folder / "sweep.md").is_file() else bullets
+    return sweep_block(ROOT / "docs" / "results" / "paper_sweep_layer15", "run `gradsae sweep --paper --layers 15`")
 
 
 def estimators() -> str:
@@ -196,9 +196,9 @@ def placement(texts: dict[Path, str]) -> dict[str, Path]:
     return where
 
 
-def synced(text: str, names: tuple[str, ...] | None = None) -> str:
-    """``text`` with each block of ``names`` (default: every block it holds) rebuilt."""
-    for name in names if names is not None else tuple(n for n in BLOCKS if _pattern(n).search(text)):
+def synced(text: str, names: tuple[str, ...]) -> str:
+    """``text`` with each block of ``names`` rebuilt."""
+    for name in names:
         block = f"<!-- {name}:start -->\n{BLOCKS[name]()}\n<!-- {name}:end -->"
         text = _pattern(name).sub(lambda _match, block=block: block, text)
     return text
